@@ -1,0 +1,60 @@
+"""pathjax entry point.
+
+  python launch.py --config configs/demo.py --workdir /tmp/demo [--stages tile,...]
+                   [--config.tile.mpp=0.25 ...]
+
+Exit status: 0 when the run completed (slides that failed are listed in the stage reports), 1 when
+a stage could not go on (no usable slide), 2 for an invalid command line, config or manifest.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from pathjax import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for every artifact of the run.')
+_STAGES = flags.DEFINE_list('stages', None,
+                            f'Stages to run, in pipeline order (default all): '
+                            f'{",".join(pipeline.stage_names())}.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f'launch.py: {message}\n')
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a one-line message instead of a traceback for a bad override."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        _fail(f'{error}\nPass --helpshort to see the flags.')
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        overrides = [a for a in argv[1:] if a.startswith('--config.')]
+        reason = str(error).strip('"\'').replace('\\n', ' ').replace("\\'", "'")
+        _fail(f'bad config override in {" ".join(overrides)}: {reason}')
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    try:
+        config = _CONFIG.value
+    except OSError as error:
+        _fail(str(error))
+    try:
+        return pipeline.run(config, _WORKDIR.value, _STAGES.value)
+    except pipeline.UsageError as error:
+        logging.error('%s', error)
+        return 2
+    except pipeline.StageError as error:
+        logging.error('%s', error)
+        return 1
+
+
+if __name__ == '__main__':
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,57 @@
+"""Atomic artifact writing: write under a temporary name in the same folder, then rename.
+
+A killed run therefore never leaves a half-written file under an artifact's final name, so "the
+file exists" means "the artifact is complete" everywhere in the pipeline.
+"""
+
+import contextlib
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yields a temporary path next to `path`; renames it to `path` when the block succeeds."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(handle)
+    try:
+        yield pathlib.Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def save_npz(path: str | os.PathLike, **arrays: Any) -> None:
+    """np.savez (uncompressed) atomically; arrays only, no pickled objects."""
+    with atomic_path(path) as temporary:
+        with open(temporary, 'wb') as f:
+            np.savez(f, **arrays)
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def save_json(path: str | os.PathLike, value: Any) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(value, indent=2, sort_keys=False) + '\n')
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    with atomic_path(path) as temporary:
+        Image.fromarray(image).save(temporary, format='PNG')
+
+
+def save_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)

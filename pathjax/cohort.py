@@ -1,0 +1,220 @@
+"""The cohort manifest: reading, validation, and splits by case (patient).
+
+A manifest is a CSV with columns `slide_id, path, label` and optional `case_id` (defaults to the
+slide id) and `split` (train / val / test). Relative paths are relative to the manifest's folder.
+Every bad row is reported with its line number before any work starts: an empty required field,
+an unknown label, a duplicate slide id, an unknown split or a case in two splits stops the run
+(`ManifestError`); a missing or unreadable slide file only skips that slide (`Cohort.skipped`).
+Without a split column, cases are split stratified by label and seeded, or by k-fold.
+"""
+
+import csv
+import dataclasses
+import io
+import os
+import pathlib
+
+import numpy as np
+
+REQUIRED_COLUMNS = ('slide_id', 'path', 'label')
+OPTIONAL_COLUMNS = ('case_id', 'split')
+SPLITS = ('train', 'val', 'test')
+
+
+class ManifestError(Exception):
+    """The manifest cannot be used; `problems` holds one message per bad row or column."""
+
+    def __init__(self, manifest: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f'{manifest}: {len(problems)} problem(s):\n  ' + '\n  '.join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideRecord:
+    """One manifest row. `line` is its 1-based line number in the CSV (the header is line 1)."""
+
+    slide_id: str
+    path: str
+    label: str
+    case_id: str
+    split: str
+    line: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Cohort:
+    """Usable slides (with their split) and the rows skipped with the reason."""
+
+    slides: tuple[SlideRecord, ...]
+    skipped: tuple[tuple[SlideRecord, str], ...]
+
+    def split(self, name: str) -> tuple[SlideRecord, ...]:
+        return tuple(s for s in self.slides if s.split == name)
+
+
+def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...]) -> list[SlideRecord]:
+    """Parses and validates every row; raises ManifestError listing all problems at once."""
+    manifest = pathlib.Path(manifest)
+    if not manifest.is_file():
+        raise ManifestError(str(manifest), ['manifest file not found'])
+    try:
+        with open(manifest, newline='', encoding='utf-8-sig') as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ManifestError(str(manifest), [f'cannot read the manifest as CSV ({error})']) from None
+    if not rows:
+        raise ManifestError(str(manifest), ['the manifest is empty'])
+    header = [name.strip() for name in rows[0]]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ManifestError(str(manifest), [f'line 1: missing column(s) {", ".join(missing)} '
+                                            f'(found {", ".join(header)})'])
+    column = {name: header.index(name) for name in REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+              if name in header}
+    problems, records, first_line_of = [], [], {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue  # blank line
+        if len(row) != len(header):
+            problems.append(f'line {line}: {len(row)} fields, the header has {len(header)}')
+            continue
+        value = {name: row[i].strip() for name, i in column.items()}
+        empty = [name for name in REQUIRED_COLUMNS if not value[name]]
+        if empty:
+            problems.append(f'line {line}: empty {", ".join(empty)}')
+            continue
+        if value['label'] not in classes:
+            problems.append(f'line {line}: slide {value["slide_id"]!r} has unknown label '
+                            f'{value["label"]!r} (data.classes: {", ".join(classes)})')
+        split = value.get('split', '')
+        if 'split' in column and split not in SPLITS:
+            problems.append(f'line {line}: slide {value["slide_id"]!r} has split {split!r}, '
+                            f'expected one of {", ".join(SPLITS)}')
+        if value['slide_id'] in first_line_of:
+            problems.append(f'line {line}: duplicate slide_id {value["slide_id"]!r} '
+                            f'(first on line {first_line_of[value["slide_id"]]})')
+            continue
+        first_line_of[value['slide_id']] = line
+        path = pathlib.Path(value['path']).expanduser()
+        if not path.is_absolute():
+            path = manifest.parent / path
+        records.append(SlideRecord(slide_id=value['slide_id'], path=str(path), label=value['label'],
+                                   case_id=value.get('case_id') or value['slide_id'],
+                                   split=split, line=line))
+    problems += _cases_in_two_splits(records)
+    if not records and not problems:
+        problems.append('the manifest has no slides')
+    if problems:
+        raise ManifestError(str(manifest), problems)
+    return records
+
+
+def _cases_in_two_splits(records: list[SlideRecord]) -> list[str]:
+    first = {}
+    problems = []
+    for record in records:
+        if not record.split:
+            continue
+        seen = first.setdefault(record.case_id, record)
+        if seen.split != record.split:
+            problems.append(f'line {record.line}: case {record.case_id!r} is in split '
+                            f'{record.split!r} but also in {seen.split!r} (line {seen.line})')
+    return problems
+
+
+def check_files(records: list[SlideRecord]) -> tuple[list[SlideRecord], list[tuple[SlideRecord, str]]]:
+    """Splits records into (readable files, [(record, why skipped)])."""
+    usable, skipped = [], []
+    for record in records:
+        if not os.path.isfile(record.path):
+            skipped.append((record, f'line {record.line}: slide {record.slide_id!r}: file not found: '
+                                    f'{record.path}'))
+        elif not os.access(record.path, os.R_OK):
+            skipped.append((record, f'line {record.line}: slide {record.slide_id!r}: file not '
+                                    f'readable: {record.path}'))
+        else:
+            usable.append(record)
+    return usable, skipped
+
+
+def _case_labels(records: list[SlideRecord]) -> dict[str, str]:
+    """Each case's label (its first slide's), in manifest order."""
+    labels = {}
+    for record in records:
+        labels.setdefault(record.case_id, record.label)
+    return labels
+
+
+def _allocate(count: int, fractions: tuple[float, ...]) -> list[int]:
+    """Splits `count` items into len(fractions) parts by largest remainder."""
+    exact = np.asarray(fractions, np.float64) / np.sum(fractions) * count
+    parts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - parts), kind='stable')[:count - parts.sum()]:
+        parts[i] += 1
+    return parts.tolist()
+
+
+def split_by_case(records: list[SlideRecord], fractions: tuple[float, float, float],
+                  seed: int) -> dict[str, str]:
+    """Case id -> 'train' | 'val' | 'test', stratified by label and seeded."""
+    rng = np.random.default_rng(seed)
+    labels = _case_labels(records)
+    assignment = {}
+    for label in sorted(set(labels.values())):
+        cases = [c for c, lab in labels.items() if lab == label]
+        rng.shuffle(cases)
+        start = 0
+        for name, size in zip(SPLITS, _allocate(len(cases), fractions)):
+            assignment.update({case: name for case in cases[start:start + size]})
+            start += size
+    return assignment
+
+
+def kfold_by_case(records: list[SlideRecord], folds: int, seed: int) -> dict[str, int]:
+    """Case id -> fold in [0, folds), stratified by label and seeded (label groups are dealt
+    round-robin after shuffling, so folds differ in size by at most one case per label)."""
+    rng = np.random.default_rng(seed)
+    labels = _case_labels(records)
+    assignment, offset = {}, 0
+    for label in sorted(set(labels.values())):
+        cases = [c for c, lab in labels.items() if lab == label]
+        rng.shuffle(cases)
+        assignment.update({case: (offset + i) % folds for i, case in enumerate(cases)})
+        offset += len(cases)
+    return assignment
+
+
+def assign_splits(records: list[SlideRecord], *, fractions: tuple[float, float, float],
+                  folds: int, fold: int, seed: int) -> list[SlideRecord]:
+    """Records with their split set. The manifest's own split column wins; otherwise with
+    `folds` > 1, fold `fold` is the test set, the next fold the validation set and the rest
+    training; otherwise cases are split by `fractions` (train, val, test)."""
+    if all(r.split for r in records):
+        return records
+    if folds > 1:
+        fold_of = kfold_by_case(records, folds, seed)
+        name_of = {}
+        for case, f in fold_of.items():
+            name_of[case] = 'test' if f == fold else 'val' if f == (fold + 1) % folds else 'train'
+    else:
+        name_of = split_by_case(records, fractions, seed)
+    return [dataclasses.replace(r, split=name_of[r.case_id]) for r in records]
+
+
+def load_cohort(manifest: str | os.PathLike, classes: tuple[str, ...], *,
+                fractions: tuple[float, float, float], folds: int, fold: int, seed: int) -> Cohort:
+    """Reads, validates and splits a manifest; missing files are skipped, not fatal."""
+    records = read_manifest(manifest, classes)
+    records = assign_splits(records, fractions=fractions, folds=folds, fold=fold, seed=seed)
+    usable, skipped = check_files(records)
+    return Cohort(slides=tuple(usable), skipped=tuple(skipped))
+
+
+def cohort_csv(cohort: Cohort) -> str:
+    """The resolved cohort (absolute paths, splits) as CSV text, for the record."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator='\n')
+    writer.writerow(('slide_id', 'path', 'label', 'case_id', 'split', 'manifest_line'))
+    for s in cohort.slides:
+        writer.writerow((s.slide_id, s.path, s.label, s.case_id, s.split, s.line))
+    return text.getvalue()

@@ -1,0 +1,130 @@
+"""The stage list, its order, and the one place that walks the whole config.
+
+`run(config, workdir, stages)` checks the config, reads and validates the cohort (generating a
+synthetic one when `data.manifest` is empty), then runs the chosen stages in order. Each stage is
+`run(config, workdir, cohort) -> [SlideEntry]`; its report goes to `<workdir>/reports/<stage>.json`.
+"""
+
+import os
+import pathlib
+from typing import Callable, NamedTuple
+
+from absl import logging
+
+from pathjax import artifacts, cohort as cohort_lib, stage_report
+from pathjax.slides import synthetic, tile_stage
+from pathjax.slides.tissue import TissueRule
+
+
+class UsageError(Exception):
+    """The config, the command line or the manifest is invalid; nothing was run."""
+
+
+class StageError(Exception):
+    """A stage could not go on (e.g. no slide could be processed)."""
+
+
+class Stage(NamedTuple):
+    name: str
+    run: Callable[..., list[stage_report.SlideEntry]]
+
+
+STAGES = (
+    Stage('tile', tile_stage.run),
+)
+
+
+def stage_names() -> list[str]:
+    return [stage.name for stage in STAGES]
+
+
+def check_config(config) -> list[str]:
+    """Every problem with the config's values, as messages naming the field."""
+    problems = []
+
+    def require(condition: bool, message: str) -> None:
+        if not condition:
+            problems.append(message)
+
+    classes = tuple(config.data.classes)
+    require(len(classes) >= 2 and len(set(classes)) == len(classes) and all(classes),
+            f'data.classes must be at least two distinct non-empty names, got {classes}')
+    fractions = tuple(config.data.split_fractions)
+    require(len(fractions) == 3 and min(fractions) >= 0 and fractions[0] > 0,
+            f'data.split_fractions must be (train, val, test) >= 0 with train > 0, got {fractions}')
+    require(config.data.folds >= 0, f'data.folds must be >= 0, got {config.data.folds}')
+    if config.data.folds > 1:
+        require(0 <= config.data.fold < config.data.folds,
+                f'data.fold must be in [0, {config.data.folds}), got {config.data.fold}')
+    if config.data.manifest:
+        require(os.path.isfile(config.data.manifest),
+                f'data.manifest: file not found: {config.data.manifest}')
+    else:
+        require(config.data.synthetic.num_slides >= 2,
+                'data.manifest is empty: give a manifest CSV (or data.synthetic.num_slides >= 2 '
+                'for a generated cohort)')
+    require(config.workers == -1 or config.workers >= 1,
+            f'workers must be -1 (all cores) or >= 1, got {config.workers}')
+    require(config.tile.mpp > 0, f'tile.mpp must be > 0, got {config.tile.mpp}')
+    require(config.tile.patch_size >= 8, f'tile.patch_size must be >= 8, got {config.tile.patch_size}')
+    require(config.tile.level >= 0, f'tile.level must be >= 0, got {config.tile.level}')
+    try:
+        TissueRule(**config.tissue)
+    except ValueError as error:
+        problems.append(str(error))
+    require(config.stain.method in ('histogram', 'none'),
+            f"stain.method must be 'histogram' or 'none', got {config.stain.method!r}")
+    require(config.stain.reference == 'cohort' or os.path.isfile(config.stain.reference),
+            f"stain.reference must be 'cohort' or an image file, got {config.stain.reference!r}")
+    require(config.stain.fit_patches >= 1,
+            f'stain.fit_patches must be >= 1, got {config.stain.fit_patches}')
+    return problems
+
+
+def prepare_cohort(config, workdir: pathlib.Path) -> cohort_lib.Cohort:
+    """The validated, split cohort; also written to <workdir>/cohort.csv."""
+    manifest = config.data.manifest
+    if not manifest:
+        spec = config.data.synthetic
+        logging.info('data.manifest is empty: generating %d synthetic slides', spec.num_slides)
+        manifest = synthetic.make_cohort(workdir / 'synthetic', spec.num_slides,
+                                         tuple(config.data.classes), seed=spec.seed,
+                                         width=spec.width, height=spec.height)
+    try:
+        cohort = cohort_lib.load_cohort(manifest, tuple(config.data.classes),
+                                        fractions=tuple(config.data.split_fractions),
+                                        folds=config.data.folds, fold=config.data.fold,
+                                        seed=config.seed)
+    except cohort_lib.ManifestError as error:
+        raise UsageError(str(error)) from None
+    for _, why in cohort.skipped:
+        logging.warning('skipping %s', why)
+    artifacts.save_text(workdir / 'cohort.csv', cohort_lib.cohort_csv(cohort))
+    counts = {name: len(cohort.split(name)) for name in cohort_lib.SPLITS}
+    logging.info('cohort: %d slides (%s), %d skipped', len(cohort.slides),
+                 ', '.join(f'{n} {name}' for name, n in counts.items()), len(cohort.skipped))
+    return cohort
+
+
+def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> int:
+    """Runs the pipeline; returns the process exit status (0 = completed)."""
+    problems = check_config(config)
+    unknown = [s for s in stages or [] if s not in stage_names()]
+    if unknown:
+        problems.append(f'--stages: unknown stage(s) {", ".join(unknown)}; '
+                        f'stages are {", ".join(stage_names())}')
+    if problems:
+        raise UsageError('invalid configuration:\n  ' + '\n  '.join(problems))
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    artifacts.save_text(workdir / 'config.json', config.to_json_best_effort(indent=2) + '\n')
+    cohort = prepare_cohort(config, workdir)
+    for stage in STAGES:
+        if stages and stage.name not in stages:
+            continue
+        logging.info('stage %s', stage.name)
+        entries = stage.run(config, workdir, cohort)
+        report = stage_report.write_report(workdir, stage.name, entries)
+        if not any(e.status == stage_report.OK for e in entries):
+            raise StageError(f'{stage.name}: no slide could be processed; see {report}')
+    return 0

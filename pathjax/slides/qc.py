@@ -1,0 +1,36 @@
+"""The tile stage's quality-control picture: thumbnail, tissue mask and kept patches."""
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+MAX_SIDE = 2048
+BACKGROUND_TINT = np.array([70, 110, 200], np.float32)  # background shaded blue
+PATCH_OUTLINE = (0, 170, 60)
+
+
+def qc_picture(overview: np.ndarray, background: np.ndarray, slide_size: tuple[int, int],
+               coords: np.ndarray, extent: float) -> np.ndarray:
+    """The overview with background shaded and kept patches outlined.
+
+    Args:
+      overview: uint8 [h, w, 3], the whole slide at low resolution.
+      background: bool [h, w], the background mask on the overview.
+      slide_size: level-0 (width, height).
+      coords: int [N, 2], level-0 (x, y) of the kept patches.
+      extent: patch side in level-0 pixels.
+    Returns:
+      uint8 [h', w', 3] with max(h', w') <= MAX_SIDE.
+    """
+    shaded = overview.astype(np.float32)
+    shaded[background] = 0.6 * shaded[background] + 0.4 * BACKGROUND_TINT
+    image = Image.fromarray(shaded.astype(np.uint8))
+    scale = min(1.0, MAX_SIDE / max(image.size))
+    if scale < 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BOX)
+    scale_x, scale_y = image.width / slide_size[0], image.height / slide_size[1]
+    draw = ImageDraw.Draw(image)
+    for x, y in coords:
+        draw.rectangle((x * scale_x, y * scale_y, (x + extent) * scale_x - 1,
+                        (y + extent) * scale_y - 1), outline=PATCH_OUTLINE)
+    return np.asarray(image)

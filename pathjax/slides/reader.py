@@ -1,0 +1,169 @@
+"""Whole-slide image reading through OpenSlide, at a target resolution (numpy only).
+
+`Slide` opens any format OpenSlide opens and turns its pyramid into a `ReadPlan`: which level to
+read patches from and how many level pixels one output patch covers, so that patches come out at
+`target_mpp` microns per pixel (or, without usable mpp metadata, at a fixed level, with a warning).
+"""
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+import openslide
+from PIL import Image
+
+# Resolutions outside this range are metadata defaults (a TIFF's 72 dpi gives 352.8 um/px), not
+# microscope resolutions; they are treated as missing.
+PLAUSIBLE_MPP = (0.05, 50.0)
+# A level is used for a target resolution when it is at most this much coarser than the target,
+# and a read within this relative size of the patch is not resized (0.499 um/px reads as 0.5).
+RESOLUTION_TOLERANCE = 0.02
+
+
+class SlideError(Exception):
+    """A slide file that is missing, not a slide, or unreadable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadPlan:
+    """How patches of `patch_size` output pixels are read from one slide.
+
+    Attributes:
+      level: pyramid level patches are read from.
+      read_size: side of the square region read at `level`, in level pixels.
+      patch_size: side of the output patch (resized from `read_size` when they differ).
+      extent: side of a patch in level-0 pixels (the grid step of the tiling).
+      mpp: microns per output pixel (within RESOLUTION_TOLERANCE of the target), or None when
+        the slide has no usable mpp.
+      warnings: what the user should know about this plan (fallbacks, upsampling).
+    """
+
+    level: int
+    read_size: int
+    patch_size: int
+    extent: float
+    mpp: float | None
+    warnings: tuple[str, ...] = ()
+
+
+class Slide:
+    """An open whole-slide image. Use as a context manager, or call `close()`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise SlideError(f'{self.path}: file not found')
+        try:
+            self._slide = openslide.OpenSlide(self.path)
+        except openslide.OpenSlideUnsupportedFormatError:
+            raise SlideError(f'{self.path}: not a slide format OpenSlide can open') from None
+        except (openslide.OpenSlideError, OSError) as error:
+            raise SlideError(f'{self.path}: unreadable slide ({error})') from None
+        self.dimensions: tuple[int, int] = self._slide.dimensions  # level-0 (width, height)
+        self.level_dimensions: tuple[tuple[int, int], ...] = self._slide.level_dimensions
+        self.level_downsamples: tuple[float, ...] = self._slide.level_downsamples
+        self.vendor: str = self._slide.properties.get(openslide.PROPERTY_NAME_VENDOR, 'unknown')
+        self.mpp, self.mpp_problem = _level0_mpp(self._slide.properties)
+
+    def __enter__(self) -> 'Slide':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._slide.close()
+
+    def plan(self, target_mpp: float, patch_size: int, fallback_level: int = 0) -> ReadPlan:
+        """The level and read size that give `patch_size`-pixel patches at `target_mpp`."""
+        if self.mpp is None:
+            level = min(max(fallback_level, 0), len(self.level_downsamples) - 1)
+            return ReadPlan(level, patch_size, patch_size, patch_size * self.level_downsamples[level],
+                            mpp=None, warnings=(f'{self.mpp_problem}: patches are read at level {level} '
+                                                f'(downsample {self.level_downsamples[level]:.3g}) '
+                                                'without resizing',))
+        level_mpps = [self.mpp * d for d in self.level_downsamples]
+        usable = [i for i, m in enumerate(level_mpps) if m <= target_mpp * (1 + RESOLUTION_TOLERANCE)]
+        warnings = ()
+        if usable:
+            level = max(usable, key=lambda i: level_mpps[i])
+        else:
+            level = 0
+            warnings = (f'the finest level ({self.mpp:.3g} um/px) is coarser than tile.mpp '
+                        f'({target_mpp:g} um/px): patches are upsampled',)
+        read_size = max(1, int(round(patch_size * target_mpp / level_mpps[level])))
+        if abs(read_size / patch_size - 1) <= RESOLUTION_TOLERANCE:
+            read_size = patch_size
+        return ReadPlan(level, read_size, patch_size, read_size * self.level_downsamples[level],
+                        mpp=level_mpps[level] * read_size / patch_size, warnings=warnings)
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """The region with level-0 top-left (x, y), `width` x `height` level pixels, as uint8
+        [height, width, 3]; transparent (unscanned) pixels become white."""
+        try:
+            region = self._slide.read_region((int(x), int(y)), level, (int(width), int(height)))
+        except openslide.OpenSlideError as error:
+            raise SlideError(f'{self.path}: read failed at ({x}, {y}) level {level} ({error})') from None
+        return rgba_to_rgb(np.asarray(region))
+
+    def read_patch(self, x: int, y: int, plan: ReadPlan) -> np.ndarray:
+        """One patch at level-0 top-left (x, y): uint8 [patch_size, patch_size, 3]."""
+        region = self.read_region(x, y, plan.level, plan.read_size, plan.read_size)
+        return resize(region, plan.patch_size)
+
+    def read_overview(self, downsample: float, strip_pixels: int = 1 << 24) -> tuple[np.ndarray, float]:
+        """The whole slide at about `downsample` x level 0, read from the best level in strips of
+        at most `strip_pixels` level pixels so memory stays bounded.
+
+        Returns:
+          (uint8 [H, W, 3], the actual downsample from level 0, averaged over both axes).
+        """
+        width0, height0 = self.dimensions
+        out_width = max(1, int(round(width0 / downsample)))
+        out_height = max(1, int(round(height0 / downsample)))
+        level = self._slide.get_best_level_for_downsample(max(downsample, 1.0))
+        level_width, level_height = self.level_dimensions[level]
+        strip_rows = max(1, strip_pixels // level_width)
+        strips = []
+        for row in range(0, level_height, strip_rows):
+            rows = min(strip_rows, level_height - row)
+            out_rows = (round((row + rows) * out_height / level_height)
+                        - round(row * out_height / level_height))
+            if out_rows == 0:
+                continue
+            y0 = int(round(row * self.level_downsamples[level]))
+            strip = self.read_region(0, y0, level, level_width, rows)
+            strips.append(np.asarray(Image.fromarray(strip).resize(
+                (out_width, out_rows), Image.Resampling.BOX)))
+        overview = np.concatenate(strips)
+        return overview, (width0 / overview.shape[1] + height0 / overview.shape[0]) / 2
+
+def _level0_mpp(properties) -> tuple[float | None, str]:
+    """(mpp, '') from the slide's metadata, or (None, why it is unusable)."""
+    try:
+        mpp_x = float(properties[openslide.PROPERTY_NAME_MPP_X])
+        mpp_y = float(properties[openslide.PROPERTY_NAME_MPP_Y])
+    except (KeyError, ValueError):
+        return None, 'no mpp metadata'
+    mpp = math.sqrt(mpp_x * mpp_y)
+    if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        return None, f'implausible mpp metadata ({mpp:.4g} um/px)'
+    return mpp, ''
+
+
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 4] (not premultiplied) -> uint8 [H, W, 3] over a white background."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    blended = rgb.astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))
+    return ((blended + 127) // 255).astype(np.uint8)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Square uint8 [S, S, 3] image -> [size, size, 3] (area average when shrinking)."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    method = Image.Resampling.BOX if image.shape[0] > size else Image.Resampling.BICUBIC
+    return np.asarray(Image.fromarray(image).resize((size, size), method))

@@ -1,0 +1,58 @@
+"""Stain normalization by per-channel histogram matching, as 256-entry lookup tables (numpy).
+
+A slide's lookup table (LUT) maps each uint8 value v of channel c to the reference value at the
+same quantile: LUT[c, v] = interp(CDF_slide_c(v), CDF_ref_c, ref values), the CDF mapping of
+`skimage.exposure.match_histograms` for uint8 images, rounded to uint8. The device version of
+`apply_lut` lives in `pathjax.data.normalize`.
+"""
+
+import numpy as np
+
+IDENTITY_LUT = np.tile(np.arange(256, dtype=np.uint8), (3, 1))  # [3, 256]
+
+
+def channel_histograms(pixels: np.ndarray) -> np.ndarray:
+    """Counts of each value per channel. pixels: uint8 [..., 3] -> int64 [3, 256]."""
+    flat = pixels.reshape(-1, 3)
+    return np.stack([np.bincount(flat[:, c], minlength=256) for c in range(3)]).astype(np.int64)
+
+
+def fit_lut(source_histograms: np.ndarray, reference_histograms: np.ndarray) -> np.ndarray:
+    """LUT mapping the source histograms onto the reference ones.
+
+    Args:
+      source_histograms: [3, 256] counts (or weights) of the slide's pixels.
+      reference_histograms: [3, 256] counts (or weights) of the reference.
+    Returns:
+      uint8 [3, 256].
+    """
+    lut = np.empty((3, 256), np.uint8)
+    for c in range(3):
+        source, reference = source_histograms[c].astype(np.float64), reference_histograms[c]
+        if source.sum() <= 0 or reference.sum() <= 0:
+            raise ValueError('cannot fit a stain lookup table to an empty histogram')
+        source_quantiles = np.cumsum(source) / source.sum()
+        values = np.nonzero(reference)[0]
+        reference_quantiles = np.cumsum(reference[values]) / reference.sum()
+        mapped = np.interp(source_quantiles, reference_quantiles, values)
+        lut[c] = np.clip(np.rint(mapped), 0, 255).astype(np.uint8)
+    return lut
+
+
+def apply_lut(images: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """images: uint8 [..., 3]; lut: uint8 [3, 256] -> uint8 [..., 3]."""
+    return lut[np.arange(3), images]
+
+
+def normalize_histograms(histograms: np.ndarray) -> np.ndarray:
+    """[..., 3, 256] counts -> the same as per-channel probabilities (each channel sums to 1)."""
+    histograms = np.asarray(histograms, np.float64)
+    return histograms / np.maximum(histograms.sum(axis=-1, keepdims=True), 1e-12)
+
+
+def cohort_reference(slide_histograms: list[np.ndarray]) -> np.ndarray:
+    """Reference histograms of a cohort: the mean of its slides' normalized histograms, so every
+    slide weighs the same whatever its size. [3, 256] float64."""
+    if not slide_histograms:
+        raise ValueError('no slide histograms to build a cohort stain reference from')
+    return normalize_histograms(np.stack(slide_histograms)).mean(axis=0)

@@ -1,0 +1,224 @@
+"""The tile stage: every slide of the cohort -> tissue patch coordinates, stain LUT, QC picture.
+
+Per slide (in parallel worker processes): open it, plan reads at `tile.mpp`, compute the
+background mask on a low-resolution overview, keep the grid patches with enough tissue, take the
+stain histogram of a sample of kept patches, and write `tiles/.scan/<slide_id>.npz` and
+`qc/<slide_id>.png`. Then, once every slide is scanned, the stain reference is fixed (a template
+image, or the mean histogram of the training slides; saved to `stain/reference.npz`) and each
+slide's lookup table is fitted and written with its tiles to `tiles/<slide_id>.npz`. Every write is
+atomic and finished slides are skipped, so a killed run resumes where it stopped.
+"""
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import os
+import pathlib
+import time
+import zlib
+
+import numpy as np
+from absl import logging
+from PIL import Image
+from tqdm import tqdm
+
+from pathjax import artifacts
+from pathjax.cohort import Cohort, SlideRecord
+from pathjax.slides import qc, stain
+from pathjax.slides.reader import Slide, SlideError
+from pathjax.slides.tiling import select_tiles
+from pathjax.slides.tissue import TissueRule, background_mask
+from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
+
+STAGE = 'tile'
+# The overview is read at neighbourhood / MASK_WINDOW_PIXELS x level 0 (so the neighbourhood
+# window spans this many overview pixels), and finer still if a patch would span fewer.
+MASK_WINDOW_PIXELS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class TileSettings:
+    """What a worker needs to tile one slide (picklable, no config objects)."""
+
+    mpp: float
+    patch_size: int
+    fallback_level: int
+    rule: TissueRule
+    stain_method: str
+    stain_fit_patches: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, config) -> 'TileSettings':
+        return cls(mpp=config.tile.mpp, patch_size=config.tile.patch_size,
+                   fallback_level=config.tile.level, rule=TissueRule(**config.tissue),
+                   stain_method=config.stain.method, stain_fit_patches=config.stain.fit_patches,
+                   seed=config.seed)
+
+
+def tiles_path(workdir, slide_id: str) -> pathlib.Path:
+    return pathlib.Path(workdir) / 'tiles' / f'{slide_id}.npz'
+
+
+def scan_path(workdir, slide_id: str) -> pathlib.Path:
+    return pathlib.Path(workdir) / 'tiles' / '.scan' / f'{slide_id}.npz'
+
+
+def qc_path(workdir, slide_id: str) -> pathlib.Path:
+    return pathlib.Path(workdir) / 'qc' / f'{slide_id}.png'
+
+
+def scan_slide(record: SlideRecord, settings: TileSettings, workdir: str) -> SlideEntry:
+    """Tiles one slide and writes its scan file and QC picture. Never raises for a bad slide."""
+    start = time.perf_counter()
+    try:
+        with Slide(record.path) as slide:
+            scan, picture = _scan(slide, record.slide_id, settings)
+    except SlideError as error:
+        return SlideEntry(record.slide_id, ERROR, message=str(error))
+    except Exception as error:  # a reader library failing on a corrupt file must not stop the run
+        logging.exception('tile: unexpected failure on slide %s', record.slide_id)
+        return SlideEntry(record.slide_id, ERROR,
+                          message=f'{record.path}: {type(error).__name__}: {error}')
+    artifacts.save_png(qc_path(workdir, record.slide_id), picture)
+    artifacts.save_npz(scan_path(workdir, record.slide_id), **scan)
+    entry = entry_from_tiles(record.slide_id, scan)
+    entry.details['seconds'] = round(time.perf_counter() - start, 2)
+    return entry
+
+
+def _scan(slide: Slide, slide_id: str, settings: TileSettings) -> tuple[dict, np.ndarray]:
+    plan = slide.plan(settings.mpp, settings.patch_size, settings.fallback_level)
+    mask_downsample = max(1.0, min(settings.rule.neighbourhood, plan.extent) / MASK_WINDOW_PIXELS)
+    overview, downsample = slide.read_overview(mask_downsample)
+    background = background_mask(overview, downsample, settings.rule)
+    tiles = select_tiles(~background, slide.dimensions, plan.extent, settings.rule.min_fraction)
+    warnings = list(plan.warnings)
+    if not len(tiles):
+        width, height = slide.dimensions
+        if plan.extent > min(width, height):
+            warnings.append(f'the slide ({width}x{height} level-0 px) is smaller than one patch '
+                            f'({plan.extent:.0f} level-0 px)')
+        else:
+            warnings.append(f'no patch reaches tissue.min_fraction={settings.rule.min_fraction}')
+    histogram = np.zeros((3, 256), np.int64)
+    if settings.stain_method == 'histogram' and len(tiles):
+        rng = np.random.default_rng([settings.seed, zlib.crc32(slide_id.encode())])
+        sample = rng.choice(len(tiles), min(len(tiles), settings.stain_fit_patches), replace=False)
+        for x, y in tiles.coords[np.sort(sample)]:
+            histogram += stain.channel_histograms(slide.read_patch(x, y, plan))
+    scan = dict(coords=tiles.coords, grid=tiles.grid, tissue=tiles.tissue,
+                level=plan.level, read_size=plan.read_size, patch_size=plan.patch_size,
+                extent=plan.extent, mpp=np.nan if plan.mpp is None else plan.mpp,
+                slide_size=np.asarray(slide.dimensions, np.int64),
+                slide_tissue_fraction=np.float32(1.0 - background.mean()),
+                stain_histogram=histogram, warnings=np.asarray(warnings, dtype=str))
+    picture = qc.qc_picture(overview, background, slide.dimensions, tiles.coords, plan.extent)
+    return scan, picture
+
+
+def entry_from_tiles(slide_id: str, tiles: dict) -> SlideEntry:
+    """The report entry of a scanned or finished slide, rebuilt from its arrays."""
+    patches = len(tiles['coords'])
+    warnings = [str(w) for w in tiles['warnings']]
+    mpp = float(tiles['mpp'])
+    return SlideEntry(slide_id, OK if patches else NO_TISSUE, patches=patches,
+                      message='; '.join(warnings),
+                      details={'level': int(tiles['level']), 'read_size': int(tiles['read_size']),
+                               'mpp': None if np.isnan(mpp) else round(mpp, 4),
+                               'slide_tissue_fraction': round(float(tiles['slide_tissue_fraction']), 4),
+                               'mean_patch_tissue': round(float(np.mean(tiles['tissue'])), 4)
+                               if patches else 0.0})
+
+
+def scan_all(records: list[SlideRecord], settings: TileSettings, workdir: str,
+             workers: int) -> dict[str, SlideEntry]:
+    """Scans slides in `workers` processes with a progress bar. A worker that dies (a reader
+    crashing on a corrupt file) costs only its slide: the rest are rescanned one per process."""
+    entries = {}
+    progress = tqdm(total=len(records), desc='tile', unit='slide', disable=None)
+    if workers <= 1:
+        for record in records:
+            entries[record.slide_id] = scan_slide(record, settings, workdir)
+            progress.update()
+    else:
+        _scan_in_pool(records, settings, workdir, workers, entries, progress)
+        for record in [r for r in records if r.slide_id not in entries]:
+            _scan_in_pool([record], settings, workdir, 1, entries, progress)
+            entries.setdefault(record.slide_id, SlideEntry(
+                record.slide_id, ERROR, message=f'{record.path}: the reader crashed on this slide'))
+    progress.close()
+    return entries
+
+
+def _scan_in_pool(records, settings, workdir, workers, entries, progress) -> None:
+    context = multiprocessing.get_context('spawn')
+    try:
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(records)), context) as pool:
+            futures = {pool.submit(scan_slide, r, settings, workdir): r for r in records}
+            for future in concurrent.futures.as_completed(futures):
+                entries[futures[future].slide_id] = future.result()
+                progress.update()
+    except concurrent.futures.process.BrokenProcessPool:
+        logging.warning('tile: a worker process died; rescanning the unfinished slides one by one')
+
+
+def stain_reference(config, scans: dict[str, dict], cohort: Cohort) -> tuple[np.ndarray, str]:
+    """[3, 256] reference histograms and a description of where they came from."""
+    source = config.stain.reference
+    if source != 'cohort':
+        try:
+            image = np.asarray(Image.open(source).convert('RGB'))
+        except (OSError, ValueError) as error:
+            raise ValueError(f'stain.reference: cannot read template image {source!r} ({error})') from None
+        return stain.normalize_histograms(stain.channel_histograms(image)), f'template {source}'
+    train = {s.slide_id for s in cohort.split('train')}
+    with_tissue = {i: s['stain_histogram'] for i, s in scans.items() if len(s['coords'])}
+    chosen = [h for i, h in with_tissue.items() if i in train] or list(with_tissue.values())
+    return stain.cohort_reference(chosen), f'mean of {len(chosen)} slides'
+
+
+def run(config, workdir: str, cohort: Cohort) -> list[SlideEntry]:
+    """Runs the tile stage over the cohort; returns one report entry per manifest row."""
+    workdir = str(workdir)
+    settings = TileSettings.from_config(config)
+    todo = [r for r in cohort.slides if not tiles_path(workdir, r.slide_id).exists()
+            and not scan_path(workdir, r.slide_id).exists()]
+    logging.info('tile: %d slides, %d already scanned', len(cohort.slides),
+                 len(cohort.slides) - len(todo))
+    entries = scan_all(todo, settings, workdir, config.workers)
+    _finish(config, workdir, cohort, entries)
+    for record in cohort.slides:
+        if record.slide_id not in entries:
+            entries[record.slide_id] = entry_from_tiles(
+                record.slide_id, artifacts.load_npz(tiles_path(workdir, record.slide_id)))
+    for record, why in cohort.skipped:
+        entries[record.slide_id] = SlideEntry(record.slide_id, ERROR, message=why)
+    order = sorted(cohort.slides + tuple(r for r, _ in cohort.skipped), key=lambda r: r.line)
+    return [entries[r.slide_id] for r in order]
+
+
+def _finish(config, workdir: str, cohort: Cohort, entries: dict[str, SlideEntry]) -> None:
+    """Fits each scanned slide's stain LUT and writes its final tiles file."""
+    pending = {r.slide_id: artifacts.load_npz(scan_path(workdir, r.slide_id)) for r in cohort.slides
+               if scan_path(workdir, r.slide_id).exists()}
+    if not pending:
+        return
+    reference_file = pathlib.Path(workdir) / 'stain' / 'reference.npz'
+    if config.stain.method == 'none' or not any(len(s['coords']) for s in pending.values()):
+        reference = None
+    elif reference_file.exists():
+        reference = artifacts.load_npz(reference_file)['histograms']
+    else:
+        finished = {r.slide_id: artifacts.load_npz(tiles_path(workdir, r.slide_id))
+                    for r in cohort.slides if tiles_path(workdir, r.slide_id).exists()}
+        reference, source = stain_reference(config, {**finished, **pending}, cohort)
+        artifacts.save_npz(reference_file, histograms=reference, source=np.asarray(source))
+        logging.info('tile: stain reference from the %s', source)
+    for slide_id, scan in pending.items():
+        if reference is None or not len(scan['coords']):
+            lut = stain.IDENTITY_LUT
+        else:
+            lut = stain.fit_lut(scan['stain_histogram'], reference)
+        artifacts.save_npz(tiles_path(workdir, slide_id), **scan, stain_lut=lut)
+        os.unlink(scan_path(workdir, slide_id))

@@ -1,0 +1,77 @@
+"""The patch grid of a slide and each patch's tissue fraction (numpy only).
+
+Patches tile level 0 on a regular grid with step `extent` (a patch's side in level-0 pixels) from
+the top-left corner; only patches wholly inside the slide are considered. A patch's tissue
+fraction is the mean of the tissue mask over its footprint on the mask.
+"""
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Kept patches of one slide, in row-major grid order.
+
+    Attributes:
+      coords: int64 [N, 2], level-0 (x, y) of each patch's top-left corner.
+      grid: int64 [N, 2], (row, col) of each patch on the grid.
+      tissue: float32 [N], tissue fraction of each patch.
+    """
+
+    coords: np.ndarray
+    grid: np.ndarray
+    tissue: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+
+def grid_positions(width: int, height: int, extent: float) -> tuple[np.ndarray, np.ndarray]:
+    """Grid of patches wholly inside a `width` x `height` level-0 slide.
+
+    Returns:
+      (coords int64 [M, 2] level-0 (x, y), grid int64 [M, 2] (row, col)), row-major.
+    """
+    cols = np.arange(int(np.floor(width / extent + 1e-9)))
+    rows = np.arange(int(np.floor(height / extent + 1e-9)))
+    row_index, col_index = np.meshgrid(rows, cols, indexing='ij')
+    grid = np.stack([row_index.ravel(), col_index.ravel()], axis=1).astype(np.int64)
+    coords = np.rint(grid[:, ::-1] * extent).astype(np.int64)
+    return coords.reshape(-1, 2), grid.reshape(-1, 2)
+
+
+def patch_tissue_fractions(tissue_mask: np.ndarray, slide_size: tuple[int, int],
+                           coords: np.ndarray, extent: float) -> np.ndarray:
+    """Mean of `tissue_mask` (bool [h, w], covering the whole slide) over each patch's footprint.
+
+    Args:
+      tissue_mask: bool [h, w], the slide at (width / w, height / h) x level 0.
+      slide_size: level-0 (width, height).
+      coords: int [M, 2] level-0 (x, y) of patch corners.
+      extent: patch side in level-0 pixels.
+    Returns:
+      float32 [M].
+    """
+    height, width = tissue_mask.shape
+    scale_x, scale_y = width / slide_size[0], height / slide_size[1]
+    integral = np.zeros((height + 1, width + 1), np.int64)
+    np.cumsum(np.cumsum(tissue_mask, axis=0, dtype=np.int64), axis=1, out=integral[1:, 1:])
+    x0 = np.clip(np.rint(coords[:, 0] * scale_x).astype(np.int64), 0, width)
+    y0 = np.clip(np.rint(coords[:, 1] * scale_y).astype(np.int64), 0, height)
+    x1 = np.clip(np.rint((coords[:, 0] + extent) * scale_x).astype(np.int64), 0, width)
+    y1 = np.clip(np.rint((coords[:, 1] + extent) * scale_y).astype(np.int64), 0, height)
+    x1, y1 = np.maximum(x1, x0 + 1).clip(max=width), np.maximum(y1, y0 + 1).clip(max=height)
+    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    return (inside / area).astype(np.float32)
+
+
+def select_tiles(tissue_mask: np.ndarray, slide_size: tuple[int, int], extent: float,
+                 min_fraction: float) -> Tiles:
+    """The grid patches whose tissue fraction is at least `min_fraction`."""
+    coords, grid = grid_positions(*slide_size, extent)
+    tissue = patch_tissue_fractions(tissue_mask, slide_size, coords, extent)
+    keep = tissue >= min_fraction
+    return Tiles(coords=coords[keep], grid=grid[keep], tissue=tissue[keep])

@@ -1,0 +1,35 @@
+"""Patch grid and tissue fractions vs brute force."""
+
+import numpy as np
+
+from pathjax.slides.tiling import grid_positions, patch_tissue_fractions, select_tiles
+
+
+def test_grid_covers_the_slide_with_whole_patches():
+    coords, grid = grid_positions(1000, 700, 256.0)
+    assert len(coords) == 3 * 2
+    np.testing.assert_array_equal(grid[:, 0], [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(coords[:, 0], grid[:, 1] * 256)
+    np.testing.assert_array_equal(coords[:, 1], grid[:, 0] * 256)
+    assert (coords + 256 <= [1000, 700]).all()
+    assert len(grid_positions(100, 100, 256.0)[0]) == 0
+
+
+def test_tissue_fraction_vs_brute_force():
+    rng = np.random.default_rng(0)
+    mask = rng.random((60, 80)) < 0.4
+    slide_size, extent = (800, 600), 100.0  # mask at 10x level 0: a patch is 10x10 mask px
+    coords, _ = grid_positions(*slide_size, extent)
+    got = patch_tissue_fractions(mask, slide_size, coords, extent)
+    expected = [mask[y // 10:y // 10 + 10, x // 10:x // 10 + 10].mean() for x, y in coords]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_select_keeps_patches_at_threshold():
+    mask = np.zeros((40, 40), bool)
+    mask[:20, :20] = True  # top-left patch: all tissue
+    mask[20:25, 20:40] = True  # bottom-right patch: a quarter of its area
+    tiles = select_tiles(mask, (400, 400), 200.0, min_fraction=0.25)
+    np.testing.assert_array_equal(tiles.coords, [[0, 0], [200, 200]])
+    np.testing.assert_array_equal(tiles.grid, [[0, 0], [1, 1]])
+    np.testing.assert_allclose(tiles.tissue, [1.0, 0.25])
