@@ -3,6 +3,7 @@
 `Slide` opens any format OpenSlide opens and turns its pyramid into a `ReadPlan`: which level to
 read patches from and how many level pixels one output patch covers, so that patches come out at
 `target_mpp` microns per pixel (or, without usable mpp metadata, at a fixed level, with a warning).
+Regions of tiled TIFF pyramids are decoded directly (`tiff_tiles`), other formats through OpenSlide.
 """
 
 import dataclasses
@@ -12,6 +13,8 @@ import os
 import numpy as np
 import openslide
 from PIL import Image
+
+from pathjax.slides.tiff_tiles import CorruptTileError, TiffTiles
 
 # Resolutions outside this range are metadata defaults (a TIFF's 72 dpi gives 352.8 um/px), not
 # microscope resolutions; they are treated as missing.
@@ -57,7 +60,8 @@ class Slide:
         try:
             self._slide = openslide.OpenSlide(self.path)
         except openslide.OpenSlideUnsupportedFormatError:
-            raise SlideError(f'{self.path}: not a slide format OpenSlide can open') from None
+            raise SlideError(f'{self.path}: not a slide OpenSlide can open (unknown format, or a '
+                             'truncated or corrupt file)') from None
         except (openslide.OpenSlideError, OSError) as error:
             raise SlideError(f'{self.path}: unreadable slide ({error})') from None
         self.dimensions: tuple[int, int] = self._slide.dimensions  # level-0 (width, height)
@@ -65,6 +69,7 @@ class Slide:
         self.level_downsamples: tuple[float, ...] = self._slide.level_downsamples
         self.vendor: str = self._slide.properties.get(openslide.PROPERTY_NAME_VENDOR, 'unknown')
         self.mpp, self.mpp_problem = _level0_mpp(self._slide.properties)
+        self._tiles = TiffTiles.open(self.path, self._slide)
 
     def __enter__(self) -> 'Slide':
         return self
@@ -73,6 +78,8 @@ class Slide:
         self.close()
 
     def close(self) -> None:
+        if self._tiles is not None:
+            self._tiles.close()
         self._slide.close()
 
     def plan(self, target_mpp: float, patch_size: int, fallback_level: int = 0) -> ReadPlan:
@@ -101,6 +108,13 @@ class Slide:
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """The region with level-0 top-left (x, y), `width` x `height` level pixels, as uint8
         [height, width, 3]; transparent (unscanned) pixels become white."""
+        if self._tiles is not None:
+            downsample = self.level_downsamples[level]
+            try:
+                return self._tiles.read(level, int(round(x / downsample)),
+                                        int(round(y / downsample)), int(width), int(height))
+            except CorruptTileError as error:
+                raise SlideError(f'{self.path}: {error}') from None
         try:
             region = self._slide.read_region((int(x), int(y)), level, (int(width), int(height)))
         except openslide.OpenSlideError as error:
@@ -114,7 +128,8 @@ class Slide:
 
     def read_overview(self, downsample: float, strip_pixels: int = 1 << 24) -> tuple[np.ndarray, float]:
         """The whole slide at about `downsample` x level 0, read from the best level in strips of
-        at most `strip_pixels` level pixels so memory stays bounded.
+        about `strip_pixels` level pixels so memory stays bounded (each strip is resized with its
+        exact source box, so strips join seamlessly).
 
         Returns:
           (uint8 [H, W, 3], the actual downsample from level 0, averaged over both axes).
@@ -124,18 +139,18 @@ class Slide:
         out_height = max(1, int(round(height0 / downsample)))
         level = self._slide.get_best_level_for_downsample(max(downsample, 1.0))
         level_width, level_height = self.level_dimensions[level]
-        strip_rows = max(1, strip_pixels // level_width)
+        rows_per_out_row = level_height / out_height
+        out_rows_per_strip = max(1, int(strip_pixels / level_width / rows_per_out_row))
         strips = []
-        for row in range(0, level_height, strip_rows):
-            rows = min(strip_rows, level_height - row)
-            out_rows = (round((row + rows) * out_height / level_height)
-                        - round(row * out_height / level_height))
-            if out_rows == 0:
-                continue
-            y0 = int(round(row * self.level_downsamples[level]))
-            strip = self.read_region(0, y0, level, level_width, rows)
+        for out_row in range(0, out_height, out_rows_per_strip):
+            out_rows = min(out_rows_per_strip, out_height - out_row)
+            top, bottom = out_row * rows_per_out_row, (out_row + out_rows) * rows_per_out_row
+            first, last = int(math.floor(top)), min(int(math.ceil(bottom)), level_height)
+            strip = self.read_region(0, int(round(first * self.level_downsamples[level])), level,
+                                     level_width, last - first)
             strips.append(np.asarray(Image.fromarray(strip).resize(
-                (out_width, out_rows), Image.Resampling.BOX)))
+                (out_width, out_rows), Image.Resampling.BOX,
+                box=(0, top - first, level_width, bottom - first))))
         overview = np.concatenate(strips)
         return overview, (width0 / overview.shape[1] + height0 / overview.shape[0]) / 2
 

@@ -2,7 +2,9 @@
 
 A slide's lookup table (LUT) maps each uint8 value v of channel c to the reference value at the
 same quantile: LUT[c, v] = interp(CDF_slide_c(v), CDF_ref_c, ref values), the CDF mapping of
-`skimage.exposure.match_histograms` for uint8 images, rounded to uint8. The device version of
+`skimage.exposure.match_histograms` for uint8 images, rounded to uint8. Like skimage, a source
+value takes the reference value at the upper end of its quantile range, which shifts means up by
+a few grey levels when histograms have heavy bins (e.g. a white background peak). The device version of
 `apply_lut` lives in `pathjax.data.normalize`.
 """
 

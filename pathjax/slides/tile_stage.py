@@ -31,9 +31,11 @@ from pathjax.slides.tissue import TissueRule, background_mask
 from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
 
 STAGE = 'tile'
-# The overview is read at neighbourhood / MASK_WINDOW_PIXELS x level 0 (so the neighbourhood
-# window spans this many overview pixels), and finer still if a patch would span fewer.
+# The overview (mask and QC picture) is read at neighbourhood / MASK_WINDOW_PIXELS x level 0 (so
+# the neighbourhood window spans this many overview pixels), finer if a patch would span fewer
+# pixels or if the QC picture's long side would be shorter than QC_SIDE.
 MASK_WINDOW_PIXELS = 8
+QC_SIDE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +91,9 @@ def scan_slide(record: SlideRecord, settings: TileSettings, workdir: str) -> Sli
 
 def _scan(slide: Slide, slide_id: str, settings: TileSettings) -> tuple[dict, np.ndarray]:
     plan = slide.plan(settings.mpp, settings.patch_size, settings.fallback_level)
-    mask_downsample = max(1.0, min(settings.rule.neighbourhood, plan.extent) / MASK_WINDOW_PIXELS)
-    overview, downsample = slide.read_overview(mask_downsample)
+    overview_downsample = max(1.0, min(min(settings.rule.neighbourhood, plan.extent) / MASK_WINDOW_PIXELS,
+                                       max(slide.dimensions) / QC_SIDE))
+    overview, downsample = slide.read_overview(overview_downsample)
     background = background_mask(overview, downsample, settings.rule)
     tiles = select_tiles(~background, slide.dimensions, plan.extent, settings.rule.min_fraction)
     warnings = list(plan.warnings)
@@ -136,6 +139,8 @@ def scan_all(records: list[SlideRecord], settings: TileSettings, workdir: str,
     """Scans slides in `workers` processes with a progress bar. A worker that dies (a reader
     crashing on a corrupt file) costs only its slide: the rest are rescanned one per process."""
     entries = {}
+    if not records:
+        return entries
     progress = tqdm(total=len(records), desc='tile', unit='slide', disable=None)
     if workers <= 1:
         for record in records:
@@ -186,7 +191,8 @@ def run(config, workdir: str, cohort: Cohort) -> list[SlideEntry]:
             and not scan_path(workdir, r.slide_id).exists()]
     logging.info('tile: %d slides, %d already scanned', len(cohort.slides),
                  len(cohort.slides) - len(todo))
-    entries = scan_all(todo, settings, workdir, config.workers)
+    workers = config.workers if config.workers > 0 else os.cpu_count() or 1
+    entries = scan_all(todo, settings, workdir, workers)
     _finish(config, workdir, cohort, entries)
     for record in cohort.slides:
         if record.slide_id not in entries:

@@ -1,0 +1,18 @@
+"""Tiny settings for the test suite: a generated cohort of small slides, 64-px patches at 2 um/px
+(each patch covers 128 um, a quarter of the method's 256 um), seconds per stage on a CPU."""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.workers = 2
+    config.data.classes = ('negative', 'positive')
+    config.data.split_fractions = (0.5, 0.25, 0.25)
+    config.data.synthetic.num_slides = 8
+    config.data.synthetic.width = 2048
+    config.data.synthetic.height = 1536
+    config.tile.mpp = 2.0
+    config.tile.patch_size = 64
+    config.stain.fit_patches = 8
+    return config

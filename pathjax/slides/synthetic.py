@@ -1,0 +1,520 @@
+"""Synthetic H&E whole-slide images with a known slide-level signal, for demos and tests.
+
+A slide is rendered at level 0 from two stain density maps, hematoxylin (H) and eosin (E), coloured
+by Beer-Lambert: intensity = white * 10^-(H * h_vec + E * e_vec), each slide drawing its own stain
+vectors, intensities and white level. Tissue is one to three irregular blobs of fibrous pink
+stroma with scattered nuclei and, in places, normal glands (small round basal nuclei, goblets).
+Positive slides also carry a motif on 15-30% of their tissue: glands lined by crowded, enlarged,
+elongated dark nuclei around a pale lumen. Every other part is drawn from random streams that do
+not depend on the class, so a positive slide equals the negative slide of the same seed outside
+its motif area, and patch labels inherited from the slide are noisy, as in mutation prediction.
+
+Sizes are in microns, converted with the slide's mpp. Slides are written as JPEG-tiled pyramids
+OpenSlide opens: a generic tiled TIFF or an Aperio-style SVS.
+"""
+
+import csv
+import dataclasses
+import io
+import math
+import pathlib
+
+import numpy as np
+import tifffile
+from absl import logging
+from PIL import Image, ImageDraw, ImageFilter
+
+from pathjax import artifacts
+
+FORMATS = ('tiff', 'svs')
+MPPS = (0.25, 0.5)
+MANIFEST_COLUMNS = ('slide_id', 'path', 'label', 'case_id')
+
+_GRID_UM = 8.0  # microns per cell of the coarse grid holding region masks and slow fields
+# Optical density per unit of stain (R, G, B): the usual H&E reference vectors.
+_H_OD = (0.5626, 0.7201, 0.4062)
+_E_OD = (0.2159, 0.8012, 0.5581)
+# Stroma nuclei: kind -> (share, semi-major um, semi-minor um, hematoxylin density); index 0 lies
+# along the collagen fibres.
+_STROMA_NUCLEI = {
+    'fibroblast': (0.4, (4.0, 6.5), (1.1, 1.6), (0.55, 0.85)),
+    'lymphocyte': (0.25, (2.4, 3.2), (2.1, 2.9), (0.85, 1.15)),
+    'oval': (0.35, (3.0, 4.2), (2.2, 3.0), (0.45, 0.7)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSlideSpec:
+    """One slide to render; `positive` slides carry the class motif."""
+
+    slide_id: str
+    case_id: str
+    label: str
+    positive: bool
+    mpp: float  # level-0 microns per pixel
+    fmt: str  # 'tiff' or 'svs'
+    width: int  # level-0 pixels
+    height: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _GlandStyle:
+    """A kind of gland; lengths in microns."""
+
+    radius: tuple[float, float]  # outer radius
+    lumen: tuple[float, float]  # lumen radius / outer radius
+    wobble: float  # outline irregularity (amplitude of harmonics 2-4)
+    nucleus_len: tuple[float, float]  # semi-major axis, radial
+    nucleus_wid: tuple[float, float]  # semi-minor axis
+    density: tuple[float, float]  # hematoxylin density of the nuclei
+    spacing: float  # nucleus spacing along the ring, in mean nucleus widths
+    ring: tuple[float, float]  # nucleus position across the epithelium (0 lumen, 1 outer edge)
+    packing: float  # centre spacing, in mean outer diameters
+    goblets: bool  # pale mucin vacuoles between the nuclei
+
+
+_NORMAL_GLAND = _GlandStyle(
+    radius=(20, 30), lumen=(0.2, 0.35), wobble=0.05, nucleus_len=(2.6, 3.4),
+    nucleus_wid=(1.6, 2.1), density=(0.5, 0.75), spacing=1.7, ring=(0.78, 0.88), packing=1.5,
+    goblets=True)
+_MOTIF_GLAND = _GlandStyle(
+    radius=(26, 40), lumen=(0.3, 0.5), wobble=0.12, nucleus_len=(5.5, 8.0),
+    nucleus_wid=(2.2, 3.0), density=(0.9, 1.3), spacing=0.85, ring=(0.3, 0.7), packing=1.0,
+    goblets=False)
+
+
+# Fields ------------------------------------------------------------------------------------------
+
+
+def _noise(rng, shape, cell) -> np.ndarray:
+    """Smooth noise [h, w], zero mean, unit variance, correlation length `cell` px (or (cy, cx))."""
+    h, w = shape
+    cy, cx = (cell, cell) if np.isscalar(cell) else cell
+    cy, cx = max(cy, 1.0), max(cx, 1.0)
+    coarse = rng.standard_normal((int(h / cy) + 3, int(w / cx) + 3), dtype=np.float32)
+    size = (math.ceil(coarse.shape[1] * cx), math.ceil(coarse.shape[0] * cy))
+    out = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC))[:h, :w]
+    sample = out[::5, ::5]
+    return (out - sample.mean()) / (sample.std() + 1e-6)
+
+
+def _upsample(grid, shape) -> np.ndarray:
+    """Bilinear resize of a float grid [gh, gw] to float32 [h, w]."""
+    image = Image.fromarray(grid.astype(np.float32))
+    return np.asarray(image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
+
+
+def _blend(a, value, weight) -> None:
+    """a <- a + (value - a) * weight, in place; a, weight [h, w]."""
+    step = np.subtract(value, a)
+    step *= weight
+    a += step
+
+
+def _soften(image, radius, scale) -> np.ndarray:
+    """A PIL 'L' image box-blurred (radius px) -> float32 [h, w], value 255 -> `scale`."""
+    lut = np.arange(256, dtype=np.float32) * (scale / 255)
+    return lut[np.asarray(image.filter(ImageFilter.BoxBlur(radius)))]
+
+
+def _top_fraction(field, within, fraction) -> np.ndarray:
+    """Bool mask [gh, gw] of the `fraction` of cells of `within` where `field` is highest."""
+    if fraction <= 0 or not within.any():
+        return np.zeros_like(within)
+    return within & (field > np.quantile(field[within], 1.0 - fraction))
+
+
+def _tissue_field(rng, gh, gw) -> np.ndarray:
+    """1-3 irregular blobs along the long side [gh, gw]: high inside, falling outward."""
+    transpose = gh > gw
+    long_side, short_side = (gh, gw) if transpose else (gw, gh)
+    k = int(rng.integers(1, 4))
+    u = np.arange(long_side, dtype=np.float32)[None, :]
+    v = np.arange(short_side, dtype=np.float32)[:, None]
+    field = np.full((short_side, long_side), -np.inf, np.float32)
+    for i in range(k):
+        du = u - (i + 0.5 + rng.uniform(-0.1, 0.1)) * long_side / k
+        dv = v - short_side * (0.5 + rng.uniform(-0.12, 0.12))
+        ru = 0.5 * long_side / k * rng.uniform(0.7, 0.95)
+        rv = 0.5 * short_side * rng.uniform(0.55, 0.85)
+        angle = rng.uniform(-0.4, 0.4)
+        c, s = math.cos(angle), math.sin(angle)
+        field = np.maximum(field, 1.0 - np.hypot((du * c + dv * s) / ru, (dv * c - du * s) / rv))
+    field += 0.25 * _noise(rng, field.shape, long_side / 5)
+    field += 0.08 * _noise(rng, field.shape, long_side / 20)
+    return field.T if transpose else field
+
+
+def _fibres(rng, warp, px, theta) -> np.ndarray:
+    """Collagen relief [h, w], mean ~0: wavy bundles ~2 um wide split by pale clefts.
+
+    The bundles cross direction theta; warp [h, w] (px, along theta) bends them.
+    """
+    h, w = warp.shape
+    u = np.arange(w, dtype=np.float32)[None, :] * math.cos(theta) + warp
+    u += np.arange(h, dtype=np.float32)[:, None] * math.sin(theta)
+    u -= u.min()
+    profile = _noise(rng, (1, int(u.max()) + 2), 2 * px)[0]
+    relief = 0.2 * profile - 0.55 / (1 + np.exp(np.minimum(4 * (profile + 1.4), 30)))
+    return relief[u.astype(np.int32)]
+
+
+# Shapes ------------------------------------------------------------------------------------------
+
+
+def _ellipse_polygons(rng, nuclei, sides=12) -> np.ndarray:
+    """Slightly irregular outlines [N, sides, 2] of ellipses [N, 6] (x, y, a, b, angle, density)."""
+    x, y, a, b, angle = (nuclei[:, i, None] for i in range(5))
+    t = np.linspace(0, 2 * np.pi, sides, endpoint=False)[None]
+    wobble = 1 + 0.08 * rng.standard_normal((len(nuclei), sides))
+    ex, ey = a * np.cos(t) * wobble, b * np.sin(t) * wobble
+    return np.stack([x + ex * np.cos(angle) - ey * np.sin(angle),
+                     y + ex * np.sin(angle) + ey * np.cos(angle)], -1)
+
+
+def _draw(image, polygons, fill) -> None:
+    """Fills polygons [N, K, 2] on a PIL 'L' image with fill: scalar or [N] values in 0-255."""
+    draw = ImageDraw.Draw(image)
+    fills = np.broadcast_to(np.asarray(fill, int), len(polygons)).tolist()
+    for polygon, value in zip(polygons, fills):
+        draw.polygon(polygon.ravel().tolist(), fill=value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Glands:
+    """Glands of one style, in level-0 px, with their ring nuclei and goblets."""
+
+    centres: np.ndarray  # [G, 2] (x, y)
+    outer: np.ndarray  # [G, 32, 2] outlines
+    lumen: np.ndarray  # [G, 32, 2]
+    nuclei: np.ndarray  # [N, 6] ellipses (x, y, a, b, angle, density)
+    nuclei_outline: np.ndarray  # [N, 12, 2]
+    nuclei_gland: np.ndarray  # [N] index of the gland
+    goblets_outline: np.ndarray  # [M, 12, 2] mucin vacuoles
+    goblets_gland: np.ndarray  # [M]
+
+    def select(self, keep) -> '_Glands':
+        """The glands where keep [G] is true, with their nuclei and goblets."""
+        nuclei, goblets = keep[self.nuclei_gland], keep[self.goblets_gland]
+        return _Glands(self.centres[keep], self.outer[keep], self.lumen[keep], self.nuclei[nuclei],
+                       self.nuclei_outline[nuclei], self.nuclei_gland[nuclei],
+                       self.goblets_outline[goblets], self.goblets_gland[goblets])
+
+
+def _glands(rng, style, shape, px) -> _Glands:
+    """Candidate glands of `style` on a jittered hex grid over a whole [h, w] slide."""
+    h, w = shape
+    step = style.packing * sum(style.radius) * px
+    rows = np.arange(step / 2, h + step, step * 0.866)
+    centres = np.concatenate([np.stack(np.broadcast_arrays(
+        np.arange(step / 2 * (1 + r % 2), w + step, step), y), -1) for r, y in enumerate(rows)])
+    g = len(centres)
+    centres = centres + rng.uniform(-0.15, 0.15, (g, 2)) * step
+    outer_r = rng.uniform(*style.radius, g) * px
+    lumen_r = outer_r * rng.uniform(*style.lumen, g)
+    harmonics = np.array([2, 3, 4])[:, None]  # [3, 1]
+    amplitude = rng.uniform(0, style.wobble, (g, 3, 1))
+    phase = rng.uniform(0, 2 * np.pi, (g, 3, 1))
+
+    def outline(i, angles):  # radius factor of gland i at angles [n]
+        return 1 + (amplitude[i] * np.cos(harmonics * angles + phase[i])).sum(0)
+
+    t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+    unit = np.stack([np.cos(t), np.sin(t)], -1)  # [32, 2]
+    shapes = np.stack([outline(i, t) for i in range(g)])[..., None] * unit  # [G, 32, 2]
+    outer = centres[:, None] + outer_r[:, None, None] * shapes
+    lumen = centres[:, None] + lumen_r[:, None, None] * shapes
+
+    nuclei, goblets = [np.zeros((0, 6))], [np.zeros((0, 6))]
+    nuclei_gland, goblets_gland = [np.zeros(0, int)], [np.zeros(0, int)]
+    spacing = style.spacing * sum(style.nucleus_wid) * px  # sum = mean width (2 * semi-minor)
+    for i in range(g):
+        n = max(int(np.pi * (outer_r[i] + lumen_r[i]) / spacing), 6)
+        angle = np.linspace(0, 2 * np.pi, n, endpoint=False) + rng.uniform(0, 2 * np.pi)
+        angle += rng.uniform(-0.3, 0.3, n) * 2 * np.pi / n
+        depth = lumen_r[i] + rng.uniform(*style.ring, n) * (outer_r[i] - lumen_r[i])
+        radius = depth * outline(i, angle)
+        nuclei.append(np.stack([
+            centres[i, 0] + radius * np.cos(angle), centres[i, 1] + radius * np.sin(angle),
+            rng.uniform(*style.nucleus_len, n) * px, rng.uniform(*style.nucleus_wid, n) * px,
+            angle + rng.normal(0, 0.15, n), rng.uniform(*style.density, n)], -1))
+        nuclei_gland.append(np.full(n, i))
+        if style.goblets:
+            between = angle[::2] + np.pi / n
+            radius = (lumen_r[i] + 0.35 * (outer_r[i] - lumen_r[i])) * outline(i, between)
+            size = rng.uniform(2.5, 3.5, len(between)) * px
+            goblets.append(np.stack([
+                centres[i, 0] + radius * np.cos(between), centres[i, 1] + radius * np.sin(between),
+                size, size, between, np.zeros_like(between)], -1))
+            goblets_gland.append(np.full(len(between), i))
+    nuclei, goblets = np.concatenate(nuclei), np.concatenate(goblets)
+    return _Glands(centres, outer, lumen, nuclei, _ellipse_polygons(rng, nuclei),
+                   np.concatenate(nuclei_gland), _ellipse_polygons(rng, goblets),
+                   np.concatenate(goblets_gland))
+
+
+def _stroma_nuclei(rng, shape, px, fibre_angle) -> np.ndarray:
+    """Candidate stroma nuclei [N, 6] (x, y, a, b, angle, density) over a whole [h, w] slide."""
+    h, w = shape
+    area = rng.uniform(180, 300) * px * px  # tissue px per nucleus
+    n = int(h * w / area / 0.55)  # about 55% pass the cellularity test
+    kinds = list(_STROMA_NUCLEI.values())
+    kind = rng.choice(len(kinds), n, p=[k[0] for k in kinds])
+    out = np.zeros((n, 6))
+    out[:, 0] = rng.uniform(0, w, n)
+    out[:, 1] = rng.uniform(0, h, n)
+    out[:, 4] = rng.uniform(0, np.pi, n)
+    for i, (_, a, b, density) in enumerate(kinds):
+        sel = kind == i
+        out[sel, 2] = rng.uniform(*a, sel.sum()) * px
+        out[sel, 3] = np.minimum(rng.uniform(*b, sel.sum()) * px, out[sel, 2])
+        out[sel, 5] = rng.uniform(*density, sel.sum())
+    along = kind == 0
+    out[along, 4] = fibre_angle + rng.normal(0, 0.25, along.sum())
+    return out
+
+
+# Render ------------------------------------------------------------------------------------------
+
+
+def _stain(rng) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slide stain: OD vectors [2, 3] (H, E) times intensity, and white level [3]."""
+    vectors = np.array([_H_OD, _E_OD]) + rng.normal(0, 0.04, (2, 3))
+    vectors = np.abs(vectors) / np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors *= rng.uniform([0.8, 0.75], [1.2, 1.3])[:, None]
+    white = 241 + rng.uniform(-4, 4) + rng.uniform(-2, 2, 3)
+    return vectors.astype(np.float32), white.astype(np.float32)
+
+
+def render_slide(spec: SyntheticSlideSpec, return_masks: bool = False):
+    """H&E-like level-0 RGB image of `spec`: uint8 [height, width, 3].
+
+    With `return_masks`, returns (image, tissue [h, w] bool, motif [h, w] bool), the motif mask
+    being the motif region (inside tissue; empty on negative slides).
+    """
+    if spec.width < 1 or spec.height < 1 or spec.mpp <= 0:
+        raise ValueError(f'bad slide size or mpp: {spec}')
+    shape, px = (spec.height, spec.width), 1.0 / spec.mpp  # px: pixels per micron
+    # Independent streams, so that the class changes nothing but the motif.
+    streams = np.random.SeedSequence(spec.seed).spawn(8)
+    r_stain, r_tissue, r_regions, r_texture, r_nuclei, r_normal, r_motif, r_pixels = (
+        np.random.default_rng(s) for s in streams)
+    stain, white = _stain(r_stain)
+
+    # Regions and slow fields on a coarse grid.
+    grid = (math.ceil(shape[0] / px / _GRID_UM), math.ceil(shape[1] / px / _GRID_UM))
+    cell = lambda um: um / _GRID_UM  # noqa: E731  microns -> grid cells
+    tissue_field = _tissue_field(r_tissue, *grid)
+    tissue_g = _top_fraction(tissue_field, np.ones(grid, bool), r_tissue.uniform(0.34, 0.5))
+    motif_field = _noise(r_regions, grid, cell(180))
+    motif_g = _top_fraction(motif_field, tissue_g, r_regions.uniform(0.18, 0.27) * spec.positive)
+    mucosa_g = _top_fraction(_noise(r_regions, grid, cell(200)), tissue_g,
+                             r_regions.uniform(0.2, 0.4)) & ~motif_g
+    pale = np.clip(0.8 + 0.35 * _noise(r_regions, grid, cell(120)), 0.25, 1.25)
+    cellular = np.clip(0.55 + 0.3 * _noise(r_regions, grid, cell(80)), 0.1, 1.0)
+    mix = np.clip(0.5 + 0.8 * _noise(r_regions, grid, cell(150)), 0, 1)
+    warp = 25 * px * _noise(r_regions, grid, cell(120))
+
+    def on_grid(region, xy):  # region [gh, gw] at points xy [N, 2] (level-0 px)
+        rows = np.clip((xy[:, 1] * grid[0] / shape[0]).astype(int), 0, grid[0] - 1)
+        cols = np.clip((xy[:, 0] * grid[1] / shape[1]).astype(int), 0, grid[1] - 1)
+        return region[rows, cols]
+
+    tissue = np.zeros(shape, bool)
+    motif = np.zeros(shape, bool)
+    if tissue_g.any():
+        tissue = _upsample(tissue_field, shape) >= tissue_field[tissue_g].min()
+    if motif_g.any():
+        motif = tissue & (_upsample(motif_field, shape) >= motif_field[motif_g].min())
+
+    # Glands (normal ones in the mucosa region, motif ones in the motif region): epithelium
+    # between the outer outline and the lumen; lumen and goblets pale.
+    glands = []
+    styles = ((r_normal, _NORMAL_GLAND, mucosa_g), (r_motif, _MOTIF_GLAND, motif_g))
+    for rng, style, region in styles:
+        candidates = _glands(rng, style, shape, px)
+        glands.append(candidates.select(on_grid(region, candidates.centres)))
+    epithelium = Image.new('L', shape[::-1], 0)
+    lumen = Image.new('L', shape[::-1], 0)
+    for g in glands:
+        _draw(epithelium, g.outer, 255)
+        _draw(epithelium, g.lumen, 0)
+        _draw(lumen, g.lumen, 255)
+        _draw(lumen, g.goblets_outline, 150)
+    in_gland = (np.asarray(epithelium) > 0) | (np.asarray(lumen) > 0)
+
+    # Nuclei: stroma nuclei where the tissue is cellular and outside glands, then gland rings.
+    theta = r_texture.uniform(0, np.pi)  # fibres cross theta, so they run along theta + pi/2
+    candidates = _stroma_nuclei(r_nuclei, shape, px, theta + np.pi / 2)
+    polygons = _ellipse_polygons(r_nuclei, candidates)
+    accept = r_nuclei.uniform(size=len(candidates)) < on_grid(cellular, candidates)
+    x = np.clip(candidates[:, 0].astype(int), 0, shape[1] - 1)
+    y = np.clip(candidates[:, 1].astype(int), 0, shape[0] - 1)
+    stroma = accept & tissue[y, x] & ~in_gland[y, x]
+    nuclei_image = Image.new('L', shape[::-1], 0)
+    density = np.concatenate([candidates[stroma, 5]] + [g.nuclei[:, 5] for g in glands])
+    _draw(nuclei_image, np.concatenate([polygons[stroma]] + [g.nuclei_outline for g in glands]),
+          np.clip(np.round(100 * density), 1, 255))
+    nuclei = _soften(nuclei_image, 0.6 * px, 2.55)  # hematoxylin density
+
+    # Stain densities [h, w] (in-place arithmetic: these arrays are large).
+    mix, warp = _upsample(mix, shape), _upsample(warp, shape)
+    fibres = _fibres(r_texture, warp, px, theta)
+    other = _fibres(r_texture, warp, px, theta + r_texture.uniform(1.0, 2.1))
+    fibres -= other
+    fibres *= mix
+    fibres += other  # mix of the two fibre directions
+    contrast = _noise(r_texture, shape, 10 * px)
+    contrast *= 0.5
+    contrast += 0.7
+    fibres *= np.clip(contrast, 0, 1, out=contrast)
+    fibres += 1
+    grain = _noise(r_texture, shape, 0.8 * px)
+    epithelium, lumen = _soften(epithelium, 1.2 * px, 1.0), _soften(lumen, 1.2 * px, 1.0)
+    eosin = _upsample(pale, shape) * fibres
+    eosin *= 1 + 0.12 * grain
+    eosin *= 0.34
+    _blend(eosin, 0.28, epithelium)
+    _blend(eosin, 0.03, lumen)
+    eosin *= tissue
+    hematoxylin = 0.07 + 0.13 * epithelium
+    hematoxylin *= 1 - lumen
+    grain *= 0.25
+    grain += 1
+    nuclei *= grain
+    hematoxylin += nuclei
+    hematoxylin *= tissue
+
+    # Beer-Lambert colour, with a little sensor noise on the optical density.
+    stain *= -math.log(10)
+    noise = r_pixels.standard_normal(shape, dtype=np.float32)
+    noise *= 0.006
+    image = np.empty(shape + (3,), np.uint8)
+    for c in range(3):
+        od = hematoxylin * stain[0, c]
+        od += eosin * stain[1, c]
+        od += noise
+        intensity = np.exp(od, out=od)
+        intensity *= white[c]
+        image[..., c] = np.minimum(intensity, 255, out=intensity)
+    return (image, tissue, motif) if return_masks else image
+
+
+# Write -------------------------------------------------------------------------------------------
+
+
+def _pyramid(image, tile_size) -> list[np.ndarray]:
+    """Level 0 = image, then 4x box-downsampled levels while the smaller side is >= 2 * tile_size
+    (and at least one more level when the image is over 1024 px)."""
+    levels = [image]
+    while True:
+        h, w = levels[-1].shape[:2]
+        wanted = min(h, w) >= 2 * tile_size or (len(levels) == 1 and max(h, w) > 1024)
+        if not wanted or min(h, w) < 4:
+            return levels
+        levels.append(np.asarray(Image.fromarray(levels[-1]).reduce(4)))
+
+
+def _page_tags(fmt, index, level_size, size, mpp, tile_size, quality) -> dict:
+    """tifffile.write arguments naming pyramid level `index`; sizes are (width, height)."""
+    if fmt == 'tiff':  # generic: resolution in pixels per cm; reduced levels flagged as such
+        per_cm = tuple(1e4 * n / (mpp * n0) for n, n0 in zip(level_size, size))
+        return dict(resolution=per_cm, resolutionunit='CENTIMETER', subfiletype=1 if index else 0)
+    w, h = size
+    text = f'Aperio Image Library v10.0.0\n{w}x{h} [0,0 {w}x{h}] ({tile_size}x{tile_size})'
+    if index:
+        text += f' -> {level_size[0]}x{level_size[1]}'
+    return dict(description=f'{text} JPEG/RGB Q={quality}|AppMag = {round(10 / mpp)}|MPP = {mpp:g}')
+
+
+def write_slide(path, image: np.ndarray, mpp: float, fmt: str, tile_size: int = 256,
+                jpeg_quality: int = 90) -> None:
+    """Writes image (uint8 [H, W, 3]) atomically as a JPEG-tiled pyramid that OpenSlide opens.
+
+    Level 0 is the image, then levels downsampled by 4 while the smaller side is >= 2 * tile_size
+    (at least 2 levels above 1024 px). 'tiff': generic tiled TIFF, one top-level page per level,
+    the reduced ones flagged NewSubfileType=1 (OpenSlide ignores them otherwise), resolution in
+    pixels per centimetre. 'svs': Aperio layout, level 0 with the Aperio description (MPP,
+    AppMag), a stripped thumbnail page, then the other levels. Tiles are JPEG in YCbCr with 2x2
+    chroma subsampling (tifffile's default), which OpenSlide decodes to the right colours.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f'image must be uint8 [H, W, 3], got {image.dtype} {image.shape}')
+    if fmt not in FORMATS:
+        raise ValueError(f'fmt must be one of {FORMATS}, got {fmt!r}')
+    if tile_size <= 0 or tile_size % 16:
+        raise ValueError(f'tile_size must be a positive multiple of 16 (JPEG 2x2 subsampling), '
+                         f'got {tile_size}')
+    size = image.shape[1], image.shape[0]
+    jpeg = dict(photometric='rgb', compression='jpeg', compressionargs={'level': jpeg_quality},
+                metadata=None)
+    with artifacts.atomic_path(path) as temporary:
+        with tifffile.TiffWriter(temporary, bigtiff=image.nbytes > 2**31) as tif:
+            for i, level in enumerate(_pyramid(image, tile_size)):
+                tags = _page_tags(fmt, i, level.shape[1::-1], size, mpp, tile_size, jpeg_quality)
+                tif.write(level, tile=(tile_size, tile_size), **tags, **jpeg)
+                if fmt == 'svs' and i == 0:
+                    thumb = Image.fromarray(image)
+                    thumb.thumbnail((768, 768), Image.Resampling.BOX)
+                    text = (f'Aperio Image Library v10.0.0\n{size[0]}x{size[1]} -> '
+                            f'{thumb.width}x{thumb.height} - ')
+                    tif.write(np.asarray(thumb), rowsperstrip=64, description=text, **jpeg)
+
+
+# Cohort ------------------------------------------------------------------------------------------
+
+
+def cohort_specs(num_slides: int, classes=('negative', 'positive'), *, seed: int = 0,
+                 width: int = 4096, height: int = 3072, slides_per_case: int | None = None,
+                 formats=FORMATS) -> list[SyntheticSlideSpec]:
+    """The slides of a synthetic cohort, in manifest order.
+
+    Cases alternate between the classes (classes[1] carries the motif), so any num_slides >= 2
+    has both. slides_per_case=None mixes: about a quarter of cases hold 2 slides (same case and
+    label). Format and mpp cycle within each class, so neither tells the class.
+    """
+    if len(classes) != 2:
+        raise ValueError(f'a synthetic cohort has exactly 2 classes, got {classes}')
+    if num_slides < 0 or (slides_per_case is not None and slides_per_case < 1):
+        raise ValueError(f'bad num_slides {num_slides} or slides_per_case {slides_per_case}')
+    specs, per_class, case = [], [0, 0], 0
+    while len(specs) < num_slides:
+        label = case % 2
+        count = slides_per_case or (2 if case % 8 in (2, 7) else 1)
+        for _ in range(min(count, num_slides - len(specs))):
+            k, j = per_class[label], len(specs)
+            per_class[label] += 1
+            specs.append(SyntheticSlideSpec(
+                slide_id=f'syn{seed}_{j:04d}', case_id=f'syn{seed}_case{case:04d}',
+                label=classes[label], positive=bool(label), mpp=MPPS[k // len(formats) % len(MPPS)],
+                fmt=formats[k % len(formats)], width=width, height=height,
+                seed=int(np.random.SeedSequence([seed, j]).generate_state(1)[0])))
+        case += 1
+    return specs
+
+
+def make_cohort(out_dir, num_slides: int, classes=('negative', 'positive'), *, seed: int = 0,
+                width: int = 4096, height: int = 3072, slides_per_case: int | None = None,
+                formats=FORMATS) -> pathlib.Path:
+    """Renders and writes a synthetic cohort and out_dir/manifest.csv; returns the manifest path.
+
+    Manifest columns: slide_id, path (absolute), label, case_id. Deterministic from `seed`. A slide
+    whose file exists is not rendered again (files are written atomically). Layout: cohort_specs.
+    """
+    out_dir = pathlib.Path(out_dir).resolve()
+    specs = cohort_specs(num_slides, classes, seed=seed, width=width, height=height,
+                         slides_per_case=slides_per_case, formats=formats)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator='\n')
+    writer.writerow(MANIFEST_COLUMNS)
+    for i, spec in enumerate(specs):
+        path = out_dir / f'{spec.slide_id}.{spec.fmt}'
+        if not path.exists():
+            write_slide(path, render_slide(spec), spec.mpp, spec.fmt)
+            logging.info('synthetic slide %d/%d written: %s', i + 1, len(specs), path)
+        writer.writerow((spec.slide_id, str(path), spec.label, spec.case_id))
+    manifest = out_dir / 'manifest.csv'
+    artifacts.save_text(manifest, text.getvalue())
+    return manifest

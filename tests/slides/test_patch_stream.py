@@ -1,0 +1,44 @@
+"""The patch stream: same patches as one read per patch, in order, in batches, in parallel."""
+
+import numpy as np
+import pytest
+
+from pathjax.slides import stain, synthetic
+from pathjax.slides.patch_stream import PatchReader, SlidePatches, plan_runs
+from pathjax.slides.reader import Slide
+
+
+def test_runs_merge_row_neighbours_only():
+    coords = np.array([[0, 0], [100, 0], [200, 0], [400, 0], [0, 100], [100, 100],
+                       [200, 100], [300, 100], [400, 100]])
+    assert plan_runs(coords, 100, 1.0, max_run=4) == [(0, 3), (3, 4), (4, 8), (8, 9)]
+    assert plan_runs(coords, 25, 4.0, max_run=2) == [(0, 2), (2, 3), (3, 4), (4, 6), (6, 8), (8, 9)]
+    assert plan_runs(coords[:0], 100, 1.0) == []
+
+
+@pytest.fixture(scope='module')
+def slide_file(tmp_path_factory):
+    spec = synthetic.SyntheticSlideSpec('s', 'c', 'positive', True, 0.25, 'svs', 2048, 1536, 7)
+    path = tmp_path_factory.mktemp('stream') / 's.svs'
+    synthetic.write_slide(path, synthetic.render_slide(spec), spec.mpp, spec.fmt)
+    return path
+
+
+@pytest.mark.parametrize('workers, batch_size', [(1, 5), (3, 4), (2, 64)])
+def test_stream_equals_one_read_per_patch(slide_file, workers, batch_size):
+    rng = np.random.default_rng(0)
+    with Slide(slide_file) as slide:
+        plan = slide.plan(target_mpp=0.5, patch_size=48)  # level 0, 96 px reads resized to 48
+        assert plan.read_size == 96
+        grid = np.array([(r, c) for r in range(15) for c in range(20)])
+        grid = grid[np.sort(rng.choice(len(grid), 70, replace=False))]  # gaps and neighbours
+        coords = grid[:, ::-1] * int(plan.extent)
+        lut = rng.permutation(256).astype(np.uint8)[None].repeat(3, axis=0)
+        expected = np.stack([stain.apply_lut(slide.read_patch(x, y, plan), lut) for x, y in coords])
+    patches = SlidePatches('s', str(slide_file), coords, plan.level, plan.read_size,
+                           plan.patch_size, lut)
+    with PatchReader(batch_size=batch_size, workers=workers, prefetch=3) as reader:
+        batches = list(reader.batches(patches))
+    assert [len(b.indices) for b in batches[:-1]] == [batch_size] * (len(batches) - 1)
+    np.testing.assert_array_equal(np.concatenate([b.indices for b in batches]), np.arange(70))
+    np.testing.assert_array_equal(np.concatenate([b.images for b in batches]), expected)
