@@ -8,6 +8,7 @@ a stage could not go on (no usable slide), 2 for an invalid command line, config
 """
 
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -37,15 +38,20 @@ def parse_flags(argv: list[str]) -> list[str]:
         overrides = [a for a in argv[1:] if a.startswith('--config.')]
         reason = str(error).strip('"\'').replace('\\n', ' ').replace("\\'", "'")
         _fail(f'bad config override in {" ".join(overrides)}: {reason}')
+    except Exception as error:  # the config file's own code failed
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        _fail(f'cannot load --config: {type(error).__name__}: {error} '
+              f'({where.filename}, line {where.lineno})')
 
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    config = _CONFIG.value
     try:
-        config = _CONFIG.value
+        config.seed  # a config file that failed to load raises on first use
     except OSError as error:
-        _fail(str(error))
+        _fail(f'cannot load --config: {error}')
     try:
         return pipeline.run(config, _WORKDIR.value, _STAGES.value)
     except pipeline.UsageError as error:

@@ -38,6 +38,11 @@ def stage_names() -> list[str]:
     return [stage.name for stage in STAGES]
 
 
+def resolve_workers(workers: int) -> int:
+    """config.workers, with -1 meaning one per CPU core."""
+    return workers if workers > 0 else os.cpu_count() or 1
+
+
 def check_config(config) -> list[str]:
     """Every problem with the config's values, as messages naming the field."""
     problems = []
@@ -89,7 +94,8 @@ def prepare_cohort(config, workdir: pathlib.Path) -> cohort_lib.Cohort:
         logging.info('data.manifest is empty: generating %d synthetic slides', spec.num_slides)
         manifest = synthetic.make_cohort(workdir / 'synthetic', spec.num_slides,
                                          tuple(config.data.classes), seed=spec.seed,
-                                         width=spec.width, height=spec.height)
+                                         width=spec.width, height=spec.height,
+                                         workers=config.workers)
     try:
         cohort = cohort_lib.load_cohort(manifest, tuple(config.data.classes),
                                         fractions=tuple(config.data.split_fractions),
@@ -115,6 +121,7 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
                         f'stages are {", ".join(stage_names())}')
     if problems:
         raise UsageError('invalid configuration:\n  ' + '\n  '.join(problems))
+    config.workers = resolve_workers(config.workers)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     artifacts.save_text(workdir / 'config.json', config.to_json_best_effort(indent=2) + '\n')

@@ -9,6 +9,7 @@ a few grey levels when histograms have heavy bins (e.g. a white background peak)
 """
 
 import numpy as np
+from PIL import Image
 
 IDENTITY_LUT = np.tile(np.arange(256, dtype=np.uint8), (3, 1))  # [3, 256]
 
@@ -42,8 +43,14 @@ def fit_lut(source_histograms: np.ndarray, reference_histograms: np.ndarray) -> 
 
 
 def apply_lut(images: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """images: uint8 [..., 3]; lut: uint8 [3, 256] -> uint8 [..., 3]."""
-    return lut[np.arange(3), images]
+    """out[..., c] = lut[c, images[..., c]]. images: uint8 [..., 3]; lut: uint8 [3, 256].
+
+    Runs as PIL's `point` on the pixels viewed as one RGB image (several times faster than numpy
+    fancy indexing, and it releases the GIL)."""
+    pixels = np.ascontiguousarray(images, dtype=np.uint8)
+    width = pixels.shape[-2] if pixels.ndim >= 3 else 1
+    mapped = Image.fromarray(pixels.reshape(-1, width, 3)).point(lut.reshape(-1).tolist())
+    return np.asarray(mapped).reshape(images.shape)
 
 
 def normalize_histograms(histograms: np.ndarray) -> np.ndarray:

@@ -13,16 +13,19 @@ Sizes are in microns, converted with the slide's mpp. Slides are written as JPEG
 OpenSlide opens: a generic tiled TIFF or an Aperio-style SVS.
 """
 
+import concurrent.futures
 import csv
 import dataclasses
 import io
 import math
+import multiprocessing
 import pathlib
 
 import numpy as np
 import tifffile
 from absl import logging
 from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
 
 from pathjax import artifacts
 
@@ -495,25 +498,43 @@ def cohort_specs(num_slides: int, classes=('negative', 'positive'), *, seed: int
     return specs
 
 
+def _render_and_write(spec: SyntheticSlideSpec, path: pathlib.Path) -> None:
+    write_slide(path, render_slide(spec), spec.mpp, spec.fmt)
+
+
 def make_cohort(out_dir, num_slides: int, classes=('negative', 'positive'), *, seed: int = 0,
                 width: int = 4096, height: int = 3072, slides_per_case: int | None = None,
-                formats=FORMATS) -> pathlib.Path:
+                formats=FORMATS, workers: int = 1) -> pathlib.Path:
     """Renders and writes a synthetic cohort and out_dir/manifest.csv; returns the manifest path.
 
     Manifest columns: slide_id, path (absolute), label, case_id. Deterministic from `seed`. A slide
-    whose file exists is not rendered again (files are written atomically). Layout: cohort_specs.
+    whose file exists is not rendered again (files are written atomically); the others are
+    rendered in `workers` processes. Layout: cohort_specs.
     """
     out_dir = pathlib.Path(out_dir).resolve()
     specs = cohort_specs(num_slides, classes, seed=seed, width=width, height=height,
                          slides_per_case=slides_per_case, formats=formats)
+    paths = [out_dir / f'{spec.slide_id}.{spec.fmt}' for spec in specs]
+    todo = [(spec, path) for spec, path in zip(specs, paths) if not path.exists()]
+    if todo:
+        logging.info('rendering %d synthetic slides', len(todo))
+        progress = tqdm(total=len(todo), desc='synthetic slides', unit='slide', disable=None)
+        if workers <= 1:
+            for spec, path in todo:
+                _render_and_write(spec, path)
+                progress.update()
+        else:
+            context = multiprocessing.get_context('spawn')
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), context) as pool:
+                for future in concurrent.futures.as_completed(
+                        [pool.submit(_render_and_write, spec, path) for spec, path in todo]):
+                    future.result()
+                    progress.update()
+        progress.close()
     text = io.StringIO()
     writer = csv.writer(text, lineterminator='\n')
     writer.writerow(MANIFEST_COLUMNS)
-    for i, spec in enumerate(specs):
-        path = out_dir / f'{spec.slide_id}.{spec.fmt}'
-        if not path.exists():
-            write_slide(path, render_slide(spec), spec.mpp, spec.fmt)
-            logging.info('synthetic slide %d/%d written: %s', i + 1, len(specs), path)
+    for spec, path in zip(specs, paths):
         writer.writerow((spec.slide_id, str(path), spec.label, spec.case_id))
     manifest = out_dir / 'manifest.csv'
     artifacts.save_text(manifest, text.getvalue())

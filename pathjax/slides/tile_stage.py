@@ -191,8 +191,7 @@ def run(config, workdir: str, cohort: Cohort) -> list[SlideEntry]:
             and not scan_path(workdir, r.slide_id).exists()]
     logging.info('tile: %d slides, %d already scanned', len(cohort.slides),
                  len(cohort.slides) - len(todo))
-    workers = config.workers if config.workers > 0 else os.cpu_count() or 1
-    entries = scan_all(todo, settings, workdir, workers)
+    entries = scan_all(todo, settings, workdir, config.workers)
     _finish(config, workdir, cohort, entries)
     for record in cohort.slides:
         if record.slide_id not in entries:

@@ -1,0 +1,55 @@
+"""launch.py as a user meets it: exit statuses and one clear message per problem, no tracebacks."""
+
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def launch(*flags, config='configs/test.py', workdir):
+    command = [sys.executable, str(REPO / 'launch.py'), '--config', str(REPO / config),
+               '--workdir', str(workdir), *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_misspelt_override_names_the_field(tmp_path):
+    result = launch('--config.tile.mppp=0.5', workdir=tmp_path)
+    assert result.returncode == 2
+    assert 'mppp' in result.stderr and 'Did you mean' in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_wrong_type_and_bad_values_are_all_reported(tmp_path):
+    result = launch('--config.tile.mpp=fast', workdir=tmp_path)
+    assert result.returncode == 2 and 'tile.mpp' in result.stderr and 'Traceback' not in result.stderr
+    result = launch('--config.tissue.channel_rule=most', '--config.tile.patch_size=0',
+                    '--config.stain.method=macenko', workdir=tmp_path)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    for field in ('tissue.channel_rule', 'tile.patch_size', 'stain.method'):
+        assert field in result.stderr
+
+
+def test_missing_config_file_and_unknown_stage(tmp_path):
+    result = launch(config='configs/nope.py', workdir=tmp_path)
+    assert result.returncode == 2 and 'nope.py' in result.stderr and 'Traceback' not in result.stderr
+    result = launch('--stages=tile,train_everything', workdir=tmp_path)
+    assert result.returncode == 2 and 'train_everything' in result.stderr
+
+
+def test_bad_manifest_stops_before_any_work(tmp_path):
+    manifest = tmp_path / 'manifest.csv'
+    manifest.write_text('slide_id,path,label\na,a.svs,positive\na,b.svs,negative\nc,c.svs,KRAS\n')
+    result = launch(f'--config.data.manifest={manifest}', workdir=tmp_path / 'work')
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert 'line 3' in result.stderr and 'line 4' in result.stderr
+    assert not (tmp_path / 'work' / 'reports').exists()
+
+
+def test_no_usable_slide_exits_non_zero_with_the_report(tmp_path):
+    manifest = tmp_path / 'manifest.csv'
+    (tmp_path / 'x.svs').write_text('not a slide')
+    manifest.write_text('slide_id,path,label\nx,x.svs,positive\ny,gone.svs,negative\n')
+    result = launch(f'--config.data.manifest={manifest}', workdir=tmp_path / 'work')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'no slide could be processed' in result.stderr
+    assert (tmp_path / 'work' / 'reports' / 'tile.json').exists()
