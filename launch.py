@@ -7,6 +7,7 @@ Exit status: 0 when the run completed (slides that failed are listed in the stag
 a stage could not go on (no usable slide), 2 for an invalid command line, config or manifest.
 """
 
+import logging as python_logging
 import sys
 import traceback
 
@@ -14,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pathjax import pipeline
+from pathjax.errors import StageError, UsageError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for every artifact of the run.')
@@ -44,7 +46,15 @@ def parse_flags(argv: list[str]) -> list[str]:
               f'({where.filename}, line {where.lineno})')
 
 
+class _QuietLibraries:
+    """Drops INFO lines of libraries that narrate every checkpoint (Orbax) from the log."""
+
+    def filter(self, record) -> bool:
+        return record.levelno > python_logging.INFO or '/orbax/' not in record.pathname
+
+
 def main(argv: list[str]) -> int:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         _fail(f'unexpected arguments: {" ".join(argv[1:])}')
     config = _CONFIG.value
@@ -54,10 +64,10 @@ def main(argv: list[str]) -> int:
         _fail(f'cannot load --config: {error}')
     try:
         return pipeline.run(config, _WORKDIR.value, _STAGES.value)
-    except pipeline.UsageError as error:
+    except UsageError as error:
         logging.error('%s', error)
         return 2
-    except pipeline.StageError as error:
+    except StageError as error:
         logging.error('%s', error)
         return 1
 

@@ -9,7 +9,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.workers = -1  # worker processes for slide reading; -1 = one per CPU core
+    config.workers = -1  # worker processes/threads for slide reading; -1 = one per CPU core
+    config.dtype = 'float32'  # compute dtype of the networks ('bfloat16' on accelerators)
+    config.compilation_cache = True  # persistent XLA compilation cache under <workdir>/jax_cache
 
     config.data = ml_collections.ConfigDict()
     config.data.manifest = ''  # CSV: slide_id, path, label[, case_id, split]
@@ -40,5 +42,38 @@ def get_config() -> ml_collections.ConfigDict:
     config.stain.method = 'histogram'  # 'histogram' (per-slide LUT) or 'none'
     config.stain.reference = 'cohort'  # 'cohort' (training slides) or a template image path
     config.stain.fit_patches = 32  # kept patches sampled per slide to fit its LUT
+    config.feature_net = ml_collections.ConfigDict()
+    config.feature_net.width = 1.0  # channel multiplier of VGG-16 (smaller for CPU configs)
+    config.feature_net.embed_dim = 0  # > 0: a linear embedding after pooling
+    config.feature_net.pretrained = ''  # torchvision vgg16 state_dict (.pth or .npz), or ''
+    config.feature_net.learn = True  # False: extract with the initial network (the baseline)
+
+    config.am_softmax = ml_collections.ConfigDict()
+    config.am_softmax.s = 30.0  # scale
+    config.am_softmax.m = 0.35  # additive cosine margin
+
+    config.learn = ml_collections.ConfigDict()
+    config.learn.patches_per_slide = 200  # sampled from each train/val slide
+    config.learn.epochs = 100
+    config.learn.batch_size = 32  # global, over all devices
+    config.learn.optimizer = 'sgd'  # 'sgd' (Nesterov momentum), 'adam' or 'adamw'
+    config.learn.lr = 0.01
+    config.learn.lr_schedule = 'cosine'  # 'cosine' or 'constant'
+    config.learn.momentum = 0.9
+    config.learn.weight_decay = 5e-4
+    config.learn.augment = 'd4'  # the 8 rotations/flips, per patch, on device; or 'none'
+    config.learn.log_every = 50  # steps between metric lines
+
+    config.extract = ml_collections.ConfigDict()
+    config.extract.batch_size = 64  # patches per device batch (over this host's devices)
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # devices on the data axis; -1 = all
+
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator = ''  # host:port of process 0; empty = single process
+    config.distributed.num_processes = 1
+    config.distributed.process_id = 0
+
     config.lock()  # a misspelt field in a derived config or an override is an error
     return config

@@ -1,5 +1,6 @@
 """Tiny settings for the test suite: a generated cohort of small slides, 64-px patches at 2 um/px
-(each patch covers 128 um, a quarter of the method's 256 um), seconds per stage on a CPU."""
+(each patch covers 128 um, a quarter of the method's 256 um), a VGG-16 at 1/8 width; seconds per
+stage on a CPU."""
 
 from configs import default
 
@@ -15,4 +16,14 @@ def get_config():
     config.tile.mpp = 2.0
     config.tile.patch_size = 64
     config.stain.fit_patches = 8
+    config.compilation_cache = False
+    config.feature_net.width = 0.125
+    config.learn.patches_per_slide = 32
+    config.learn.epochs = 3
+    config.learn.batch_size = 32
+    config.learn.optimizer = 'adam'
+    config.learn.lr = 1e-3
+    config.learn.lr_schedule = 'constant'
+    config.learn.log_every = 4
+    config.extract.batch_size = 32
     return config

@@ -9,28 +9,30 @@ import os
 import pathlib
 from typing import Callable, NamedTuple
 
+import jax
 from absl import logging
 
 from pathjax import artifacts, cohort as cohort_lib, stage_report
+from pathjax.errors import StageError, UsageError
+from pathjax.data import patches
 from pathjax.slides import synthetic, tile_stage
 from pathjax.slides.tissue import TissueRule
-
-
-class UsageError(Exception):
-    """The config, the command line or the manifest is invalid; nothing was run."""
-
-
-class StageError(Exception):
-    """A stage could not go on (e.g. no slide could be processed)."""
+from pathjax.train import extract, feature_learning, sharding
 
 
 class Stage(NamedTuple):
+    """A stage: run(config, workdir, cohort) -> one report entry per slide, or None for a stage
+    that works on the cohort as a whole (and writes its own report)."""
+
     name: str
-    run: Callable[..., list[stage_report.SlideEntry]]
+    run: Callable[..., list[stage_report.SlideEntry] | None]
 
 
 STAGES = (
     Stage('tile', tile_stage.run),
+    Stage('patches', patches.run),
+    Stage('learn_features', feature_learning.run),
+    Stage('extract', extract.run),
 )
 
 
@@ -83,6 +85,30 @@ def check_config(config) -> list[str]:
             f"stain.reference must be 'cohort' or an image file, got {config.stain.reference!r}")
     require(config.stain.fit_patches >= 1,
             f'stain.fit_patches must be >= 1, got {config.stain.fit_patches}')
+    require(config.dtype in ('float32', 'bfloat16'),
+            f"dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
+    require(config.feature_net.width > 0, f'feature_net.width must be > 0, got {config.feature_net.width}')
+    require(config.feature_net.embed_dim >= 0,
+            f'feature_net.embed_dim must be >= 0, got {config.feature_net.embed_dim}')
+    require(not config.feature_net.pretrained or os.path.isfile(config.feature_net.pretrained),
+            f'feature_net.pretrained: file not found: {config.feature_net.pretrained}')
+    require(config.am_softmax.s > 0 and 0 <= config.am_softmax.m < 1,
+            f'am_softmax needs s > 0 and 0 <= m < 1, got s={config.am_softmax.s}, m={config.am_softmax.m}')
+    learn = config.learn
+    require(learn.patches_per_slide >= 1, f'learn.patches_per_slide must be >= 1, got {learn.patches_per_slide}')
+    require(learn.epochs >= 1, f'learn.epochs must be >= 1, got {learn.epochs}')
+    require(learn.batch_size >= 1, f'learn.batch_size must be >= 1, got {learn.batch_size}')
+    require(learn.optimizer in ('sgd', 'adam', 'adamw'),
+            f"learn.optimizer must be 'sgd', 'adam' or 'adamw', got {learn.optimizer!r}")
+    require(learn.lr > 0, f'learn.lr must be > 0, got {learn.lr}')
+    require(learn.lr_schedule in ('cosine', 'constant'),
+            f"learn.lr_schedule must be 'cosine' or 'constant', got {learn.lr_schedule!r}")
+    require(learn.augment in ('d4', 'none'), f"learn.augment must be 'd4' or 'none', got {learn.augment!r}")
+    require(learn.log_every >= 1, f'learn.log_every must be >= 1, got {learn.log_every}')
+    require(config.extract.batch_size >= 1,
+            f'extract.batch_size must be >= 1, got {config.extract.batch_size}')
+    require(config.mesh.data == -1 or config.mesh.data >= 1,
+            f'mesh.data must be -1 (all devices) or >= 1, got {config.mesh.data}')
     return problems
 
 
@@ -124,6 +150,9 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
     config.workers = resolve_workers(config.workers)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    sharding.initialize_distributed(**config.distributed)
+    if config.compilation_cache:
+        enable_compilation_cache(workdir / 'jax_cache')
     artifacts.save_text(workdir / 'config.json', config.to_json_best_effort(indent=2) + '\n')
     cohort = prepare_cohort(config, workdir)
     for stage in STAGES:
@@ -131,7 +160,15 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
             continue
         logging.info('stage %s', stage.name)
         entries = stage.run(config, workdir, cohort)
+        if entries is None:
+            continue
         report = stage_report.write_report(workdir, stage.name, entries)
         if not any(e.status == stage_report.OK for e in entries):
             raise StageError(f'{stage.name}: no slide could be processed; see {report}')
     return 0
+
+
+def enable_compilation_cache(folder: pathlib.Path) -> None:
+    """JAX's persistent compilation cache: a rerun skips recompiling (minutes for VGG-16 on CPU)."""
+    jax.config.update('jax_compilation_cache_dir', str(folder))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)

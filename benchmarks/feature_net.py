@@ -1,0 +1,290 @@
+"""Feature network: the Flax VGG-16 + AM-softmax train step and inference vs a plain PyTorch VGG-16.
+
+Both run in this one process, on the same batch of uint8 images, at the same image sizes, batch
+sizes, compute dtype (float32 on CPU) and thread count. Reference: VGG-16 written with torch.nn
+(torchvision's conv trunk, ReLU, 2x2 max-pool, global average pool, a linear head, cross
+entropy), ImageNet normalization in its forward like pathjax's, the same optimizer (SGD with
+momentum 0.9, or Adam), eager mode. pathjax: `FeatureNet` (trunk + AM-softmax head and loss),
+one jitted train step with the state donated; inference is the jitted forward. Each measurement
+runs warm-up steps, then reports the median images/s over the timed steps; the Flax compile time
+is measured on its own (`jit(...).lower(...).compile()`).
+
+Threads: the process is pinned to `--threads` cores before JAX starts its CPU client (XLA sizes
+its intra-op pool from the cores it may run on) and `torch.set_num_threads(--threads)`.
+On a GPU (jax.default_backend() == 'gpu') the Flax side computes in bfloat16 and the table adds
+the fraction of `--peak-flops` reached; the PyTorch side runs only where torch sees CUDA.
+
+  python benchmarks/feature_net.py [--threads 2] [--sizes 224 512] [--batch 4 2] [--steps 5]
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import jaxlib.version
+import numpy as np
+import optax
+import torch
+from flax.training import train_state
+
+from pathjax.models.am_softmax import am_softmax_loss
+from pathjax.models.feature_net import FeatureNet
+from pathjax.models.vgg import BLOCKS, IMAGENET_MEAN, IMAGENET_STD, scaled
+
+AM_S, AM_M, MOMENTUM = 30.0, 0.35, 0.9
+
+
+def pin_threads(threads: int) -> None:
+    """Restrict this process (so XLA's CPU pool) to `threads` cores; set torch's pool to match."""
+    cores = sorted(os.sched_getaffinity(0))[:threads]
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(threads)
+
+
+def cpu_model() -> str:
+    with open('/proc/cpuinfo') as info:
+        for line in info:
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def conv_shapes(size: int, width: float) -> list[tuple[int, int, int]]:
+    """(spatial size, in channels, out channels) of every 3x3 convolution of the trunk."""
+    shapes, channels = [], 3
+    for block in BLOCKS:
+        for out in block:
+            shapes.append((size, channels, scaled(out, width)))
+            channels = scaled(out, width)
+        size //= 2
+    return shapes
+
+
+def model_flops(size: int, width: float, train: bool) -> float:
+    """Convolution FLOPs per image: forward, or forward + weight and input gradients (no input
+    gradient for the first convolution, whose input is the image)."""
+    forward = [2 * 9 * s * s * cin * cout for s, cin, cout in conv_shapes(size, width)]
+    return sum(forward) + (sum(forward) + sum(forward[1:]) if train else 0)
+
+
+# ---- pathjax (Flax) ----
+
+def flax_state(model: FeatureNet, images: np.ndarray, optimizer: str, lr: float):
+    params = jax.jit(model.init)(jax.random.key(0), images)['params']
+    tx = optax.sgd(lr, momentum=MOMENTUM) if optimizer == 'sgd' else optax.adam(lr)
+    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def flax_train_step(state, images, labels):
+    """Forward, AM-softmax loss, backward, optimizer update; the state is donated by the caller."""
+    def loss_fn(params):
+        _, cosines = state.apply_fn({'params': params}, images)
+        return am_softmax_loss(cosines, labels, AM_S, AM_M)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), loss
+
+
+def flax_infer(state, images):
+    """Features and cosines of a batch (the extract stage's forward, plus the head)."""
+    return state.apply_fn({'params': state.params}, images)
+
+
+def compiled(function, *args, donate: bool):
+    """(compiled executable, compile seconds) of `jax.jit(function)` for these arguments."""
+    start = time.perf_counter()
+    jitted = jax.jit(function, donate_argnums=0 if donate else ())
+    executable = jitted.lower(*args).compile()
+    return executable, time.perf_counter() - start
+
+
+def flax_train_runner(executable, state, images, labels):
+    """A zero-argument call running one train step (the donated state is carried over)."""
+    carry = [state]
+
+    def run():
+        carry[0], loss = executable(carry[0], images, labels)
+        loss.block_until_ready()
+    return run
+
+
+def flax_infer_runner(executable, state, images):
+    return lambda: jax.block_until_ready(executable(state, images))
+
+
+# ---- reference (PyTorch) ----
+
+class TorchVGG16(torch.nn.Module):
+    """torchvision's VGG-16 trunk + global average pool + linear head; uint8 NCHW in."""
+
+    def __init__(self, width: float, num_classes: int):
+        super().__init__()
+        layers, channels = [], 3
+        for block in BLOCKS:
+            for out in block:
+                layers += [torch.nn.Conv2d(channels, scaled(out, width), 3, padding=1),
+                           torch.nn.ReLU(inplace=True)]
+                channels = scaled(out, width)
+            layers.append(torch.nn.MaxPool2d(2, 2))
+        self.features = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(channels, num_classes)
+        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, images):
+        x = (images.float() / 255.0 - self.mean) / self.std
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def torch_optimizer(model: torch.nn.Module, optimizer: str, lr: float):
+    if optimizer == 'sgd':
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def torch_train_runner(model, opt, images, labels):
+    """A zero-argument call running one eager train step."""
+    def run():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        with autocast(images):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        opt.step()
+        sync_torch(images)
+    return run
+
+
+def torch_infer_runner(model, images):
+    def run():
+        model.eval()
+        with torch.inference_mode(), autocast(images):
+            model(images)
+        sync_torch(images)
+    return run
+
+
+def autocast(tensor):
+    """bfloat16 autocast on CUDA (to match the Flax side), a no-op on CPU."""
+    return torch.autocast(tensor.device.type, dtype=torch.bfloat16, enabled=tensor.is_cuda)
+
+
+def sync_torch(tensor) -> None:
+    if tensor.is_cuda:
+        torch.cuda.synchronize()
+
+
+# ---- measurement and report ----
+
+def interleaved(runners: dict, warmup: int, steps: int) -> dict:
+    """Seconds of each timed call per runner; the runners alternate call by call, so a change
+    in machine load (shared hosts) hits them alike. Warm-up calls are not timed."""
+    times = {name: [] for name in runners}
+    for step in range(warmup + steps):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def rate(batch: int, times: list[float]) -> float:
+    return batch / statistics.median(times)
+
+
+def measure_size(args, size: int, batch: int, torch_device) -> list[dict]:
+    """Train and inference rows (images/s, Flax compile seconds) for one image size."""
+    rng = np.random.default_rng(size)
+    images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)  # [B, H, W, 3]
+    labels = rng.integers(0, args.classes, batch).astype(np.int32)
+    dtype = jnp.bfloat16 if jax.default_backend() == 'gpu' else jnp.float32
+    model = FeatureNet(num_classes=args.classes, width=args.width, dtype=dtype)
+    x, y = jax.device_put(images), jax.device_put(labels)
+    state = flax_state(model, x, args.optimizer, args.lr)
+    infer, infer_compile = compiled(flax_infer, state, x, donate=False)
+    train, train_compile = compiled(flax_train_step, state, x, y, donate=True)
+    infer_state = jax.tree.map(jnp.copy, state)  # the train steps donate `state`
+    runners = {'flax infer': flax_infer_runner(infer, infer_state, x),
+               'flax train': flax_train_runner(train, state, x, y)}
+    if torch_device is not None:
+        torch.manual_seed(0)
+        reference = TorchVGG16(args.width, args.classes).to(torch_device)
+        timages = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(torch_device)
+        tlabels = torch.from_numpy(labels).long().to(torch_device)
+        opt = torch_optimizer(reference, args.optimizer, args.lr)
+        runners['torch infer'] = torch_infer_runner(reference, timages)
+        runners['torch train'] = torch_train_runner(reference, opt, timages, tlabels)
+    times = interleaved(runners, args.warmup, args.steps)
+    rows = []
+    for mode, compile_seconds in (('train', train_compile), ('infer', infer_compile)):
+        row = dict(size=size, batch=batch, mode=mode, compile=compile_seconds,
+                   flops=model_flops(size, args.width, mode == 'train'))
+        for framework in ('flax', 'torch'):
+            if f'{framework} {mode}' in times:
+                row[framework] = rate(batch, times[f'{framework} {mode}'])
+        rows.append(row)
+    return rows
+
+
+def report(rows: list[dict], peak: float | None) -> None:
+    header = (f'{"size":>5s} {"batch":>5s} {"mode":6s} {"flax img/s":>10s} {"torch img/s":>11s} '
+              f'{"flax/torch":>10s} {"flax GFLOP/s":>12s} {"torch GFLOP/s":>13s} '
+              f'{"compile s":>9s}' + ('  % peak' if peak else ''))
+    print(header)
+    for r in rows:
+        has_torch = 'torch' in r
+        line = (f'{r["size"]:5d} {r["batch"]:5d} {r["mode"]:6s} {r["flax"]:10.2f} '
+                f'{r["torch"] if has_torch else float("nan"):11.2f} '
+                f'{r["flax"] / r["torch"] if has_torch else float("nan"):9.2f}x '
+                f'{r["flax"] * r["flops"] / 1e9:12.1f} '
+                f'{r["torch"] * r["flops"] / 1e9 if has_torch else float("nan"):13.1f} '
+                f'{r["compile"]:9.1f}')
+        if peak:
+            line += f'  {100 * r["flax"] * r["flops"] / peak:6.1f}'
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument('--sizes', type=int, nargs='+', default=[224, 512])
+    parser.add_argument('--batch', type=int, nargs='+', default=[4, 2],
+                        help='one batch size per image size')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--steps', type=int, default=5)
+    parser.add_argument('--width', type=float, default=1.0)
+    parser.add_argument('--classes', type=int, default=2)
+    parser.add_argument('--optimizer', choices=('sgd', 'adam'), default='sgd')
+    parser.add_argument('--lr', type=float, default=1e-3)
+    parser.add_argument('--peak-flops', type=float, default=989e12,
+                        help='accelerator peak (dense bf16 FLOP/s; default: H100 SXM)')
+    parser.add_argument('--no-torch', action='store_true')
+    args = parser.parse_args()
+    if len(args.batch) != len(args.sizes):
+        parser.error('give one --batch per --sizes entry')
+    pin_threads(args.threads)
+    gpu = jax.default_backend() == 'gpu'
+    torch_device = None if args.no_torch else (
+        'cuda' if gpu and torch.cuda.is_available() else None if gpu else 'cpu')
+    device = jax.devices()[0].device_kind if gpu else cpu_model()
+    print(f'machine: {device}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores used, '
+          f'{args.threads} threads (XLA via affinity, torch.set_num_threads)')
+    print(f'jax {jax.__version__}, jaxlib {jaxlib.version.__version__}, torch {torch.__version__}, '
+          f'python {platform.python_version()}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+    print(f'width {args.width}, {args.classes} classes, optimizer {args.optimizer}, '
+          f'compute {"bfloat16" if gpu else "float32"}, {args.warmup} warm-up + '
+          f'{args.steps} timed steps (median); torch on {torch_device or "-"}\n')
+    print(f'load average at start: {os.getloadavg()[0]:.2f}')
+    rows = []
+    for size, batch in zip(args.sizes, args.batch):
+        rows += measure_size(args, size, batch, torch_device)
+    print(f'load average at end: {os.getloadavg()[0]:.2f} (other processes share these cores)\n')
+    report(rows, args.peak_flops if gpu else None)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,203 @@
+"""The feature stage's training data: sampled patches as a TFDS dataset, and its input pipeline.
+
+The `patches` stage samples up to `learn.patches_per_slide` kept patches of every training and
+validation slide (seeded), reads them stain-normalized with the patch reader, and writes them with
+their slide's label to `<workdir>/patches/` as a TFDS dataset in array_record format (JPEG-encoded
+images; no TensorFlow needed). `train_batches` / `eval_batches` read it back with grain over
+`as_data_source`: seeded shuffling per epoch, batching, background threads, and each process's
+share of every global batch.
+"""
+
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import zlib
+from typing import Iterator
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
+
+from pathjax.cohort import Cohort, SlideRecord
+from pathjax.errors import StageError
+from pathjax.slides.patch_stream import PatchReader, SlidePatches
+from pathjax.slides.reader import SlideError
+from pathjax.slides.tile_stage import tiles_path
+from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
+
+SPLITS = ('train', 'val')
+JPEG_QUALITY = 95
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """What the dataset's content depends on; a built dataset records it in its metadata."""
+
+    patches_per_slide: int
+    patch_size: int
+    seed: int
+    classes: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, config) -> 'Sampling':
+        return cls(config.learn.patches_per_slide, config.tile.patch_size, config.seed,
+                   tuple(config.data.classes))
+
+    def as_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def sample_indices(slide_id: str, count: int, sampling: Sampling) -> np.ndarray:
+    """Up to patches_per_slide distinct patch indices of a slide, sorted, seeded by slide."""
+    rng = np.random.default_rng([sampling.seed, zlib.crc32(slide_id.encode())])
+    return np.sort(rng.choice(count, min(count, sampling.patches_per_slide), replace=False))
+
+
+class SlidePatchesBuilder(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder of the sampled patches of a cohort's train and val slides."""
+
+    name = 'slide_patches'
+    VERSION = tfds.core.Version('1.0.0')
+
+    def __init__(self, *, data_dir: str, sampling: Sampling,
+                 slides: dict[str, list[SlideRecord]] | None = None, workdir: str = '',
+                 workers: int = 2):
+        self.sampling = sampling
+        self._slides, self._workdir, self._workers = slides or {}, workdir, workers
+        self.entries: list[SlideEntry] = []  # filled while generating
+        super().__init__(data_dir=data_dir, file_format='array_record')
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        size = self.sampling.patch_size
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description='Stain-normalized tissue patches sampled from whole-slide images.',
+            features=tfds.features.FeaturesDict({
+                'image': tfds.features.Image(shape=(size, size, 3), encoding_format='jpeg'),
+                'label': tfds.features.ClassLabel(names=list(self.sampling.classes)),
+                'slide_id': tfds.features.Text(),
+                'coords': tfds.features.Tensor(shape=(2,), dtype=np.int64),
+            }),
+            metadata=tfds.core.MetadataDict(sampling=self.sampling.as_json()))
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(self._slides.get(split, []))
+                for split in SPLITS if self._slides.get(split)}
+
+    def _generate_examples(self, slides: list[SlideRecord]):
+        with PatchReader(batch_size=32, workers=self._workers) as reader:
+            for record in slides:
+                examples = self._slide_examples(reader, record)
+                yield from examples
+
+    def _slide_examples(self, reader: PatchReader, record: SlideRecord) -> list:
+        """All of one slide's examples, or none (with a report entry) if reading it fails."""
+        tiles_file = tiles_path(self._workdir, record.slide_id)
+        if not tiles_file.exists():
+            self.entries.append(SlideEntry(record.slide_id, ERROR, message='not tiled (see the tile report)'))
+            return []
+        patches = SlidePatches.from_tiles(record.slide_id, record.path, tiles_file)
+        if not len(patches.coords):
+            self.entries.append(SlideEntry(record.slide_id, NO_TISSUE, message='no tissue patches'))
+            return []
+        chosen = sample_indices(record.slide_id, len(patches.coords), self.sampling)
+        patches = dataclasses.replace(patches, coords=patches.coords[chosen])
+        label = self.sampling.classes.index(record.label)
+        examples = []
+        try:
+            for batch in reader.batches(patches):
+                for index, image in zip(batch.indices, batch.images):
+                    encoded = io.BytesIO()
+                    Image.fromarray(image).save(encoded, format='JPEG', quality=JPEG_QUALITY)
+                    coords = patches.coords[index]
+                    examples.append((f'{record.slide_id}/{coords[0]}_{coords[1]}', {
+                        'image': encoded.getvalue(), 'label': label,
+                        'slide_id': record.slide_id, 'coords': coords}))
+        except SlideError as error:
+            self.entries.append(SlideEntry(record.slide_id, ERROR, message=str(error)))
+            return []
+        self.entries.append(SlideEntry(record.slide_id, OK, patches=len(examples),
+                                       details={'split': record.split}))
+        return examples
+
+
+def dataset_dir(workdir) -> pathlib.Path:
+    return pathlib.Path(workdir) / 'patches'
+
+
+def load_builder(workdir, sampling: Sampling) -> SlidePatchesBuilder:
+    """The built dataset of a run; a StageError if it is missing or built with other settings."""
+    builder = SlidePatchesBuilder(data_dir=str(dataset_dir(workdir)), sampling=sampling)
+    if not builder.is_prepared():
+        raise StageError(f'no patch dataset in {dataset_dir(workdir)}: run the patches stage first')
+    built = builder.info.metadata.get('sampling')
+    if built != sampling.as_json():
+        raise StageError(f'the patch dataset in {dataset_dir(workdir)} was built with other '
+                         f'settings ({built}, now {sampling.as_json()}); delete it to rebuild')
+    return builder
+
+
+def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
+    """The `patches` stage: builds the dataset unless it exists with the same settings."""
+    sampling = Sampling.from_config(config)
+    data_dir = str(dataset_dir(workdir))
+    slides = {split: list(cohort.split(split)) for split in SPLITS}
+    builder = SlidePatchesBuilder(data_dir=data_dir, sampling=sampling, slides=slides,
+                                  workdir=str(workdir), workers=config.workers)
+    report_file = dataset_dir(workdir) / 'slides.json'
+    if builder.is_prepared():
+        load_builder(workdir, sampling)  # raises if the settings changed
+        logging.info('patches: dataset already built in %s', data_dir)
+        return [SlideEntry(**entry) for entry in json.loads(report_file.read_text())]
+    if not slides['train']:
+        raise StageError('patches: the cohort has no training slides')
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    if not any(e.status == OK and e.details.get('split') == 'train' for e in builder.entries):
+        raise StageError('patches: no training slide yielded patches')
+    report_file.write_text(json.dumps([dataclasses.asdict(e) for e in builder.entries]))
+    for split, info in builder.info.splits.items():
+        logging.info('patches: %s split has %d patches', split, info.num_examples)
+    return builder.entries
+
+
+def _example_arrays(example: dict) -> dict[str, np.ndarray]:
+    return {'image': np.asarray(example['image'], np.uint8),
+            'label': np.asarray(example['label'], np.int32)}
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def train_batches(source, batch_size: int, *, seed: int, epoch: int, process_index: int = 0,
+                  process_count: int = 1, workers: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of this process's shares of shuffled global batches ('image' uint8 [b, P, P, 3],
+    'label' int32 [b]); the order depends only on (seed, epoch). Incomplete batches are dropped."""
+    dataset = grain.MapDataset.source(source)
+    dataset = dataset[:len(dataset) - len(dataset) % process_count]
+    dataset = dataset.shuffle(seed=epoch_seed(seed, epoch))[process_index::process_count]
+    dataset = dataset.map(_example_arrays).batch(batch_size, drop_remainder=True)
+    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers),
+                                                          prefetch_buffer_size=2 * batch_size)))
+
+
+def eval_batches(source, batch_size: int, *, process_index: int = 0, process_count: int = 1,
+                 workers: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """All examples in order, in this process's shares of global batches padded to full size,
+    with 'mask' bool [b] false on padding."""
+    dataset = grain.MapDataset.source(source)
+    global_size = batch_size * process_count
+    count = len(dataset)
+    padded = -(-count // global_size) * global_size
+    indices = np.arange(padded) % max(count, 1)
+    mask = np.arange(padded) < count
+    mine = grain.MapDataset.source(list(range(process_index, padded, process_count)))
+    mine = mine.map(lambda i: {**_example_arrays(source[int(indices[i])]), 'mask': mask[i]})
+    mine = mine.batch(batch_size)
+    return iter(mine.to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers),
+                                                       prefetch_buffer_size=2 * batch_size)))

@@ -1,0 +1,128 @@
+"""The `extract` stage: every kept patch of every slide through the feature network.
+
+Patches are streamed from the slides by coordinates (nothing is stored as images): the patch
+reader's threads decode the next batches while the device computes the current one (JAX dispatch
+is asynchronous). Batches have one fixed size (the last one padded), so one program is compiled.
+Each slide's features are written atomically to `features/<slide_id>.npz`; finished slides are
+skipped on rerun. With several hosts, each extracts its own share of the slides on its own devices.
+"""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from pathjax import artifacts
+from pathjax.cohort import Cohort, SlideRecord
+from pathjax.errors import StageError
+from pathjax.models.feature_net import FeatureNet, create_feature_net
+from pathjax.slides.patch_stream import PatchReader, SlidePatches
+from pathjax.slides.reader import SlideError
+from pathjax.slides.tile_stage import tiles_path
+from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
+from pathjax.train import sharding
+from pathjax.train.checkpoint import Checkpoints
+from pathjax.train.feature_learning import TrainState, create_optimizer, initial_params, run_dir
+
+
+def features_path(workdir, slide_id: str) -> pathlib.Path:
+    return pathlib.Path(workdir) / 'features' / f'{slide_id}.npz'
+
+
+def extractor_params(config, workdir, model: FeatureNet) -> dict:
+    """The trained network's parameters (latest checkpoint), or with feature_net.learn False the
+    initial (ImageNet or random) ones: the method's baseline."""
+    if not config.feature_net.learn:
+        return initial_params(model, config, config.tile.patch_size)
+    size = config.tile.patch_size
+    abstract = jax.eval_shape(lambda: TrainState.create(
+        apply_fn=model.apply, params=model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))['params'],
+        tx=create_optimizer(config.learn, 1)))
+    with Checkpoints(run_dir(workdir), best_metric='val_accuracy') as checkpoints:
+        if checkpoints.latest_step() is None:
+            raise StageError(f'extract: no trained feature network in {run_dir(workdir)}; run '
+                             'learn_features first (or set feature_net.learn=False)')
+        state, _ = checkpoints.restore(abstract)
+    return state.params
+
+
+class Extractor:
+    """A compiled feature function over this host's devices, fed by a patch reader."""
+
+    def __init__(self, config, params, model: FeatureNet):
+        self.mesh = sharding.make_local_mesh()
+        self.batch_size = config.extract.batch_size
+        sharding.local_batch_size(self.batch_size, self.mesh)  # must split over the devices
+        self.params = sharding.replicate(params, self.mesh)
+        self.features = jax.jit(lambda p, images: model.apply({'params': p}, images,
+                                                              method=FeatureNet.features),
+                                in_shardings=(sharding.replicated(self.mesh),
+                                              sharding.batch_sharded(self.mesh)),
+                                out_shardings=sharding.batch_sharded(self.mesh))
+
+    def slide_features(self, reader: PatchReader, patches: SlidePatches, progress) -> np.ndarray:
+        """float32 [N, D] for the slide's N patches, in coordinate order."""
+        pending = []
+        for batch in reader.batches(patches):
+            images = batch.images
+            if len(images) < self.batch_size:  # pad to the compiled size
+                padding = np.zeros((self.batch_size - len(images),) + images.shape[1:], np.uint8)
+                images = np.concatenate([images, padding])
+            device_images = jax.device_put(images, sharding.batch_sharded(self.mesh))
+            pending.append((len(batch.indices), self.features(self.params, device_images)))
+            progress.update(len(batch.indices))
+        return np.concatenate([np.asarray(out)[:n] for n, out in pending]).astype(np.float32)
+
+
+def extract_slide(extractor: Extractor, reader: PatchReader, record: SlideRecord, workdir,
+                  progress) -> SlideEntry:
+    """Extracts and writes one slide's features; never raises for a bad slide."""
+    tiles_file = tiles_path(workdir, record.slide_id)
+    if not tiles_file.exists():
+        return SlideEntry(record.slide_id, ERROR, message='not tiled (see the tile report)')
+    patches = SlidePatches.from_tiles(record.slide_id, record.path, tiles_file)
+    if not len(patches.coords):
+        return SlideEntry(record.slide_id, NO_TISSUE, message='no tissue patches')
+    try:
+        features = extractor.slide_features(reader, patches, progress)
+    except SlideError as error:
+        return SlideEntry(record.slide_id, ERROR, message=str(error))
+    grid = artifacts.load_npz(tiles_file)['grid']
+    artifacts.save_npz(features_path(workdir, record.slide_id), features=features,
+                       coords=patches.coords, grid=grid)
+    return SlideEntry(record.slide_id, OK, patches=len(features),
+                      details={'feature_dim': int(features.shape[1])})
+
+
+def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
+    """The `extract` stage over this host's share of the cohort's slides."""
+    mine = [r for i, r in enumerate(cohort.slides) if i % jax.process_count() == jax.process_index()]
+    entries = {}
+    todo = []
+    for record in mine:
+        path = features_path(workdir, record.slide_id)
+        if path.exists():
+            entries[record.slide_id] = SlideEntry(record.slide_id, OK,
+                                                  patches=len(artifacts.load_npz(path)['coords']))
+        else:
+            todo.append(record)
+    logging.info('extract: %d slides, %d already done', len(mine), len(mine) - len(todo))
+    if todo:
+        model = create_feature_net(config)
+        extractor = Extractor(config, extractor_params(config, workdir, model), model)
+        total = sum(_patch_count(workdir, r) for r in todo)
+        progress = tqdm(total=total, desc='extract', unit='patch', disable=None)
+        with PatchReader(batch_size=extractor.batch_size, workers=config.workers) as reader:
+            for record in todo:
+                entries[record.slide_id] = extract_slide(extractor, reader, record, workdir, progress)
+        progress.close()
+    skipped = [SlideEntry(r.slide_id, ERROR, message=why) for r, why in cohort.skipped]
+    return [entries[r.slide_id] for r in mine] + skipped
+
+
+def _patch_count(workdir, record: SlideRecord) -> int:
+    tiles_file = tiles_path(workdir, record.slide_id)
+    return len(artifacts.load_npz(tiles_file)['coords']) if tiles_file.exists() else 0

@@ -1,0 +1,223 @@
+"""The `learn_features` stage: VGG-16 + AM-softmax trained on patches labelled by their slide.
+
+One jitted train step `(state, batch, rng) -> (state, metrics)` runs data parallel over the
+mesh's `data` axis (state replicated and donated, batch sharded); the D4 augmentation runs inside
+it. Each epoch ends with the validation patch accuracy and an Orbax checkpoint; a rerun resumes
+from the latest checkpoint, and because the data order depends only on (seed, epoch) and the step
+randomness only on (seed, step), it ends with the same parameters as an uninterrupted run. A NaN
+loss stops the run with the last good checkpoint kept.
+"""
+
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+from tqdm import tqdm
+
+from pathjax import artifacts
+from pathjax.cohort import Cohort
+from pathjax.data import patches
+from pathjax.data.augment import random_d4
+from pathjax.errors import StageError
+from pathjax.models.am_softmax import am_softmax_loss
+from pathjax.models.feature_net import FeatureNet, create_feature_net
+from pathjax.models.pretrained import load_pretrained_trunk
+from pathjax.train import sharding
+from pathjax.train.checkpoint import Checkpoints
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState (step, params, optimizer state) for the feature network."""
+
+
+def run_dir(workdir) -> pathlib.Path:
+    return pathlib.Path(workdir) / 'feature_net'
+
+
+def create_optimizer(learn, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The optimizer of `config.learn`: 'sgd' (momentum, weight decay), 'adam' or 'adamw', with
+    a constant or cosine learning rate."""
+    total_steps = max(1, learn.epochs * steps_per_epoch)
+    if learn.lr_schedule == 'cosine':
+        rate = optax.cosine_decay_schedule(learn.lr, total_steps)
+    else:
+        rate = optax.constant_schedule(learn.lr)
+    if learn.optimizer == 'sgd':
+        return optax.chain(optax.add_decayed_weights(learn.weight_decay),
+                           optax.sgd(rate, momentum=learn.momentum, nesterov=True))
+    if learn.optimizer == 'adam':
+        return optax.adam(rate)
+    return optax.adamw(rate, weight_decay=learn.weight_decay)
+
+
+def initial_params(model: FeatureNet, config, patch_size: int) -> dict:
+    """Random initialisation from config.seed, with the trunk's convolutions from
+    `feature_net.pretrained` (a torchvision VGG-16 state_dict file) when given."""
+    images = jnp.zeros((1, patch_size, patch_size, 3), jnp.uint8)
+    params = model.init(jax.random.key(config.seed), images)['params']
+    if config.feature_net.pretrained:
+        params = {**params, 'trunk': load_pretrained_trunk(config.feature_net.pretrained,
+                                                           params['trunk'])}
+    return params
+
+
+def make_train_step(model: FeatureNet, s: float, m: float, augment: bool):
+    """(state, batch {'image' uint8 [B, P, P, 3], 'label' int32 [B]}, rng) -> (state, metrics)."""
+
+    def train_step(state: TrainState, batch, rng):
+        images = random_d4(rng, batch['image']) if augment else batch['image']
+
+        def loss_fn(params):
+            _, cosines = model.apply({'params': params}, images)
+            return am_softmax_loss(cosines, batch['label'], s, m), cosines
+
+        (loss, cosines), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        accuracy = jnp.mean(jnp.argmax(cosines, axis=-1) == batch['label'])
+        return state.apply_gradients(grads=grads), {'loss': loss, 'accuracy': accuracy}
+
+    return train_step
+
+
+def make_eval_step(model: FeatureNet):
+    """(params, batch with 'mask') -> (correct predictions, counted samples)."""
+
+    def eval_step(params, batch):
+        _, cosines = model.apply({'params': params}, batch['image'])
+        correct = (jnp.argmax(cosines, axis=-1) == batch['label']) & batch['mask']
+        return correct.sum(), batch['mask'].sum()
+
+    return eval_step
+
+
+class FeatureTrainer:
+    """Holds the model, mesh, compiled steps and data of one feature-learning run."""
+
+    def __init__(self, config, workdir):
+        self.config, self.workdir = config, pathlib.Path(workdir)
+        sampling = patches.Sampling.from_config(config)
+        builder = patches.load_builder(workdir, sampling)
+        self.train_source = builder.as_data_source('train')
+        self.val_source = builder.as_data_source('val') if 'val' in builder.info.splits else None
+        self.mesh = sharding.make_mesh(config.mesh.data)
+        self.batch_size = config.learn.batch_size
+        self.local_batch = sharding.local_batch_size(self.batch_size, self.mesh)
+        usable = len(self.train_source) - len(self.train_source) % jax.process_count()
+        self.steps_per_epoch = usable // self.batch_size
+        if not self.steps_per_epoch:
+            raise StageError(f'learn_features: {len(self.train_source)} training patches, fewer '
+                             f'than one batch (learn.batch_size={self.batch_size})')
+        self.model = create_feature_net(config)
+        tx = create_optimizer(config.learn, self.steps_per_epoch)
+        replicated = sharding.replicated(self.mesh)
+        batched = sharding.batch_sharded(self.mesh)
+
+        def init():
+            params = initial_params(self.model, config, config.tile.patch_size)
+            return TrainState.create(apply_fn=self.model.apply, params=params, tx=tx)
+
+        self.init_state = jax.jit(init, out_shardings=replicated)
+        step = make_train_step(self.model, config.am_softmax.s, config.am_softmax.m,
+                               config.learn.augment == 'd4')
+        self.train_step = jax.jit(step, in_shardings=(replicated, batched, replicated),
+                                  out_shardings=(replicated, replicated), donate_argnums=0)
+        self.eval_step = jax.jit(make_eval_step(self.model), in_shardings=(replicated, batched),
+                                 out_shardings=replicated)
+        self.base_rng = jax.random.key(config.seed)
+
+    def validation_accuracy(self, params) -> float | None:
+        if self.val_source is None or not len(self.val_source):
+            return None
+        correct = counted = 0
+        for batch in patches.eval_batches(self.val_source, self.local_batch,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count(),
+                                          workers=self.config.workers):
+            right, total = self.eval_step(params, sharding.global_batch(batch, self.mesh))
+            correct, counted = correct + int(right), counted + int(total)
+        return correct / max(counted, 1)
+
+    def train_epoch(self, state: TrainState, epoch: int, metrics_file: pathlib.Path
+                    ) -> tuple[TrainState, dict]:
+        """One epoch; raises StageError on a NaN loss (before any checkpoint of this epoch)."""
+        log_every = self.config.learn.log_every
+        sums, count, start = {'loss': 0.0, 'accuracy': 0.0}, 0, time.perf_counter()
+        epoch_loss, epoch_steps = 0.0, 0
+        batches = patches.train_batches(self.train_source, self.local_batch, seed=self.config.seed,
+                                        epoch=epoch, process_index=jax.process_index(),
+                                        process_count=jax.process_count(),
+                                        workers=self.config.workers)
+        progress = tqdm(batches, total=self.steps_per_epoch, desc=f'epoch {epoch + 1}',
+                        unit='step', disable=None, leave=False)
+        for batch in progress:
+            rng = jax.random.fold_in(self.base_rng, int(state.step))
+            state, metrics = self.train_step(state, sharding.global_batch(batch, self.mesh), rng)
+            for key in sums:
+                sums[key] = sums[key] + metrics[key]
+            count += 1
+            if count == log_every or epoch_steps + count == self.steps_per_epoch:
+                loss, accuracy = float(sums['loss']) / count, float(sums['accuracy']) / count
+                if not np.isfinite(loss):
+                    raise StageError(f'learn_features: the loss became {loss} in epoch {epoch + 1} '
+                                     f'(step {int(state.step)}); the last good checkpoint is kept '
+                                     f'in {run_dir(self.workdir)}')
+                rate = count * self.batch_size / (time.perf_counter() - start)
+                epoch_loss, epoch_steps = epoch_loss + loss * count, epoch_steps + count
+                record = {'epoch': epoch + 1, 'step': int(state.step), 'loss': loss,
+                          'accuracy': accuracy, 'images_per_second': rate}
+                _append_jsonl(metrics_file, record)
+                progress.set_postfix(loss=f'{loss:.3f}', acc=f'{accuracy:.3f}', img_s=f'{rate:.0f}')
+                sums, count, start = {'loss': 0.0, 'accuracy': 0.0}, 0, time.perf_counter()
+        progress.close()
+        return state, {'train_loss': epoch_loss / max(epoch_steps, 1)}
+
+    def fit(self) -> dict:
+        """Trains to `learn.epochs`, resuming from the latest checkpoint; returns a summary."""
+        folder = run_dir(self.workdir)
+        metrics_file = folder / 'metrics.jsonl'
+        state = self.init_state()
+        with Checkpoints(folder, best_metric='val_accuracy') as checkpoints:
+            first_epoch, summary = 0, {}
+            if checkpoints.latest_step() is not None:
+                state, summary = checkpoints.restore(_abstract(state))
+                first_epoch = summary['epoch']
+                logging.info('learn_features: resuming after epoch %d', first_epoch)
+            for epoch in range(first_epoch, self.config.learn.epochs):
+                state, summary = self.train_epoch(state, epoch, metrics_file)
+                summary.update(epoch=epoch + 1, val_accuracy=self.validation_accuracy(state.params))
+                logging.info('learn_features: epoch %d/%d, train loss %.4f, validation patch '
+                             'accuracy %s', epoch + 1, self.config.learn.epochs,
+                             summary['train_loss'], summary['val_accuracy'])
+                _append_jsonl(metrics_file, summary)
+                checkpoints.save(int(state.step), state, summary)
+        return summary
+
+
+def _abstract(tree):
+    """Shapes, dtypes and shardings of a pytree of arrays, for restoring into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                        if isinstance(x, jax.Array) else x, tree)
+
+
+def _append_jsonl(path: pathlib.Path, record: dict) -> None:
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+def run(config, workdir, cohort: Cohort) -> None:
+    """The `learn_features` stage (skipped when feature_net.learn is False: baseline features)."""
+    del cohort  # the stage reads the patch dataset
+    if not config.feature_net.learn:
+        logging.info('learn_features: feature_net.learn is False; extraction uses the %s network',
+                     'ImageNet-initialised' if config.feature_net.pretrained else 'randomly initialised')
+        return None
+    summary = FeatureTrainer(config, workdir).fit()
+    artifacts.save_json(pathlib.Path(workdir) / 'reports' / 'learn_features.json', summary)
+    return None

@@ -1,0 +1,69 @@
+"""One device mesh with a `data` axis, its shardings, and multi-host setup.
+
+Training and inference are data parallel: the state is replicated, each batch is split along its
+first axis over the mesh's `data` axis, and XLA inserts the gradient all-reduce. On several hosts
+each process loads its own part of every global batch (`global_batch`) and runs the same code
+after `initialize_distributed`.
+"""
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = 'data'
+
+
+def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+    """jax.distributed.initialize for multi-host runs; nothing when `coordinator` is empty."""
+    if coordinator:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+
+
+def make_mesh(num_devices: int = -1) -> Mesh:
+    """A 1-D mesh over the first `num_devices` devices (-1: all devices of all hosts)."""
+    devices = jax.devices()
+    if num_devices > len(devices):
+        raise ValueError(f'mesh.data={num_devices} but only {len(devices)} devices are visible')
+    if num_devices > 0:
+        devices = devices[:num_devices]
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
+                         devices=devices)
+
+
+def make_local_mesh() -> Mesh:
+    """A 1-D mesh over this process's devices (for work that each host does on its own)."""
+    devices = jax.local_devices()
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
+                         devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Split along the first (batch) axis over `data`."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+    """This process's share of a global batch; the batch must split evenly over the devices."""
+    devices = mesh.devices.size
+    if global_batch_size % devices:
+        raise ValueError(f'batch size {global_batch_size} does not split over {devices} devices')
+    return global_batch_size * len(mesh.local_devices) // devices
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's part of a batch into global arrays sharded over `data`."""
+    sharding = batch_sharded(mesh)
+    return {key: jax.make_array_from_process_local_data(sharding, value)
+            for key, value in local_batch.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places a pytree (e.g. a freshly initialised train state) replicated on the mesh."""
+    return jax.device_put(tree, replicated(mesh))
