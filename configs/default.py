@@ -56,8 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.learn.patches_per_slide = 200  # sampled from each train/val slide
     config.learn.epochs = 100
     config.learn.batch_size = 32  # global, over all devices
-    config.learn.optimizer = 'sgd'  # 'sgd' (Nesterov momentum), 'adam' or 'adamw'
-    config.learn.lr = 0.01
+    config.learn.optimizer = 'adam'  # 'adam', 'adamw' or 'sgd' (Nesterov momentum)
+    config.learn.lr = 1e-4  # AM-softmax's scale s makes large rates diverge (VGG has no norm layers)
     config.learn.lr_schedule = 'cosine'  # 'cosine' or 'constant'
     config.learn.momentum = 0.9
     config.learn.weight_decay = 5e-4

@@ -21,8 +21,6 @@ def get_config():
     config.learn.patches_per_slide = 32
     config.learn.epochs = 3
     config.learn.batch_size = 32
-    config.learn.optimizer = 'adam'
-    config.learn.lr = 1e-3
     config.learn.lr_schedule = 'constant'
     config.learn.log_every = 4
     config.extract.batch_size = 32

@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
+from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
 from pathjax.errors import StageError
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
@@ -96,14 +97,8 @@ class SlidePatchesBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _slide_examples(self, reader: PatchReader, record: SlideRecord) -> list:
         """All of one slide's examples, or none (with a report entry) if reading it fails."""
-        tiles_file = tiles_path(self._workdir, record.slide_id)
-        if not tiles_file.exists():
-            self.entries.append(SlideEntry(record.slide_id, ERROR, message='not tiled (see the tile report)'))
-            return []
-        patches = SlidePatches.from_tiles(record.slide_id, record.path, tiles_file)
-        if not len(patches.coords):
-            self.entries.append(SlideEntry(record.slide_id, NO_TISSUE, message='no tissue patches'))
-            return []
+        patches = SlidePatches.from_tiles(record.slide_id, record.path,
+                                          tiles_path(self._workdir, record.slide_id))
         chosen = sample_indices(record.slide_id, len(patches.coords), self.sampling)
         patches = dataclasses.replace(patches, coords=patches.coords[chosen])
         label = self.sampling.classes.index(record.label)
@@ -145,24 +140,36 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
     """The `patches` stage: builds the dataset unless it exists with the same settings."""
     sampling = Sampling.from_config(config)
     data_dir = str(dataset_dir(workdir))
-    slides = {split: list(cohort.split(split)) for split in SPLITS}
-    builder = SlidePatchesBuilder(data_dir=data_dir, sampling=sampling, slides=slides,
-                                  workdir=str(workdir), workers=config.workers)
     report_file = dataset_dir(workdir) / 'slides.json'
-    if builder.is_prepared():
+    if SlidePatchesBuilder(data_dir=data_dir, sampling=sampling).is_prepared():
         load_builder(workdir, sampling)  # raises if the settings changed
         logging.info('patches: dataset already built in %s', data_dir)
         return [SlideEntry(**entry) for entry in json.loads(report_file.read_text())]
+    entries, slides = [], {split: [] for split in SPLITS}
+    for record in cohort.slides:
+        tiles_file = tiles_path(workdir, record.slide_id)
+        if record.split not in SPLITS:
+            continue
+        if not tiles_file.exists():
+            entries.append(SlideEntry(record.slide_id, ERROR, message='not tiled (see the tile report)'))
+        elif not len(artifacts.load_npz(tiles_file)['coords']):
+            entries.append(SlideEntry(record.slide_id, NO_TISSUE, message='no tissue patches'))
+        else:
+            slides[record.split].append(record)
     if not slides['train']:
-        raise StageError('patches: the cohort has no training slides')
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-    if not any(e.status == OK and e.details.get('split') == 'train' for e in builder.entries):
-        raise StageError('patches: no training slide yielded patches')
-    report_file.write_text(json.dumps([dataclasses.asdict(e) for e in builder.entries]))
+        raise StageError('patches: no training slide has tissue patches; see the tile report')
+    builder = SlidePatchesBuilder(data_dir=data_dir, sampling=sampling, slides=slides,
+                                  workdir=str(workdir), workers=config.workers)
+    try:
+        builder.download_and_prepare()
+    except Exception as error:  # TFDS refuses e.g. a split whose every slide failed to read
+        raise StageError(f'patches: building the dataset failed: {error}; slide problems: '
+                         f'{[e.message for e in builder.entries if e.status == ERROR]}') from None
+    entries += builder.entries
+    artifacts.save_json(report_file, [dataclasses.asdict(e) for e in entries])
     for split, info in builder.info.splits.items():
         logging.info('patches: %s split has %d patches', split, info.num_examples)
-    return builder.entries
+    return entries
 
 
 def _example_arrays(example: dict) -> dict[str, np.ndarray]:
@@ -178,9 +185,8 @@ def train_batches(source, batch_size: int, *, seed: int, epoch: int, process_ind
                   process_count: int = 1, workers: int = 2) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of this process's shares of shuffled global batches ('image' uint8 [b, P, P, 3],
     'label' int32 [b]); the order depends only on (seed, epoch). Incomplete batches are dropped."""
-    dataset = grain.MapDataset.source(source)
-    dataset = dataset[:len(dataset) - len(dataset) % process_count]
-    dataset = dataset.shuffle(seed=epoch_seed(seed, epoch))[process_index::process_count]
+    dataset = grain.MapDataset.source(source).shuffle(seed=epoch_seed(seed, epoch))
+    dataset = dataset[:len(dataset) - len(dataset) % process_count][process_index::process_count]
     dataset = dataset.map(_example_arrays).batch(batch_size, drop_remainder=True)
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers),
                                                           prefetch_buffer_size=2 * batch_size)))

@@ -10,7 +10,6 @@ skipped on rerun. With several hosts, each extracts its own share of the slides 
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tqdm import tqdm
@@ -25,7 +24,8 @@ from pathjax.slides.tile_stage import tiles_path
 from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
 from pathjax.train import sharding
 from pathjax.train.checkpoint import Checkpoints
-from pathjax.train.feature_learning import TrainState, create_optimizer, initial_params, run_dir
+from pathjax.train.feature_learning import (abstract_state, create_optimizer, initial_params,
+                                             run_dir)
 
 
 def features_path(workdir, slide_id: str) -> pathlib.Path:
@@ -37,10 +37,7 @@ def extractor_params(config, workdir, model: FeatureNet) -> dict:
     initial (ImageNet or random) ones: the method's baseline."""
     if not config.feature_net.learn:
         return initial_params(model, config, config.tile.patch_size)
-    size = config.tile.patch_size
-    abstract = jax.eval_shape(lambda: TrainState.create(
-        apply_fn=model.apply, params=model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))['params'],
-        tx=create_optimizer(config.learn, 1)))
+    abstract = abstract_state(model, create_optimizer(config.learn, 1), config.tile.patch_size)
     with Checkpoints(run_dir(workdir), best_metric='val_accuracy') as checkpoints:
         if checkpoints.latest_step() is None:
             raise StageError(f'extract: no trained feature network in {run_dir(workdir)}; run '

@@ -24,10 +24,10 @@ from pathjax import artifacts
 from pathjax.cohort import Cohort
 from pathjax.data import patches
 from pathjax.data.augment import random_d4
-from pathjax.errors import StageError
+from pathjax.errors import StageError, UsageError
 from pathjax.models.am_softmax import am_softmax_loss
 from pathjax.models.feature_net import FeatureNet, create_feature_net
-from pathjax.models.pretrained import load_pretrained_trunk
+from pathjax.models.pretrained import PretrainedWeightsError, load_pretrained_trunk
 from pathjax.train import sharding
 from pathjax.train.checkpoint import Checkpoints
 
@@ -60,10 +60,13 @@ def initial_params(model: FeatureNet, config, patch_size: int) -> dict:
     """Random initialisation from config.seed, with the trunk's convolutions from
     `feature_net.pretrained` (a torchvision VGG-16 state_dict file) when given."""
     images = jnp.zeros((1, patch_size, patch_size, 3), jnp.uint8)
-    params = model.init(jax.random.key(config.seed), images)['params']
+    params = jax.jit(model.init)(jax.random.key(config.seed), images)['params']
     if config.feature_net.pretrained:
-        params = {**params, 'trunk': load_pretrained_trunk(config.feature_net.pretrained,
-                                                           params['trunk'])}
+        try:
+            trunk = load_pretrained_trunk(config.feature_net.pretrained, params['trunk'])
+        except (PretrainedWeightsError, ImportError) as error:
+            raise UsageError(f'feature_net.pretrained: {error}') from None
+        params = {**params, 'trunk': trunk}
     return params
 
 
@@ -117,11 +120,9 @@ class FeatureTrainer:
         replicated = sharding.replicated(self.mesh)
         batched = sharding.batch_sharded(self.mesh)
 
-        def init():
-            params = initial_params(self.model, config, config.tile.patch_size)
-            return TrainState.create(apply_fn=self.model.apply, params=params, tx=tx)
-
-        self.init_state = jax.jit(init, out_shardings=replicated)
+        self.tx = tx
+        self.create_state = jax.jit(lambda params: TrainState.create(
+            apply_fn=self.model.apply, params=params, tx=tx), out_shardings=replicated)
         step = make_train_step(self.model, config.am_softmax.s, config.am_softmax.m,
                                config.learn.augment == 'd4')
         self.train_step = jax.jit(step, in_shardings=(replicated, batched, replicated),
@@ -180,13 +181,17 @@ class FeatureTrainer:
         """Trains to `learn.epochs`, resuming from the latest checkpoint; returns a summary."""
         folder = run_dir(self.workdir)
         metrics_file = folder / 'metrics.jsonl'
-        state = self.init_state()
         with Checkpoints(folder, best_metric='val_accuracy') as checkpoints:
             first_epoch, summary = 0, {}
             if checkpoints.latest_step() is not None:
-                state, summary = checkpoints.restore(_abstract(state))
+                state, summary = checkpoints.restore(abstract_state(
+                    self.model, self.tx, self.config.tile.patch_size,
+                    sharding.replicated(self.mesh)))
                 first_epoch = summary['epoch']
                 logging.info('learn_features: resuming after epoch %d', first_epoch)
+            else:
+                state = self.create_state(initial_params(self.model, self.config,
+                                                         self.config.tile.patch_size))
             for epoch in range(first_epoch, self.config.learn.epochs):
                 state, summary = self.train_epoch(state, epoch, metrics_file)
                 summary.update(epoch=epoch + 1, val_accuracy=self.validation_accuracy(state.params))
@@ -198,10 +203,14 @@ class FeatureTrainer:
         return summary
 
 
-def _abstract(tree):
-    """Shapes, dtypes and shardings of a pytree of arrays, for restoring into."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-                        if isinstance(x, jax.Array) else x, tree)
+def abstract_state(model: FeatureNet, tx: optax.GradientTransformation, patch_size: int,
+                   placement=None) -> TrainState:
+    """The train state's shapes and dtypes (placed with `placement`), to restore a checkpoint
+    into without initialising the network."""
+    images = jnp.zeros((1, patch_size, patch_size, 3), jnp.uint8)
+    shapes = jax.eval_shape(lambda: TrainState.create(
+        apply_fn=model.apply, params=model.init(jax.random.key(0), images)['params'], tx=tx))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), shapes)
 
 
 def _append_jsonl(path: pathlib.Path, record: dict) -> None:

@@ -15,25 +15,12 @@ import pytest
 from pathjax import artifacts, pipeline
 from pathjax.slides import stain, synthetic
 from pathjax.slides.tiling import grid_positions
-from tests.conftest import REPO
-
-
-def load_config(name='test', **overrides):
-    sys.path.insert(0, str(REPO))
-    module = __import__(f'configs.{name}', fromlist=['get_config'])
-    config = module.get_config()
-    for dotted, value in overrides.items():
-        *parents, field = dotted.split('.')
-        holder = config
-        for parent in parents:
-            holder = holder[parent]
-        holder[field] = value
-    return config
+from tests.conftest import REPO, make_config as load_config
 
 
 def launch(workdir, *flags, timeout=300):
     command = [sys.executable, str(REPO / 'launch.py'), '--config', str(REPO / 'configs/test.py'),
-               '--workdir', str(workdir), *flags]
+               '--workdir', str(workdir), '--stages=tile', *flags]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -145,7 +132,7 @@ def test_killed_run_resumes_without_redoing_finished_slides(cohort_manifest, tmp
     process = subprocess.Popen(
         [sys.executable, str(REPO / 'launch.py'), '--config', str(REPO / 'configs/test.py'),
          '--workdir', str(tmp_path), f'--config.data.manifest={cohort_manifest}',
-         '--config.workers=1'], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         '--config.workers=1', '--stages=tile'], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while len(list((tmp_path / 'qc').glob('*.png'))) < 3 and time.time() < deadline:
         time.sleep(0.01)

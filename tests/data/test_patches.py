@@ -1,0 +1,108 @@
+"""The patch dataset (TFDS, array_record) and its grain input pipeline."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pathjax import artifacts, pipeline
+from pathjax.data import patches
+from pathjax.errors import StageError
+from pathjax.slides import stain
+from pathjax.slides.reader import Slide
+from tests.conftest import LEARNING_COHORT, make_config
+
+
+@pytest.fixture(scope='module')
+def built(patch_workdir):
+    config = make_config(**LEARNING_COHORT)
+    builder = patches.load_builder(patch_workdir, patches.Sampling.from_config(config))
+    return patch_workdir, config, builder
+
+
+def cohort_rows(workdir):
+    lines = (workdir / 'cohort.csv').read_text().splitlines()[1:]
+    return {row[0]: row for row in (line.split(',') for line in lines)}
+
+
+def test_dataset_holds_the_sampled_patches_of_train_and_val_slides(built):
+    workdir, config, builder = built
+    rows = cohort_rows(workdir)
+    for split in ('train', 'val'):
+        source = builder.as_data_source(split)
+        per_slide = {}
+        for i in range(len(source)):
+            example = source[i]
+            slide_id = example['slide_id'].decode()
+            assert rows[slide_id][4] == split
+            assert example['label'] == config.data.classes.index(rows[slide_id][2])
+            assert example['image'].shape == (64, 64, 3) and example['image'].dtype == np.uint8
+            per_slide.setdefault(slide_id, []).append(tuple(example['coords']))
+        for slide_id, coords in per_slide.items():
+            tiles = artifacts.load_npz(workdir / 'tiles' / f'{slide_id}.npz')
+            expected = min(len(tiles['coords']), config.learn.patches_per_slide)
+            assert len(coords) == len(set(coords)) == expected
+            assert set(coords) <= {tuple(c) for c in tiles['coords']}
+    assert 'test' not in builder.info.splits
+
+
+def test_images_are_the_stain_normalized_patches(built):
+    workdir, _, builder = built
+    rows = cohort_rows(workdir)
+    source = builder.as_data_source('train')
+    for i in (0, len(source) // 2, len(source) - 1):
+        example = source[i]
+        slide_id = example['slide_id'].decode()
+        tiles = artifacts.load_npz(workdir / 'tiles' / f'{slide_id}.npz')
+        with Slide(rows[slide_id][1]) as slide:
+            plan = slide.plan(2.0, 64)
+            expected = stain.apply_lut(slide.read_patch(*example['coords'], plan), tiles['stain_lut'])
+        assert np.abs(example['image'].astype(int) - expected).mean() < 3  # JPEG quality 95
+
+
+def test_rerun_skips_and_changed_settings_are_refused(built):
+    workdir, config, _ = built
+    cohort = pipeline.prepare_cohort(config, workdir)
+    report_before = (workdir / 'patches' / 'slides.json').read_text()
+    entries = patches.run(config, workdir, cohort)
+    assert (workdir / 'patches' / 'slides.json').read_text() == report_before
+    assert sum(e.patches for e in entries) > 200
+    config.learn.patches_per_slide = 5
+    with pytest.raises(StageError, match='other settings'):
+        patches.run(config, workdir, cohort)
+
+
+def test_train_batches_are_seeded_per_epoch_and_split_over_processes(built):
+    _, _, builder = built
+    source = builder.as_data_source('train')
+
+    def labels_and_sums(batches):
+        return [(b['label'].tolist(), int(b['image'].sum())) for b in batches]
+
+    epoch0 = labels_and_sums(patches.train_batches(source, 8, seed=0, epoch=0))
+    assert epoch0 == labels_and_sums(patches.train_batches(source, 8, seed=0, epoch=0))
+    assert epoch0 != labels_and_sums(patches.train_batches(source, 8, seed=0, epoch=1))
+    assert len(epoch0) == len(source) // 8
+    halves = [list(patches.train_batches(source, 4, seed=0, epoch=0, process_index=p,
+                                         process_count=2)) for p in range(2)]
+    assert len(halves[0]) == len(halves[1])
+    # Process p's k-th batch and the other's make up the k-th global batch of 8.
+    alone = list(patches.train_batches(source, 8, seed=0, epoch=0))
+    assert len(halves[0]) == len(alone)
+
+    def rows(images):
+        return sorted(image.tobytes() for image in images)
+
+    for k, batch in enumerate(alone):
+        assert rows(np.concatenate([h[k]['image'] for h in halves])) == rows(batch['image'])
+
+
+def test_eval_batches_cover_every_example_once_with_a_mask(built):
+    _, _, builder = built
+    source = builder.as_data_source('val')
+    batches = list(patches.eval_batches(source, 32))
+    assert all(len(b['label']) == 32 for b in batches)
+    mask = np.concatenate([b['mask'] for b in batches])
+    assert mask.sum() == len(source) and mask[:len(source)].all()
+    labels = np.concatenate([b['label'] for b in batches])[:len(source)]
+    np.testing.assert_array_equal(labels, [source[i]['label'] for i in range(len(source))])

@@ -1,0 +1,75 @@
+"""Extraction: one feature file per tiled slide, same order as the tiles, equal to the network
+applied to each patch, resumable, and a missing slide only costs that slide."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from pathjax import artifacts, pipeline
+from pathjax.models.feature_net import FeatureNet, create_feature_net
+from pathjax.slides import stain
+from pathjax.slides.reader import Slide
+from pathjax.train import extract
+from pathjax.train.feature_learning import FeatureTrainer
+from tests.conftest import LEARNING_COHORT, make_config, workdir_with_patches
+
+
+def direct_features(config, params, slide_path, tiles, indices):
+    """The network applied to patches read one by one (independent of the patch stream)."""
+    with Slide(slide_path) as slide:
+        plan = slide.plan(config.tile.mpp, config.tile.patch_size)
+        images = np.stack([stain.apply_lut(slide.read_patch(*tiles['coords'][i], plan),
+                                           tiles['stain_lut']) for i in indices])
+    model = create_feature_net(config)
+    return np.asarray(model.apply({'params': params}, images, method=FeatureNet.features))
+
+
+def test_baseline_extraction_writes_every_tiled_slide(patch_workdir, tmp_path):
+    workdir = workdir_with_patches(patch_workdir, tmp_path)
+    config = make_config(**LEARNING_COHORT, **{'feature_net.learn': False})
+    cohort = pipeline.prepare_cohort(config, workdir)
+    entries = extract.run(config, workdir, cohort)
+    assert [e.status for e in entries] == ['ok'] * len(cohort.slides)
+    params = extract.extractor_params(config, workdir, create_feature_net(config))
+    for record, entry in zip(cohort.slides, entries):
+        tiles = artifacts.load_npz(workdir / 'tiles' / f'{record.slide_id}.npz')
+        features = artifacts.load_npz(extract.features_path(workdir, record.slide_id))
+        assert features['features'].shape == (len(tiles['coords']), 64) == (entry.patches, 64)
+        assert features['features'].dtype == np.float32
+        np.testing.assert_array_equal(features['coords'], tiles['coords'])
+        np.testing.assert_array_equal(features['grid'], tiles['grid'])
+    record = cohort.slides[0]
+    tiles = artifacts.load_npz(workdir / 'tiles' / f'{record.slide_id}.npz')
+    some = [0, len(tiles['coords']) // 2, len(tiles['coords']) - 1]
+    stored = artifacts.load_npz(extract.features_path(workdir, record.slide_id))['features'][some]
+    np.testing.assert_allclose(stored, direct_features(config, params, record.path, tiles, some),
+                               rtol=1e-4, atol=1e-5)
+    # A rerun skips every finished slide.
+    before = {p: p.stat().st_mtime_ns for p in (workdir / 'features').glob('*.npz')}
+    extract.run(config, workdir, cohort)
+    assert {p: p.stat().st_mtime_ns for p in (workdir / 'features').glob('*.npz')} == before
+
+
+def test_extraction_uses_the_trained_network_and_survives_a_lost_slide(patch_workdir, tmp_path):
+    workdir = workdir_with_patches(patch_workdir, tmp_path)
+    config = make_config(**LEARNING_COHORT, **{'learn.epochs': 1})
+    FeatureTrainer(config, workdir).fit()
+    cohort = pipeline.prepare_cohort(config, workdir)
+    # One slide disappears after tiling: its entry says so, the others are extracted.
+    records = list(cohort.slides)
+    records[1] = dataclasses.replace(records[1], path=str(tmp_path / 'gone.svs'))
+    cohort = dataclasses.replace(cohort, slides=tuple(records))
+    entries = extract.run(config, workdir, cohort)
+    assert entries[1].status == 'error' and 'gone.svs' in entries[1].message
+    assert all(e.status == 'ok' for i, e in enumerate(entries) if i != 1)
+    trained = extract.extractor_params(config, workdir, create_feature_net(config))
+    initial = jax.jit(create_feature_net(config).init)(jax.random.key(config.seed),
+                                                       np.zeros((1, 64, 64, 3), np.uint8))['params']
+    record = cohort.slides[0]
+    tiles = artifacts.load_npz(workdir / 'tiles' / f'{record.slide_id}.npz')
+    stored = artifacts.load_npz(extract.features_path(workdir, record.slide_id))['features'][:2]
+    np.testing.assert_allclose(stored, direct_features(config, trained, record.path, tiles, [0, 1]),
+                               rtol=1e-4, atol=1e-5)
+    assert not np.allclose(stored, direct_features(config, initial, record.path, tiles, [0, 1]),
+                           rtol=1e-3)

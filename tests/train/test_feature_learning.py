@@ -1,0 +1,110 @@
+"""Feature learning: it learns, shards like one device, resumes exactly, stops on NaN."""
+
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from pathjax.errors import StageError
+from pathjax.models.feature_net import FeatureNet
+from pathjax.train import feature_learning, sharding
+from pathjax.train.checkpoint import Checkpoints
+from pathjax.train.feature_learning import FeatureTrainer, TrainState, make_train_step
+from tests.conftest import LEARNING_COHORT, make_config, workdir_with_patches
+
+
+def epochs_of(workdir):
+    lines = (workdir / 'feature_net' / 'metrics.jsonl').read_text().splitlines()
+    return [r for r in map(json.loads, lines) if 'val_accuracy' in r]
+
+
+def trained_params(workdir, config):
+    trainer = FeatureTrainer(config, workdir)
+    abstract = feature_learning.abstract_state(trainer.model, trainer.tx, config.tile.patch_size)
+    with Checkpoints(workdir / 'feature_net') as checkpoints:
+        state, _ = checkpoints.restore(abstract)
+    return state.params
+
+
+def test_training_lowers_the_loss_and_beats_chance(patch_workdir, tmp_path):
+    workdir = workdir_with_patches(patch_workdir, tmp_path)
+    config = make_config(**LEARNING_COHORT, **{'learn.epochs': 12, 'mesh.data': 1})
+    summary = FeatureTrainer(config, workdir).fit()
+    epochs = epochs_of(workdir)
+    assert len(epochs) == 12 and summary['epoch'] == 12
+    assert np.mean([e['train_loss'] for e in epochs[-3:]]) < 0.8 * epochs[0]['train_loss']
+    # Chance on validation patches is the majority class's share.
+    builder = FeatureTrainer(config, workdir).val_source
+    labels = np.array([builder[i]['label'] for i in range(len(builder))])
+    chance = max(labels.mean(), 1 - labels.mean())
+    assert max(e['val_accuracy'] for e in epochs[-3:]) > chance + 0.05, (chance, epochs)
+
+
+def test_sharded_step_matches_one_device():
+    assert len(jax.devices()) == 8, 'the test suite runs with 8 host CPU devices'
+    model = FeatureNet(num_classes=2, width=0.125, embed_dim=16)
+    rng = np.random.default_rng(0)
+    batch = {'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+             'label': rng.integers(0, 2, 16).astype(np.int32)}
+    params = jax.device_get(jax.jit(model.init)(jax.random.key(0), batch['image'][:1])['params'])
+    step = make_train_step(model, s=30.0, m=0.35, augment=True)
+    results = []
+    for devices in (1, 8):
+        mesh = sharding.make_mesh(devices)
+        replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+        state = jax.device_put(TrainState.create(apply_fn=model.apply, params=params,
+                                                 tx=optax.adam(1e-3)), replicated)
+        jitted = jax.jit(step, in_shardings=(replicated, batched, replicated),
+                         out_shardings=(replicated, replicated), donate_argnums=0)
+        for i in range(3):
+            state, metrics = jitted(state, sharding.global_batch(batch, mesh), jax.random.key(i))
+        assert len(state.params['trunk']['conv1_1']['kernel'].sharding.device_set) == devices
+        results.append((jax.device_get(state.params), float(metrics['loss'])))
+    (single, loss1), (sharded, loss8) = results
+    assert loss1 == pytest.approx(loss8, abs=1e-5)
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_killed_run_resumes_to_the_same_parameters(patch_workdir, tmp_path, monkeypatch):
+    config = make_config(**LEARNING_COHORT, **{'learn.epochs': 3, 'learn.lr_schedule': 'cosine'})
+    (tmp_path / 'straight').mkdir()
+    (tmp_path / 'killed').mkdir()
+    straight = workdir_with_patches(patch_workdir, tmp_path / 'straight')
+    FeatureTrainer(config, straight).fit()
+    killed = workdir_with_patches(patch_workdir, tmp_path / 'killed')
+    original = FeatureTrainer.train_epoch
+
+    def dies_in_second_epoch(self, state, epoch, metrics_file):
+        if epoch == 1:
+            raise KeyboardInterrupt('killed')
+        return original(self, state, epoch, metrics_file)
+
+    monkeypatch.setattr(FeatureTrainer, 'train_epoch', dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        FeatureTrainer(config, killed).fit()
+    monkeypatch.setattr(FeatureTrainer, 'train_epoch', original)
+    with Checkpoints(killed / 'feature_net') as checkpoints:
+        assert checkpoints.latest_step() is not None
+    FeatureTrainer(config, killed).fit()
+    assert [e['epoch'] for e in epochs_of(killed)] == [1, 2, 3]
+    for a, b in zip(jax.tree.leaves(trained_params(straight, config)),
+                    jax.tree.leaves(trained_params(killed, config))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(patch_workdir, tmp_path):
+    workdir = workdir_with_patches(patch_workdir, tmp_path)
+    config = make_config(**LEARNING_COHORT, **{'learn.epochs': 1})
+    FeatureTrainer(config, workdir).fit()
+    with Checkpoints(workdir / 'feature_net') as checkpoints:
+        good_step = checkpoints.latest_step()
+    diverging = make_config(**LEARNING_COHORT, **{'learn.epochs': 3, 'learn.lr': 1e8})
+    with pytest.raises(StageError, match='loss became nan.*last good checkpoint'):
+        FeatureTrainer(diverging, workdir).fit()
+    with Checkpoints(workdir / 'feature_net') as checkpoints:
+        assert checkpoints.latest_step() == good_step
+    params = trained_params(workdir, config)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
