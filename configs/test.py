@@ -18,6 +18,7 @@ def get_config():
     config.stain.fit_patches = 8
     config.compilation_cache = False
     config.feature_net.width = 0.125
+    config.learn.lr = 1e-3  # trained from scratch
     config.learn.patches_per_slide = 32
     config.learn.epochs = 3
     config.learn.batch_size = 32

@@ -22,17 +22,19 @@ from pathjax.train import extract, feature_learning, sharding
 
 class Stage(NamedTuple):
     """A stage: run(config, workdir, cohort) -> one report entry per slide, or None for a stage
-    that works on the cohort as a whole (and writes its own report)."""
+    that works on the cohort as a whole (and writes its own report). On several hosts, a stage
+    runs on every process (`every_process`) or on process 0 alone while the others wait."""
 
     name: str
     run: Callable[..., list[stage_report.SlideEntry] | None]
+    every_process: bool
 
 
 STAGES = (
-    Stage('tile', tile_stage.run),
-    Stage('patches', patches.run),
-    Stage('learn_features', feature_learning.run),
-    Stage('extract', extract.run),
+    Stage('tile', tile_stage.run, every_process=False),
+    Stage('patches', patches.run, every_process=False),
+    Stage('learn_features', feature_learning.run, every_process=True),
+    Stage('extract', extract.run, every_process=True),
 )
 
 
@@ -104,6 +106,7 @@ def check_config(config) -> list[str]:
     require(learn.lr_schedule in ('cosine', 'constant'),
             f"learn.lr_schedule must be 'cosine' or 'constant', got {learn.lr_schedule!r}")
     require(learn.augment in ('d4', 'none'), f"learn.augment must be 'd4' or 'none', got {learn.augment!r}")
+    require(learn.grad_clip >= 0, f'learn.grad_clip must be >= 0, got {learn.grad_clip}')
     require(learn.log_every >= 1, f'learn.log_every must be >= 1, got {learn.log_every}')
     require(config.extract.batch_size >= 1,
             f'extract.batch_size must be >= 1, got {config.extract.batch_size}')
@@ -117,11 +120,13 @@ def prepare_cohort(config, workdir: pathlib.Path) -> cohort_lib.Cohort:
     manifest = config.data.manifest
     if not manifest:
         spec = config.data.synthetic
-        logging.info('data.manifest is empty: generating %d synthetic slides', spec.num_slides)
-        manifest = synthetic.make_cohort(workdir / 'synthetic', spec.num_slides,
-                                         tuple(config.data.classes), seed=spec.seed,
-                                         width=spec.width, height=spec.height,
-                                         workers=config.workers)
+        manifest = workdir / 'synthetic' / 'manifest.csv'
+        if sharding.is_leader():
+            logging.info('data.manifest is empty: generating %d synthetic slides', spec.num_slides)
+            synthetic.make_cohort(manifest.parent, spec.num_slides, tuple(config.data.classes),
+                                  seed=spec.seed, width=spec.width, height=spec.height,
+                                  workers=config.workers)
+        sharding.barrier('pathjax synthetic cohort')
     try:
         cohort = cohort_lib.load_cohort(manifest, tuple(config.data.classes),
                                         fractions=tuple(config.data.split_fractions),
@@ -131,7 +136,8 @@ def prepare_cohort(config, workdir: pathlib.Path) -> cohort_lib.Cohort:
         raise UsageError(str(error)) from None
     for _, why in cohort.skipped:
         logging.warning('skipping %s', why)
-    artifacts.save_text(workdir / 'cohort.csv', cohort_lib.cohort_csv(cohort))
+    if sharding.is_leader():
+        artifacts.save_text(workdir / 'cohort.csv', cohort_lib.cohort_csv(cohort))
     counts = {name: len(cohort.split(name)) for name in cohort_lib.SPLITS}
     logging.info('cohort: %d slides (%s), %d skipped', len(cohort.slides),
                  ', '.join(f'{n} {name}' for name, n in counts.items()), len(cohort.skipped))
@@ -153,14 +159,18 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
     sharding.initialize_distributed(**config.distributed)
     if config.compilation_cache:
         enable_compilation_cache(workdir / 'jax_cache')
-    artifacts.save_text(workdir / 'config.json', config.to_json_best_effort(indent=2) + '\n')
+    if sharding.is_leader():
+        artifacts.save_text(workdir / 'config.json', config.to_json_best_effort(indent=2) + '\n')
     cohort = prepare_cohort(config, workdir)
     for stage in STAGES:
         if stages and stage.name not in stages:
             continue
         logging.info('stage %s', stage.name)
-        entries = stage.run(config, workdir, cohort)
-        if entries is None:
+        entries = None
+        if stage.every_process or sharding.is_leader():
+            entries = stage.run(config, workdir, cohort)
+        sharding.barrier(f'pathjax stage {stage.name}')
+        if entries is None or not sharding.is_leader():
             continue
         report = stage_report.write_report(workdir, stage.name, entries)
         if not any(e.status == stage_report.OK for e in entries):

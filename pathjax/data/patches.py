@@ -184,12 +184,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def train_batches(source, batch_size: int, *, seed: int, epoch: int, process_index: int = 0,
                   process_count: int = 1, workers: int = 2) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of this process's shares of shuffled global batches ('image' uint8 [b, P, P, 3],
-    'label' int32 [b]); the order depends only on (seed, epoch). Incomplete batches are dropped."""
+    'label' int32 [b], b = batch_size per process). The shuffled order depends only on
+    (seed, epoch), and process p holds rows p*b..(p+1)*b-1 of every global batch, so a global
+    batch is the same, in the same order, whatever the number of processes. Incomplete global
+    batches are dropped."""
     dataset = grain.MapDataset.source(source).shuffle(seed=epoch_seed(seed, epoch))
-    dataset = dataset[:len(dataset) - len(dataset) % process_count][process_index::process_count]
     dataset = dataset.map(_example_arrays).batch(batch_size, drop_remainder=True)
+    dataset = dataset[:len(dataset) - len(dataset) % process_count][process_index::process_count]
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers),
-                                                          prefetch_buffer_size=2 * batch_size)))
+                                                          prefetch_buffer_size=2)))
 
 
 def eval_batches(source, batch_size: int, *, process_index: int = 0, process_count: int = 1,

@@ -116,8 +116,16 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
             for record in todo:
                 entries[record.slide_id] = extract_slide(extractor, reader, record, workdir, progress)
         progress.close()
+    sharding.barrier('pathjax extract')  # the other hosts' slides are done too
+    for record in cohort.slides:
+        if record.slide_id not in entries:  # another host's slide: its log has any error
+            path = features_path(workdir, record.slide_id)
+            entries[record.slide_id] = SlideEntry(
+                record.slide_id, OK, patches=len(artifacts.load_npz(path)['coords'])) \
+                if path.exists() else SlideEntry(record.slide_id, ERROR,
+                                                 message='not extracted; see the log of its host')
     skipped = [SlideEntry(r.slide_id, ERROR, message=why) for r, why in cohort.skipped]
-    return [entries[r.slide_id] for r in mine] + skipped
+    return [entries[r.slide_id] for r in cohort.slides] + skipped
 
 
 def _patch_count(workdir, record: SlideRecord) -> int:

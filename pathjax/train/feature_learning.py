@@ -42,18 +42,22 @@ def run_dir(workdir) -> pathlib.Path:
 
 def create_optimizer(learn, steps_per_epoch: int) -> optax.GradientTransformation:
     """The optimizer of `config.learn`: 'sgd' (momentum, weight decay), 'adam' or 'adamw', with
-    a constant or cosine learning rate."""
+    a constant or cosine learning rate, after gradient clipping by global norm (if > 0)."""
     total_steps = max(1, learn.epochs * steps_per_epoch)
     if learn.lr_schedule == 'cosine':
         rate = optax.cosine_decay_schedule(learn.lr, total_steps)
     else:
         rate = optax.constant_schedule(learn.lr)
     if learn.optimizer == 'sgd':
-        return optax.chain(optax.add_decayed_weights(learn.weight_decay),
-                           optax.sgd(rate, momentum=learn.momentum, nesterov=True))
-    if learn.optimizer == 'adam':
-        return optax.adam(rate)
-    return optax.adamw(rate, weight_decay=learn.weight_decay)
+        optimizer = optax.chain(optax.add_decayed_weights(learn.weight_decay),
+                                optax.sgd(rate, momentum=learn.momentum, nesterov=True))
+    elif learn.optimizer == 'adam':
+        optimizer = optax.adam(rate)
+    else:
+        optimizer = optax.adamw(rate, weight_decay=learn.weight_decay)
+    if learn.grad_clip > 0:
+        optimizer = optax.chain(optax.clip_by_global_norm(learn.grad_clip), optimizer)
+    return optimizer
 
 
 def initial_params(model: FeatureNet, config, patch_size: int) -> dict:
@@ -205,8 +209,10 @@ class FeatureTrainer:
 
 def abstract_state(model: FeatureNet, tx: optax.GradientTransformation, patch_size: int,
                    placement=None) -> TrainState:
-    """The train state's shapes and dtypes (placed with `placement`), to restore a checkpoint
-    into without initialising the network."""
+    """The train state's shapes and dtypes, placed with `placement` (default: this process's
+    first device; a checkpoint restores onto any topology), to restore a checkpoint into without
+    initialising the network."""
+    placement = placement or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     images = jnp.zeros((1, patch_size, patch_size, 3), jnp.uint8)
     shapes = jax.eval_shape(lambda: TrainState.create(
         apply_fn=model.apply, params=model.init(jax.random.key(0), images)['params'], tx=tx))
@@ -214,7 +220,7 @@ def abstract_state(model: FeatureNet, tx: optax.GradientTransformation, patch_si
 
 
 def _append_jsonl(path: pathlib.Path, record: dict) -> None:
-    if jax.process_index() == 0:
+    if sharding.is_leader():
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, 'a') as f:
             f.write(json.dumps(record) + '\n')
@@ -228,5 +234,6 @@ def run(config, workdir, cohort: Cohort) -> None:
                      'ImageNet-initialised' if config.feature_net.pretrained else 'randomly initialised')
         return None
     summary = FeatureTrainer(config, workdir).fit()
-    artifacts.save_json(pathlib.Path(workdir) / 'reports' / 'learn_features.json', summary)
+    if sharding.is_leader():
+        artifacts.save_json(pathlib.Path(workdir) / 'reports' / 'learn_features.json', summary)
     return None

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
@@ -20,6 +21,17 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
     if coordinator:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the same named point (nothing on one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def is_leader() -> bool:
+    """Process 0 does the work that one process does for all (tiling, reports)."""
+    return jax.process_index() == 0
 
 
 def make_mesh(num_devices: int = -1) -> Mesh:

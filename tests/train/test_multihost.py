@@ -1,0 +1,74 @@
+"""Two processes (2 CPU devices each, jax.distributed over localhost) train the feature network
+like one process with 4 devices: same global batches, same losses, same parameters."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from pathjax.train import feature_learning
+from pathjax.train.checkpoint import Checkpoints
+from pathjax.train.feature_learning import FeatureTrainer
+from tests.conftest import LEARNING_COHORT, REPO, make_config, workdir_with_patches
+
+# SGD rather than Adam: Adam divides by the gradient's own scale, so summation-order noise in
+# near-zero gradients becomes step-sized differences.
+SETTINGS = {**LEARNING_COHORT, 'learn.epochs': 1, 'learn.batch_size': 16, 'learn.optimizer': 'sgd',
+            'learn.lr': 0.01, 'learn.log_every': 4}
+FLAGS = [f'--config.{k}={v}' for k, v in SETTINGS.items()]
+
+
+def launch(workdir, devices, *extra):
+    environment = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+    command = [sys.executable, str(REPO / 'launch.py'), '--config', str(REPO / 'configs/test.py'),
+               '--workdir', str(workdir), '--stages=learn_features', *FLAGS, *extra]
+    return subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def final_params(workdir):
+    config = make_config(**SETTINGS)
+    trainer = FeatureTrainer(config, workdir)
+    abstract = feature_learning.abstract_state(trainer.model, trainer.tx, config.tile.patch_size)
+    with Checkpoints(workdir / 'feature_net') as checkpoints:
+        state, metadata = checkpoints.restore(abstract)
+    return state.params, metadata
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(patch_workdir, tmp_path):
+    single, multi = tmp_path / 'single', tmp_path / 'multi'
+    single.mkdir(), multi.mkdir()
+    workdir_with_patches(patch_workdir, single)
+    workdir_with_patches(patch_workdir, multi)
+    coordinator = f'localhost:{free_port()}'
+    processes = [launch(multi, 2, f'--config.distributed.coordinator={coordinator}',
+                        '--config.distributed.num_processes=2',
+                        f'--config.distributed.process_id={i}') for i in range(2)]
+    reference = launch(single, 4)
+    for process in processes + [reference]:
+        output, _ = process.communicate(timeout=400)
+        assert process.returncode == 0, output[-3000:]
+    # The same batches in the same order: identical losses until the all-reduce's summation
+    # order (gloo across processes vs in-process) shows, then rounding noise grows slowly.
+    logged = [[json.loads(line) for line in (w / 'feature_net' / 'metrics.jsonl').open()]
+              for w in (single, multi)]
+    assert [r.get('step') for r in logged[0]] == [r.get('step') for r in logged[1]]
+    assert logged[0][0]['loss'] == pytest.approx(logged[1][0]['loss'], rel=1e-6)
+    single_params, single_meta = final_params(single)
+    multi_params, multi_meta = final_params(multi)
+    assert single_meta['epoch'] == multi_meta['epoch'] == 1
+    assert single_meta['train_loss'] == pytest.approx(multi_meta['train_loss'], rel=1e-4)
+    flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)])
+            for p in (single_params, multi_params)]
+    assert np.linalg.norm(flat[0] - flat[1]) <= 1e-4 * np.linalg.norm(flat[0])
