@@ -36,6 +36,9 @@ from pathjax.models.feature_net import FeatureNet
 from pathjax.models.vgg import BLOCKS, IMAGENET_MEAN, IMAGENET_STD, scaled
 
 AM_S, AM_M, MOMENTUM = 30.0, 0.35, 0.9
+# XLA CPU: convolutions through Eigen instead of YNNPACK (dots stay on YNNPACK). YNNPACK runs the
+# weight-gradient convolution (a window as large as the image) at a fifth of Eigen's speed.
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
 
 
 def pin_threads(threads: int) -> None:
@@ -93,11 +96,11 @@ def flax_infer(state, images):
     return state.apply_fn({'params': state.params}, images)
 
 
-def compiled(function, *args, donate: bool):
+def compiled(function, *args, donate: bool, options: dict):
     """(compiled executable, compile seconds) of `jax.jit(function)` for these arguments."""
     start = time.perf_counter()
     jitted = jax.jit(function, donate_argnums=0 if donate else ())
-    executable = jitted.lower(*args).compile()
+    executable = jitted.lower(*args).compile(compiler_options=options)
     return executable, time.perf_counter() - start
 
 
@@ -196,56 +199,75 @@ def rate(batch: int, times: list[float]) -> float:
     return batch / statistics.median(times)
 
 
-def measure_size(args, size: int, batch: int, torch_device) -> list[dict]:
-    """Train and inference rows (images/s, Flax compile seconds) for one image size."""
+def flax_variants(gpu: bool) -> dict:
+    """Name -> XLA compiler options of each Flax variant measured."""
+    return {'flax': {}} if gpu else {'flax (XLA defaults)': {}, 'flax': CPU_COMPILER_OPTIONS}
+
+
+def add_flax_runners(runners: dict, compile_seconds: dict, args, images, labels, gpu: bool):
+    """Compile the Flax train step and forward of each variant; add their runners."""
+    model = FeatureNet(num_classes=args.classes, width=args.width,
+                       dtype=jnp.bfloat16 if gpu else jnp.float32)
+    x, y = jax.device_put(images), jax.device_put(labels)
+    for name, options in flax_variants(gpu).items():
+        state = flax_state(model, x, args.optimizer, args.lr)
+        infer, compile_seconds[f'{name} infer'] = compiled(flax_infer, state, x, donate=False,
+                                                           options=options)
+        train, compile_seconds[f'{name} train'] = compiled(flax_train_step, state, x, y,
+                                                           donate=True, options=options)
+        infer_state = jax.tree.map(jnp.copy, state)  # the train steps donate `state`
+        runners[f'{name} infer'] = flax_infer_runner(infer, infer_state, x)
+        runners[f'{name} train'] = flax_train_runner(train, state, x, y)
+
+
+def add_torch_runners(runners: dict, args, images, labels, device: str):
+    torch.manual_seed(0)
+    reference = TorchVGG16(args.width, args.classes).to(device)
+    timages = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # NCHW
+    tlabels = torch.from_numpy(labels).long().to(device)
+    opt = torch_optimizer(reference, args.optimizer, args.lr)
+    runners['torch infer'] = torch_infer_runner(reference, timages)
+    runners['torch train'] = torch_train_runner(reference, opt, timages, tlabels)
+
+
+def measure_size(args, size: int, batch: int, torch_device, gpu: bool) -> list[dict]:
+    """Train and inference rows (images/s per framework, Flax compile seconds) for one size."""
     rng = np.random.default_rng(size)
     images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)  # [B, H, W, 3]
     labels = rng.integers(0, args.classes, batch).astype(np.int32)
-    dtype = jnp.bfloat16 if jax.default_backend() == 'gpu' else jnp.float32
-    model = FeatureNet(num_classes=args.classes, width=args.width, dtype=dtype)
-    x, y = jax.device_put(images), jax.device_put(labels)
-    state = flax_state(model, x, args.optimizer, args.lr)
-    infer, infer_compile = compiled(flax_infer, state, x, donate=False)
-    train, train_compile = compiled(flax_train_step, state, x, y, donate=True)
-    infer_state = jax.tree.map(jnp.copy, state)  # the train steps donate `state`
-    runners = {'flax infer': flax_infer_runner(infer, infer_state, x),
-               'flax train': flax_train_runner(train, state, x, y)}
+    runners, compile_seconds = {}, {}
+    add_flax_runners(runners, compile_seconds, args, images, labels, gpu)
     if torch_device is not None:
-        torch.manual_seed(0)
-        reference = TorchVGG16(args.width, args.classes).to(torch_device)
-        timages = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(torch_device)
-        tlabels = torch.from_numpy(labels).long().to(torch_device)
-        opt = torch_optimizer(reference, args.optimizer, args.lr)
-        runners['torch infer'] = torch_infer_runner(reference, timages)
-        runners['torch train'] = torch_train_runner(reference, opt, timages, tlabels)
+        add_torch_runners(runners, args, images, labels, torch_device)
     times = interleaved(runners, args.warmup, args.steps)
     rows = []
-    for mode, compile_seconds in (('train', train_compile), ('infer', infer_compile)):
-        row = dict(size=size, batch=batch, mode=mode, compile=compile_seconds,
-                   flops=model_flops(size, args.width, mode == 'train'))
-        for framework in ('flax', 'torch'):
-            if f'{framework} {mode}' in times:
-                row[framework] = rate(batch, times[f'{framework} {mode}'])
-        rows.append(row)
+    for mode in ('train', 'infer'):
+        rates = {name.rsplit(' ', 1)[0]: rate(batch, seconds)
+                 for name, seconds in times.items() if name.endswith(mode)}
+        rows.append(dict(size=size, batch=batch, mode=mode, rates=rates,
+                         compile=compile_seconds[f'flax {mode}'],
+                         flops=model_flops(size, args.width, mode == 'train')))
     return rows
 
 
 def report(rows: list[dict], peak: float | None) -> None:
-    header = (f'{"size":>5s} {"batch":>5s} {"mode":6s} {"flax img/s":>10s} {"torch img/s":>11s} '
-              f'{"flax/torch":>10s} {"flax GFLOP/s":>12s} {"torch GFLOP/s":>13s} '
-              f'{"compile s":>9s}' + ('  % peak' if peak else ''))
-    print(header)
+    """One line per (size, mode): images/s of each variant, ratios to torch, Flax GFLOP/s."""
+    names = list(rows[0]['rates'])
+    print(f'{"size":>4s} {"batch":>5s} {"mode":5s} ' + ' '.join(f'{n:>19s}' for n in names)
+          + ''.join(f' {n + "/torch":>25s}' for n in names if n != 'torch')
+          + f' {"flax GFLOP/s":>12s} {"compile s":>9s}' + ('  % peak' if peak else ''))
     for r in rows:
-        has_torch = 'torch' in r
-        line = (f'{r["size"]:5d} {r["batch"]:5d} {r["mode"]:6s} {r["flax"]:10.2f} '
-                f'{r["torch"] if has_torch else float("nan"):11.2f} '
-                f'{r["flax"] / r["torch"] if has_torch else float("nan"):9.2f}x '
-                f'{r["flax"] * r["flops"] / 1e9:12.1f} '
-                f'{r["torch"] * r["flops"] / 1e9 if has_torch else float("nan"):13.1f} '
-                f'{r["compile"]:9.1f}')
+        rates = r['rates']
+        line = f'{r["size"]:4d} {r["batch"]:5d} {r["mode"]:5s} ' + ' '.join(
+            f'{rates[n]:19.2f}' for n in names)
+        if 'torch' in rates:
+            line += ''.join(f' {rates[n] / rates["torch"]:24.2f}x' for n in names if n != 'torch')
+        line += f' {rates["flax"] * r["flops"] / 1e9:12.1f} {r["compile"]:9.1f}'
         if peak:
-            line += f'  {100 * r["flax"] * r["flops"] / peak:6.1f}'
+            line += f'  {100 * rates["flax"] * r["flops"] / peak:6.1f}'
         print(line)
+    print('images/s: median over the timed steps; flax: CPU_COMPILER_OPTIONS on CPU; GFLOP/s: '
+          'convolution FLOPs (train: forward + weight + input gradients)')
 
 
 def main() -> None:
@@ -281,7 +303,7 @@ def main() -> None:
     print(f'load average at start: {os.getloadavg()[0]:.2f}')
     rows = []
     for size, batch in zip(args.sizes, args.batch):
-        rows += measure_size(args, size, batch, torch_device)
+        rows += measure_size(args, size, batch, torch_device, gpu)
     print(f'load average at end: {os.getloadavg()[0]:.2f} (other processes share these cores)\n')
     report(rows, args.peak_flops if gpu else None)
 

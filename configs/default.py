@@ -69,6 +69,35 @@ def get_config() -> ml_collections.ConfigDict:
     config.extract = ml_collections.ConfigDict()
     config.extract.batch_size = 64  # patches per device batch (over this host's devices)
 
+    config.graph = ml_collections.ConfigDict()
+    config.graph.k = 8  # nearest neighbours per patch (feature space), then symmetrized
+    config.graph.max_patches = 8192  # > 0: seeded sample of at most this many patches per slide
+
+    config.slide_net = ml_collections.ConfigDict()
+    config.slide_net.d_model = 128
+    config.slide_net.heads = 4
+    config.slide_net.transformer_layers = 2
+    config.slide_net.gcn_layers = 2
+    config.slide_net.attention = 'dense'  # 'dense' (all patches) or 'graph' (along kNN edges)
+    config.slide_net.pooling = 'mean'  # 'mean' or 'gated' (attention; weights are heatmaps)
+    config.slide_net.mlp_hidden = 64
+    config.slide_net.dropout = 0.1
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_slides = 8  # slides per step (global)
+    config.train.optimizer = 'adamw'  # 'adam' or 'adamw'
+    config.train.lr = 1e-4
+    config.train.weight_decay = 1e-4
+    config.train.loss_target = 0.05  # stop when an epoch's training loss reaches this
+    config.train.max_steps = 2000  # ... or after this many steps
+    config.train.class_weights = 'none'  # 'none' or 'balanced' (imbalanced cohorts)
+    config.train.log_every_epochs = 10
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.splits = ('test',)  # splits the evaluate stage reports on
+    config.eval.checkpoint = 'best'  # 'best' (validation score) or 'latest'
+    config.eval.heatmaps = True
+
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # devices on the data axis; -1 = all
 

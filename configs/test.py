@@ -25,4 +25,11 @@ def get_config():
     config.learn.lr_schedule = 'constant'
     config.learn.log_every = 4
     config.extract.batch_size = 32
+    config.graph.max_patches = 512
+    config.slide_net.d_model = 32
+    config.slide_net.transformer_layers = 1
+    config.slide_net.gcn_layers = 1
+    config.slide_net.mlp_hidden = 32
+    config.train.lr = 1e-3
+    config.train.max_steps = 300
     return config

@@ -17,7 +17,8 @@ from pathjax.errors import StageError, UsageError
 from pathjax.data import patches
 from pathjax.slides import synthetic, tile_stage
 from pathjax.slides.tissue import TissueRule
-from pathjax.train import extract, feature_learning, sharding
+from pathjax.evaluate import evaluate_stage
+from pathjax.train import extract, feature_learning, sharding, slide_training
 
 
 class Stage(NamedTuple):
@@ -35,6 +36,8 @@ STAGES = (
     Stage('patches', patches.run, every_process=False),
     Stage('learn_features', feature_learning.run, every_process=True),
     Stage('extract', extract.run, every_process=True),
+    Stage('train_slide', slide_training.run, every_process=True),
+    Stage('evaluate', evaluate_stage.run, every_process=True),
 )
 
 
@@ -110,6 +113,36 @@ def check_config(config) -> list[str]:
     require(learn.log_every >= 1, f'learn.log_every must be >= 1, got {learn.log_every}')
     require(config.extract.batch_size >= 1,
             f'extract.batch_size must be >= 1, got {config.extract.batch_size}')
+    require(config.graph.k >= 1, f'graph.k must be >= 1, got {config.graph.k}')
+    require(config.graph.max_patches >= 0, f'graph.max_patches must be >= 0, got {config.graph.max_patches}')
+    net = config.slide_net
+    require(net.d_model >= 4 and net.d_model % 4 == 0,
+            f'slide_net.d_model must be a positive multiple of 4, got {net.d_model}')
+    require(net.heads >= 1 and net.d_model % max(net.heads, 1) == 0,
+            f'slide_net.heads must divide d_model ({net.d_model}), got {net.heads}')
+    require(net.transformer_layers >= 0 and net.gcn_layers >= 0,
+            'slide_net.transformer_layers and gcn_layers must be >= 0')
+    require(net.attention in ('dense', 'graph'),
+            f"slide_net.attention must be 'dense' or 'graph', got {net.attention!r}")
+    require(net.pooling in ('mean', 'gated'),
+            f"slide_net.pooling must be 'mean' or 'gated', got {net.pooling!r}")
+    require(net.mlp_hidden >= 1, f'slide_net.mlp_hidden must be >= 1, got {net.mlp_hidden}')
+    require(0 <= net.dropout < 1, f'slide_net.dropout must be in [0, 1), got {net.dropout}')
+    train = config.train
+    require(train.batch_slides >= 1, f'train.batch_slides must be >= 1, got {train.batch_slides}')
+    require(train.optimizer in ('adam', 'adamw'),
+            f"train.optimizer must be 'adam' or 'adamw', got {train.optimizer!r}")
+    require(train.lr > 0, f'train.lr must be > 0, got {train.lr}')
+    require(train.max_steps >= 1, f'train.max_steps must be >= 1, got {train.max_steps}')
+    require(train.class_weights in ('none', 'balanced'),
+            f"train.class_weights must be 'none' or 'balanced', got {train.class_weights!r}")
+    require(train.log_every_epochs >= 1,
+            f'train.log_every_epochs must be >= 1, got {train.log_every_epochs}')
+    unknown_splits = [s for s in config.eval.splits if s not in cohort_lib.SPLITS]
+    require(not unknown_splits, f'eval.splits: unknown split(s) {unknown_splits}; '
+                                f'splits are {", ".join(cohort_lib.SPLITS)}')
+    require(config.eval.checkpoint in ('best', 'latest'),
+            f"eval.checkpoint must be 'best' or 'latest', got {config.eval.checkpoint!r}")
     require(config.mesh.data == -1 or config.mesh.data >= 1,
             f'mesh.data must be -1 (all devices) or >= 1, got {config.mesh.data}')
     return problems

@@ -1,4 +1,5 @@
-"""The tile stage's quality-control picture: thumbnail, tissue mask and kept patches."""
+"""The tile stage's pictures: the QC picture (thumbnail, tissue mask, kept patches) and a plain
+thumbnail for heatmaps."""
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -6,6 +7,13 @@ from PIL import Image, ImageDraw
 MAX_SIDE = 2048
 BACKGROUND_TINT = np.array([70, 110, 200], np.float32)  # background shaded blue
 PATCH_OUTLINE = (0, 170, 60)
+
+
+def thumbnail(overview: np.ndarray) -> np.ndarray:
+    """The overview [h, w, 3] shrunk so its long side is at most MAX_SIDE (for heatmaps)."""
+    image = Image.fromarray(overview)
+    image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX)
+    return np.asarray(image)
 
 
 def qc_picture(overview: np.ndarray, background: np.ndarray, slide_size: tuple[int, int],

@@ -70,12 +70,16 @@ def qc_path(workdir, slide_id: str) -> pathlib.Path:
     return pathlib.Path(workdir) / 'qc' / f'{slide_id}.png'
 
 
+def thumbnail_path(workdir, slide_id: str) -> pathlib.Path:
+    return pathlib.Path(workdir) / 'thumbnails' / f'{slide_id}.png'
+
+
 def scan_slide(record: SlideRecord, settings: TileSettings, workdir: str) -> SlideEntry:
     """Tiles one slide and writes its scan file and QC picture. Never raises for a bad slide."""
     start = time.perf_counter()
     try:
         with Slide(record.path) as slide:
-            scan, picture = _scan(slide, record.slide_id, settings)
+            scan, picture, thumbnail = _scan(slide, record.slide_id, settings)
     except SlideError as error:
         return SlideEntry(record.slide_id, ERROR, message=str(error))
     except Exception as error:  # a reader library failing on a corrupt file must not stop the run
@@ -83,13 +87,16 @@ def scan_slide(record: SlideRecord, settings: TileSettings, workdir: str) -> Sli
         return SlideEntry(record.slide_id, ERROR,
                           message=f'{record.path}: {type(error).__name__}: {error}')
     artifacts.save_png(qc_path(workdir, record.slide_id), picture)
+    artifacts.save_png(thumbnail_path(workdir, record.slide_id), thumbnail)
     artifacts.save_npz(scan_path(workdir, record.slide_id), **scan)
     entry = entry_from_tiles(record.slide_id, scan)
     entry.details['seconds'] = round(time.perf_counter() - start, 2)
     return entry
 
 
-def _scan(slide: Slide, slide_id: str, settings: TileSettings) -> tuple[dict, np.ndarray]:
+def _scan(slide: Slide, slide_id: str, settings: TileSettings
+          ) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(the scan arrays, the QC picture, a plain thumbnail) of one open slide."""
     plan = slide.plan(settings.mpp, settings.patch_size, settings.fallback_level)
     overview_downsample = max(1.0, min(min(settings.rule.neighbourhood, plan.extent) / MASK_WINDOW_PIXELS,
                                        max(slide.dimensions) / QC_SIDE))
@@ -117,7 +124,7 @@ def _scan(slide: Slide, slide_id: str, settings: TileSettings) -> tuple[dict, np
                 slide_tissue_fraction=np.float32(1.0 - background.mean()),
                 stain_histogram=histogram, warnings=np.asarray(warnings, dtype=str))
     picture = qc.qc_picture(overview, background, slide.dimensions, tiles.coords, plan.extent)
-    return scan, picture
+    return scan, picture, qc.thumbnail(overview)
 
 
 def entry_from_tiles(slide_id: str, tiles: dict) -> SlideEntry:

@@ -7,7 +7,6 @@ Each slide's features are written atomically to `features/<slide_id>.npz`; finis
 skipped on rerun. With several hosts, each extracts its own share of the slides on its own devices.
 """
 
-import pathlib
 
 import jax
 import numpy as np
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
+from pathjax.data.features import features_path
 from pathjax.errors import StageError
 from pathjax.models.feature_net import FeatureNet, create_feature_net
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
@@ -26,10 +26,6 @@ from pathjax.train import sharding
 from pathjax.train.checkpoint import Checkpoints
 from pathjax.train.feature_learning import (abstract_state, create_optimizer, initial_params,
                                              run_dir)
-
-
-def features_path(workdir, slide_id: str) -> pathlib.Path:
-    return pathlib.Path(workdir) / 'features' / f'{slide_id}.npz'
 
 
 def extractor_params(config, workdir, model: FeatureNet) -> dict:

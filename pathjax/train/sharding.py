@@ -69,11 +69,12 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     return global_batch_size * len(mesh.local_devices) // devices
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles each process's part of a batch into global arrays sharded over `data`."""
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+    """Assembles each process's part of a batch (a pytree of arrays with a leading batch axis)
+    into global arrays sharded over `data`."""
     sharding = batch_sharded(mesh)
-    return {key: jax.make_array_from_process_local_data(sharding, value)
-            for key, value in local_batch.items()}
+    return jax.tree.map(lambda value: jax.make_array_from_process_local_data(sharding, value),
+                        local_batch)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

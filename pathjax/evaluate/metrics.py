@@ -1,0 +1,173 @@
+"""Slide-level classification metrics (numpy only): ROC curve and AUC, accuracy, balanced
+accuracy, F1, confusion matrix.
+
+Definitions follow scikit-learn, with undefined values made explicit instead of warned about:
+an AUC needs both classes (NaN otherwise), a ratio with a zero denominator (precision of a class
+never predicted, recall of a class with no slides) is 0, and every metric of an empty split is NaN.
+`to_json_safe` turns the result into plain JSON values (NaN and infinities become null).
+"""
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def roc_curve(scores: np.ndarray, positives: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve with one point per distinct score (tied scores move together).
+
+    Args:
+        scores: float [N], higher means more likely positive.
+        positives: bool [N].
+
+    Returns:
+        fpr [K], tpr [K], thresholds [K], K = distinct scores + 1: the curve starts at (0, 0)
+        with threshold +inf and ends at (1, 1); point i counts `scores >= thresholds[i]` as
+        positive. fpr (tpr) is NaN when there are no negatives (positives).
+    """
+    scores, positives = _as_vectors(scores, positives)
+    order = np.argsort(-scores, kind='stable')
+    scores, positives = scores[order], positives[order]
+    # The last index of each run of equal scores: one curve point per distinct threshold.
+    last = np.flatnonzero(np.diff(scores, append=-np.inf) != 0)
+    true_positives = np.concatenate([[0], np.cumsum(positives)[last]])
+    false_positives = np.concatenate([[0], last + 1 - true_positives[1:]])
+    thresholds = np.concatenate([[np.inf], scores[last]])
+    return (_ratio(false_positives, false_positives[-1]),
+            _ratio(true_positives, true_positives[-1]), thresholds)
+
+
+def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve: scores float [N], positives bool [N] -> float.
+
+    Equals the probability that a random positive scores above a random negative (ties count
+    1/2, the Mann-Whitney U statistic over the number of pairs). NaN unless both classes occur.
+    """
+    scores, positives = _as_vectors(scores, positives)
+    if positives.all() or not positives.any():
+        return math.nan
+    fpr, tpr, _ = roc_curve(scores, positives)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def one_vs_rest(probabilities: np.ndarray, labels: np.ndarray
+                ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """The ROC problems of a C-class prediction: probabilities [N, C], labels int [N].
+
+    Returns:
+        (class index, scores [N], positives bool [N]) per problem: class 1 alone when C == 2,
+        each class against the rest otherwise.
+    """
+    classes = [1] if probabilities.shape[1] == 2 else range(probabilities.shape[1])
+    return [(c, probabilities[:, c], labels == c) for c in classes]
+
+
+def slide_metrics(probabilities: np.ndarray, labels: np.ndarray,
+                  class_names: Sequence[str]) -> dict[str, Any]:
+    """Metrics of slide predictions; the predicted class is the argmax.
+
+    Args:
+        probabilities: float [N, C], C = len(class_names).
+        labels: int [N], true class indices in [0, C).
+        class_names: C names, in class-index order.
+
+    Returns:
+        `auc` (binary: of probabilities[:, 1]; more classes: mean one-vs-rest AUC over the
+        classes where it is defined), `accuracy`, `balanced_accuracy` (mean recall over classes
+        present in `labels`), `f1` (binary: of class 1; more classes: macro F1 over classes
+        present in labels or predictions), `confusion_matrix` (C x C ints, rows true, columns
+        predicted), `num_slides`, `class_names` and `per_class` (name -> support, recall,
+        precision). Undefined values are NaN; see `to_json_safe`.
+    """
+    probabilities, labels = check_predictions(probabilities, labels, class_names)
+    num_slides, num_classes = probabilities.shape
+    predictions = probabilities.argmax(axis=1)
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+
+    hits = np.diag(confusion)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    recall, precision = _ratio(hits, support, empty=0.0), _ratio(hits, predicted, empty=0.0)
+    f1 = _ratio(2 * hits, support + predicted, empty=0.0)
+    f1_summary = f1[1] if num_classes == 2 else _mean(f1[(support + predicted) > 0])
+    aucs = np.array([roc_auc(scores, positives)
+                     for _, scores, positives in one_vs_rest(probabilities, labels)])
+    return {
+        'auc': _mean(aucs[~np.isnan(aucs)]),
+        'accuracy': float(hits.sum() / num_slides) if num_slides else math.nan,
+        'balanced_accuracy': _mean(recall[support > 0]),
+        'f1': float(f1_summary) if num_slides else math.nan,
+        'confusion_matrix': confusion.tolist(),
+        'num_slides': int(num_slides),
+        'class_names': list(class_names),
+        'per_class': {
+            name: {'support': int(support[c]), 'recall': float(recall[c]),
+                   'precision': float(precision[c])}
+            for c, name in enumerate(class_names)},
+    }
+
+
+def to_json_safe(value: Any) -> Any:
+    """`value` with numpy scalars and arrays as Python values and NaN/inf floats as None,
+    through dicts, lists and tuples."""
+    if isinstance(value, dict):
+        return {key: to_json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [to_json_safe(item) for item in
+                (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def check_predictions(probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """probabilities [N, C] and labels [N] as float64 and int64 arrays; ValueError when their
+    shapes disagree with each other or with the classes, a probability is NaN or a label is not
+    a class index."""
+    num_classes = len(class_names)
+    probabilities = np.asarray(probabilities, np.float64)
+    if probabilities.size == 0:
+        probabilities = probabilities.reshape(0, num_classes)
+    labels = np.asarray(labels).reshape(-1)
+    if probabilities.shape != (len(labels), num_classes):
+        raise ValueError(f'expected probabilities [N, {num_classes}] and labels [N], got '
+                         f'{probabilities.shape} and {labels.shape}')
+    if np.isnan(probabilities).any():
+        raise ValueError(f'probabilities of {np.isnan(probabilities).any(axis=1).sum()} slides '
+                         'are NaN')
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f'labels must be integer class indices, got dtype {labels.dtype}')
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f'labels must be class indices in [0, {num_classes}), got values from '
+                         f'{labels.min()} to {labels.max()}')
+    return probabilities, labels.astype(np.int64)
+
+
+def _as_vectors(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    positives = np.asarray(positives, bool).reshape(-1)
+    if scores.shape != positives.shape:
+        raise ValueError(f'scores {scores.shape} and positives {positives.shape} differ in length')
+    if np.isnan(scores).any():
+        raise ValueError(f'{np.isnan(scores).sum()} scores are NaN')
+    return scores, positives
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray | int,
+           empty: float = math.nan) -> np.ndarray:
+    """numerator / denominator elementwise, `empty` where the denominator is 0 (no warning)."""
+    numerator = np.asarray(numerator, np.float64)
+    denominator = np.broadcast_to(np.asarray(denominator, np.float64), numerator.shape)
+    out = np.full(numerator.shape, empty)
+    np.divide(numerator, denominator, out=out, where=denominator != 0)
+    return out
+
+
+def _mean(values: Sequence[float] | np.ndarray) -> float:
+    """Mean of `values`; NaN (without a warning) when there are none."""
+    values = np.asarray(values, np.float64)
+    return float(values.mean()) if values.size else math.nan

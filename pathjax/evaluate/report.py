@@ -1,0 +1,115 @@
+"""Evaluation artifacts of one split: predictions.csv, metrics.json and roc.png, each written
+atomically.
+
+predictions.csv has one row per slide, `slide_id,label,prob_<class>...,pred`, with label and
+pred as class names and probabilities to 6 decimals; `read_predictions` reads it back.
+"""
+
+import csv
+import io
+import os
+from typing import Any, Sequence
+
+from absl import logging
+from matplotlib import figure
+from matplotlib.backends import backend_agg  # Agg canvas: no display, no pyplot global state
+import numpy as np
+
+from pathjax import artifacts
+from pathjax.evaluate import metrics as metrics_lib
+
+
+def prediction_columns(class_names: Sequence[str]) -> list[str]:
+    """The header of predictions.csv."""
+    return ['slide_id', 'label', *(f'prob_{name}' for name in class_names), 'pred']
+
+
+def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels: np.ndarray,
+                      probabilities: np.ndarray, class_names: Sequence[str]) -> None:
+    """Writes predictions.csv.
+
+    Args:
+        path: the CSV file.
+        slide_ids: N slide ids.
+        labels: int [N], true class indices.
+        probabilities: float [N, C]; the predicted class is the argmax.
+        class_names: C names, in class-index order.
+    """
+    probabilities, labels = metrics_lib.check_predictions(probabilities, labels, class_names)
+    if len(slide_ids) != len(labels):
+        raise ValueError(f'{len(slide_ids)} slide ids for {len(labels)} predictions')
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator='\n')
+    writer.writerow(prediction_columns(class_names))
+    for slide_id, label, row in zip(slide_ids, labels, probabilities):
+        writer.writerow([slide_id, class_names[label], *(f'{p:.6f}' for p in row),
+                         class_names[int(row.argmax())]])
+    artifacts.save_text(path, text.getvalue())
+
+
+def read_predictions(path: str | os.PathLike, class_names: Sequence[str]
+                     ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Reads predictions.csv back: slide ids [N], labels int [N], probabilities float [N, C]."""
+    index = {name: c for c, name in enumerate(class_names)}
+    with open(path, newline='') as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header != prediction_columns(class_names):
+            raise ValueError(f'{path}: header {header} does not match classes {list(class_names)}')
+        rows = list(reader)
+    unknown = sorted({row[1] for row in rows} - index.keys())
+    if unknown:
+        raise ValueError(f'{path}: unknown labels {unknown}')
+    slide_ids = [row[0] for row in rows]
+    labels = np.array([index[row[1]] for row in rows], np.int64)
+    probabilities = np.array([[float(p) for p in row[2:-1]] for row in rows], np.float64)
+    return slide_ids, labels, probabilities.reshape(len(rows), len(class_names))
+
+
+def write_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> None:
+    """Writes `metrics` as JSON, NaN and infinities as null."""
+    artifacts.save_json(path, metrics_lib.to_json_safe(metrics))
+
+
+def plot_roc(path: str | os.PathLike, probabilities: np.ndarray, labels: np.ndarray,
+             class_names: Sequence[str]) -> None:
+    """Writes the ROC curve(s) as a PNG.
+
+    Binary: the curve of class 1. More classes: one curve per class against the rest. Curves
+    that are undefined (a class with no slides, or no others) are left out; when none is left
+    the figure says so.
+
+    Args:
+        path: the PNG file.
+        probabilities: float [N, C].
+        labels: int [N].
+        class_names: C names.
+    """
+    probabilities, labels = metrics_lib.check_predictions(probabilities, labels, class_names)
+    fig = figure.Figure(figsize=(5, 5), dpi=120)
+    backend_agg.FigureCanvasAgg(fig)
+    axes = fig.add_subplot()
+    aucs = []
+    for c, scores, positives in metrics_lib.one_vs_rest(probabilities, labels):
+        auc = metrics_lib.roc_auc(scores, positives)
+        if np.isnan(auc):
+            continue
+        aucs.append(auc)
+        fpr, tpr, _ = metrics_lib.roc_curve(scores, positives)
+        name = class_names[c] if len(class_names) == 2 else f'{class_names[c]} vs rest'
+        axes.plot(fpr, tpr, label=f'{name} (AUC = {auc:.3f})')
+    title = f'ROC, {len(labels)} slides'
+    if aucs:
+        axes.plot([0, 1], [0, 1], linestyle='--', color='grey', label='chance')
+        axes.legend(loc='lower right')
+        if len(class_names) > 2:
+            title += f', macro AUC = {np.mean(aucs):.3f}'
+    else:
+        logging.warning('ROC undefined for %s: the split needs slides of two classes', path)
+        axes.text(0.5, 0.5, 'ROC undefined:\nthe split needs slides of two classes',
+                  ha='center', va='center', transform=axes.transAxes)
+    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel='False positive rate',
+             ylabel='True positive rate', title=title, aspect='equal')
+    fig.tight_layout()
+    with artifacts.atomic_path(path) as temporary:
+        fig.savefig(temporary, format='png')

@@ -1,0 +1,283 @@
+"""The `train_slide` stage: the graph transformer trained on slide graphs with cross entropy.
+
+Batches of `train.batch_slides` slide graphs (padded to a common power-of-two bucket; a short
+batch is filled with masked copies) run through one jitted, data-parallel train step. The
+method's stopping rule: training ends when an epoch's training loss reaches `train.loss_target`
+or after `train.max_steps` steps. Each epoch ends with the validation AUC (or, with one class in
+the validation set, minus its loss) and an Orbax checkpoint; the best one is kept too, and a rerun
+resumes from the latest. At the end the chosen checkpoint (`eval.checkpoint`) is evaluated on
+every split, which the `evaluate` stage reproduces from the checkpoint alone.
+"""
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from pathjax import artifacts
+from pathjax.cohort import Cohort, SlideRecord
+from pathjax.data import graphs
+from pathjax.data.features import GraphSettings, features_path, load_bag, slide_graph
+from pathjax.errors import StageError
+from pathjax.evaluate.metrics import slide_metrics, to_json_safe
+from pathjax.models.slide_transformer import create_slide_model
+from pathjax.train import sharding
+from pathjax.train.checkpoint import Checkpoints
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState for the slide model."""
+
+
+@dataclasses.dataclass
+class SlideSet:
+    """The slides of one split that have features: ids, labels int [S], unpadded graphs."""
+
+    slide_ids: list[str]
+    labels: np.ndarray
+    graphs: list[jraph.GraphsTuple]
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+
+def run_dir(workdir) -> pathlib.Path:
+    return pathlib.Path(workdir) / 'slide_net'
+
+
+def load_slides(workdir, records: list[SlideRecord], classes: tuple[str, ...],
+                settings: GraphSettings) -> SlideSet:
+    """The graphs of the records whose features exist (others are skipped with a warning)."""
+    ids, labels, slide_graphs = [], [], []
+    for record in records:
+        if not features_path(workdir, record.slide_id).exists():
+            logging.warning('train_slide: slide %s has no features (see the extract report); '
+                            'left out', record.slide_id)
+            continue
+        ids.append(record.slide_id)
+        labels.append(classes.index(record.label))
+        slide_graphs.append(slide_graph(workdir, load_bag(workdir, record.slide_id), settings))
+    return SlideSet(ids, np.asarray(labels, np.int32), slide_graphs)
+
+
+def make_batch(slides: SlideSet, indices: np.ndarray, batch_size: int, k: int) -> dict:
+    """Slides `indices` padded to one bucket, the batch filled to batch_size with masked copies.
+
+    Returns {'graph': stacked GraphsTuple [B, ...], 'label' int32 [B], 'mask' bool [B]}.
+    """
+    fill = np.resize(indices, batch_size)  # repeats the batch's own slides as masked filler
+    nodes = graphs.bucket_size(max(int(slides.graphs[i].n_node[0]) for i in fill))
+    padded = [graphs.pad_graph(slides.graphs[i], nodes, graphs.edge_budget(nodes, k)) for i in fill]
+    return {'graph': graphs.stack_graphs(padded), 'label': slides.labels[fill],
+            'mask': np.arange(batch_size) < len(indices)}
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray:
+    """Per-class loss weights [C]: ones, or 'balanced' = n / (C * n_c) over the training slides."""
+    if mode == 'none':
+        return np.ones(num_classes, np.float32)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float32)
+    return np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+
+
+def make_train_step(model, weights: np.ndarray):
+    """(state, batch, rng) -> (state, {'loss', 'weight'}): class-weighted cross entropy."""
+    weights = jnp.asarray(weights)
+
+    def train_step(state: TrainState, batch, rng):
+        def loss_fn(params):
+            logits, _ = model.apply({'params': params}, batch['graph'], False,
+                                    rngs={'dropout': rng})
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+            slide_weights = weights[batch['label']] * batch['mask']
+            total = jnp.maximum(slide_weights.sum(), 1e-12)
+            return (losses * slide_weights).sum() / total, total
+
+        (loss, total), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return state.apply_gradients(grads=grads), {'loss': loss, 'weight': total}
+
+    return train_step
+
+
+def make_predict_step(model):
+    """(params, batch) -> (probabilities [B, C], per-patch pooling weights [B, N])."""
+
+    def predict_step(params, batch):
+        logits, node_weights = model.apply({'params': params}, batch['graph'], True)
+        return jax.nn.softmax(logits), node_weights
+
+    return predict_step
+
+
+def create_optimizer(train) -> optax.GradientTransformation:
+    if train.optimizer == 'adam':
+        return optax.adam(train.lr)
+    return optax.adamw(train.lr, weight_decay=train.weight_decay)
+
+
+class SlideTrainer:
+    """The slide model, mesh and compiled steps of one run."""
+
+    def __init__(self, config, workdir, feature_dim: int):
+        self.config, self.workdir = config, pathlib.Path(workdir)
+        self.classes = tuple(config.data.classes)
+        self.mesh = sharding.make_mesh(config.mesh.data)
+        self.batch_size = config.train.batch_slides
+        self.local_batch = sharding.local_batch_size(self.batch_size, self.mesh)
+        self.model = create_slide_model(config, len(self.classes))
+        self.tx = create_optimizer(config.train)
+        self.feature_dim = feature_dim
+        replicated, batched = sharding.replicated(self.mesh), sharding.batch_sharded(self.mesh)
+        self.create_state = jax.jit(lambda params: TrainState.create(
+            apply_fn=self.model.apply, params=params, tx=self.tx), out_shardings=replicated)
+        self.predict_step = jax.jit(make_predict_step(self.model),
+                                    in_shardings=(replicated, batched),
+                                    out_shardings=(replicated, replicated))
+        self._replicated, self._batched = replicated, batched
+
+    def example_batch(self) -> dict:
+        nodes = graphs.MIN_BUCKET
+        empty = graphs.slide_graph(np.zeros((1, self.feature_dim), np.float32),
+                                   np.zeros((1, 2), np.int32), np.zeros(0, np.int32),
+                                   np.zeros(0, np.int32))
+        slides = SlideSet(['example'], np.zeros(1, np.int32), [empty])
+        return make_batch(slides, np.arange(1), 1, self.config.graph.k)
+
+    def initial_params(self):
+        batch = self.example_batch()
+        return jax.jit(self.model.init, static_argnums=2)(
+            jax.random.key(self.config.seed), batch['graph'], True)['params']
+
+    def abstract_state(self) -> TrainState:
+        shapes = jax.eval_shape(lambda: TrainState.create(
+            apply_fn=self.model.apply, params=self.initial_params(), tx=self.tx))
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=self._replicated), shapes)
+
+    def device_batch(self, batch: dict) -> dict:
+        """This process's rows of a global batch, assembled into arrays sharded over `data`."""
+        start = jax.process_index() * self.local_batch
+        local = jax.tree.map(lambda x: x[start:start + self.local_batch], batch)
+        return sharding.global_batch(local, self.mesh)
+
+    def predict(self, params, slides: SlideSet) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(probabilities [S, C], per-slide node weights [n_s]) in the slides' order."""
+        probabilities, node_weights = [], []
+        for start in range(0, len(slides), self.batch_size):
+            indices = np.arange(start, min(start + self.batch_size, len(slides)))
+            batch = make_batch(slides, indices, self.batch_size, self.config.graph.k)
+            probs, weights = jax.device_get(self.predict_step(params, self.device_batch(batch)))
+            for row, index in enumerate(indices):
+                probabilities.append(probs[row])
+                node_weights.append(weights[row][:int(slides.graphs[index].n_node[0])])
+        return np.asarray(probabilities).reshape(-1, len(self.classes)), node_weights
+
+    def validation(self, params, slides: SlideSet) -> dict:
+        """Validation AUC, loss and the score the best checkpoint is chosen by."""
+        if not len(slides):
+            return {'val_auc': None, 'val_loss': None, 'val_score': None}
+        probabilities, _ = self.predict(params, slides)
+        picked = probabilities[np.arange(len(slides)), slides.labels]
+        loss = float(-np.log(np.maximum(picked, 1e-12)).mean())
+        auc = slide_metrics(probabilities, slides.labels, self.classes)['auc']
+        auc = None if auc is None or not np.isfinite(auc) else float(auc)
+        return {'val_auc': auc, 'val_loss': loss, 'val_score': auc if auc is not None else -loss}
+
+    def fit(self, train: SlideSet, val: SlideSet):
+        """Trains until the stopping rule; returns (state, last checkpoint metadata)."""
+        config = self.config.train
+        if len(train) == 0:
+            raise StageError('train_slide: no training slide has features')
+        step_fn = jax.jit(make_train_step(self.model, class_weights(
+            train.labels, len(self.classes), config.class_weights)),
+            in_shardings=(self._replicated, self._batched, self._replicated),
+            out_shardings=(self._replicated, self._replicated), donate_argnums=0)
+        base_rng = jax.random.key(self.config.seed)
+        with Checkpoints(run_dir(self.workdir), best_metric='val_score') as checkpoints:
+            if checkpoints.latest_step() is not None:
+                state, summary = checkpoints.restore(self.abstract_state())
+                logging.info('train_slide: resuming after epoch %d (step %d)', summary['epoch'],
+                             summary['step'])
+            else:
+                state, summary = self.create_state(self.initial_params()), {'epoch': 0}
+            while not summary.get('stopped'):
+                epoch = summary['epoch']
+                order = np.random.default_rng([self.config.seed, epoch]).permutation(len(train))
+                total_loss = total_weight = 0.0
+                for start in range(0, len(order), self.batch_size):
+                    batch = make_batch(train, order[start:start + self.batch_size],
+                                       self.batch_size, self.config.graph.k)
+                    rng = jax.random.fold_in(base_rng, int(state.step))
+                    state, metrics = step_fn(state, self.device_batch(batch), rng)
+                    weight = float(metrics['weight'])
+                    total_loss, total_weight = total_loss + float(metrics['loss']) * weight, \
+                        total_weight + weight
+                    if int(state.step) >= config.max_steps:
+                        break
+                train_loss = total_loss / max(total_weight, 1e-12)
+                if not np.isfinite(train_loss):
+                    raise StageError(f'train_slide: the loss became {train_loss} in epoch '
+                                     f'{epoch + 1}; the last good checkpoint is kept in '
+                                     f'{run_dir(self.workdir)}')
+                summary = {'epoch': epoch + 1, 'step': int(state.step), 'train_loss': train_loss,
+                           **self.validation(state.params, val)}
+                summary['stopped'] = bool(train_loss <= config.loss_target
+                                          or summary['step'] >= config.max_steps)
+                checkpoints.save(summary['step'], state, summary)
+                if summary['epoch'] % config.log_every_epochs == 0 or summary['stopped']:
+                    logging.info('train_slide: epoch %d, step %d, train loss %.4f, validation '
+                                 'AUC %s', summary['epoch'], summary['step'], train_loss,
+                                 summary['val_auc'])
+        return state, summary
+
+
+def restore_params(trainer: SlideTrainer, workdir, which: str):
+    """The parameters of the best (default) or latest checkpoint, and which one was used."""
+    with Checkpoints(run_dir(workdir), best_metric='val_score') as checkpoints:
+        if checkpoints.latest_step() is None:
+            raise StageError(f'no trained slide model in {run_dir(workdir)}; run train_slide first')
+        best = which == 'best' and checkpoints.best_step() is not None
+        if which == 'best' and not best:
+            logging.warning('no best checkpoint (no validation score); using the latest')
+        state, metadata = checkpoints.restore(trainer.abstract_state(), best=best)
+    return state.params, {'checkpoint': 'best' if best else 'latest', **metadata}
+
+
+def feature_dim(workdir, cohort: Cohort) -> int:
+    for record in cohort.slides:
+        path = features_path(workdir, record.slide_id)
+        if path.exists():
+            return int(artifacts.load_npz(path)['features'].shape[1])
+    raise StageError('train_slide: no slide has features; run the extract stage first')
+
+
+def run(config, workdir, cohort: Cohort) -> None:
+    """The `train_slide` stage; its report holds the final metrics of every split."""
+    settings = GraphSettings.from_config(config)
+    classes = tuple(config.data.classes)
+    splits = {name: load_slides(workdir, list(cohort.split(name)), classes, settings)
+              for name in ('train', 'val', 'test')}
+    logging.info('train_slide: %s slides with features', ', '.join(
+        f'{len(s)} {name}' for name, s in splits.items()))
+    trainer = SlideTrainer(config, workdir, feature_dim(workdir, cohort))
+    _, summary = trainer.fit(splits['train'], splits['val'])
+    params, used = restore_params(trainer, workdir, config.eval.checkpoint)
+    final = {}
+    for name, slides in splits.items():
+        if len(slides):
+            probabilities, _ = trainer.predict(params, slides)
+            final[name] = slide_metrics(probabilities, slides.labels, classes)
+    if sharding.is_leader():
+        artifacts.save_json(pathlib.Path(workdir) / 'reports' / 'train_slide.json',
+                            to_json_safe({'training': summary, 'evaluated': used,
+                                          'metrics': final}))
+    for name, metrics in final.items():
+        logging.info('train_slide: %s AUC %s, accuracy %.3f (%s checkpoint)', name,
+                     metrics['auc'], metrics['accuracy'], used['checkpoint'])
+    return None

@@ -1,0 +1,122 @@
+"""Evaluation artifacts: predictions.csv round trip, metrics.json with nulls, ROC PNGs."""
+
+import csv
+import json
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from pathjax.evaluate import metrics
+from pathjax.evaluate import report
+
+BINARY = ['wild_type', 'mutant']
+THREE = ['MSI', 'CIN', 'GS, other']  # a comma in a class name must survive the CSV
+
+
+def random_predictions(seed: int, num_slides: int, num_classes: int):
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(num_slides) % num_classes)
+    probabilities = rng.dirichlet(np.ones(num_classes), num_slides)
+    return probabilities, labels
+
+
+def assert_no_temporaries(folder):
+    assert not [p.name for p in folder.iterdir() if p.name.endswith('.tmp')]
+
+
+@pytest.mark.parametrize('class_names', [BINARY, THREE])
+def test_predictions_round_trip(tmp_path, class_names):
+    probabilities, labels = random_predictions(0, 12, len(class_names))
+    slide_ids = [f'TCGA-{i:02d}' for i in range(11)] + ['slide, with "quotes"']
+    path = tmp_path / 'eval' / 'test' / 'predictions.csv'
+    report.write_predictions(path, slide_ids, labels, probabilities, class_names)
+    assert_no_temporaries(path.parent)
+
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ['slide_id', 'label', *(f'prob_{n}' for n in class_names), 'pred']
+    assert [row[-1] for row in rows[1:]] == [class_names[c] for c in probabilities.argmax(1)]
+    assert [row[1] for row in rows[1:]] == [class_names[c] for c in labels]
+    assert all(len(p.split('.')[1]) == 6 for row in rows[1:] for p in row[2:-1])
+
+    read_ids, read_labels, read_probabilities = report.read_predictions(path, class_names)
+    assert read_ids == slide_ids
+    np.testing.assert_array_equal(read_labels, labels)
+    np.testing.assert_allclose(read_probabilities, probabilities, atol=5e-7)
+
+
+def test_empty_predictions_round_trip(tmp_path):
+    path = tmp_path / 'predictions.csv'
+    report.write_predictions(path, [], np.zeros(0, np.int64), np.zeros((0, 2)), BINARY)
+    slide_ids, labels, probabilities = report.read_predictions(path, BINARY)
+    assert slide_ids == [] and labels.shape == (0,) and probabilities.shape == (0, 2)
+
+
+def test_predictions_reject_mismatches(tmp_path):
+    path = tmp_path / 'predictions.csv'
+    probabilities, labels = random_predictions(1, 4, 2)
+    with pytest.raises(ValueError, match='slide ids'):
+        report.write_predictions(path, ['a', 'b'], labels, probabilities, BINARY)
+    assert not path.exists()
+    report.write_predictions(path, list('abcd'), labels, probabilities, BINARY)
+    with pytest.raises(ValueError, match='header'):
+        report.read_predictions(path, THREE)
+    header, first, *rest = path.read_text().splitlines()
+    path.write_text('\n'.join([header, first.replace(',wild_type,', ',WT,').replace(
+        ',mutant,', ',WT,', 1), *rest]) + '\n')
+    with pytest.raises(ValueError, match=r"unknown labels \['WT'\]"):
+        report.read_predictions(path, BINARY)
+
+
+def test_metrics_json_nan_is_null(tmp_path):
+    labels = np.zeros(4, np.int64)  # one class: AUC undefined
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.6, 0.4]])
+    result = metrics.slide_metrics(probabilities, labels, BINARY)
+    path = tmp_path / 'metrics.json'
+    report.write_metrics(path, result)
+    assert_no_temporaries(tmp_path)
+    text = path.read_text()
+    assert 'NaN' not in text and '"auc": null' in text
+    loaded = json.loads(text)
+    assert loaded['auc'] is None
+    assert loaded['accuracy'] == 0.75
+    assert loaded['confusion_matrix'] == [[3, 1], [0, 0]]
+    assert loaded['per_class']['mutant'] == {'support': 0, 'recall': 0.0, 'precision': 0.0}
+
+
+def assert_png(path, min_side=300):
+    with Image.open(path) as image:
+        assert image.format == 'PNG'
+        assert min(image.size) >= min_side and max(image.size) <= 2000
+        pixels = np.asarray(image.convert('L'))
+    assert pixels.std() > 5  # something was drawn
+    assert path.stat().st_size > 5_000
+
+
+@pytest.mark.parametrize('class_names,num_slides', [(BINARY, 30), (THREE, 30), (BINARY, 0)])
+def test_plot_roc(tmp_path, class_names, num_slides):
+    probabilities, labels = random_predictions(2, num_slides, len(class_names))
+    path = tmp_path / 'roc.png'
+    report.plot_roc(path, probabilities, labels, class_names)
+    assert_png(path)
+    assert_no_temporaries(tmp_path)
+
+
+def test_plot_roc_single_class_says_undefined(tmp_path):
+    probabilities, labels = random_predictions(3, 10, 2)
+    report.plot_roc(tmp_path / 'single.png', probabilities, np.ones(10, np.int64), BINARY)
+    report.plot_roc(tmp_path / 'both.png', probabilities, labels, BINARY)
+    assert_png(tmp_path / 'single.png')
+    with Image.open(tmp_path / 'single.png') as single, Image.open(tmp_path / 'both.png') as both:
+        assert single.size == both.size
+        assert not np.array_equal(np.asarray(single), np.asarray(both))
+
+
+def test_plot_roc_overwrites_atomically(tmp_path):
+    path = tmp_path / 'roc.png'
+    path.write_bytes(b'old')
+    probabilities, labels = random_predictions(4, 8, 2)
+    report.plot_roc(path, probabilities, labels, BINARY)
+    assert_png(path)
+    assert_no_temporaries(tmp_path)
