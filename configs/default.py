@@ -95,7 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict()
     config.eval.splits = ('test',)  # splits the evaluate stage reports on
-    config.eval.checkpoint = 'best'  # 'best' (validation score) or 'latest'
+    config.eval.checkpoint = 'latest'  # 'latest' (where the method's stopping rule ended) or
+    # 'best' (highest validation AUC, ties to the lower validation loss)
     config.eval.heatmaps = True
 
     config.mesh = ml_collections.ConfigDict()

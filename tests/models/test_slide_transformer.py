@@ -1,0 +1,48 @@
+"""The slide model: invariant to padding and to the order of a slide's patches."""
+
+import jax
+import numpy as np
+import pytest
+
+from pathjax.data import graphs
+from pathjax.models.slide_transformer import BatchedSlideTransformer
+
+
+def slide(count=40, dim=24, seed=0):
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(count, dim)).astype(np.float32)
+    grid = rng.integers(0, 30, (count, 2))
+    senders, receivers = graphs.symmetric_edges(graphs.knn_indices(features, 4))
+    return features, grid, senders, receivers
+
+
+def logits_of(model, params, features, grid, senders, receivers, nodes):
+    graph = graphs.pad_graph(graphs.slide_graph(features, grid, senders, receivers), nodes,
+                             graphs.edge_budget(nodes, 4))
+    logits, weights = model.apply({'params': params}, graphs.stack_graphs([graph]), True)
+    return np.asarray(logits[0]), np.asarray(weights[0][:len(features)])
+
+
+@pytest.mark.parametrize('attention, pooling', [('dense', 'mean'), ('graph', 'gated'),
+                                                ('dense', 'gated')])
+def test_padding_and_patch_order_do_not_change_the_prediction(attention, pooling):
+    model = BatchedSlideTransformer(num_classes=3, d_model=32, num_heads=4, transformer_layers=2,
+                                    gcn_layers=2, attention=attention, pooling=pooling)
+    features, grid, senders, receivers = slide()
+    graph = graphs.pad_graph(graphs.slide_graph(features, grid, senders, receivers), 64,
+                             graphs.edge_budget(64, 4))
+    params = model.init(jax.random.key(0), graphs.stack_graphs([graph]), True)['params']
+    reference, weights = logits_of(model, params, features, grid, senders, receivers, 64)
+    padded, padded_weights = logits_of(model, params, features, grid, senders, receivers, 256)
+    np.testing.assert_allclose(padded, reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(padded_weights, weights, rtol=1e-5, atol=1e-6)
+    order = np.random.default_rng(1).permutation(len(features))
+    new_index = np.argsort(order)  # old node i is new node new_index[i]
+    permuted, permuted_weights = logits_of(model, params, features[order], grid[order],
+                                           new_index[senders], new_index[receivers], 64)
+    np.testing.assert_allclose(permuted, reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(permuted_weights, weights[order], rtol=1e-5, atol=1e-6)
+    assert weights.sum() == pytest.approx(1.0, abs=1e-5)
+    # The slide's content matters: another slide gives other logits.
+    other, _ = logits_of(model, params, *slide(seed=5), 64)
+    assert not np.allclose(other, reference, atol=1e-4)

@@ -1,0 +1,185 @@
+"""Slide training and evaluation on feature bags: learns a minority signal, not noise; shards like
+one device; resumes exactly; a fresh process reproduces the metrics from the checkpoint."""
+
+import json
+import subprocess
+import sys
+
+import h5py
+import jax
+import numpy as np
+import optax
+import pytest
+
+from pathjax import artifacts
+from pathjax.cohort import Cohort, SlideRecord
+from pathjax.data import synthetic_bags
+from pathjax.data.features import GraphSettings, features_path
+from pathjax.evaluate import evaluate_stage, report
+from pathjax.train import sharding, slide_training
+from pathjax.train.checkpoint import Checkpoints
+from pathjax.train.slide_training import SlideTrainer, TrainState, load_slides, make_batch
+from tests.conftest import REPO, make_config
+
+CLASSES = ('negative', 'positive')
+SETTINGS = {'eval.splits': ('val', 'test'), 'mesh.data': 1}
+
+
+def bag_cohort(workdir, num_slides=100, seed=0, shuffle_training_labels=False):
+    """Synthetic bags written as features files; 50 train, 10 val, the rest test."""
+    bags = synthetic_bags.make_bags(num_slides, patches=(40, 120), seed=seed)  # buckets 64, 128
+    labels = np.array([b.label for b in bags])
+    if shuffle_training_labels:
+        labels[:60] = np.random.default_rng(seed + 1).permutation(labels[:60])
+    records = []
+    for i, (bag, label) in enumerate(zip(bags, labels)):
+        artifacts.save_npz(features_path(workdir, bag.slide_id), features=bag.features,
+                           coords=bag.grid * 256, grid=bag.grid)
+        split = 'train' if i < 50 else 'val' if i < 60 else 'test'
+        records.append(SlideRecord(bag.slide_id, '', CLASSES[label], bag.slide_id, split, i + 2))
+    return Cohort(tuple(records), ())
+
+
+def report_of(workdir):
+    return json.loads((workdir / 'reports' / 'train_slide.json').read_text())
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp('bags')
+    cohort = bag_cohort(workdir)
+    config = make_config(**SETTINGS)
+    slide_training.run(config, workdir, cohort)
+    return workdir, cohort, config
+
+
+def test_learns_a_signal_carried_by_a_minority_of_patches(trained):
+    workdir, _, config = trained
+    result = report_of(workdir)
+    assert result['metrics']['test']['auc'] >= 0.9, result
+    assert result['metrics']['test']['num_slides'] == 40
+    training = result['training']
+    assert training['stopped']  # the method's rule ended training
+    assert training['train_loss'] <= config.train.loss_target or \
+        training['step'] >= config.train.max_steps
+
+
+def test_shuffled_labels_give_chance(tmp_path):
+    cohort = bag_cohort(tmp_path, num_slides=120, shuffle_training_labels=True)
+    slide_training.run(make_config(**SETTINGS), tmp_path, cohort)
+    auc = report_of(tmp_path)['metrics']['test']['auc']
+    assert abs(auc - 0.5) <= 0.2, auc
+
+
+def test_fresh_process_evaluation_reproduces_the_training_metrics(trained):
+    workdir, _, _ = trained
+    script = (f'import sys; sys.path.insert(0, {str(REPO)!r});'
+              'import pathlib;'
+              'from tests.conftest import make_config;'
+              'from tests.train.test_slide_training import bag_cohort, SETTINGS;'
+              'from pathjax.evaluate import evaluate_stage;'
+              f'w = pathlib.Path({str(workdir)!r});'
+              'evaluate_stage.run(make_config(**SETTINGS), w, bag_cohort(w))')
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                            timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    in_training = report_of(workdir)['metrics']
+    for split in ('val', 'test'):
+        fresh = json.loads((workdir / 'eval' / split / 'metrics.json').read_text())
+        for key in ('auc', 'accuracy', 'balanced_accuracy', 'f1'):
+            assert fresh[key] == pytest.approx(in_training[split][key], abs=1e-6), (split, key)
+        assert fresh['confusion_matrix'] == in_training[split]['confusion_matrix']
+        ids, labels, probabilities = report.read_predictions(
+            workdir / 'eval' / split / 'predictions.csv', CLASSES)
+        assert len(ids) == fresh['num_slides'] and (workdir / 'eval' / split / 'roc.png').exists()
+
+
+def test_sharded_step_matches_one_device(trained):
+    workdir, cohort, _ = trained
+    config = make_config(**{**SETTINGS, 'mesh.data': -1})
+    slides = load_slides(workdir, list(cohort.split('train'))[:8], CLASSES,
+                         GraphSettings.from_config(config))
+    batch = make_batch(slides, np.arange(8), 8, config.graph.k)
+    results = []
+    for devices in (1, 8):
+        config.mesh.data = devices
+        trainer = SlideTrainer(config, workdir, 32)
+        replicated, batched = sharding.replicated(trainer.mesh), sharding.batch_sharded(trainer.mesh)
+        params = jax.device_get(trainer.initial_params())
+        state = jax.device_put(TrainState.create(apply_fn=trainer.model.apply, params=params,
+                                                 tx=optax.sgd(0.1)), replicated)
+        step = jax.jit(slide_training.make_train_step(trainer.model, np.ones(2, np.float32)),
+                       in_shardings=(replicated, batched, replicated),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+        for i in range(3):
+            state, metrics = step(state, trainer.device_batch(batch), jax.random.key(i))
+        results.append((jax.device_get(state.params), float(metrics['loss'])))
+    # SGD, not Adam: Adam divides by the gradient's own scale, so summation-order noise in
+    # near-zero gradients would become step-sized differences.
+    assert results[0][1] == pytest.approx(results[1][1], abs=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
+    config = make_config(**{**SETTINGS, 'train.max_steps': 12, 'eval.heatmaps': False})
+    runs = {}
+    for name in ('straight', 'killed'):
+        (tmp_path / name).mkdir()
+        runs[name] = (tmp_path / name, bag_cohort(tmp_path / name, num_slides=70))
+    slide_training.run(config, *runs['straight'])
+    original = Checkpoints.save
+    calls = []
+
+    def save_then_die(self, step, state, metadata):
+        original(self, step, state, metadata)
+        calls.append(step)
+        if len(calls) == 2:
+            raise KeyboardInterrupt('killed')
+
+    monkeypatch.setattr(Checkpoints, 'save', save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        slide_training.run(config, *runs['killed'])
+    monkeypatch.setattr(Checkpoints, 'save', original)
+    slide_training.run(config, *runs['killed'])
+    straight, killed = report_of(runs['straight'][0]), report_of(runs['killed'][0])
+    assert straight['training']['step'] == killed['training']['step'] == 12
+    assert killed['training']['train_loss'] == pytest.approx(straight['training']['train_loss'],
+                                                             rel=1e-5)
+    assert killed['metrics']['test']['auc'] == pytest.approx(straight['metrics']['test']['auc'])
+
+
+def test_class_weights():
+    labels = np.array([0, 0, 0, 1])
+    np.testing.assert_allclose(slide_training.class_weights(labels, 2, 'balanced'), [4 / 6, 4 / 2])
+    np.testing.assert_allclose(slide_training.class_weights(labels, 2, 'none'), [1, 1])
+
+
+def test_real_feature_bags_train_and_evaluate(shared_data, tmp_path):
+    """The two real TCGA feature bags (777 and 180 patches of 512 features) through graph
+    building, training, evaluation and the report files."""
+    folder = shared_data / 'tiles' / 'mopadi'
+    with h5py.File(folder / 'TCGA-AD-6964-01Z-00-DX1' / 'features.h5') as f:
+        first = (f['feats'][:], f['coords'][:])
+    with h5py.File(folder / 'TCGA-3X-AAVA-01Z-00-DX1' / 'features.h5') as f:
+        second = (f['features'][:], None)  # tile names only: patches laid out on one row
+    records = []
+    for i, (name, (features, coords)) in enumerate([('TCGA-AD-6964', first),
+                                                    ('TCGA-3X-AAVA', second)]):
+        grid = coords[:, ::-1] // 512 if coords is not None else \
+            np.stack([np.zeros(len(features), int), np.arange(len(features))], 1)
+        artifacts.save_npz(features_path(tmp_path, name), features=features,
+                           coords=grid[:, ::-1] * 512, grid=grid)
+        records.append(SlideRecord(name, '', CLASSES[i], name, 'train', i + 2))
+    cohort = Cohort(tuple(records), ())
+    config = make_config(**{'train.max_steps': 3, 'eval.splits': ('train',), 'mesh.data': 1})
+    slide_training.run(config, tmp_path, cohort)
+    entries = evaluate_stage.run(config, tmp_path, cohort)
+    assert [e.status for e in entries] == ['ok', 'ok']
+    graph = artifacts.load_npz(tmp_path / 'graphs' / 'TCGA-AD-6964.npz')
+    assert len(graph['kept']) == 512 and len(graph['senders']) >= 512 * 8  # capped at max_patches
+    ids, _, probabilities = report.read_predictions(tmp_path / 'eval' / 'train' / 'predictions.csv',
+                                                    CLASSES)
+    assert ids == ['TCGA-AD-6964', 'TCGA-3X-AAVA'] and np.isfinite(probabilities).all()
+    metrics = json.loads((tmp_path / 'eval' / 'train' / 'metrics.json').read_text())
+    assert metrics['num_slides'] == 2 and metrics['checkpoint']['checkpoint'] in ('best', 'latest')
