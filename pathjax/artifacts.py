@@ -34,6 +34,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
             os.unlink(temporary)
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Deletes temporary files a killed run left in `folder` (only call it where no other
+    process is writing); returns how many."""
+    stale = list(pathlib.Path(folder).glob('.*.tmp'))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def save_npz(path: str | os.PathLike, **arrays: Any) -> None:
     """np.savez (uncompressed) atomically; arrays only, no pickled objects."""
     with atomic_path(path) as temporary:

@@ -123,7 +123,7 @@ class PatchReader:
             downsample = probe.level_downsamples[slide.level]
         runs = plan_runs(slide.coords, slide.read_size, downsample)
         pending = collections.deque()
-        filled, images, next_run = 0, None, 0
+        next_run = 0
         for batch_start in range(0, len(slide.coords), self.batch_size):
             batch_stop = min(batch_start + self.batch_size, len(slide.coords))
             images = np.empty((batch_stop - batch_start, slide.patch_size, slide.patch_size, 3),

@@ -193,6 +193,8 @@ def stain_reference(config, scans: dict[str, dict], cohort: Cohort) -> tuple[np.
 def run(config, workdir: str, cohort: Cohort) -> list[SlideEntry]:
     """Runs the tile stage over the cohort; returns one report entry per manifest row."""
     workdir = str(workdir)
+    for folder in ('tiles', 'tiles/.scan', 'qc', 'thumbnails'):
+        artifacts.remove_stale_temporaries(pathlib.Path(workdir) / folder)
     settings = TileSettings.from_config(config)
     todo = [r for r in cohort.slides if not tiles_path(workdir, r.slide_id).exists()
             and not scan_path(workdir, r.slide_id).exists()]

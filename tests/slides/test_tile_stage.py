@@ -134,11 +134,15 @@ def test_killed_run_resumes_without_redoing_finished_slides(cohort_manifest, tmp
          '--workdir', str(tmp_path), f'--config.data.manifest={cohort_manifest}',
          '--config.workers=1', '--stages=tile'], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while len(list((tmp_path / 'qc').glob('*.png'))) < 3 and time.time() < deadline:
+    scanned = tmp_path / 'tiles' / '.scan'
+    while len(list(scanned.glob('*.npz'))) < 3 and time.time() < deadline:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done_before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'qc').glob('*.png')}
+    # A slide is finished once its scan file exists (its pictures are written just before).
+    finished = [p.stem for p in scanned.glob('*.npz')]
+    done_before = {f'{s}.png': (tmp_path / 'qc' / f'{s}.png').stat().st_mtime_ns for s in finished}
+    (tmp_path / 'tiles' / '.scan' / '.half-written.npz.123.tmp').write_bytes(b'killed mid-write')
     assert 3 <= len(done_before) < 8, 'the run was not killed midway'
     assert not (tmp_path / 'reports' / 'tile.json').exists()
     result = launch(tmp_path, f'--config.data.manifest={cohort_manifest}')
@@ -147,6 +151,7 @@ def test_killed_run_resumes_without_redoing_finished_slides(cohort_manifest, tmp
     assert len(after) == 8
     assert all(after[name] == mtime for name, mtime in done_before.items())
     assert all(e['status'] == 'ok' for e in report(tmp_path).values())
+    assert not list(tmp_path.rglob('*.tmp'))  # what the killed run left half-written is gone
 
 
 def test_bad_slides_are_reported_and_the_rest_goes_on(cohort_manifest, tmp_path, shared_data):
