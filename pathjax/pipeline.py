@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 import jax
 from absl import logging
 
-from pathjax import artifacts, cohort as cohort_lib, stage_report
+from pathjax import artifacts, cohort as cohort_lib, provenance, stage_report
 from pathjax.errors import StageError, UsageError
 from pathjax.data import patches
 from pathjax.slides import synthetic, tile_stage
@@ -24,20 +24,31 @@ from pathjax.train import extract, feature_learning, sharding, slide_training
 class Stage(NamedTuple):
     """A stage: run(config, workdir, cohort) -> one report entry per slide, or None for a stage
     that works on the cohort as a whole (and writes its own report). On several hosts, a stage
-    runs on every process (`every_process`) or on process 0 alone while the others wait."""
+    runs on every process (`every_process`) or on process 0 alone while the others wait.
+    `settings`: the config fields its artifacts depend on beyond those of earlier stages;
+    `artifacts`: what to delete to redo it."""
 
     name: str
     run: Callable[..., list[stage_report.SlideEntry] | None]
     every_process: bool
+    settings: tuple[str, ...]
+    artifacts: str
 
 
 STAGES = (
-    Stage('tile', tile_stage.run, every_process=False),
-    Stage('patches', patches.run, every_process=False),
-    Stage('learn_features', feature_learning.run, every_process=True),
-    Stage('extract', extract.run, every_process=True),
-    Stage('train_slide', slide_training.run, every_process=True),
-    Stage('evaluate', evaluate_stage.run, every_process=True),
+    Stage('tile', tile_stage.run, False,
+          ('seed', 'data.classes', 'data.split_fractions', 'data.folds', 'data.fold',
+           'data.synthetic', 'tile', 'tissue', 'stain'), 'tiles/, qc/, thumbnails/, stain/'),
+    Stage('patches', patches.run, False, ('learn.patches_per_slide',), 'patches/'),
+    Stage('learn_features', feature_learning.run, True,
+          ('feature_net', 'am_softmax', 'learn.batch_size', 'learn.optimizer', 'learn.lr',
+           'learn.lr_schedule', 'learn.momentum', 'learn.weight_decay', 'learn.grad_clip',
+           'learn.augment'), 'feature_net/'),
+    Stage('extract', extract.run, True, (), 'features/'),
+    Stage('train_slide', slide_training.run, True,
+          ('graph', 'slide_net', 'train.batch_slides', 'train.optimizer', 'train.lr',
+           'train.weight_decay', 'train.class_weights'), 'graphs/, slide_net/'),
+    Stage('evaluate', evaluate_stage.run, True, (), 'eval/'),
 )
 
 
@@ -195,9 +206,14 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
     if sharding.is_leader():
         artifacts.save_text(workdir / 'config.json', config.to_json_best_effort(indent=2) + '\n')
     cohort = prepare_cohort(config, workdir)
+    fields = []
     for stage in STAGES:
+        fields += stage.settings
         if stages and stage.name not in stages:
             continue
+        if sharding.is_leader():
+            provenance.check_and_record(workdir, stage.name,
+                                        provenance.settings_of(config, fields), stage.artifacts)
         logging.info('stage %s', stage.name)
         entries = None
         if stage.every_process or sharding.is_leader():

@@ -53,3 +53,17 @@ def test_no_usable_slide_exits_non_zero_with_the_report(tmp_path):
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert 'no slide could be processed' in result.stderr
     assert (tmp_path / 'work' / 'reports' / 'tile.json').exists()
+
+
+def test_rerun_with_other_settings_is_refused_naming_the_fields(tmp_path):
+    small = ['--config.data.synthetic.num_slides=2', '--config.data.synthetic.width=1024',
+             '--config.data.synthetic.height=1024']
+    assert launch(*small, workdir=tmp_path).returncode == 0
+    tiles = {p: p.stat().st_mtime_ns for p in (tmp_path / 'tiles').glob('*.npz')}
+    result = launch(*small, '--config.tile.mpp=1.0', '--config.tissue.threshold=210',
+                    workdir=tmp_path)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert 'tile.mpp was 2.0, now 1.0' in result.stderr
+    assert 'tissue.threshold was 200, now 210' in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / 'tiles').glob('*.npz')} == tiles
+    assert launch(*small, '--config.workers=1', workdir=tmp_path).returncode == 0  # not a setting
