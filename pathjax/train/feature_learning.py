@@ -159,9 +159,11 @@ class FeatureTrainer:
                                         workers=self.config.workers)
         progress = tqdm(batches, total=self.steps_per_epoch, desc=f'epoch {epoch + 1}',
                         unit='step', disable=None, leave=False)
+        step = epoch * self.steps_per_epoch  # on the host: reading state.step would wait for it
         for batch in progress:
-            rng = jax.random.fold_in(self.base_rng, int(state.step))
+            rng = jax.random.fold_in(self.base_rng, step)
             state, metrics = self.train_step(state, sharding.global_batch(batch, self.mesh), rng)
+            step += 1
             for key in sums:
                 sums[key] = sums[key] + metrics[key]
             count += 1
@@ -169,11 +171,11 @@ class FeatureTrainer:
                 loss, accuracy = float(sums['loss']) / count, float(sums['accuracy']) / count
                 if not np.isfinite(loss):
                     raise StageError(f'learn_features: the loss became {loss} in epoch {epoch + 1} '
-                                     f'(step {int(state.step)}); the last good checkpoint is kept '
+                                     f'(step {step}); the last good checkpoint is kept '
                                      f'in {run_dir(self.workdir)}')
                 rate = count * self.batch_size / (time.perf_counter() - start)
                 epoch_loss, epoch_steps = epoch_loss + loss * count, epoch_steps + count
-                record = {'epoch': epoch + 1, 'step': int(state.step), 'loss': loss,
+                record = {'epoch': epoch + 1, 'step': step, 'loss': loss,
                           'accuracy': accuracy, 'images_per_second': rate}
                 _append_jsonl(metrics_file, record)
                 progress.set_postfix(loss=f'{loss:.3f}', acc=f'{accuracy:.3f}', img_s=f'{rate:.0f}')
@@ -203,7 +205,7 @@ class FeatureTrainer:
                              'accuracy %s', epoch + 1, self.config.learn.epochs,
                              summary['train_loss'], summary['val_accuracy'])
                 _append_jsonl(metrics_file, summary)
-                checkpoints.save(int(state.step), state, summary)
+                checkpoints.save((epoch + 1) * self.steps_per_epoch, state, summary)
         return summary
 
 

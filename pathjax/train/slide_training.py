@@ -207,27 +207,28 @@ class SlideTrainer:
                 logging.info('train_slide: resuming after epoch %d (step %d)', summary['epoch'],
                              summary['step'])
             else:
-                state, summary = self.create_state(self.initial_params()), {'epoch': 0}
+                state, summary = self.create_state(self.initial_params()), {'epoch': 0, 'step': 0}
+            step = summary['step']  # on the host: reading state.step would wait for the device
             while not summary.get('stopped'):
                 epoch = summary['epoch']
                 order = np.random.default_rng([self.config.seed, epoch]).permutation(len(train))
-                total_loss = total_weight = 0.0
+                losses = []  # device scalars, read once at the end of the epoch
                 for start in range(0, len(order), self.batch_size):
                     batch = make_batch(train, order[start:start + self.batch_size],
                                        self.batch_size, self.config.graph.k)
-                    rng = jax.random.fold_in(base_rng, int(state.step))
+                    rng = jax.random.fold_in(base_rng, step)
                     state, metrics = step_fn(state, self.device_batch(batch), rng)
-                    weight = float(metrics['weight'])
-                    total_loss, total_weight = total_loss + float(metrics['loss']) * weight, \
-                        total_weight + weight
-                    if int(state.step) >= config.max_steps:
+                    losses.append((metrics['loss'], metrics['weight']))
+                    step += 1
+                    if step >= config.max_steps:
                         break
-                train_loss = total_loss / max(total_weight, 1e-12)
+                loss, weight = np.asarray(jax.device_get(losses), np.float64).T
+                train_loss = float((loss * weight).sum() / max(weight.sum(), 1e-12))
                 if not np.isfinite(train_loss):
                     raise StageError(f'train_slide: the loss became {train_loss} in epoch '
                                      f'{epoch + 1}; the last good checkpoint is kept in '
                                      f'{run_dir(self.workdir)}')
-                summary = {'epoch': epoch + 1, 'step': int(state.step), 'train_loss': train_loss,
+                summary = {'epoch': epoch + 1, 'step': step, 'train_loss': train_loss,
                            **self.validation(state.params, val)}
                 summary['stopped'] = bool(train_loss <= config.loss_target
                                           or summary['step'] >= config.max_steps)
