@@ -7,14 +7,15 @@ entropy), ImageNet normalization in its forward like pathjax's, the same optimiz
 momentum 0.9, or Adam), eager mode. pathjax: `FeatureNet` (trunk + AM-softmax head and loss),
 one jitted train step with the state donated; inference is the jitted forward. Each measurement
 runs warm-up steps, then reports the median images/s over the timed steps; the Flax compile time
-is measured on its own (`jit(...).lower(...).compile()`).
+is measured on its own (`jit(...).lower(...).compile()`). On CPU the Flax side is measured twice:
+`flax` with CPU_COMPILER_OPTIONS (the recommended setting) and `flax-xla-defaults` without.
 
 Threads: the process is pinned to `--threads` cores before JAX starts its CPU client (XLA sizes
 its intra-op pool from the cores it may run on) and `torch.set_num_threads(--threads)`.
 On a GPU (jax.default_backend() == 'gpu') the Flax side computes in bfloat16 and the table adds
 the fraction of `--peak-flops` reached; the PyTorch side runs only where torch sees CUDA.
 
-  python benchmarks/feature_net.py [--threads 2] [--sizes 224 512] [--batch 4 2] [--steps 5]
+  python benchmarks/feature_net.py [--threads 2] [--sizes 224 512] [--batch 4 2] [--steps 3]
 """
 
 import argparse
@@ -34,11 +35,11 @@ from flax.training import train_state
 from pathjax.models.am_softmax import am_softmax_loss
 from pathjax.models.feature_net import FeatureNet
 from pathjax.models.vgg import BLOCKS, IMAGENET_MEAN, IMAGENET_STD, scaled
+from pathjax.train.xla_options import CPU_CONVOLUTIONS_ON_EIGEN
 
 AM_S, AM_M, MOMENTUM = 30.0, 0.35, 0.9
-# XLA CPU: convolutions through Eigen instead of YNNPACK (dots stay on YNNPACK). YNNPACK runs the
-# weight-gradient convolution (a window as large as the image) at a fifth of Eigen's speed.
-CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+# XLA CPU: convolutions through Eigen instead of YNNPACK, as pathjax compiles its train steps.
+CPU_COMPILER_OPTIONS = CPU_CONVOLUTIONS_ON_EIGEN
 
 
 def pin_threads(threads: int) -> None:
@@ -110,7 +111,7 @@ def flax_train_runner(executable, state, images, labels):
 
     def run():
         carry[0], loss = executable(carry[0], images, labels)
-        loss.block_until_ready()
+        jax.block_until_ready((carry[0], loss))
     return run
 
 
@@ -199,9 +200,11 @@ def rate(batch: int, times: list[float]) -> float:
     return batch / statistics.median(times)
 
 
-def flax_variants(gpu: bool) -> dict:
+def flax_variants(gpu: bool, with_defaults: bool) -> dict:
     """Name -> XLA compiler options of each Flax variant measured."""
-    return {'flax': {}} if gpu else {'flax (XLA defaults)': {}, 'flax': CPU_COMPILER_OPTIONS}
+    if gpu:
+        return {'flax': {}}
+    return ({'flax-xla-defaults': {}} if with_defaults else {}) | {'flax': CPU_COMPILER_OPTIONS}
 
 
 def add_flax_runners(runners: dict, compile_seconds: dict, args, images, labels, gpu: bool):
@@ -209,7 +212,7 @@ def add_flax_runners(runners: dict, compile_seconds: dict, args, images, labels,
     model = FeatureNet(num_classes=args.classes, width=args.width,
                        dtype=jnp.bfloat16 if gpu else jnp.float32)
     x, y = jax.device_put(images), jax.device_put(labels)
-    for name, options in flax_variants(gpu).items():
+    for name, options in flax_variants(gpu, not args.no_xla_defaults).items():
         state = flax_state(model, x, args.optimizer, args.lr)
         infer, compile_seconds[f'{name} infer'] = compiled(flax_infer, state, x, donate=False,
                                                            options=options)
@@ -239,11 +242,11 @@ def measure_size(args, size: int, batch: int, torch_device, gpu: bool) -> list[d
     add_flax_runners(runners, compile_seconds, args, images, labels, gpu)
     if torch_device is not None:
         add_torch_runners(runners, args, images, labels, torch_device)
-    times = interleaved(runners, args.warmup, args.steps)
     rows = []
     for mode in ('train', 'infer'):
-        rates = {name.rsplit(' ', 1)[0]: rate(batch, seconds)
-                 for name, seconds in times.items() if name.endswith(mode)}
+        times = interleaved({name.rsplit(' ', 1)[0]: run for name, run in runners.items()
+                             if name.endswith(mode)}, args.warmup, args.steps)
+        rates = {name: rate(batch, seconds) for name, seconds in times.items()}
         rows.append(dict(size=size, batch=batch, mode=mode, rates=rates,
                          compile=compile_seconds[f'flax {mode}'],
                          flops=model_flops(size, args.width, mode == 'train')))
@@ -253,31 +256,30 @@ def measure_size(args, size: int, batch: int, torch_device, gpu: bool) -> list[d
 def report(rows: list[dict], peak: float | None) -> None:
     """One line per (size, mode): images/s of each variant, ratios to torch, Flax GFLOP/s."""
     names = list(rows[0]['rates'])
-    print(f'{"size":>4s} {"batch":>5s} {"mode":5s} ' + ' '.join(f'{n:>19s}' for n in names)
-          + ''.join(f' {n + "/torch":>25s}' for n in names if n != 'torch')
-          + f' {"flax GFLOP/s":>12s} {"compile s":>9s}' + ('  % peak' if peak else ''))
+    ratios = [n for n in names if n != 'torch'] if 'torch' in names else []
+    print(f'{"size":>4s} {"batch":>5s} {"mode":5s}' + ''.join(f' {n:>17s}' for n in names)
+          + ''.join(f' {n + "/torch":>23s}' for n in ratios)
+          + f' {"flax GFLOP/s":>12s} {"compile s":>9s}' + (' % peak' if peak else ''))
     for r in rows:
         rates = r['rates']
-        line = f'{r["size"]:4d} {r["batch"]:5d} {r["mode"]:5s} ' + ' '.join(
-            f'{rates[n]:19.2f}' for n in names)
-        if 'torch' in rates:
-            line += ''.join(f' {rates[n] / rates["torch"]:24.2f}x' for n in names if n != 'torch')
-        line += f' {rates["flax"] * r["flops"] / 1e9:12.1f} {r["compile"]:9.1f}'
-        if peak:
-            line += f'  {100 * rates["flax"] * r["flops"] / peak:6.1f}'
-        print(line)
-    print('images/s: median over the timed steps; flax: CPU_COMPILER_OPTIONS on CPU; GFLOP/s: '
-          'convolution FLOPs (train: forward + weight + input gradients)')
+        print(f'{r["size"]:4d} {r["batch"]:5d} {r["mode"]:5s}'
+              + ''.join(f' {rates[n]:17.2f}' for n in names)
+              + ''.join(f' {rates[n] / rates["torch"]:22.2f}x' for n in ratios)
+              + f' {rates["flax"] * r["flops"] / 1e9:12.1f} {r["compile"]:9.1f}'
+              + (f' {100 * rates["flax"] * r["flops"] / peak:6.1f}' if peak else ''))
+    print('images/s: median of the timed steps. flax: CPU_COMPILER_OPTIONS on CPU; '
+          'flax-xla-defaults: none. GFLOP/s: convolution FLOPs (train: forward + weight and '
+          'input gradients). compile s: flax, jit(...).lower(...).compile().')
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument('--sizes', type=int, nargs='+', default=[224, 512])
-    parser.add_argument('--batch', type=int, nargs='+', default=[4, 2],
-                        help='one batch size per image size')
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--steps', type=int, default=5)
+    parser.add_argument('--batch', type=int, nargs='+',
+                        help='one batch size per image size (default: 4 2 on CPU, 128 32 on GPU)')
+    parser.add_argument('--warmup', type=int, help='default: 1 on CPU, 5 on GPU')
+    parser.add_argument('--steps', type=int, help='timed steps (default: 3 on CPU, 30 on GPU)')
     parser.add_argument('--width', type=float, default=1.0)
     parser.add_argument('--classes', type=int, default=2)
     parser.add_argument('--optimizer', choices=('sgd', 'adam'), default='sgd')
@@ -285,11 +287,17 @@ def main() -> None:
     parser.add_argument('--peak-flops', type=float, default=989e12,
                         help='accelerator peak (dense bf16 FLOP/s; default: H100 SXM)')
     parser.add_argument('--no-torch', action='store_true')
+    parser.add_argument('--no-xla-defaults', action='store_true',
+                        help='skip the Flax variant compiled with XLA\'s default CPU options')
     args = parser.parse_args()
-    if len(args.batch) != len(args.sizes):
-        parser.error('give one --batch per --sizes entry')
     pin_threads(args.threads)
     gpu = jax.default_backend() == 'gpu'
+    for name, cpu_default, gpu_default in (('batch', [4, 2], [128, 32]), ('warmup', 1, 5),
+                                           ('steps', 3, 30)):
+        if getattr(args, name) is None:
+            setattr(args, name, gpu_default if gpu else cpu_default)
+    if len(args.batch) != len(args.sizes):
+        parser.error('give one --batch per --sizes entry')
     torch_device = None if args.no_torch else (
         'cuda' if gpu and torch.cuda.is_available() else None if gpu else 'cpu')
     device = jax.devices()[0].device_kind if gpu else cpu_model()
@@ -299,7 +307,8 @@ def main() -> None:
           f'python {platform.python_version()}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
     print(f'width {args.width}, {args.classes} classes, optimizer {args.optimizer}, '
           f'compute {"bfloat16" if gpu else "float32"}, {args.warmup} warm-up + '
-          f'{args.steps} timed steps (median); torch on {torch_device or "-"}\n')
+          f'{args.steps} timed steps (median); torch on {torch_device or "-"}'
+          + (f'; peak {args.peak_flops:.4g} FLOP/s' if gpu else '') + '\n')
     print(f'load average at start: {os.getloadavg()[0]:.2f}')
     rows = []
     for size, batch in zip(args.sizes, args.batch):

@@ -34,9 +34,9 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
     Same values and gradients as `nn.max_pool(x, (2, 2), strides=(2, 2))` (the gradient goes to
     the first maximum of each window in row-major order, as XLA's select-and-scatter does), but
-    written as element-wise maxima and selects over a reshape: on CPU the reduce-window
-    gradient (select-and-scatter with index iotas) cost more than the 13 convolutions' ReLUs
-    and biases together.
+    written as element-wise maxima and selects over a reshape: on CPU XLA lowers the
+    reduce-window gradient to an index-carrying reduce-window and a scatter, about 9x slower
+    (2-3% of a VGG-16 train step). Reverse mode only (no `jax.jvp` through it).
     """
     return _max_pool_forward(x)[0]
 

@@ -24,6 +24,7 @@ from pathjax.slides.tile_stage import tiles_path
 from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
 from pathjax.train import sharding
 from pathjax.train.checkpoint import Checkpoints
+from pathjax.train.xla_options import conv_compiler_options
 from pathjax.train.feature_learning import (abstract_state, create_optimizer, initial_params,
                                              run_dir)
 
@@ -54,7 +55,8 @@ class Extractor:
                                                               method=FeatureNet.features),
                                 in_shardings=(sharding.replicated(self.mesh),
                                               sharding.batch_sharded(self.mesh)),
-                                out_shardings=sharding.batch_sharded(self.mesh))
+                                out_shardings=sharding.batch_sharded(self.mesh),
+                                compiler_options=conv_compiler_options())
 
     def slide_features(self, reader: PatchReader, patches: SlidePatches, progress) -> np.ndarray:
         """float32 [N, D] for the slide's N patches, in coordinate order."""

@@ -30,6 +30,7 @@ from pathjax.models.feature_net import FeatureNet, create_feature_net
 from pathjax.models.pretrained import PretrainedWeightsError, load_pretrained_trunk
 from pathjax.train import sharding
 from pathjax.train.checkpoint import Checkpoints
+from pathjax.train.xla_options import conv_compiler_options
 
 
 class TrainState(train_state.TrainState):
@@ -129,10 +130,12 @@ class FeatureTrainer:
             apply_fn=self.model.apply, params=params, tx=tx), out_shardings=replicated)
         step = make_train_step(self.model, config.am_softmax.s, config.am_softmax.m,
                                config.learn.augment == 'd4')
+        options = conv_compiler_options()
         self.train_step = jax.jit(step, in_shardings=(replicated, batched, replicated),
-                                  out_shardings=(replicated, replicated), donate_argnums=0)
+                                  out_shardings=(replicated, replicated), donate_argnums=0,
+                                  compiler_options=options)
         self.eval_step = jax.jit(make_eval_step(self.model), in_shardings=(replicated, batched),
-                                 out_shardings=replicated)
+                                 out_shardings=replicated, compiler_options=options)
         self.base_rng = jax.random.key(config.seed)
 
     def validation_accuracy(self, params) -> float | None:
