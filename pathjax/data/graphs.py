@@ -44,11 +44,11 @@ def knn_indices(features: np.ndarray, k: int, chunk: int = QUERY_CHUNK) -> np.nd
     k = min(k, count - 1)
     if k <= 0:
         return np.zeros((count, 0), np.int32)
-    size = bucket_size(count)
+    chunk = min(chunk, bucket_size(count))
+    size = -(-count // chunk) * chunk  # whole chunks: one program per 1024 points, little padding
     points = np.zeros((size, features.shape[1]), np.float32)
     points[:count] = features
     valid = np.arange(size) < count
-    chunk = min(chunk, size)
     points_device, valid_device = jax.device_put(points), jax.device_put(valid)
     parts = []
     for start in range(0, count, chunk):
