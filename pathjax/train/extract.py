@@ -95,15 +95,8 @@ def extract_slide(extractor: Extractor, reader: PatchReader, record: SlideRecord
 def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
     """The `extract` stage over this host's share of the cohort's slides."""
     mine = [r for i, r in enumerate(cohort.slides) if i % jax.process_count() == jax.process_index()]
-    entries = {}
-    todo = []
-    for record in mine:
-        path = features_path(workdir, record.slide_id)
-        if path.exists():
-            entries[record.slide_id] = SlideEntry(record.slide_id, OK,
-                                                  patches=len(artifacts.load_npz(path)['coords']))
-        else:
-            todo.append(record)
+    entries = {r.slide_id: _finished(workdir, r.slide_id) for r in mine}
+    todo = [r for r in mine if entries[r.slide_id] is None]
     logging.info('extract: %d slides, %d already done', len(mine), len(mine) - len(todo))
     if todo:
         model = create_feature_net(config)
@@ -117,13 +110,18 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
     sharding.barrier('pathjax extract')  # the other hosts' slides are done too
     for record in cohort.slides:
         if record.slide_id not in entries:  # another host's slide: its log has any error
-            path = features_path(workdir, record.slide_id)
-            entries[record.slide_id] = SlideEntry(
-                record.slide_id, OK, patches=len(artifacts.load_npz(path)['coords'])) \
-                if path.exists() else SlideEntry(record.slide_id, ERROR,
-                                                 message='not extracted; see the log of its host')
+            entries[record.slide_id] = _finished(workdir, record.slide_id) or SlideEntry(
+                record.slide_id, ERROR, message='not extracted; see the log of its host')
     skipped = [SlideEntry(r.slide_id, ERROR, message=why) for r, why in cohort.skipped]
     return [entries[r.slide_id] for r in cohort.slides] + skipped
+
+
+def _finished(workdir, slide_id: str) -> SlideEntry | None:
+    """The entry of a slide whose features file exists, else None."""
+    path = features_path(workdir, slide_id)
+    if not path.exists():
+        return None
+    return SlideEntry(slide_id, OK, patches=len(artifacts.load_npz(path)['coords']))
 
 
 def _patch_count(workdir, record: SlideRecord) -> int:
