@@ -90,7 +90,8 @@ def slide_graph(features: np.ndarray, grid: np.ndarray, senders: np.ndarray,
 
 
 def pad_graph(graph: jraph.GraphsTuple, num_nodes: int, num_edges: int) -> jraph.GraphsTuple:
-    """The graph padded with masked nodes (zeros) and masked edges (0 -> 0) to fixed sizes."""
+    """The graph padded with masked nodes (zeros) and masked edges (0 -> 0) to fixed sizes; the
+    valid nodes stay first (dense attention on GPU relies on it)."""
     count, edges = int(graph.n_node[0]), int(graph.n_edge[0])
     if count > num_nodes or edges > num_edges:
         raise ValueError(f'a graph of {count} nodes / {edges} edges exceeds the budget '

@@ -1,12 +1,16 @@
 """Multi-head scaled dot-product attention over one slide's patches.
 
 softmax(Q K^T / sqrt(d_k)) V per head, heads concatenated and projected (W^O). 'dense' attends
-from every patch to every valid patch (padding keys masked), as two einsums around a float32
-softmax: in jax 0.10 `jax.nn.dot_product_attention` takes the same XLA path (its cuDNN kernel
-only on request) with extra transposes of the N x N arrays, 2.8x slower on CPU. 'graph' attends
-only along the slide graph's edges plus each patch's self-loop, with a softmax over each
-receiver's incoming edges (memory O(E), not N^2).
+from every patch to every valid patch (padding keys masked). On a CUDA GPU with 16-bit compute it
+runs cuDNN's fused kernel through `jax.nn.dot_product_attention` (the valid keys given as a
+sequence length: a padded slide's valid nodes come first); everywhere else, or where cuDNN refuses
+the shapes, it runs as two einsums around a float32 softmax, because the XLA path of
+`jax.nn.dot_product_attention` (its default in jax 0.10) adds transposes of the N x N arrays and is
+2.8x slower on CPU. 'graph' attends only along the slide graph's edges plus each patch's
+self-loop, with a softmax over each receiver's incoming edges (memory O(E), not N^2).
 """
+
+import logging
 
 import flax.linen as nn
 import jax
@@ -24,6 +28,23 @@ def segment_softmax(logits: jax.Array, mask: jax.Array, segments: jax.Array,
     exps = jnp.where(mask[:, None], jnp.exp(logits - maxima[segments]), 0.0)
     sums = jax.ops.segment_sum(exps, segments, num_segments=num_segments)
     return exps / jnp.maximum(sums[segments], 1e-30)
+
+
+def fused_kernel_fits(dtype) -> bool:
+    """Whether to try cuDNN's fused attention: a GPU backend and 16-bit compute (cuDNN checks
+    the rest, head size and version, when the call is traced)."""
+    return jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
+def fused_attention(node_mask: jax.Array, query: jax.Array, key: jax.Array, value: jax.Array,
+                    implementation: str) -> jax.Array:
+    """`jax.nn.dot_product_attention` over one slide whose valid nodes come first: node_mask [N],
+    query, key, value [N, H, d_k] -> [N, H, d_k]. A slide with no valid node attends to node 0
+    (its output is masked downstream)."""
+    valid = jnp.maximum(node_mask.sum(), 1).astype(jnp.int32)[None]
+    return jax.nn.dot_product_attention(query[None], key[None], value[None],
+                                        key_value_seq_lengths=valid,
+                                        implementation=implementation)[0]
 
 
 class MultiHeadAttention(nn.Module):
@@ -56,6 +77,11 @@ class MultiHeadAttention(nn.Module):
     @staticmethod
     def _dense(node_mask, query, key, value):
         """Every query against every valid key. [N, H, d_k] x 3 -> [N, H, d_k]."""
+        if fused_kernel_fits(query.dtype):
+            try:
+                return fused_attention(node_mask, query, key, value, implementation='cudnn')
+            except (NotImplementedError, RuntimeError, ValueError) as refusal:
+                logging.warning('cuDNN attention unavailable (%s); using XLA einsums', refusal)
         query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
         logits = jnp.einsum('thd,shd->hts', query, key, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(jnp.where(node_mask[None, None, :], logits, -1e30), axis=-1)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pathjax.data import graphs
-from pathjax.models.attention import MultiHeadAttention
+from pathjax.models.attention import MultiHeadAttention, fused_attention
 from pathjax.models.encoding import grid_encoding
 from pathjax.models.gcn import GCNLayer
 
@@ -70,6 +70,20 @@ def test_attention_matches_numpy(mode):
         allowed = (dense_adjacency(graph) + np.eye(32)).astype(bool) & mask[None, :]
     expected = numpy_attention(nodes.astype(np.float64), jax.tree.map(np.asarray, params), 4, allowed)
     np.testing.assert_allclose(got[mask], expected[mask], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('valid', [20, 0])
+def test_fused_attention_call_matches_the_einsum_path(valid):
+    """The arguments the GPU path gives cuDNN, run through XLA's implementation here: same valid
+    rows as the einsum path, and finite for a slide with no valid node."""
+    rng = np.random.default_rng(3)
+    query, key, value = (rng.normal(size=(32, 4, 8)).astype(np.float32) for _ in range(3))
+    mask = np.arange(32) < valid
+    fused = np.asarray(fused_attention(mask, query, key, value, implementation='xla'))
+    assert np.isfinite(fused).all()
+    if valid:
+        einsum = np.asarray(MultiHeadAttention._dense(mask, query, key, value))
+        np.testing.assert_allclose(fused, einsum, rtol=1e-5, atol=1e-6)
 
 
 def test_gcn_matches_dense_normalized_adjacency():
