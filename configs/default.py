@@ -10,7 +10,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.workers = -1  # worker processes/threads for slide reading; -1 = one per CPU core
-    config.dtype = 'float32'  # compute dtype of the networks ('bfloat16' on accelerators)
+    config.dtype = 'auto'  # compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16'
     config.compilation_cache = True  # persistent XLA compilation cache under <workdir>/jax_cache
 
     config.data = ml_collections.ConfigDict()

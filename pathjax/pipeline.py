@@ -15,6 +15,7 @@ from absl import logging
 from pathjax import artifacts, cohort as cohort_lib, provenance, stage_report
 from pathjax.errors import StageError, UsageError
 from pathjax.data import patches
+from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
 from pathjax.slides import synthetic, tile_stage
 from pathjax.slides.tissue import TissueRule
 from pathjax.evaluate import evaluate_stage
@@ -101,8 +102,8 @@ def check_config(config) -> list[str]:
             f"stain.reference must be 'cohort' or an image file, got {config.stain.reference!r}")
     require(config.stain.fit_patches >= 1,
             f'stain.fit_patches must be >= 1, got {config.stain.fit_patches}')
-    require(config.dtype in ('float32', 'bfloat16'),
-            f"dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
+    require(config.dtype in DTYPE_CHOICES,
+            f'dtype must be one of {DTYPE_CHOICES}, got {config.dtype!r}')
     require(config.feature_net.width > 0, f'feature_net.width must be > 0, got {config.feature_net.width}')
     require(config.feature_net.embed_dim >= 0,
             f'feature_net.embed_dim must be >= 0, got {config.feature_net.embed_dim}')

@@ -11,7 +11,6 @@ share of every global batch.
 import dataclasses
 import io
 import json
-import os
 import pathlib
 import zlib
 from typing import Iterator

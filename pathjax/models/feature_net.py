@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pathjax.models.am_softmax import AMSoftmaxHead
+from pathjax.models.compute_dtype import compute_dtype
 from pathjax.models.vgg import VGG16
 
 
@@ -33,4 +34,4 @@ class FeatureNet(nn.Module):
 def create_feature_net(config) -> FeatureNet:
     """The feature network described by `config.feature_net`, `config.data` and `config.dtype`."""
     return FeatureNet(num_classes=len(config.data.classes), width=config.feature_net.width,
-                      embed_dim=config.feature_net.embed_dim, dtype=jnp.dtype(config.dtype))
+                      embed_dim=config.feature_net.embed_dim, dtype=compute_dtype(config))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import jraph
 
 from pathjax.models.attention import MultiHeadAttention
+from pathjax.models.compute_dtype import compute_dtype
 from pathjax.models.encoding import grid_encoding
 from pathjax.models.gcn import GCNLayer
 
@@ -115,4 +116,4 @@ def create_slide_model(config, num_classes: int) -> nn.Module:
         num_classes=num_classes, d_model=net.d_model, num_heads=net.heads,
         transformer_layers=net.transformer_layers, gcn_layers=net.gcn_layers,
         attention=net.attention, pooling=net.pooling, mlp_hidden=net.mlp_hidden,
-        dropout=net.dropout, dtype=jnp.dtype(config.dtype))
+        dropout=net.dropout, dtype=compute_dtype(config))

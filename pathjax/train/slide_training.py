@@ -142,7 +142,7 @@ class SlideTrainer:
         self._replicated, self._batched = replicated, batched
 
     def example_batch(self) -> dict:
-        nodes = graphs.MIN_BUCKET
+        """A batch of one one-node slide, for shapes at initialisation."""
         empty = graphs.slide_graph(np.zeros((1, self.feature_dim), np.float32),
                                    np.zeros((1, 2), np.int32), np.zeros(0, np.int32),
                                    np.zeros(0, np.int32))

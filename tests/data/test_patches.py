@@ -1,6 +1,5 @@
 """The patch dataset (TFDS, array_record) and its grain input pipeline."""
 
-import json
 
 import numpy as np
 import pytest

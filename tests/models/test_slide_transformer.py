@@ -1,10 +1,13 @@
 """The slide model: invariant to padding and to the order of a slide's patches."""
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from pathjax.data import graphs
+from pathjax.models.compute_dtype import compute_dtype
 from pathjax.models.slide_transformer import BatchedSlideTransformer
 
 
@@ -46,3 +49,31 @@ def test_padding_and_patch_order_do_not_change_the_prediction(attention, pooling
     # The slide's content matters: another slide gives other logits.
     other, _ = logits_of(model, params, *slide(seed=5), 64)
     assert not np.allclose(other, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize('attention, pooling', [('dense', 'gated'), ('graph', 'mean')])
+def test_bfloat16_compute_stays_close_to_float32(attention, pooling):
+    """Accelerators run the slide model in bfloat16 ('auto'): same float32 parameters, float32
+    logits within bfloat16 rounding of the float32 model's, finite gradients."""
+    settings = dict(num_classes=2, d_model=32, num_heads=4, transformer_layers=2, gcn_layers=2,
+                    attention=attention, pooling=pooling)
+    single = BatchedSlideTransformer(**settings)
+    half = BatchedSlideTransformer(**settings, dtype=jnp.bfloat16)
+    features, grid, senders, receivers = slide()
+    batch = graphs.stack_graphs([graphs.pad_graph(graphs.slide_graph(features, grid, senders, receivers),
+                                                  64, graphs.edge_budget(64, 4))])
+    params = single.init(jax.random.key(0), batch, True)['params']
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(half.init(jax.random.key(0), batch, True)['params']))
+    reference, _ = single.apply({'params': params}, batch, True)
+    logits, _ = half.apply({'params': params}, batch, True)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, reference, atol=0.05 * float(jnp.abs(reference).max()) + 0.02)
+    gradients = jax.grad(lambda p: half.apply({'params': p}, batch, True)[0].sum())(params)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(gradients))
+
+
+def test_auto_dtype_is_float32_on_cpu():
+    config = ml_collections.ConfigDict({'dtype': 'auto'})
+    assert jax.default_backend() == 'cpu' and compute_dtype(config) == jnp.float32
+    config.dtype = 'bfloat16'
+    assert compute_dtype(config) == jnp.bfloat16

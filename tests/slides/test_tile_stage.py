@@ -1,9 +1,7 @@
 """The tile stage end to end on synthetic and real slides: artifacts, report, resume, bad input."""
 
 import json
-import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
