@@ -50,9 +50,10 @@ def save_npz(path: str | os.PathLike, **arrays: Any) -> None:
             np.savez(f, **arrays)
 
 
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_npz(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an npz file, or only those named in keys (the others are not read)."""
     with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+        return {key: data[key] for key in (data.files if keys is None else keys)}
 
 
 def save_json(path: str | os.PathLike, value: Any) -> None:

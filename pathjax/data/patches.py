@@ -96,8 +96,8 @@ class SlidePatchesBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _slide_examples(self, reader: PatchReader, record: SlideRecord) -> list:
         """All of one slide's examples, or none (with a report entry) if reading it fails."""
-        patches = SlidePatches.from_tiles(record.slide_id, record.path,
-                                          tiles_path(self._workdir, record.slide_id))
+        patches = SlidePatches.from_tiles(
+            record.slide_id, record.path, artifacts.load_npz(tiles_path(self._workdir, record.slide_id)))
         chosen = sample_indices(record.slide_id, len(patches.coords), self.sampling)
         patches = dataclasses.replace(patches, coords=patches.coords[chosen])
         label = self.sampling.classes.index(record.label)
@@ -151,7 +151,7 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
             continue
         if not tiles_file.exists():
             entries.append(SlideEntry(record.slide_id, ERROR, message='not tiled (see the tile report)'))
-        elif not len(artifacts.load_npz(tiles_file)['coords']):
+        elif not len(artifacts.load_npz(tiles_file, ('coords',))['coords']):
             entries.append(SlideEntry(record.slide_id, NO_TISSUE, message='no tissue patches'))
         else:
             slides[record.split].append(record)

@@ -12,13 +12,11 @@ Reading is the I/O floor of the method, so the stream
 import collections
 import concurrent.futures
 import dataclasses
-import os
 import threading
 from typing import Iterator
 
 import numpy as np
 
-from pathjax import artifacts
 from pathjax.slides import stain
 from pathjax.slides.reader import Slide, resize
 
@@ -46,8 +44,8 @@ class SlidePatches:
     lut: np.ndarray
 
     @classmethod
-    def from_tiles(cls, slide_id: str, path: str, tiles_file: str | os.PathLike) -> 'SlidePatches':
-        tiles = artifacts.load_npz(tiles_file)
+    def from_tiles(cls, slide_id: str, path: str, tiles: dict[str, np.ndarray]) -> 'SlidePatches':
+        """From the arrays of the slide's tiles file."""
         return cls(slide_id, path, tiles['coords'], int(tiles['level']), int(tiles['read_size']),
                    int(tiles['patch_size']), tiles['stain_lut'])
 

@@ -78,16 +78,16 @@ def extract_slide(extractor: Extractor, reader: PatchReader, record: SlideRecord
     tiles_file = tiles_path(workdir, record.slide_id)
     if not tiles_file.exists():
         return SlideEntry(record.slide_id, ERROR, message='not tiled (see the tile report)')
-    patches = SlidePatches.from_tiles(record.slide_id, record.path, tiles_file)
+    tiles = artifacts.load_npz(tiles_file)
+    patches = SlidePatches.from_tiles(record.slide_id, record.path, tiles)
     if not len(patches.coords):
         return SlideEntry(record.slide_id, NO_TISSUE, message='no tissue patches')
     try:
         features = extractor.slide_features(reader, patches, progress)
     except SlideError as error:
         return SlideEntry(record.slide_id, ERROR, message=str(error))
-    grid = artifacts.load_npz(tiles_file)['grid']
     artifacts.save_npz(features_path(workdir, record.slide_id), features=features,
-                       coords=patches.coords, grid=grid)
+                       coords=patches.coords, grid=tiles['grid'])
     return SlideEntry(record.slide_id, OK, patches=len(features),
                       details={'feature_dim': int(features.shape[1])})
 
@@ -121,9 +121,9 @@ def _finished(workdir, slide_id: str) -> SlideEntry | None:
     path = features_path(workdir, slide_id)
     if not path.exists():
         return None
-    return SlideEntry(slide_id, OK, patches=len(artifacts.load_npz(path)['coords']))
+    return SlideEntry(slide_id, OK, patches=len(artifacts.load_npz(path, ('coords',))['coords']))
 
 
 def _patch_count(workdir, record: SlideRecord) -> int:
     tiles_file = tiles_path(workdir, record.slide_id)
-    return len(artifacts.load_npz(tiles_file)['coords']) if tiles_file.exists() else 0
+    return len(artifacts.load_npz(tiles_file, ('coords',))['coords']) if tiles_file.exists() else 0
