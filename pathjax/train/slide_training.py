@@ -191,6 +191,13 @@ class SlideTrainer:
         score = auc - 1e-6 * loss if auc is not None else -loss
         return {'val_auc': auc, 'val_loss': loss, 'val_score': score}
 
+    def finished(self, summary: dict) -> bool:
+        """The method's stopping rule under the current config (so raising `train.max_steps`
+        extends a finished run): the last epoch's loss reached `loss_target`, or `max_steps`."""
+        config = self.config.train
+        return bool(summary.get('train_loss', np.inf) <= config.loss_target
+                    or summary['step'] >= config.max_steps)
+
     def fit(self, train: SlideSet, val: SlideSet):
         """Trains until the stopping rule; returns (state, last checkpoint metadata)."""
         config = self.config.train
@@ -209,7 +216,7 @@ class SlideTrainer:
             else:
                 state, summary = self.create_state(self.initial_params()), {'epoch': 0, 'step': 0}
             step = summary['step']  # on the host: reading state.step would wait for the device
-            while not summary.get('stopped'):
+            while not self.finished(summary):
                 epoch = summary['epoch']
                 order = np.random.default_rng([self.config.seed, epoch]).permutation(len(train))
                 losses = []  # device scalars, read once at the end of the epoch
@@ -230,8 +237,7 @@ class SlideTrainer:
                                      f'{run_dir(self.workdir)}')
                 summary = {'epoch': epoch + 1, 'step': step, 'train_loss': train_loss,
                            **self.validation(state.params, val)}
-                summary['stopped'] = bool(train_loss <= config.loss_target
-                                          or summary['step'] >= config.max_steps)
+                summary['stopped'] = self.finished(summary)
                 checkpoints.save(summary['step'], state, summary)
                 if summary['epoch'] % config.log_every_epochs == 0 or summary['stopped']:
                     logging.info('train_slide: epoch %d, step %d, train loss %.4f, validation '

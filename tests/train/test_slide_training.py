@@ -149,6 +149,14 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
     assert killed['metrics']['test']['auc'] == pytest.approx(straight['metrics']['test']['auc'])
 
 
+def test_raising_max_steps_extends_a_finished_run(tmp_path):
+    cohort = bag_cohort(tmp_path, num_slides=70)
+    for max_steps in (4, 8):
+        config = make_config(**{**SETTINGS, 'train.max_steps': max_steps, 'eval.heatmaps': False})
+        slide_training.run(config, tmp_path, cohort)
+        assert report_of(tmp_path)['training']['step'] == max_steps
+
+
 def test_class_weights():
     labels = np.array([0, 0, 0, 1])
     np.testing.assert_allclose(slide_training.class_weights(labels, 2, 'balanced'), [4 / 6, 4 / 2])
