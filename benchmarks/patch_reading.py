@@ -55,10 +55,6 @@ def slide_patches(path: pathlib.Path) -> SlidePatches:
     return SlidePatches(path.stem, str(path), coords, plan.level, plan.read_size, PATCH_SIZE, lut)
 
 
-def measure(function, rounds: int) -> list[float]:
-    return [function() for _ in range(rounds)]
-
-
 def timed(function) -> float:
     start = time.perf_counter()
     count = function()

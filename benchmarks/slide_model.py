@@ -82,15 +82,16 @@ def synthetic_batch(args, nodes: int, seed: int) -> dict:
     """`args.slides` random slide graphs of between nodes/2 + 1 and `nodes` patches, padded by
     make_batch to the `nodes` bucket (numpy; see make_batch for the layout)."""
     rng = np.random.default_rng(seed)
-    slide_graphs = []
+    slide_graphs, coords = [], []
     for _ in range(args.slides):
         count = int(rng.integers(nodes // 2 + 1, nodes + 1))
         features = rng.normal(size=(count, args.feature_dim)).astype(np.float32)
         grid = rng.integers(0, 200, (count, 2))
         senders, receivers = graphs.symmetric_edges(graphs.knn_indices(features, args.k))
         slide_graphs.append(graphs.slide_graph(features, grid, senders, receivers))
+        coords.append(grid * 256)
     labels = rng.integers(0, NUM_CLASSES, args.slides).astype(np.int32)
-    slides = SlideSet([str(i) for i in range(args.slides)], labels, slide_graphs)
+    slides = SlideSet([str(i) for i in range(args.slides)], labels, slide_graphs, coords)
     return make_batch(slides, np.arange(args.slides), args.slides, args.k)
 
 

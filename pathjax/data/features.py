@@ -60,8 +60,10 @@ def build_graph(bag: SlideBag, settings: GraphSettings) -> tuple[np.ndarray, np.
     return kept, senders, receivers
 
 
-def slide_graph(workdir, bag: SlideBag, settings: GraphSettings) -> jraph.GraphsTuple:
-    """The slide's (unpadded) graph, from the cache when it was built with the same settings."""
+def slide_graph(workdir, bag: SlideBag,
+                settings: GraphSettings) -> tuple[jraph.GraphsTuple, np.ndarray]:
+    """(the slide's unpadded graph, indices [N'] of the bag's patches that are its nodes), from
+    the cache when it was built with the same settings."""
     path = graph_path(workdir, bag.slide_id)
     signature = np.asarray([settings.k, settings.max_patches, settings.seed, len(bag.features)])
     cached = artifacts.load_npz(path) if path.exists() else None
@@ -71,9 +73,4 @@ def slide_graph(workdir, bag: SlideBag, settings: GraphSettings) -> jraph.Graphs
         kept, senders, receivers = build_graph(bag, settings)
         artifacts.save_npz(path, kept=kept, senders=senders, receivers=receivers,
                            signature=signature)
-    return graphs.slide_graph(bag.features[kept], bag.grid[kept], senders, receivers)
-
-
-def kept_patches(workdir, slide_id: str) -> np.ndarray:
-    """Indices of the slide's patches that are nodes of its cached graph."""
-    return artifacts.load_npz(graph_path(workdir, slide_id))['kept']
+    return graphs.slide_graph(bag.features[kept], bag.grid[kept], senders, receivers), kept

@@ -25,6 +25,7 @@ from pathjax.cohort import Cohort, SlideRecord
 from pathjax.data import graphs
 from pathjax.data.features import GraphSettings, features_path, load_bag, slide_graph
 from pathjax.errors import StageError
+from pathjax.evaluate import heatmaps
 from pathjax.evaluate.metrics import slide_metrics, to_json_safe
 from pathjax.models.slide_transformer import create_slide_model
 from pathjax.train import sharding
@@ -37,11 +38,13 @@ class TrainState(train_state.TrainState):
 
 @dataclasses.dataclass
 class SlideSet:
-    """The slides of one split that have features: ids, labels int [S], unpadded graphs."""
+    """The slides of one split that have features: ids, labels int [S], unpadded graphs, and the
+    level-0 (x, y) coordinates [n_s, 2] of each graph's nodes."""
 
     slide_ids: list[str]
     labels: np.ndarray
     graphs: list[jraph.GraphsTuple]
+    coords: list[np.ndarray]
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -54,7 +57,7 @@ def run_dir(workdir) -> pathlib.Path:
 def load_slides(workdir, records: list[SlideRecord], classes: tuple[str, ...],
                 settings: GraphSettings) -> SlideSet:
     """The graphs of the records whose features exist (others are skipped with a warning)."""
-    ids, labels, slide_graphs = [], [], []
+    ids, labels, slide_graphs, coords = [], [], [], []
     for record in records:
         if not features_path(workdir, record.slide_id).exists():
             logging.warning('train_slide: slide %s has no features (see the extract report); '
@@ -62,8 +65,17 @@ def load_slides(workdir, records: list[SlideRecord], classes: tuple[str, ...],
             continue
         ids.append(record.slide_id)
         labels.append(classes.index(record.label))
-        slide_graphs.append(slide_graph(workdir, load_bag(workdir, record.slide_id), settings))
-    return SlideSet(ids, np.asarray(labels, np.int32), slide_graphs)
+        bag = load_bag(workdir, record.slide_id)
+        graph, kept = slide_graph(workdir, bag, settings)
+        slide_graphs.append(graph)
+        coords.append(bag.coords[kept])
+    return SlideSet(ids, np.asarray(labels, np.int32), slide_graphs, coords)
+
+
+def node_rows(slides: SlideSet, indices: np.ndarray, values: np.ndarray) -> list[np.ndarray]:
+    """Rows [n_s] of per-node values [B, N] for the batch's slides, padding cut off."""
+    return [np.asarray(values[row][:int(slides.graphs[i].n_node[0])])
+            for row, i in enumerate(indices)]
 
 
 def make_batch(slides: SlideSet, indices: np.ndarray, batch_size: int, k: int) -> dict:
@@ -139,6 +151,9 @@ class SlideTrainer:
         self.predict_step = jax.jit(make_predict_step(self.model),
                                     in_shardings=(replicated, batched),
                                     out_shardings=(replicated, replicated))
+        self.contribution_step = jax.jit(heatmaps.make_contribution_fn(self.model),
+                                         in_shardings=(replicated, batched, batched),
+                                         out_shardings=replicated)
         self._replicated, self._batched = replicated, batched
 
     def example_batch(self) -> dict:
@@ -146,7 +161,7 @@ class SlideTrainer:
         empty = graphs.slide_graph(np.zeros((1, self.feature_dim), np.float32),
                                    np.zeros((1, 2), np.int32), np.zeros(0, np.int32),
                                    np.zeros(0, np.int32))
-        slides = SlideSet(['example'], np.zeros(1, np.int32), [empty])
+        slides = SlideSet(['example'], np.zeros(1, np.int32), [empty], [np.zeros((1, 2))])
         return make_batch(slides, np.arange(1), 1, self.config.graph.k)
 
     def initial_params(self):
@@ -166,17 +181,33 @@ class SlideTrainer:
         local = jax.tree.map(lambda x: x[start:start + self.local_batch], batch)
         return sharding.global_batch(local, self.mesh)
 
-    def predict(self, params, slides: SlideSet) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(probabilities [S, C], per-slide node weights [n_s]) in the slides' order."""
-        probabilities, node_weights = [], []
+    def device_batches(self, slides: SlideSet, **per_slide: np.ndarray):
+        """(indices [b], device batch) over the slides in order; each per_slide array [S] joins
+        the batches like the labels."""
         for start in range(0, len(slides), self.batch_size):
             indices = np.arange(start, min(start + self.batch_size, len(slides)))
             batch = make_batch(slides, indices, self.batch_size, self.config.graph.k)
-            probs, weights = jax.device_get(self.predict_step(params, self.device_batch(batch)))
-            for row, index in enumerate(indices):
-                probabilities.append(probs[row])
-                node_weights.append(weights[row][:int(slides.graphs[index].n_node[0])])
+            batch.update({name: np.resize(values[indices], self.batch_size)
+                          for name, values in per_slide.items()})
+            yield indices, self.device_batch(batch)
+
+    def predict(self, params, slides: SlideSet) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(probabilities [S, C], per-slide node weights [n_s]) in the slides' order."""
+        probabilities, node_weights = [], []
+        for indices, batch in self.device_batches(slides):
+            probs, weights = jax.device_get(self.predict_step(params, batch))
+            probabilities += list(probs[:len(indices)])
+            node_weights += node_rows(slides, indices, weights)
         return np.asarray(probabilities).reshape(-1, len(self.classes)), node_weights
+
+    def contributions(self, params, slides: SlideSet, classes: np.ndarray) -> list[np.ndarray]:
+        """Each slide's per-patch contributions [n_s] to the logit of classes [S] (see
+        `heatmaps`)."""
+        scores = []
+        for indices, batch in self.device_batches(slides, target=classes.astype(np.int32)):
+            values = jax.device_get(self.contribution_step(params, batch['graph'], batch['target']))
+            scores += node_rows(slides, indices, values)
+        return scores
 
     def validation(self, params, slides: SlideSet) -> dict:
         """Validation AUC, loss and the score the best checkpoint is chosen by."""
@@ -186,7 +217,7 @@ class SlideTrainer:
         picked = probabilities[np.arange(len(slides)), slides.labels]
         loss = float(-np.log(np.maximum(picked, 1e-12)).mean())
         auc = slide_metrics(probabilities, slides.labels, self.classes)['auc']
-        auc = None if auc is None or not np.isfinite(auc) else float(auc)
+        auc = float(auc) if np.isfinite(auc) else None
         # AUC steps are at least 1e-4 for up to 100 x 100 slides, so the loss term only breaks ties.
         score = auc - 1e-6 * loss if auc is not None else -loss
         return {'val_auc': auc, 'val_loss': loss, 'val_score': score}
@@ -258,12 +289,12 @@ def restore_params(trainer: SlideTrainer, workdir, which: str):
     return state.params, {'checkpoint': 'best' if best else 'latest', **metadata}
 
 
-def feature_dim(workdir, cohort: Cohort) -> int:
-    for record in cohort.slides:
-        path = features_path(workdir, record.slide_id)
-        if path.exists():
-            return int(artifacts.load_npz(path)['features'].shape[1])
-    raise StageError('train_slide: no slide has features; run the extract stage first')
+def feature_dim(splits: list[SlideSet], stage: str) -> int:
+    """The patch feature size D of the loaded slides."""
+    for slides in splits:
+        if len(slides):
+            return int(slides.graphs[0].nodes['features'].shape[-1])
+    raise StageError(f'{stage}: no slide has features; run the extract stage first')
 
 
 def run(config, workdir, cohort: Cohort) -> None:
@@ -274,7 +305,7 @@ def run(config, workdir, cohort: Cohort) -> None:
               for name in ('train', 'val', 'test')}
     logging.info('train_slide: %s slides with features', ', '.join(
         f'{len(s)} {name}' for name, s in splits.items()))
-    trainer = SlideTrainer(config, workdir, feature_dim(workdir, cohort))
+    trainer = SlideTrainer(config, workdir, feature_dim(list(splits.values()), 'train_slide'))
     _, summary = trainer.fit(splits['train'], splits['val'])
     params, used = restore_params(trainer, workdir, config.eval.checkpoint)
     final = {}
