@@ -10,12 +10,11 @@ the shapes, it runs as two einsums around a float32 softmax, because the XLA pat
 self-loop, with a softmax over each receiver's incoming edges (memory O(E), not N^2).
 """
 
-import logging
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jraph
+from absl import logging
 
 
 def segment_softmax(logits: jax.Array, mask: jax.Array, segments: jax.Array,

@@ -13,16 +13,17 @@ import jraph
 
 
 def normalized_adjacency_apply(graph: jraph.GraphsTuple, values: jax.Array) -> jax.Array:
-    """A_hat @ values for one slide. values [N, F] -> [N, F]."""
+    """A_hat @ values for one slide. values [N, F] -> [N, F] (same dtype; degrees and sums are
+    accumulated in float32, as bfloat16 stops counting at 256)."""
     count = values.shape[0]
-    node_mask = graph.nodes['mask'].astype(values.dtype)
-    edge_mask = graph.edges['mask'].astype(values.dtype)
+    node_mask = graph.nodes['mask'].astype(jnp.float32)
+    edge_mask = graph.edges['mask'].astype(jnp.float32)
     degree = 1.0 + jax.ops.segment_sum(edge_mask, graph.receivers, num_segments=count)
     scale = jax.lax.rsqrt(degree) * node_mask  # [N]
-    scaled = values * scale[:, None]
+    scaled = values.astype(jnp.float32) * scale[:, None]
     messages = scaled[graph.senders] * edge_mask[:, None]
     gathered = jax.ops.segment_sum(messages, graph.receivers, num_segments=count)
-    return (gathered + scaled) * scale[:, None]
+    return ((gathered + scaled) * scale[:, None]).astype(values.dtype)
 
 
 class GCNLayer(nn.Module):

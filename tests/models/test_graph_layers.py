@@ -1,13 +1,14 @@
 """Position encoding, attention and GCN vs dense numpy references, with padding."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pathjax.data import graphs
 from pathjax.models.attention import MultiHeadAttention, fused_attention
 from pathjax.models.encoding import grid_encoding
-from pathjax.models.gcn import GCNLayer
+from pathjax.models.gcn import GCNLayer, normalized_adjacency_apply
 
 
 def random_graph(count=20, padded=32, dim=8, seed=0):
@@ -84,6 +85,21 @@ def test_fused_attention_call_matches_the_einsum_path(valid):
     if valid:
         einsum = np.asarray(MultiHeadAttention._dense(mask, query, key, value))
         np.testing.assert_allclose(fused, einsum, rtol=1e-5, atol=1e-6)
+
+
+def test_gcn_in_bfloat16_counts_high_degrees():
+    """A hub with 600 neighbours: its degree must not saturate in bfloat16 (256)."""
+    count = 601
+    senders = np.concatenate([np.arange(1, count), np.zeros(count - 1, int)])
+    receivers = np.concatenate([np.zeros(count - 1, int), np.arange(1, count)])
+    features = np.ones((count, 4), np.float32)
+    graph = graphs.slide_graph(features, np.zeros((count, 2), int), senders, receivers)
+    single = np.asarray(normalized_adjacency_apply(graph, jnp.asarray(features)))
+    half = np.asarray(normalized_adjacency_apply(graph, jnp.asarray(features, jnp.bfloat16)),
+                      np.float32)
+    hub = 1 / count + (count - 1) / np.sqrt(count * 2)  # sum over j of 1 / sqrt(d_0 d_j)
+    np.testing.assert_allclose(single[0], hub, rtol=1e-5)
+    np.testing.assert_allclose(half[0], hub, rtol=1e-2)
 
 
 def test_gcn_matches_dense_normalized_adjacency():
