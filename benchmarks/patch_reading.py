@@ -52,7 +52,8 @@ def slide_patches(path: pathlib.Path) -> SlidePatches:
         plan = slide.plan(TARGET_MPP, PATCH_SIZE)
         coords, _ = grid_positions(*slide.dimensions, plan.extent)
     lut = np.clip(np.arange(256) * 1.1 - 10, 0, 255).astype(np.uint8)[None].repeat(3, axis=0)
-    return SlidePatches(path.stem, str(path), coords, plan.level, plan.read_size, PATCH_SIZE, lut)
+    return SlidePatches(path.stem, str(path), coords, plan.level, plan.read_size, PATCH_SIZE, lut,
+                        plan.extent / plan.read_size)
 
 
 def timed(function) -> float:

@@ -33,6 +33,7 @@ class SlidePatches:
       coords: int64 [N, 2], level-0 (x, y) of each patch's top-left corner.
       level, read_size, patch_size: the read plan (see `reader.ReadPlan`).
       lut: uint8 [3, 256], the slide's stain lookup table.
+      downsample: of `level` from level 0.
     """
 
     slide_id: str
@@ -42,12 +43,14 @@ class SlidePatches:
     read_size: int
     patch_size: int
     lut: np.ndarray
+    downsample: float
 
     @classmethod
     def from_tiles(cls, slide_id: str, path: str, tiles: dict[str, np.ndarray]) -> 'SlidePatches':
         """From the arrays of the slide's tiles file."""
-        return cls(slide_id, path, tiles['coords'], int(tiles['level']), int(tiles['read_size']),
-                   int(tiles['patch_size']), tiles['stain_lut'])
+        read_size = int(tiles['read_size'])
+        return cls(slide_id, path, tiles['coords'], int(tiles['level']), read_size,
+                   int(tiles['patch_size']), tiles['stain_lut'], float(tiles['extent']) / read_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +83,13 @@ class PatchReader:
     Use as a context manager; `batches(slide)` yields PatchBatch in coordinate order.
     """
 
-    def __init__(self, batch_size: int, workers: int = 2, prefetch: int = 16,
-                 normalize: bool = True):
+    def __init__(self, batch_size: int, workers: int = 2, prefetch: int = 16):
         self.batch_size = batch_size
         self.prefetch = max(prefetch, workers)
-        self.normalize = normalize
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
         self._local = threading.local()
+        self._open = set()  # every thread's open handle, closed with the reader
+        self._lock = threading.Lock()
 
     def __enter__(self) -> 'PatchReader':
         return self
@@ -96,14 +99,24 @@ class PatchReader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for handle in self._open:
+                handle.close()
+            self._open.clear()
 
     def _handle(self, path: str) -> Slide:
         """This thread's open handle on `path` (one slide open per thread at a time)."""
         current = getattr(self._local, 'slide', None)
         if current is None or current.path != path:
+            self._local.slide = None
             if current is not None:
+                with self._lock:
+                    self._open.discard(current)
                 current.close()
-            self._local.slide = Slide(path)
+            opened = Slide(path)
+            with self._lock:
+                self._open.add(opened)
+            self._local.slide = opened
         return self._local.slide
 
     def _read_run(self, slide: SlidePatches, start: int, stop: int) -> np.ndarray:
@@ -114,12 +127,10 @@ class PatchReader:
         region = handle.read_region(x, y, slide.level, size * (stop - start), size)
         patches = np.stack([resize(region[:, j * size:(j + 1) * size], slide.patch_size)
                             for j in range(stop - start)])
-        return stain.apply_lut(patches, slide.lut) if self.normalize else patches
+        return stain.apply_lut(patches, slide.lut)
 
     def batches(self, slide: SlidePatches) -> Iterator[PatchBatch]:
-        with Slide(slide.path) as probe:
-            downsample = probe.level_downsamples[slide.level]
-        runs = plan_runs(slide.coords, slide.read_size, downsample)
+        runs = plan_runs(slide.coords, slide.read_size, slide.downsample)
         pending = collections.deque()
         next_run = 0
         for batch_start in range(0, len(slide.coords), self.batch_size):

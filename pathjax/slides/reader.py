@@ -64,12 +64,15 @@ class Slide:
                              'truncated or corrupt file)') from None
         except (openslide.OpenSlideError, OSError) as error:
             raise SlideError(f'{self.path}: unreadable slide ({error})') from None
-        self.dimensions: tuple[int, int] = self._slide.dimensions  # level-0 (width, height)
-        self.level_dimensions: tuple[tuple[int, int], ...] = self._slide.level_dimensions
-        self.level_downsamples: tuple[float, ...] = self._slide.level_downsamples
-        self.vendor: str = self._slide.properties.get(openslide.PROPERTY_NAME_VENDOR, 'unknown')
-        self.mpp, self.mpp_problem = _level0_mpp(self._slide.properties)
-        self._tiles = TiffTiles.open(self.path, self._slide)
+        try:
+            self.dimensions: tuple[int, int] = self._slide.dimensions  # level-0 (width, height)
+            self.level_dimensions: tuple[tuple[int, int], ...] = self._slide.level_dimensions
+            self.level_downsamples: tuple[float, ...] = self._slide.level_downsamples
+            self.mpp, self.mpp_problem = _level0_mpp(self._slide.properties)
+            self._tiles = TiffTiles.open(self.path, self._slide)
+        except (openslide.OpenSlideError, OSError) as error:
+            self._slide.close()
+            raise SlideError(f'{self.path}: unreadable slide ({error})') from None
 
     def __enter__(self) -> 'Slide':
         return self

@@ -12,6 +12,7 @@ the caller keeps reading through OpenSlide. Regions are read at integer level-pi
 import os
 
 import numpy as np
+import openslide
 import tifffile
 from absl import logging
 
@@ -50,7 +51,12 @@ class TiffTiles:
         except Exception as error:  # not a TIFF, or a layout tifffile cannot parse
             logging.debug('%s: no direct tile path (%s)', path, error)
             return None
-        if not tiles._agrees_with(openslide_handle):
+        try:
+            agrees = tiles._agrees_with(openslide_handle)
+        except (CorruptTileError, openslide.OpenSlideError) as error:  # the probe tile is damaged
+            logging.debug('%s: probe tile unreadable (%s); using OpenSlide', path, error)
+            agrees = False
+        if not agrees:
             logging.debug('%s: decoded tiles differ from OpenSlide; using OpenSlide', path)
             tiles.close()
             return None

@@ -1,5 +1,7 @@
 """The patch stream: same patches as one read per patch, in order, in batches, in parallel."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -36,9 +38,11 @@ def test_stream_equals_one_read_per_patch(slide_file, workers, batch_size):
         lut = rng.permutation(256).astype(np.uint8)[None].repeat(3, axis=0)
         expected = np.stack([stain.apply_lut(slide.read_patch(x, y, plan), lut) for x, y in coords])
     patches = SlidePatches('s', str(slide_file), coords, plan.level, plan.read_size,
-                           plan.patch_size, lut)
+                           plan.patch_size, lut, plan.extent / plan.read_size)
+    open_files = len(os.listdir('/proc/self/fd'))
     with PatchReader(batch_size=batch_size, workers=workers, prefetch=3) as reader:
         batches = list(reader.batches(patches))
+    assert len(os.listdir('/proc/self/fd')) == open_files  # the threads' handles are closed
     assert [len(b.indices) for b in batches[:-1]] == [batch_size] * (len(batches) - 1)
     np.testing.assert_array_equal(np.concatenate([b.indices for b in batches]), np.arange(70))
     np.testing.assert_array_equal(np.concatenate([b.images for b in batches]), expected)

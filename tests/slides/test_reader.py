@@ -1,8 +1,12 @@
 """Slide reading: resolution plans, direct tile decoding vs OpenSlide, bad files."""
 
+import os
+import shutil
+
 import numpy as np
 import openslide
 import pytest
+import tifffile
 
 from pathjax.slides import synthetic
 from pathjax.slides.reader import Slide, SlideError, rgba_to_rgb
@@ -86,3 +90,28 @@ def test_bad_files_raise_slide_error_naming_the_file(tmp_path):
     fake.write_text('this is not a slide')
     with pytest.raises(SlideError, match='fake.svs: not a slide'):
         Slide(fake)
+
+
+def test_a_damaged_tile_gives_slide_errors_and_leaks_no_file(synthetic_slides, tmp_path):
+    """The fast path's probe (the centre tile of level 0) overwritten with garbage: opening the
+    slide and reading that tile give SlideError or pixels, never another exception, and no file
+    descriptor stays open."""
+    path = tmp_path / 'damaged.svs'
+    shutil.copy(synthetic_slides['svs', 0.25], path)
+    with tifffile.TiffFile(path) as tiff:
+        page = tiff.pages[0]
+        across = -(-page.imagewidth // page.tilewidth)
+        row, col = page.imagelength // 2 // page.tilelength, page.imagewidth // 2 // page.tilewidth
+        offset = page.dataoffsets[row * across + col]
+        length = page.databytecounts[row * across + col]
+    with open(path, 'r+b') as f:
+        f.seek(offset + 64)
+        f.write(bytes(np.random.default_rng(0).integers(0, 256, length - 64, dtype=np.uint8)))
+    before = len(os.listdir('/proc/self/fd'))
+    for _ in range(3):
+        try:
+            with Slide(path) as slide:
+                slide.read_region(col * page.tilewidth, row * page.tilelength, 0, 64, 64)
+        except SlideError as error:
+            assert 'damaged.svs' in str(error)
+    assert len(os.listdir('/proc/self/fd')) == before
