@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.extract = ml_collections.ConfigDict()
     config.extract.batch_size = 64  # patches per device batch (over this host's devices)
+    config.extract.checkpoint = 'latest'  # feature network: 'latest' (the method) or 'best'
 
     config.graph = ml_collections.ConfigDict()
     config.graph.k = 8  # nearest neighbours per patch (feature space), then symmetrized

@@ -45,7 +45,7 @@ STAGES = (
           ('feature_net', 'am_softmax', 'learn.batch_size', 'learn.optimizer', 'learn.lr',
            'learn.lr_schedule', 'learn.momentum', 'learn.weight_decay', 'learn.grad_clip',
            'learn.augment'), 'feature_net/'),
-    Stage('extract', extract.run, True, (), 'features/'),
+    Stage('extract', extract.run, True, ('extract.checkpoint',), 'features/'),
     Stage('train_slide', slide_training.run, True,
           ('graph', 'slide_net', 'train.batch_slides', 'train.optimizer', 'train.lr',
            'train.weight_decay', 'train.class_weights'), 'graphs/, slide_net/'),
@@ -153,6 +153,8 @@ def check_config(config) -> list[str]:
     unknown_splits = [s for s in config.eval.splits if s not in cohort_lib.SPLITS]
     require(not unknown_splits, f'eval.splits: unknown split(s) {unknown_splits}; '
                                 f'splits are {", ".join(cohort_lib.SPLITS)}')
+    require(config.extract.checkpoint in ('best', 'latest'),
+            f"extract.checkpoint must be 'best' or 'latest', got {config.extract.checkpoint!r}")
     require(config.eval.checkpoint in ('best', 'latest'),
             f"eval.checkpoint must be 'best' or 'latest', got {config.eval.checkpoint!r}")
     require(config.mesh.data == -1 or config.mesh.data >= 1,

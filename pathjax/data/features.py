@@ -14,6 +14,7 @@ import numpy as np
 
 from pathjax import artifacts
 from pathjax.data import graphs
+from pathjax.sampling import seeded_subset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +55,7 @@ def load_bag(workdir, slide_id: str) -> SlideBag:
 
 def build_graph(bag: SlideBag, settings: GraphSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(kept patch indices [N'], senders [E], receivers [E]) of a slide's kNN graph."""
-    kept = graphs.sample_patches(bag.slide_id, len(bag.features), settings.max_patches,
-                                 settings.seed)
+    kept = seeded_subset(bag.slide_id, len(bag.features), settings.max_patches, settings.seed)
     senders, receivers = graphs.symmetric_edges(graphs.knn_indices(bag.features[kept], settings.k))
     return kept, senders, receivers
 

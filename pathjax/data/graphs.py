@@ -11,7 +11,6 @@ and padding edges join node 0 to itself.
 """
 
 import functools
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +26,12 @@ def bucket_size(count: int, minimum: int = MIN_BUCKET) -> int:
     return max(minimum, 1 << max(0, int(count) - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=('k',))
-def _chunk_neighbours(queries, query_rows, points, valid, k: int):
-    """Indices [c, k] of the k valid points nearest to each query, the query itself excluded."""
-    queries, points = queries.astype(jnp.float32), points.astype(jnp.float32)
+@functools.partial(jax.jit, static_argnames=('k', 'chunk'))
+def _chunk_neighbours(points, valid, start, k: int, chunk: int):
+    """Indices [chunk, k] of the k valid points nearest to each of points[start:start + chunk],
+    the query itself excluded."""
+    queries = jax.lax.dynamic_slice_in_dim(points, start, chunk)
+    query_rows = start + jnp.arange(chunk)
     distances = (jnp.sum(queries ** 2, axis=1, keepdims=True) + jnp.sum(points ** 2, axis=1)[None]
                  - 2.0 * queries @ points.T)  # [c, M]
     self_match = query_rows[:, None] == jnp.arange(points.shape[0])[None]
@@ -50,11 +51,8 @@ def knn_indices(features: np.ndarray, k: int, chunk: int = QUERY_CHUNK) -> np.nd
     points[:count] = features
     valid = np.arange(size) < count
     points_device, valid_device = jax.device_put(points), jax.device_put(valid)
-    parts = []
-    for start in range(0, count, chunk):
-        rows = np.arange(start, start + chunk)
-        queries = points[np.minimum(rows, size - 1)]
-        parts.append(_chunk_neighbours(queries, rows, points_device, valid_device, k))
+    parts = [_chunk_neighbours(points_device, valid_device, start, k, chunk)
+             for start in range(0, count, chunk)]
     return np.concatenate([np.asarray(p) for p in parts])[:count].astype(np.int32)
 
 
@@ -67,14 +65,6 @@ def symmetric_edges(neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pairs = np.unique(np.concatenate([rows * count + cols, cols * count + rows]))
     receivers, senders = np.divmod(pairs, count)
     return senders.astype(np.int32), receivers.astype(np.int32)
-
-
-def sample_patches(slide_id: str, count: int, max_patches: int, seed: int) -> np.ndarray:
-    """Indices of the patches kept for a slide: all, or a seeded sample of max_patches (sorted)."""
-    if max_patches <= 0 or count <= max_patches:
-        return np.arange(count)
-    rng = np.random.default_rng([seed, zlib.crc32(slide_id.encode())])
-    return np.sort(rng.choice(count, max_patches, replace=False))
 
 
 def slide_graph(features: np.ndarray, grid: np.ndarray, senders: np.ndarray,

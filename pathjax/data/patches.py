@@ -12,7 +12,6 @@ import dataclasses
 import io
 import json
 import pathlib
-import zlib
 from typing import Iterator
 
 import grain
@@ -24,6 +23,7 @@ from PIL import Image
 from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
 from pathjax.errors import StageError
+from pathjax.sampling import seeded_subset
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
 from pathjax.slides.reader import SlideError
 from pathjax.slides.tile_stage import tiles_path
@@ -49,12 +49,6 @@ class Sampling:
 
     def as_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-
-def sample_indices(slide_id: str, count: int, sampling: Sampling) -> np.ndarray:
-    """Up to patches_per_slide distinct patch indices of a slide, sorted, seeded by slide."""
-    rng = np.random.default_rng([sampling.seed, zlib.crc32(slide_id.encode())])
-    return np.sort(rng.choice(count, min(count, sampling.patches_per_slide), replace=False))
 
 
 class SlidePatchesBuilder(tfds.core.GeneratorBasedBuilder):
@@ -98,7 +92,8 @@ class SlidePatchesBuilder(tfds.core.GeneratorBasedBuilder):
         """All of one slide's examples, or none (with a report entry) if reading it fails."""
         patches = SlidePatches.from_tiles(
             record.slide_id, record.path, artifacts.load_npz(tiles_path(self._workdir, record.slide_id)))
-        chosen = sample_indices(record.slide_id, len(patches.coords), self.sampling)
+        chosen = seeded_subset(record.slide_id, len(patches.coords),
+                               self.sampling.patches_per_slide, self.sampling.seed)
         patches = dataclasses.replace(patches, coords=patches.coords[chosen])
         label = self.sampling.classes.index(record.label)
         examples = []
@@ -176,6 +171,12 @@ def _example_arrays(example: dict) -> dict[str, np.ndarray]:
             'label': np.asarray(example['label'], np.int32)}
 
 
+def read_options(workers: int) -> grain.ReadOptions:
+    """`workers` threads, each decoding a whole batch; as many batches in flight (grain reads
+    no more elements at once than its prefetch buffer holds)."""
+    return grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=max(2, workers))
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
@@ -190,8 +191,7 @@ def train_batches(source, batch_size: int, *, seed: int, epoch: int, process_ind
     dataset = grain.MapDataset.source(source).shuffle(seed=epoch_seed(seed, epoch))
     dataset = dataset.map(_example_arrays).batch(batch_size, drop_remainder=True)
     dataset = dataset[:len(dataset) - len(dataset) % process_count][process_index::process_count]
-    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers),
-                                                          prefetch_buffer_size=2)))
+    return iter(dataset.to_iter_dataset(read_options(workers)))
 
 
 def eval_batches(source, batch_size: int, *, process_index: int = 0, process_count: int = 1,
@@ -207,5 +207,4 @@ def eval_batches(source, batch_size: int, *, process_index: int = 0, process_cou
     mine = grain.MapDataset.source(list(range(process_index, padded, process_count)))
     mine = mine.map(lambda i: {**_example_arrays(source[int(indices[i])]), 'mask': mask[i]})
     mine = mine.batch(batch_size)
-    return iter(mine.to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers),
-                                                       prefetch_buffer_size=2 * batch_size)))
+    return iter(mine.to_iter_dataset(read_options(workers)))

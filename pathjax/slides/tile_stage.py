@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import pathlib
 import time
-import zlib
 
 import numpy as np
 from absl import logging
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
+from pathjax.sampling import seeded_subset
 from pathjax.slides import qc, stain
 from pathjax.slides.reader import Slide, SlideError
 from pathjax.slides.tiling import select_tiles
@@ -113,9 +113,8 @@ def _scan(slide: Slide, slide_id: str, settings: TileSettings
             warnings.append(f'no patch reaches tissue.min_fraction={settings.rule.min_fraction}')
     histogram = np.zeros((3, 256), np.int64)
     if settings.stain_method == 'histogram' and len(tiles):
-        rng = np.random.default_rng([settings.seed, zlib.crc32(slide_id.encode())])
-        sample = rng.choice(len(tiles), min(len(tiles), settings.stain_fit_patches), replace=False)
-        for x, y in tiles.coords[np.sort(sample)]:
+        sample = seeded_subset(slide_id, len(tiles), settings.stain_fit_patches, settings.seed)
+        for x, y in tiles.coords[sample]:
             histogram += stain.channel_histograms(slide.read_patch(x, y, plan))
     scan = dict(coords=tiles.coords, grid=tiles.grid, tissue=tiles.tissue,
                 level=plan.level, read_size=plan.read_size, patch_size=plan.patch_size,

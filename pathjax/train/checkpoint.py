@@ -1,7 +1,7 @@
 """Orbax checkpoints of a training run: the latest few, for resuming, and the best by a metric.
 
-Layout under the run's folder: `latest/<step>/` (the last `keep` checkpoints) and `best/<step>/`
-(the one with the best validation metric so far). Each checkpoint holds the train state (restored
+Layout under the run's folder: `latest/<step>/` (the last KEEP_LATEST checkpoints) and
+`best/<step>/` (the one with the highest validation metric so far). Each checkpoint holds the train state (restored
 into an abstract target, so shapes, dtypes and shardings come from the caller) and a JSON
 metadata dict (epoch, metrics). Orbax writes each checkpoint under a temporary name and renames it
 when complete, so a killed run never leaves a checkpoint that looks finished.
@@ -12,17 +12,19 @@ import pathlib
 from typing import Any
 
 import orbax.checkpoint as ocp
+from absl import logging
+
+KEEP_LATEST = 2  # latest checkpoints kept for resuming
 
 
 class Checkpoints:
     """Save / restore of one run's checkpoints. Close (or use as a context manager) at the end."""
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 2, best_metric: str = '',
-                 best_mode: str = 'max'):
+    def __init__(self, directory: str | os.PathLike, best_metric: str = ''):
         directory = pathlib.Path(directory).absolute()
-        self.best_metric, self.best_mode = best_metric, best_mode
+        self.directory, self.best_metric = directory, best_metric
         self._latest = ocp.CheckpointManager(
-            directory / 'latest', options=ocp.CheckpointManagerOptions(max_to_keep=keep),
+            directory / 'latest', options=ocp.CheckpointManagerOptions(max_to_keep=KEEP_LATEST),
             item_names=('state', 'metadata'))
         self._best = None
         if best_metric:
@@ -58,30 +60,33 @@ class Checkpoints:
 
     def save(self, step: int, state: Any, metadata: dict[str, Any]) -> None:
         """Saves `state` as the latest checkpoint, and as the best one when
-        metadata[best_metric] beats the best so far."""
+        metadata[best_metric] is higher than the best so far."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   metadata=ocp.args.JsonSave(metadata))
         self._latest.save(step, args=args)
-        if self._best is not None and self._improves(metadata.get(self.best_metric)):
-            self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                          metadata=ocp.args.JsonSave(metadata)))
-            self._best.wait_until_finished()
+        value = metadata.get(self.best_metric)
+        if self._best is not None and value is not None:
+            best = self.best_value()
+            if best is None or value > best:
+                self._best.save(step, args=args)
+                self._best.wait_until_finished()
 
-    def _improves(self, value: float | None) -> bool:
-        if value is None:
-            return False
-        best = self.best_value()
-        if best is None:
-            return True
-        return value > best if self.best_mode == 'max' else value < best
+    def restore_chosen(self, abstract_state: Any, which: str) -> tuple[Any, dict[str, Any]]:
+        """(state, metadata with 'checkpoint': 'best' or 'latest') of the checkpoint `which`
+        names; 'best' falls back to the latest when no checkpoint had a validation score."""
+        best = which == 'best' and self.best_step() is not None
+        if which == 'best' and not best:
+            logging.warning('%s: no best checkpoint (no validation score); using the latest',
+                            self.directory)
+        state, metadata = self.restore(abstract_state, best=best)
+        return state, {'checkpoint': 'best' if best else 'latest', **metadata}
 
-    def restore(self, abstract_state: Any, step: int | None = None, best: bool = False
-                ) -> tuple[Any, dict[str, Any]]:
-        """(state, metadata) of checkpoint `step` (default: the latest, or the best)."""
+    def restore(self, abstract_state: Any, best: bool = False) -> tuple[Any, dict[str, Any]]:
+        """(state, metadata) of the latest (or the best) checkpoint."""
         manager = self._best if best else self._latest
         if manager is None:
             raise ValueError('this run keeps no best checkpoint')
-        step = manager.latest_step() if step is None else step
+        step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f'no checkpoint in {manager.directory}')
         restored = manager.restore(step, args=ocp.args.Composite(

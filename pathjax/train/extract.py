@@ -30,8 +30,9 @@ from pathjax.train.feature_learning import (abstract_state, create_optimizer, in
 
 
 def extractor_params(config, workdir, model: FeatureNet) -> dict:
-    """The trained network's parameters (latest checkpoint), or with feature_net.learn False the
-    initial (ImageNet or random) ones: the method's baseline."""
+    """The trained network's parameters (the `extract.checkpoint` checkpoint: latest, or best
+    validation patch accuracy), or with feature_net.learn False the initial (ImageNet or random)
+    ones: the method's baseline."""
     if not config.feature_net.learn:
         return initial_params(model, config, config.tile.patch_size)
     abstract = abstract_state(model, create_optimizer(config.learn, 1), config.tile.patch_size)
@@ -39,7 +40,9 @@ def extractor_params(config, workdir, model: FeatureNet) -> dict:
         if checkpoints.latest_step() is None:
             raise StageError(f'extract: no trained feature network in {run_dir(workdir)}; run '
                              'learn_features first (or set feature_net.learn=False)')
-        state, _ = checkpoints.restore(abstract)
+        state, metadata = checkpoints.restore_chosen(abstract, config.extract.checkpoint)
+    logging.info('extract: the %s checkpoint of the feature network (epoch %d)',
+                 metadata['checkpoint'], metadata['epoch'])
     return state.params
 
 

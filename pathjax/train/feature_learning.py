@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax.training import train_state
 from tqdm import tqdm
 
 from pathjax import artifacts
@@ -28,13 +27,10 @@ from pathjax.errors import StageError, UsageError
 from pathjax.models.am_softmax import am_softmax_loss
 from pathjax.models.feature_net import FeatureNet, create_feature_net
 from pathjax.models.pretrained import PretrainedWeightsError, load_pretrained_trunk
-from pathjax.train import sharding
+from pathjax.train import sharding, train_state
 from pathjax.train.checkpoint import Checkpoints
+from pathjax.train.train_state import TrainState
 from pathjax.train.xla_options import conv_compiler_options
-
-
-class TrainState(train_state.TrainState):
-    """Flax's TrainState (step, params, optimizer state) for the feature network."""
 
 
 def run_dir(workdir) -> pathlib.Path:
@@ -115,8 +111,7 @@ class FeatureTrainer:
         self.mesh = sharding.make_mesh(config.mesh.data)
         self.batch_size = config.learn.batch_size
         self.local_batch = sharding.local_batch_size(self.batch_size, self.mesh)
-        usable = len(self.train_source) - len(self.train_source) % jax.process_count()
-        self.steps_per_epoch = usable // self.batch_size
+        self.steps_per_epoch = len(self.train_source) // self.batch_size  # full global batches
         if not self.steps_per_epoch:
             raise StageError(f'learn_features: {len(self.train_source)} training patches, fewer '
                              f'than one batch (learn.batch_size={self.batch_size})')
@@ -126,8 +121,7 @@ class FeatureTrainer:
         batched = sharding.batch_sharded(self.mesh)
 
         self.tx = tx
-        self.create_state = jax.jit(lambda params: TrainState.create(
-            apply_fn=self.model.apply, params=params, tx=tx), out_shardings=replicated)
+        self.create_state = train_state.make_state_creator(self.model.apply, tx, replicated)
         step = make_train_step(self.model, config.am_softmax.s, config.am_softmax.m,
                                config.learn.augment == 'd4')
         options = conv_compiler_options()
@@ -141,14 +135,14 @@ class FeatureTrainer:
     def validation_accuracy(self, params) -> float | None:
         if self.val_source is None or not len(self.val_source):
             return None
-        correct = counted = 0
+        counts = []  # device scalars, read once at the end (reading each would wait per batch)
         for batch in patches.eval_batches(self.val_source, self.local_batch,
                                           process_index=jax.process_index(),
                                           process_count=jax.process_count(),
                                           workers=self.config.workers):
-            right, total = self.eval_step(params, sharding.global_batch(batch, self.mesh))
-            correct, counted = correct + int(right), counted + int(total)
-        return correct / max(counted, 1)
+            counts.append(self.eval_step(params, sharding.global_batch(batch, self.mesh)))
+        correct, counted = np.asarray(jax.device_get(counts), np.int64).sum(axis=0)
+        return float(correct / max(counted, 1))
 
     def train_epoch(self, state: TrainState, epoch: int, metrics_file: pathlib.Path
                     ) -> tuple[TrainState, dict]:
@@ -219,9 +213,8 @@ def abstract_state(model: FeatureNet, tx: optax.GradientTransformation, patch_si
     initialising the network."""
     placement = placement or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     images = jnp.zeros((1, patch_size, patch_size, 3), jnp.uint8)
-    shapes = jax.eval_shape(lambda: TrainState.create(
-        apply_fn=model.apply, params=model.init(jax.random.key(0), images)['params'], tx=tx))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), shapes)
+    return train_state.abstract_state(
+        model.apply, lambda: model.init(jax.random.key(0), images)['params'], tx, placement)
 
 
 def _append_jsonl(path: pathlib.Path, record: dict) -> None:

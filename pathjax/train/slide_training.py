@@ -18,7 +18,6 @@ import jraph
 import numpy as np
 import optax
 from absl import logging
-from flax.training import train_state
 
 from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
@@ -28,12 +27,9 @@ from pathjax.errors import StageError
 from pathjax.evaluate import heatmaps
 from pathjax.evaluate.metrics import slide_metrics, to_json_safe
 from pathjax.models.slide_transformer import create_slide_model
-from pathjax.train import sharding
+from pathjax.train import sharding, train_state
 from pathjax.train.checkpoint import Checkpoints
-
-
-class TrainState(train_state.TrainState):
-    """Flax's TrainState for the slide model."""
+from pathjax.train.train_state import TrainState
 
 
 @dataclasses.dataclass
@@ -146,8 +142,7 @@ class SlideTrainer:
         self.tx = create_optimizer(config.train)
         self.feature_dim = feature_dim
         replicated, batched = sharding.replicated(self.mesh), sharding.batch_sharded(self.mesh)
-        self.create_state = jax.jit(lambda params: TrainState.create(
-            apply_fn=self.model.apply, params=params, tx=self.tx), out_shardings=replicated)
+        self.create_state = train_state.make_state_creator(self.model.apply, self.tx, replicated)
         self.predict_step = jax.jit(make_predict_step(self.model),
                                     in_shardings=(replicated, batched),
                                     out_shardings=(replicated, replicated))
@@ -170,10 +165,8 @@ class SlideTrainer:
             jax.random.key(self.config.seed), batch['graph'], True)['params']
 
     def abstract_state(self) -> TrainState:
-        shapes = jax.eval_shape(lambda: TrainState.create(
-            apply_fn=self.model.apply, params=self.initial_params(), tx=self.tx))
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=self._replicated), shapes)
+        return train_state.abstract_state(self.model.apply, self.initial_params, self.tx,
+                                          self._replicated)
 
     def device_batch(self, batch: dict) -> dict:
         """This process's rows of a global batch, assembled into arrays sharded over `data`."""
@@ -278,15 +271,12 @@ class SlideTrainer:
 
 
 def restore_params(trainer: SlideTrainer, workdir, which: str):
-    """The parameters of the best (default) or latest checkpoint, and which one was used."""
+    """The parameters of the best or latest checkpoint, and its metadata (with which one)."""
     with Checkpoints(run_dir(workdir), best_metric='val_score') as checkpoints:
         if checkpoints.latest_step() is None:
             raise StageError(f'no trained slide model in {run_dir(workdir)}; run train_slide first')
-        best = which == 'best' and checkpoints.best_step() is not None
-        if which == 'best' and not best:
-            logging.warning('no best checkpoint (no validation score); using the latest')
-        state, metadata = checkpoints.restore(trainer.abstract_state(), best=best)
-    return state.params, {'checkpoint': 'best' if best else 'latest', **metadata}
+        state, metadata = checkpoints.restore_chosen(trainer.abstract_state(), which)
+    return state.params, metadata
 
 
 def feature_dim(splits: list[SlideSet], stage: str) -> int:

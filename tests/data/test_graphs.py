@@ -56,11 +56,3 @@ def test_buckets_and_padding():
         graphs.pad_graph(graph, 2, 10)
     batch = graphs.stack_graphs([padded, padded])
     assert batch.nodes['features'].shape == (2, 64, 2) and batch.receivers.shape == (2, 10)
-
-
-def test_patch_cap_is_a_seeded_sample():
-    kept = graphs.sample_patches('slide', 1000, 100, seed=0)
-    assert len(kept) == 100 and len(set(kept)) == 100 and (np.diff(kept) > 0).all()
-    np.testing.assert_array_equal(kept, graphs.sample_patches('slide', 1000, 100, seed=0))
-    assert not np.array_equal(kept, graphs.sample_patches('other', 1000, 100, seed=0))
-    np.testing.assert_array_equal(graphs.sample_patches('slide', 50, 100, seed=0), np.arange(50))

@@ -1,0 +1,42 @@
+"""Checkpoints: the latest for resuming, the best by a validation metric, and the choice between
+them with its fallback."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pathjax.train.checkpoint import KEEP_LATEST, Checkpoints
+
+
+def state_of(value: float) -> dict:
+    return {'w': jnp.full((3,), value, jnp.float32)}
+
+
+def abstract() -> dict:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_of(0.0))
+
+
+def test_latest_best_and_the_choice_between_them(tmp_path):
+    scores = [0.5, 0.8, 0.6, None]  # epoch 4 has no validation score
+    with Checkpoints(tmp_path, best_metric='val') as checkpoints:
+        for epoch, score in enumerate(scores, 1):
+            checkpoints.save(epoch * 10, state_of(epoch), {'epoch': epoch, 'val': score})
+    with Checkpoints(tmp_path, best_metric='val') as checkpoints:  # a fresh process's view
+        assert checkpoints.latest_step() == 40 and checkpoints.best_step() == 20
+        assert checkpoints.best_value() == 0.8
+        latest, latest_meta = checkpoints.restore_chosen(abstract(), 'latest')
+        best, best_meta = checkpoints.restore_chosen(abstract(), 'best')
+    np.testing.assert_array_equal(latest['w'], 4.0)
+    np.testing.assert_array_equal(best['w'], 2.0)
+    assert latest_meta == {'checkpoint': 'latest', 'epoch': 4, 'val': None}
+    assert best_meta == {'checkpoint': 'best', 'epoch': 2, 'val': 0.8}
+    assert len(list((tmp_path / 'latest').iterdir())) == KEEP_LATEST
+
+
+def test_best_falls_back_to_the_latest_without_scores(tmp_path):
+    with Checkpoints(tmp_path, best_metric='val') as checkpoints:
+        checkpoints.save(1, state_of(1.0), {'epoch': 1, 'val': None})
+        assert checkpoints.best_step() is None
+        state, metadata = checkpoints.restore_chosen(abstract(), 'best')
+    np.testing.assert_array_equal(state['w'], 1.0)
+    assert metadata['checkpoint'] == 'latest'
