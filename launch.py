@@ -14,15 +14,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pathjax import pipeline
 from pathjax.errors import StageError, UsageError
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for every artifact of the run.')
-_STAGES = flags.DEFINE_list('stages', None,
-                            f'Stages to run, in pipeline order (default all): '
-                            f'{",".join(pipeline.stage_names())}.')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _fail(message: str) -> None:
@@ -73,4 +65,13 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
+    # The slide workers are spawned processes that import this file again (as '__mp_main__'):
+    # only a real run loads the pipeline (jax, TFDS, every stage) and defines the flags.
+    from pathjax import pipeline
+    _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections).')
+    _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for every artifact of the run.')
+    _STAGES = flags.DEFINE_list('stages', None,
+                                f'Stages to run, in pipeline order (default all): '
+                                f'{",".join(pipeline.stage_names())}.')
+    flags.mark_flags_as_required(['config', 'workdir'])
     app.run(main, flags_parser=parse_flags)

@@ -67,3 +67,15 @@ def test_rerun_with_other_settings_is_refused_naming_the_fields(tmp_path):
     assert 'tissue.threshold was 200, now 210' in result.stderr
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / 'tiles').glob('*.npz')} == tiles
     assert launch(*small, '--config.workers=1', workdir=tmp_path).returncode == 0  # not a setting
+
+
+def test_spawned_workers_do_not_load_jax_or_tfds():
+    """Slide workers are spawned: each imports launch.py again as '__mp_main__' (what runpy does
+    here), which must not cost them jax, TFDS and every stage."""
+    probe = ("import runpy, sys; runpy.run_path('launch.py', run_name='__mp_main__'); "
+             "print(sorted(m for m in ('jax', 'tensorflow_datasets', 'pathjax.pipeline') "
+             "if m in sys.modules))")
+    result = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == '[]'
