@@ -16,7 +16,7 @@ from pathjax import artifacts, cohort as cohort_lib, provenance, stage_report
 from pathjax.errors import StageError, UsageError
 from pathjax.data import patches
 from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
-from pathjax.slides import synthetic, tile_stage
+from pathjax.slides import stain, synthetic, tile_stage
 from pathjax.slides.tissue import TissueRule
 from pathjax.evaluate import evaluate_stage
 from pathjax.train import extract, feature_learning, sharding, slide_training
@@ -98,8 +98,11 @@ def check_config(config) -> list[str]:
         problems.append(str(error))
     require(config.stain.method in ('histogram', 'none'),
             f"stain.method must be 'histogram' or 'none', got {config.stain.method!r}")
-    require(config.stain.reference == 'cohort' or os.path.isfile(config.stain.reference),
-            f"stain.reference must be 'cohort' or an image file, got {config.stain.reference!r}")
+    if config.stain.reference != 'cohort':
+        try:
+            stain.read_template(config.stain.reference)
+        except ValueError as error:
+            problems.append(f"{error}; give an image file or 'cohort'")
     require(config.stain.fit_patches >= 1,
             f'stain.fit_patches must be >= 1, got {config.stain.fit_patches}')
     require(config.dtype in DTYPE_CHOICES,

@@ -79,3 +79,12 @@ def test_spawned_workers_do_not_load_jax_or_tfds():
                             timeout=60, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == '[]'
+
+
+def test_unreadable_stain_template_stops_before_any_work(tmp_path):
+    template = tmp_path / 'template.png'
+    template.write_text('not an image')
+    result = launch(f'--config.stain.reference={template}', workdir=tmp_path / 'work')
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert 'stain.reference' in result.stderr and 'template.png' in result.stderr
+    assert not (tmp_path / 'work' / 'tiles').exists()

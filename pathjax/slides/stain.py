@@ -65,3 +65,13 @@ def cohort_reference(slide_histograms: list[np.ndarray]) -> np.ndarray:
     if not slide_histograms:
         raise ValueError('no slide histograms to build a cohort stain reference from')
     return normalize_histograms(np.stack(slide_histograms)).mean(axis=0)
+
+
+def read_template(path: str) -> np.ndarray:
+    """The RGB pixels uint8 [H, W, 3] of a stain template image; ValueError naming the file when
+    it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert('RGB'))
+    except (OSError, ValueError) as error:
+        raise ValueError(f'stain.reference: cannot read template image {path!r} ({error})') from None

@@ -18,7 +18,6 @@ import time
 
 import numpy as np
 from absl import logging
-from PIL import Image
 from tqdm import tqdm
 
 from pathjax import artifacts
@@ -178,10 +177,7 @@ def stain_reference(config, scans: dict[str, dict], cohort: Cohort) -> tuple[np.
     """[3, 256] reference histograms and a description of where they came from."""
     source = config.stain.reference
     if source != 'cohort':
-        try:
-            image = np.asarray(Image.open(source).convert('RGB'))
-        except (OSError, ValueError) as error:
-            raise ValueError(f'stain.reference: cannot read template image {source!r} ({error})') from None
+        image = stain.read_template(source)  # checked before the run
         return stain.normalize_histograms(stain.channel_histograms(image)), f'template {source}'
     train = {s.slide_id for s in cohort.split('train')}
     with_tissue = {i: s['stain_histogram'] for i, s in scans.items() if len(s['coords'])}
