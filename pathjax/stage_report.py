@@ -1,4 +1,5 @@
-"""Per-stage reports: one entry per manifest row, written to <workdir>/reports/<stage>.json."""
+"""Per-stage reports in <workdir>/reports/<stage>.json: one entry per manifest row for the slide
+stages, a summary (training, metrics) for the stages that train on the whole cohort."""
 
 import collections
 import dataclasses
@@ -28,12 +29,20 @@ class SlideEntry:
                 'message': self.message, **self.details}
 
 
-def write_report(workdir: str | os.PathLike, stage: str, entries: list[SlideEntry],
-                 **summary: Any) -> pathlib.Path:
+def report_path(workdir: str | os.PathLike, stage: str) -> pathlib.Path:
+    return pathlib.Path(workdir) / 'reports' / f'{stage}.json'
+
+
+def write_summary(workdir: str | os.PathLike, stage: str, summary: dict[str, Any]) -> None:
+    """The report of a stage that has no per-slide entries."""
+    artifacts.save_json(report_path(workdir, stage), summary)
+
+
+def write_report(workdir: str | os.PathLike, stage: str, entries: list[SlideEntry]) -> pathlib.Path:
     """Writes the report and logs a summary with every failure named."""
     counts = collections.Counter(e.status for e in entries)
-    path = pathlib.Path(workdir) / 'reports' / f'{stage}.json'
-    artifacts.save_json(path, {'stage': stage, 'counts': dict(counts), **summary,
+    path = report_path(workdir, stage)
+    artifacts.save_json(path, {'stage': stage, 'counts': dict(counts),
                                'slides': [e.as_json() for e in entries]})
     logging.info('%s: %d ok, %d without tissue, %d failed; report: %s', stage, counts[OK],
                  counts[NO_TISSUE], counts[ERROR], path)

@@ -31,11 +31,7 @@ def qc_picture(overview: np.ndarray, background: np.ndarray, slide_size: tuple[i
     """
     shaded = overview.astype(np.float32)
     shaded[background] = 0.6 * shaded[background] + 0.4 * BACKGROUND_TINT
-    image = Image.fromarray(shaded.astype(np.uint8))
-    scale = min(1.0, MAX_SIDE / max(image.size))
-    if scale < 1.0:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.Resampling.BOX)
+    image = Image.fromarray(thumbnail(shaded.astype(np.uint8)))
     scale_x, scale_y = image.width / slide_size[0], image.height / slide_size[1]
     draw = ImageDraw.Draw(image)
     for x, y in coords:

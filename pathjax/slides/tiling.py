@@ -9,6 +9,8 @@ import dataclasses
 
 import numpy as np
 
+from pathjax.slides.tissue import integral_image
+
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
@@ -56,8 +58,7 @@ def patch_tissue_fractions(tissue_mask: np.ndarray, slide_size: tuple[int, int],
     """
     height, width = tissue_mask.shape
     scale_x, scale_y = width / slide_size[0], height / slide_size[1]
-    integral = np.zeros((height + 1, width + 1), np.int64)
-    np.cumsum(np.cumsum(tissue_mask, axis=0, dtype=np.int64), axis=1, out=integral[1:, 1:])
+    integral = integral_image(tissue_mask)
     x0 = np.clip(np.rint(coords[:, 0] * scale_x).astype(np.int64), 0, width)
     y0 = np.clip(np.rint(coords[:, 1] * scale_y).astype(np.int64), 0, height)
     x1 = np.clip(np.rint((coords[:, 0] + extent) * scale_x).astype(np.int64), 0, width)

@@ -42,12 +42,18 @@ def pixel_background(rgb: np.ndarray, rule: TissueRule) -> np.ndarray:
     return bright.any(axis=-1) if rule.channel_rule == 'any' else bright.all(axis=-1)
 
 
+def integral_image(values: np.ndarray) -> np.ndarray:
+    """Summed-area table int64 [H + 1, W + 1] of values [H, W]: entry (i, j) sums values[:i, :j]."""
+    integral = np.zeros((values.shape[0] + 1, values.shape[1] + 1), np.int64)
+    np.cumsum(np.cumsum(values, axis=0, dtype=np.int64), axis=1, out=integral[1:, 1:])
+    return integral
+
+
 def window_sum(values: np.ndarray, window: int) -> np.ndarray:
     """Sum of `values` [H, W] over the centred window x window box of each pixel, clipped at the
     border (rows i - window//2 .. i + window - 1 - window//2). Exact, via an integral image."""
     height, width = values.shape
-    integral = np.zeros((height + 1, width + 1), np.int64)
-    np.cumsum(np.cumsum(values, axis=0, dtype=np.int64), axis=1, out=integral[1:, 1:])
+    integral = integral_image(values)
     before, after = window // 2, window - 1 - window // 2
     rows, cols = np.arange(height), np.arange(width)
     r0, r1 = np.clip(rows - before, 0, height), np.clip(rows + after + 1, 0, height)
@@ -63,7 +69,3 @@ def background_mask(rgb: np.ndarray, downsample: float, rule: TissueRule) -> np.
     fraction = window_sum(background, window) / window_sum(ones, window)
     return background | (fraction >= rule.neighbourhood_fraction)
 
-
-def tissue_fraction(rgb: np.ndarray, downsample: float, rule: TissueRule) -> float:
-    """Fraction of an image's pixels that are tissue (e.g. one tile)."""
-    return float(1.0 - background_mask(rgb, downsample, rule).mean())

@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from pathjax import artifacts
+from pathjax import stage_report
 from pathjax.cohort import Cohort
 from pathjax.data import patches
 from pathjax.data.augment import random_d4
@@ -233,5 +233,5 @@ def run(config, workdir, cohort: Cohort) -> None:
         return None
     summary = FeatureTrainer(config, workdir).fit()
     if sharding.is_leader():
-        artifacts.save_json(pathlib.Path(workdir) / 'reports' / 'learn_features.json', summary)
+        stage_report.write_summary(workdir, 'learn_features', summary)
     return None

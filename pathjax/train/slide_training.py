@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from pathjax import artifacts
+from pathjax import stage_report
 from pathjax.cohort import Cohort, SlideRecord
 from pathjax.data import graphs
 from pathjax.data.features import GraphSettings, features_path, load_bag, slide_graph
@@ -304,9 +304,8 @@ def run(config, workdir, cohort: Cohort) -> None:
             probabilities, _ = trainer.predict(params, slides)
             final[name] = slide_metrics(probabilities, slides.labels, classes)
     if sharding.is_leader():
-        artifacts.save_json(pathlib.Path(workdir) / 'reports' / 'train_slide.json',
-                            to_json_safe({'training': summary, 'evaluated': used,
-                                          'metrics': final}))
+        stage_report.write_summary(workdir, 'train_slide', to_json_safe(
+            {'training': summary, 'evaluated': used, 'metrics': final}))
     for name, metrics in final.items():
         logging.info('train_slide: %s AUC %s, accuracy %.3f (%s checkpoint)', name,
                      metrics['auc'], metrics['accuracy'], used['checkpoint'])
