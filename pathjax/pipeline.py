@@ -7,7 +7,7 @@ synthetic one when `data.manifest` is empty), then runs the chosen stages in ord
 
 import os
 import pathlib
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 from absl import logging
@@ -217,20 +217,30 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
         fields += stage.settings
         if stages and stage.name not in stages:
             continue
+        # Every failure goes through raise_together, so no process waits for one that stopped.
+        failure = None
         if sharding.is_leader():
-            provenance.check_and_record(workdir, stage.name,
-                                        provenance.settings_of(config, fields), stage.artifacts)
+            _, failure = _attempt(provenance.check_and_record, workdir, stage.name,
+                                  provenance.settings_of(config, fields), stage.artifacts)
+        sharding.raise_together(failure)
         logging.info('stage %s', stage.name)
         entries = None
         if stage.every_process or sharding.is_leader():
-            entries = stage.run(config, workdir, cohort)
-        sharding.barrier(f'pathjax stage {stage.name}')
-        if entries is None or not sharding.is_leader():
-            continue
-        report = stage_report.write_report(workdir, stage.name, entries)
-        if not any(e.status == stage_report.OK for e in entries):
-            raise StageError(f'{stage.name}: no slide could be processed; see {report}')
+            entries, failure = _attempt(stage.run, config, workdir, cohort)
+        if entries is not None and sharding.is_leader():
+            report = stage_report.write_report(workdir, stage.name, entries)
+            if not any(e.status == stage_report.OK for e in entries):
+                failure = StageError(f'{stage.name}: no slide could be processed; see {report}')
+        sharding.raise_together(failure)
     return 0
+
+
+def _attempt(function: Callable, *args) -> tuple[Any, StageError | UsageError | None]:
+    """(function(*args), None), or (None, the StageError or UsageError it raised)."""
+    try:
+        return function(*args), None
+    except (StageError, UsageError) as error:
+        return None, error
 
 
 def enable_compilation_cache(folder: pathlib.Path) -> None:

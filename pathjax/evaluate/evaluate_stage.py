@@ -19,7 +19,7 @@ from pathjax.evaluate.metrics import slide_metrics
 from pathjax.slides.tile_stage import thumbnail_path, tiles_path
 from pathjax.stage_report import ERROR, OK, SlideEntry
 from pathjax.train import sharding
-from pathjax.train.slide_training import (SlideSet, SlideTrainer, feature_dim, load_slides,
+from pathjax.train.slide_training import (SlideSet, SlideTrainer, feature_dim, load_splits,
                                           restore_params)
 
 
@@ -84,8 +84,7 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
     """The `evaluate` stage over config.eval.splits; one report entry per slide evaluated."""
     settings = GraphSettings.from_config(config)
     classes = tuple(config.data.classes)
-    records = {split: list(cohort.split(split)) for split in config.eval.splits}
-    splits = {split: load_slides(workdir, rows, classes, settings) for split, rows in records.items()}
+    splits = load_splits(workdir, cohort, config.eval.splits, classes, settings)
     trainer = SlideTrainer(config, workdir, feature_dim(list(splits.values()), 'evaluate'))
     params, checkpoint = restore_params(trainer, workdir, config.eval.checkpoint)
     entries = []
@@ -94,5 +93,5 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
         done = set(slides.slide_ids)
         entries += [SlideEntry(r.slide_id, OK, details={'split': split}) if r.slide_id in done
                     else SlideEntry(r.slide_id, ERROR, message='no features (see the extract report)',
-                                    details={'split': split}) for r in records[split]]
+                                    details={'split': split}) for r in cohort.split(split)]
     return entries

@@ -9,8 +9,11 @@ after `initialize_distributed`.
 from typing import Any
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from pathjax.errors import StageError, UsageError
 
 DATA_AXIS = 'data'
 
@@ -26,6 +29,24 @@ def barrier(name: str) -> None:
     """Waits until every process reaches the same named point (nothing on one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def raise_together(failure: StageError | UsageError | None) -> None:
+    """Waits for every process, then raises on all of them if any failed: its own error on a
+    failed process, an error naming the failed processes on the others (so none waits forever
+    for a process that stopped)."""
+    if jax.process_count() == 1:
+        if failure is not None:
+            raise failure
+        return
+    code = 0 if failure is None else 2 if isinstance(failure, UsageError) else 1
+    codes = np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)
+    if failure is not None:
+        raise failure
+    failed = np.flatnonzero(codes).tolist()
+    if failed:
+        kind = UsageError if codes.max() == 2 else StageError
+        raise kind(f'process(es) {failed} stopped the run; see their logs')
 
 
 def is_leader() -> bool:

@@ -74,6 +74,18 @@ def node_rows(slides: SlideSet, indices: np.ndarray, values: np.ndarray) -> list
             for row, i in enumerate(indices)]
 
 
+def load_splits(workdir, cohort: Cohort, names, classes: tuple[str, ...],
+                settings: GraphSettings) -> dict[str, SlideSet]:
+    """{split: SlideSet} of the named splits. The leader builds the slides' missing graph caches
+    first; the other processes then read them instead of searching neighbours too."""
+    def load():
+        return {name: load_slides(workdir, list(cohort.split(name)), classes, settings)
+                for name in names}
+    splits = load() if sharding.is_leader() else None
+    sharding.barrier('pathjax slide graphs')
+    return splits if splits is not None else load()
+
+
 def make_batch(slides: SlideSet, indices: np.ndarray, batch_size: int, k: int) -> dict:
     """Slides `indices` padded to one bucket, the batch filled to batch_size with masked copies.
 
@@ -291,8 +303,7 @@ def run(config, workdir, cohort: Cohort) -> None:
     """The `train_slide` stage; its report holds the final metrics of every split."""
     settings = GraphSettings.from_config(config)
     classes = tuple(config.data.classes)
-    splits = {name: load_slides(workdir, list(cohort.split(name)), classes, settings)
-              for name in ('train', 'val', 'test')}
+    splits = load_splits(workdir, cohort, ('train', 'val', 'test'), classes, settings)
     logging.info('train_slide: %s slides with features', ', '.join(
         f'{len(s)} {name}' for name, s in splits.items()))
     trainer = SlideTrainer(config, workdir, feature_dim(list(splits.values()), 'train_slide'))

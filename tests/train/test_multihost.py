@@ -72,3 +72,24 @@ def test_two_processes_train_like_one(patch_workdir, tmp_path):
     flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)])
             for p in (single_params, multi_params)]
     assert np.linalg.norm(flat[0] - flat[1]) <= 1e-4 * np.linalg.norm(flat[0])
+
+
+def test_a_failure_on_the_leader_stops_every_process(patch_workdir, tmp_path):
+    """The leader refuses to tile a workdir tiled with another tile.mpp (its provenance check):
+    the other process stops too, with an error naming it, instead of waiting for it forever."""
+    workdir_with_patches(patch_workdir, tmp_path)
+    (tmp_path / 'settings').mkdir(exist_ok=True)
+    (tmp_path / 'settings' / 'tile.json').write_text(json.dumps({'tile.mpp': 1.0}))
+    coordinator = f'localhost:{free_port()}'
+    processes = [launch(tmp_path, 1, '--stages=tile',
+                        f'--config.distributed.coordinator={coordinator}',
+                        '--config.distributed.num_processes=2',
+                        f'--config.distributed.process_id={i}') for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in processes]
+    finally:
+        for process in processes:  # a hung process must not outlive the test
+            process.kill()
+    assert [p.returncode for p in processes] == [2, 2], outputs
+    assert 'tile.mpp' in outputs[0]
+    assert 'process(es) [0] stopped the run' in outputs[1]
