@@ -29,11 +29,13 @@ def bucket_size(count: int, minimum: int = MIN_BUCKET) -> int:
 @functools.partial(jax.jit, static_argnames=('k', 'chunk'))
 def _chunk_neighbours(points, valid, start, k: int, chunk: int):
     """Indices [chunk, k] of the k valid points nearest to each of points[start:start + chunk],
-    the query itself excluded."""
+    the query itself excluded. The matmul is explicitly full float32 (a TF32/bfloat16 default
+    precision would wreck the cancelling expression); points should be centred."""
     queries = jax.lax.dynamic_slice_in_dim(points, start, chunk)
     query_rows = start + jnp.arange(chunk)
+    products = jnp.matmul(queries, points.T, precision=jax.lax.Precision.HIGHEST)  # [c, M]
     distances = (jnp.sum(queries ** 2, axis=1, keepdims=True) + jnp.sum(points ** 2, axis=1)[None]
-                 - 2.0 * queries @ points.T)  # [c, M]
+                 - 2.0 * products)  # [c, M]
     self_match = query_rows[:, None] == jnp.arange(points.shape[0])[None]
     distances = jnp.where(valid[None] & ~self_match, distances, jnp.inf)
     return jax.lax.top_k(-distances, k)[1]
@@ -48,7 +50,9 @@ def knn_indices(features: np.ndarray, k: int, chunk: int = QUERY_CHUNK) -> np.nd
     chunk = min(chunk, bucket_size(count))
     size = -(-count // chunk) * chunk  # whole chunks: one program per 1024 points, little padding
     points = np.zeros((size, features.shape[1]), np.float32)
-    points[:count] = features
+    # Centred (neighbours are translation invariant): |q|^2 + |p|^2 - 2 q.p cancels less.
+    np.subtract(features, np.mean(features, axis=0, dtype=np.float64).astype(np.float32),
+                out=points[:count], dtype=np.float32)
     valid = np.arange(size) < count
     points_device, valid_device = jax.device_put(points), jax.device_put(valid)
     parts = [_chunk_neighbours(points_device, valid_device, start, k, chunk)

@@ -1,5 +1,6 @@
 """kNN graphs vs brute force, symmetrization, padding and buckets."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -23,6 +24,45 @@ def test_knn_matches_brute_force(count, chunk):
     # Same neighbour sets (compared through distances, so float ties cannot flip the test).
     np.testing.assert_allclose(np.sort(np.take_along_axis(distances, found, 1), axis=1),
                                np.take_along_axis(distances, expected, 1), rtol=1e-4)
+
+
+def dot_generals(jaxpr):
+    """Every dot_general equation of a jaxpr, nested jaxprs (jit, ...) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == 'dot_general':
+            yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, 'jaxpr', param)  # a ClosedJaxpr's Jaxpr
+            if hasattr(inner, 'eqns'):
+                yield from dot_generals(inner)
+
+
+@pytest.mark.parametrize('lowered', ['tensorfloat32', 'bfloat16'])
+def test_distance_matmul_is_full_precision_whatever_the_default(lowered):
+    """A lowered default matmul precision (TF32 is JAX's default on Ampere/Hopper) must not reach
+    the distance matmul, whose |q|^2 + |p|^2 - 2 q.p cancels."""
+    points, valid = np.zeros((32, 8), np.float32), np.ones(32, bool)
+    with jax.default_matmul_precision(lowered):
+        jaxpr = jax.make_jaxpr(graphs._chunk_neighbours, static_argnums=(3, 4))(
+            points, valid, 0, 4, 16)
+    found = list(dot_generals(jaxpr.jaxpr))
+    assert found
+    for eqn in found:
+        assert eqn.params['precision'] == (jax.lax.Precision.HIGHEST,) * 2, eqn
+
+
+def test_knn_exact_for_features_far_from_the_origin():
+    """Features with a large common offset: float32 |q|^2 + |p|^2 - 2 q.p loses the distances
+    (|q|^2 ~ 1.6e7, spacing 2) unless the points are centred first."""
+    rng = np.random.default_rng(1)
+    features = (rng.normal(size=(200, 16)) + 1000.0).astype(np.float32)
+    k = 8
+    found = graphs.knn_indices(features, k=k, chunk=64)
+    distances, expected = brute_force_knn(features, k)
+    ordered = np.sort(distances, axis=1)
+    # No near-ties: the k-th and (k+1)-th distances differ by far more than float32 rounding.
+    assert (ordered[:, k] - ordered[:, k - 1] > 1e-5 * ordered[:, k]).all()
+    np.testing.assert_array_equal(np.sort(found, axis=1), np.sort(expected, axis=1))
 
 
 def test_tiny_slides():
