@@ -11,6 +11,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.workers = -1  # worker processes/threads for slide reading; -1 = one per CPU core
     config.dtype = 'auto'  # compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16'
+    config.deterministic = False  # True: XLA's deterministic GPU ops (bit-identical reruns and
+    # resumes on GPU, somewhat slower); CPU runs are deterministic either way
     config.compilation_cache = True  # persistent XLA compilation cache under <workdir>/jax_cache
 
     config.data = ml_collections.ConfigDict()

@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 from absl import logging
 
-from pathjax import artifacts, cohort as cohort_lib, provenance, stage_report
+from pathjax import artifacts, cohort as cohort_lib, determinism, provenance, stage_report
 from pathjax.errors import StageError, UsageError
 from pathjax.data import patches
 from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
@@ -203,6 +203,8 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
                         f'stages are {", ".join(stage_names())}')
     if problems:
         raise UsageError('invalid configuration:\n  ' + '\n  '.join(problems))
+    if config.deterministic:  # before any device use: XLA reads its flags when the backend starts
+        determinism.enable_deterministic_ops()
     config.workers = resolve_workers(config.workers)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
