@@ -2,11 +2,13 @@
 
 Patches are streamed from the slides by coordinates (nothing is stored as images): the patch
 reader's threads decode the next batches while the device computes the current one (JAX dispatch
-is asynchronous). Batches have one fixed size (the last one padded), so one program is compiled.
+is asynchronous), with at most a few batches on the device at once. Batches have one fixed size
+(the last one padded), so one program is compiled.
 Each slide's features are written atomically to `features/<slide_id>.npz`; finished slides are
 skipped on rerun. With several hosts, each extracts its own share of the slides on its own devices.
 """
 
+import collections
 
 import jax
 import numpy as np
@@ -27,6 +29,8 @@ from pathjax.train.checkpoint import Checkpoints
 from pathjax.train.xla_options import conv_compiler_options
 from pathjax.train.feature_learning import (abstract_state, create_optimizer, initial_params,
                                              run_dir)
+
+IN_FLIGHT = 2  # batches dispatched to the device and not yet read back
 
 
 def extractor_params(config, workdir, model: FeatureNet) -> dict:
@@ -62,8 +66,13 @@ class Extractor:
                                 compiler_options=conv_compiler_options())
 
     def slide_features(self, reader: PatchReader, patches: SlidePatches, progress) -> np.ndarray:
-        """float32 [N, D] for the slide's N patches, in coordinate order."""
-        pending = []
+        """float32 [N, D] for the slide's N patches, in coordinate order.
+
+        Once more than IN_FLIGHT batches are on the device, the oldest result is read back before
+        the next batch is read: device memory stays at a few batches however fast the reader,
+        and the device always has the next batch queued while the host waits.
+        """
+        pending, done = collections.deque(), []  # (patches, device result) / float32 [n, D]
         for batch in reader.batches(patches):
             images = batch.images
             if len(images) < self.batch_size:  # pad to the compiled size
@@ -71,8 +80,16 @@ class Extractor:
                 images = np.concatenate([images, padding])
             device_images = jax.device_put(images, sharding.batch_sharded(self.mesh))
             pending.append((len(batch.indices), self.features(self.params, device_images)))
+            if len(pending) > IN_FLIGHT:
+                done.append(_to_host(*pending.popleft()))
             progress.update(len(batch.indices))
-        return np.concatenate([np.asarray(out)[:n] for n, out in pending]).astype(np.float32)
+        done.extend(_to_host(*p) for p in pending)
+        return np.concatenate(done)
+
+
+def _to_host(count: int, features: jax.Array) -> np.ndarray:
+    """The first `count` rows of a device batch of features [B, D], as float32 numpy [count, D]."""
+    return np.asarray(features)[:count].astype(np.float32)
 
 
 def extract_slide(extractor: Extractor, reader: PatchReader, record: SlideRecord, workdir,

@@ -2,6 +2,7 @@
 applied to each patch, resumable, and a missing slide only costs that slide."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -9,6 +10,7 @@ import numpy as np
 from pathjax import artifacts, pipeline
 from pathjax.models.feature_net import FeatureNet, create_feature_net
 from pathjax.slides import stain
+from pathjax.slides.patch_stream import PatchBatch
 from pathjax.slides.reader import Slide
 from pathjax.train import extract
 from pathjax.train.feature_learning import FeatureTrainer
@@ -73,3 +75,61 @@ def test_extraction_uses_the_trained_network_and_survives_a_lost_slide(patch_wor
                                rtol=1e-4, atol=1e-5)
     assert not np.allclose(stored, direct_features(config, initial, record.path, tiles, [0, 1]),
                            rtol=1e-3)
+
+
+class RecordingOutput:
+    """A fake device result: records when the host reads it (its conversion to numpy)."""
+
+    def __init__(self, values, log):
+        self.values, self.log = values, log
+
+    def __array__(self, dtype=None, copy=None):
+        self.log.append('read')
+        return self.values
+
+
+def test_slide_features_keeps_a_bounded_number_of_batches_in_flight():
+    """A reader faster than the network must not pile batches up on the device: at each batch
+    the reader yields, at most extract.IN_FLIGHT results are dispatched and unread, yet the
+    next batch is dispatched before the host waits for the oldest."""
+    config = make_config()
+    extractor = extract.Extractor(config, {}, model=None)  # the network is faked below
+    batch, count = extractor.batch_size, 23 * extractor.batch_size - 5  # last batch padded
+    log, in_flight_at_yield = [], []
+
+    def unread():
+        return log.count('dispatch') - log.count('read')
+
+    def fake_features(params, images):  # uint8 [B, P, P, 3] -> [B, 3]
+        log.append('dispatch')
+        return RecordingOutput(np.asarray(images)[:, 0, 0, :].astype(np.float32), log)
+
+    class FastReader:
+        def batches(self, patches):
+            for start in range(0, count, batch):
+                indices = np.arange(start, min(start + batch, count))
+                images = np.zeros((len(indices), 4, 4, 3), np.uint8)
+                images[:, 0, 0, :] = (indices[:, None] * [1, 3, 7]) % 251
+                in_flight_at_yield.append(unread())
+                yield PatchBatch(patches.slide_id, indices, images)
+
+    class Progress:
+        done = 0
+
+        def update(self, n):
+            self.done += n
+
+    extractor.features = fake_features
+    progress = Progress()
+    patches = SimpleNamespace(slide_id='s')
+    features = extractor.slide_features(FastReader(), patches, progress)
+    expected = ((np.arange(count)[:, None] * [1, 3, 7]) % 251).astype(np.float32)
+    np.testing.assert_array_equal(features, expected)
+    assert features.dtype == np.float32 and progress.done == count
+    assert len(in_flight_at_yield) == 23
+    assert max(in_flight_at_yield) <= extract.IN_FLIGHT
+    # The device is never idle: when the host waits for a result, a later batch is queued too.
+    last_dispatch = max(i for i, event in enumerate(log) if event == 'dispatch')
+    unread_at_reads = [log[:i].count('dispatch') - log[:i].count('read')
+                       for i, event in enumerate(log[:last_dispatch]) if event == 'read']
+    assert unread_at_reads and min(unread_at_reads) >= 2
