@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from pathjax.slides.tissue import integral_image
+from pathjax.slides.tissue import BLOCK_ROWS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,23 @@ def grid_positions(width: int, height: int, extent: float) -> tuple[np.ndarray, 
     return coords.reshape(-1, 2), grid.reshape(-1, 2)
 
 
+def box_sums(values: np.ndarray, top: np.ndarray, left: np.ndarray, bottom: np.ndarray,
+             right: np.ndarray) -> np.ndarray:
+    """Sums of values (bool [h, w]) over boxes [top, bottom) x [left, right) (int [M] each, inside
+    [0, h] x [0, w]): int64 [M]. Band by band of BLOCK_ROWS rows, each band's summed-area table
+    int32 [BLOCK_ROWS + 1, w + 1]: temporaries O(BLOCK_ROWS x w + M), not O(h x w)."""
+    height, width = values.shape
+    sums = np.zeros(len(top), np.int64)
+    for start in range(0, height, BLOCK_ROWS):
+        stop = min(start + BLOCK_ROWS, height)
+        table = np.zeros((stop - start + 1, width + 1), np.int32)  # [band + 1, w + 1]
+        np.cumsum(np.cumsum(values[start:stop], axis=0, dtype=np.int32), axis=1,
+                  out=table[1:, 1:])
+        y0, y1 = np.clip(top - start, 0, stop - start), np.clip(bottom - start, 0, stop - start)
+        sums += table[y1, right] - table[y0, right] - table[y1, left] + table[y0, left]
+    return sums
+
+
 def patch_tissue_fractions(tissue_mask: np.ndarray, slide_size: tuple[int, int],
                            coords: np.ndarray, extent: float) -> np.ndarray:
     """Mean of `tissue_mask` (bool [h, w], covering the whole slide) over each patch's footprint.
@@ -58,13 +75,12 @@ def patch_tissue_fractions(tissue_mask: np.ndarray, slide_size: tuple[int, int],
     """
     height, width = tissue_mask.shape
     scale_x, scale_y = width / slide_size[0], height / slide_size[1]
-    integral = integral_image(tissue_mask)
     x0 = np.clip(np.rint(coords[:, 0] * scale_x).astype(np.int64), 0, width)
     y0 = np.clip(np.rint(coords[:, 1] * scale_y).astype(np.int64), 0, height)
     x1 = np.clip(np.rint((coords[:, 0] + extent) * scale_x).astype(np.int64), 0, width)
     y1 = np.clip(np.rint((coords[:, 1] + extent) * scale_y).astype(np.int64), 0, height)
     x1, y1 = np.maximum(x1, x0 + 1).clip(max=width), np.maximum(y1, y0 + 1).clip(max=height)
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    inside = box_sums(tissue_mask, y0, x0, y1, x1)
     area = np.maximum((x1 - x0) * (y1 - y0), 1)
     return (inside / area).astype(np.float32)
 

@@ -1,10 +1,12 @@
 """The background rule vs a direct numpy transcription, and on real tiles."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from pathjax.slides.tissue import TissueRule, background_mask, window_sum
+from pathjax.slides.tissue import TissueRule, background_mask, least_sums, window_sum
 
 
 def transcribed_background(rgb, downsample, rule):
@@ -40,14 +42,76 @@ def test_background_matches_transcription(channel_rule, downsample):
     assert 0 < expected.mean() < 1
 
 
-def test_window_sum_even_and_odd_windows():
-    rng = np.random.default_rng(0)
-    values = rng.integers(0, 2, (9, 11))
-    for window in (1, 2, 3, 4, 7, 30):
-        expected = np.array([[values[max(0, i - window // 2):i - window // 2 + window,
-                                     max(0, j - window // 2):j - window // 2 + window].sum()
-                              for j in range(11)] for i in range(9)])
-        np.testing.assert_array_equal(window_sum(values, window), expected)
+def brute_window_sum(values, window):
+    """Each pixel's clipped window sum, box by box."""
+    height, width = values.shape
+    return np.array([[values[max(0, i - window // 2):i - window // 2 + window,
+                             max(0, j - window // 2):j - window // 2 + window].sum()
+                      for j in range(width)] for i in range(height)]).reshape(height, width)
+
+
+@pytest.mark.parametrize('shape', [(9, 11), (1, 1), (1, 9), (9, 1), (40, 3)])
+@pytest.mark.parametrize('window', [1, 2, 3, 4, 7, 30, 81])
+def test_window_sum_vs_brute_force(shape, window):
+    """Odd and even windows, windows larger than the image, 1-px images, and row ranges (the
+    blocks background_mask works in) that start and stop anywhere."""
+    values = np.random.default_rng(window).integers(0, 2, shape).astype(bool)
+    expected = brute_window_sum(values, window)
+    np.testing.assert_array_equal(window_sum(values, window), expected)
+    height = shape[0]
+    for start, stop in [(0, 1), (height - 1, height), (height // 3, height // 3 + 5)]:
+        stop = min(stop, height)
+        got = window_sum(values, window, start, stop)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, expected[start:stop])
+
+
+@pytest.mark.parametrize('shape, neighbourhood', [((1, 1), 200), ((1, 12), 10), ((12, 1), 10),
+                                                  ((5, 4), 200), ((700, 6), 5), ((700, 6), 6)])
+def test_background_matches_transcription_on_edge_shapes(shape, neighbourhood):
+    """1-px images, windows larger than the image, images taller than a row block, and windows
+    of 10 or 20 pixels, where 0.9 is a whole count."""
+    rng = np.random.default_rng(shape[0] * neighbourhood)
+    rgb = np.where(rng.random(shape + (1,)) < 0.85, 230, 120).astype(np.uint8).repeat(3, axis=-1)
+    rule = TissueRule(neighbourhood=neighbourhood, neighbourhood_fraction=0.9)
+    expected = transcribed_background(rgb, 1.0, rule)
+    np.testing.assert_array_equal(background_mask(rgb, 1.0, rule), expected)
+
+
+@pytest.mark.parametrize('fraction', [0.9, 0.55, 0.1, 0.25, 1 / 3, 0.7, 0.95, 1.0])
+def test_least_sums_vs_float64_division(fraction):
+    """The least sum s of each count with s / count >= fraction, as the float64 quotient decides."""
+    counts = np.arange(1, 3000)
+    sums = np.arange(3001)
+    reaches = sums[None, :] / counts[:, None] >= fraction  # [counts, sums]
+    np.testing.assert_array_equal(least_sums(counts, fraction), reaches.argmax(axis=1))
+
+
+def test_background_at_exactly_the_fraction():
+    """55 of 100 background reaches 0.55 (as 55 / 100 == 0.55 decides), though the float64
+    0.55 x 100 is 55.00000000000001: the rule compares integers without that rounding."""
+    rgb = np.full((10, 10, 3), 230, np.uint8)
+    rgb.reshape(100, 3)[11:56] = 120  # 45 tissue pixels, among them (5, 5), whose window
+    # (rows and columns 0..9) is the whole image
+    for fraction, background in [(0.55, True), (0.56, False)]:
+        rule = TissueRule(neighbourhood=10, neighbourhood_fraction=fraction)
+        assert background_mask(rgb, 1.0, rule)[5, 5] == background
+
+
+def test_background_mask_memory_is_bounded():
+    """On the overview of a 150,000-px-wide slide (6000 x 4000 at 25x), every numpy allocation
+    together peaks under 1.5x the RGB overview (the integral images took over 1 GB)."""
+    rgb = np.full((4000, 6000, 3), 235, np.uint8)
+    rgb[500:3500, 1000:5000] = 150
+    rgb[::97, ::89] = 90  # specks, removed by the neighbourhood rule
+    tracemalloc.start()
+    try:
+        mask = background_mask(rgb, 25.0, TissueRule())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * rgb.nbytes, f'{peak / 2**20:.0f} MiB for {rgb.nbytes / 2**20:.0f} MiB'
+    assert mask[0, 0] and mask[97, 89] and not mask[2000, 3000]  # a speck in background
 
 
 def test_neighbourhood_rule_removes_specks():
