@@ -37,7 +37,7 @@ class Stage(NamedTuple):
 
 
 STAGES = (
-    Stage('tile', tile_stage.run, False,
+    Stage('tile', tile_stage.run, True,
           ('seed', 'data.classes', 'data.split_fractions', 'data.folds', 'data.fold',
            'data.synthetic', 'tile', 'tissue', 'stain'), 'tiles/, qc/, thumbnails/, stain/'),
     Stage('patches', patches.run, False, ('learn.patches_per_slide',), 'patches/'),

@@ -3,14 +3,17 @@
 Per slide (in parallel worker processes): open it, plan reads at `tile.mpp`, compute the
 background mask on a low-resolution overview, keep the grid patches with enough tissue, take the
 stain histogram of a sample of kept patches, and write `tiles/.scan/<slide_id>.npz` and
-`qc/<slide_id>.png`. Then, once every slide is scanned, the stain reference is fixed (a template
-image, or the mean histogram of the training slides; saved to `stain/reference.npz`) and each
-slide's lookup table is fitted and written with its tiles to `tiles/<slide_id>.npz`. Every write is
-atomic and finished slides are skipped, so a killed run resumes where it stopped.
+`qc/<slide_id>.png`. On several hosts each process scans its share of the slides (slide i on
+process i % process_count, as extract). Then, once every slide is scanned, process 0 fixes the
+stain reference (a template image, or the mean histogram of the training slides; saved to
+`stain/reference.npz`) and fits each slide's lookup table and writes it with its tiles to
+`tiles/<slide_id>.npz`, the same files as on one host. Every write is atomic and finished slides
+are skipped, so a killed run resumes where it stopped.
 """
 
 import concurrent.futures
 import dataclasses
+import json
 import multiprocessing
 import os
 import pathlib
@@ -71,6 +74,11 @@ def qc_path(workdir, slide_id: str) -> pathlib.Path:
 
 def thumbnail_path(workdir, slide_id: str) -> pathlib.Path:
     return pathlib.Path(workdir) / 'thumbnails' / f'{slide_id}.png'
+
+
+def entries_path(workdir, process: int) -> pathlib.Path:
+    """The report entries of the slides one process scanned in this run, for process 0."""
+    return pathlib.Path(workdir) / 'tiles' / '.scan' / f'process-{process}.json'
 
 
 def scan_slide(record: SlideRecord, settings: TileSettings, workdir: str) -> SlideEntry:
@@ -186,17 +194,39 @@ def stain_reference(config, scans: dict[str, dict], cohort: Cohort) -> tuple[np.
 
 
 def run(config, workdir: str, cohort: Cohort) -> list[SlideEntry]:
-    """Runs the tile stage over the cohort; returns one report entry per manifest row."""
+    """Runs the tile stage over this process's share of the cohort, then (process 0) finishes
+    every slide. Returns, on process 0, one report entry per manifest row (`details['process']`:
+    the process that scanned the slide in this run); on the others, their own slides' entries."""
+    # Imported here: spawned slide workers import this module and must not load jax.
+    import jax
+    from pathjax.train import sharding
     workdir = str(workdir)
-    for folder in ('tiles', 'tiles/.scan', 'qc', 'thumbnails'):
-        artifacts.remove_stale_temporaries(pathlib.Path(workdir) / folder)
+    if sharding.is_leader():
+        for folder in ('tiles', 'tiles/.scan', 'qc', 'thumbnails'):
+            artifacts.remove_stale_temporaries(pathlib.Path(workdir) / folder)
+    sharding.barrier('pathjax tile start')  # no process writes before those are gone
     settings = TileSettings.from_config(config)
-    todo = [r for r in cohort.slides if not tiles_path(workdir, r.slide_id).exists()
+    process, processes = jax.process_index(), jax.process_count()
+    mine = [r for i, r in enumerate(cohort.slides) if i % processes == process]
+    todo = [r for r in mine if not tiles_path(workdir, r.slide_id).exists()
             and not scan_path(workdir, r.slide_id).exists()]
-    logging.info('tile: %d slides, %d already scanned', len(cohort.slides),
-                 len(cohort.slides) - len(todo))
-    entries = scan_all(todo, settings, workdir, config.workers)
-    _finish(config, workdir, cohort, entries)
+    logging.info('tile: %d slides on this process, %d already scanned', len(mine),
+                 len(mine) - len(todo))
+    scanned = scan_all(todo, settings, workdir, config.workers)
+    for entry in scanned.values():
+        entry.details['process'] = process
+    artifacts.save_json(entries_path(workdir, process),
+                        [dataclasses.asdict(e) for e in scanned.values()])
+    sharding.barrier('pathjax tile scans')  # every process's scan files are written
+    if not sharding.is_leader():
+        return list(scanned.values())
+    entries = {}
+    for other in range(processes):
+        path = entries_path(workdir, other)
+        entries.update((e['slide_id'], SlideEntry(**e)) for e in json.loads(path.read_text()))
+    for path in entries_path(workdir, 0).parent.glob('process-*.json'):  # also older runs'
+        path.unlink()
+    _finish(config, workdir, cohort)
     for record in cohort.slides:
         if record.slide_id not in entries:
             entries[record.slide_id] = entry_from_tiles(
@@ -207,7 +237,7 @@ def run(config, workdir: str, cohort: Cohort) -> list[SlideEntry]:
     return [entries[r.slide_id] for r in order]
 
 
-def _finish(config, workdir: str, cohort: Cohort, entries: dict[str, SlideEntry]) -> None:
+def _finish(config, workdir: str, cohort: Cohort) -> None:
     """Fits each scanned slide's stain LUT and writes its final tiles file."""
     pending = {r.slide_id: artifacts.load_npz(scan_path(workdir, r.slide_id)) for r in cohort.slides
                if scan_path(workdir, r.slide_id).exists()}

@@ -1,5 +1,6 @@
 """Two processes (2 CPU devices each, jax.distributed over localhost) train the feature network
-like one process with 4 devices: same global batches, same losses, same parameters."""
+like one process with 4 devices: same global batches, same losses, same parameters; and tile a
+cohort, each its share of the slides, into the same files as one process."""
 
 import json
 import os
@@ -11,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+from pathjax import artifacts
+from pathjax.slides import synthetic
 from pathjax.train import feature_learning
 from pathjax.train.checkpoint import Checkpoints
 from pathjax.train.feature_learning import FeatureTrainer
@@ -93,3 +96,59 @@ def test_a_failure_on_the_leader_stops_every_process(patch_workdir, tmp_path):
     assert [p.returncode for p in processes] == [2, 2], outputs
     assert 'tile.mpp' in outputs[0]
     assert 'process(es) [0] stopped the run' in outputs[1]
+
+
+def run_together(processes):
+    """Waits for the processes; asserts they succeeded."""
+    try:
+        outputs = [p.communicate(timeout=400)[0] for p in processes]
+    finally:
+        for process in processes:  # a hung process must not outlive the test
+            process.kill()
+    assert [p.returncode for p in processes] == [0] * len(processes), outputs
+
+
+def test_two_processes_tile_their_shares_into_one_process_files(tmp_path):
+    classes = tuple(make_config().data.classes)
+    manifest = synthetic.make_cohort(tmp_path / 'cohort', 6, classes, seed=0, width=2048,
+                                     height=1536)
+    # A corrupt file second, on process 1: its error reaches process 0's report.
+    broken = tmp_path / 'cohort' / 'broken.svs'
+    broken.write_bytes(b'not a slide')
+    header, *rows = manifest.read_text().splitlines()
+    rows.insert(1, f'broken,{broken},{classes[0]},broken')
+    manifest.write_text('\n'.join([header, *rows]) + '\n')
+    single, multi = tmp_path / 'single', tmp_path / 'multi'
+    tile = ('--stages=tile', f'--config.data.manifest={manifest}')
+
+    def two_processes():
+        coordinator = f'localhost:{free_port()}'
+        return [launch(multi, 1, *tile, f'--config.distributed.coordinator={coordinator}',
+                       '--config.distributed.num_processes=2',
+                       f'--config.distributed.process_id={i}') for i in range(2)]
+
+    run_together(two_processes() + [launch(single, 1, *tile)])
+    reports = [json.loads((w / 'reports' / 'tile.json').read_text())['slides']
+               for w in (single, multi)]
+    slide_ids = [line.split(',')[0] for line in manifest.read_text().splitlines()[1:]]
+    assert [e['slide_id'] for e in reports[0]] == [e['slide_id'] for e in reports[1]] == slide_ids
+    assert [e['status'] for e in reports[1]] == ['ok', 'error'] + ['ok'] * 5
+    assert reports[1][1]['message'] == reports[0][1]['message']
+    assert 'broken.svs' in reports[1][1]['message']
+    # Slide i was scanned by process i % 2, and by process 0 alone in the one-process run.
+    assert [e['process'] for e in reports[1]] == [i % 2 for i in range(len(slide_ids))]
+    assert [e['process'] for e in reports[0]] == [0] * len(slide_ids)
+    tiled = [s for s in slide_ids if s != 'broken']
+    for name in [f'tiles/{s}.npz' for s in tiled] + ['stain/reference.npz']:
+        expected, actual = (artifacts.load_npz(w / name) for w in (single, multi))
+        assert sorted(expected) == sorted(actual), name
+        for key in expected:
+            np.testing.assert_array_equal(actual[key], expected[key], err_msg=f'{name}: {key}')
+    assert not list((multi / 'tiles' / '.scan').iterdir())  # every slide finished
+    # A rerun skips every finished slide and still reports them all.
+    finished = {p: p.stat().st_mtime_ns for p in (multi / 'tiles').glob('*.npz')}
+    run_together(two_processes())
+    assert {p: p.stat().st_mtime_ns for p in (multi / 'tiles').glob('*.npz')} == finished
+    rerun = json.loads((multi / 'reports' / 'tile.json').read_text())['slides']
+    assert [(e['slide_id'], e['status'], e['patches'], e['message']) for e in rerun] == [
+        (e['slide_id'], e['status'], e['patches'], e['message']) for e in reports[1]]
