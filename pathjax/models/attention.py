@@ -1,13 +1,14 @@
 """Multi-head scaled dot-product attention over one slide's patches.
 
 softmax(Q K^T / sqrt(d_k)) V per head, heads concatenated and projected (W^O). 'dense' attends
-from every patch to every valid patch (padding keys masked). On a CUDA GPU with 16-bit compute it
-runs cuDNN's fused kernel through `jax.nn.dot_product_attention` (the valid keys given as a
-sequence length: a padded slide's valid nodes come first); everywhere else, or where cuDNN refuses
-the shapes, it runs as two einsums around a float32 softmax, because the XLA path of
-`jax.nn.dot_product_attention` (its default in jax 0.10) adds transposes of the N x N arrays and is
-2.8x slower on CPU. 'graph' attends only along the slide graph's edges plus each patch's
-self-loop, with a softmax over each receiver's incoming edges (memory O(E), not N^2).
+from every patch to every valid patch (a padded slide's valid nodes come first). On a CUDA GPU
+with 16-bit compute it runs cuDNN's fused flash attention through `jax.nn.dot_product_attention`
+(valid nodes given as query and key sequence lengths; with `config.deterministic`, XLA builds its
+backward pass in cuDNN's deterministic mode); everywhere else, or where cuDNN refuses the shapes,
+it runs `blocked_attention`: plain-JAX flash attention, O(N x block) memory, never an N x N
+buffer.
+'graph' attends only along the slide graph's edges plus each patch's self-loop, with a softmax
+over each receiver's incoming edges (memory O(E), not N^2).
 """
 
 import flax.linen as nn
@@ -15,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import jraph
 from absl import logging
+
+from pathjax.models.blocked_attention import blocked_attention
 
 
 def segment_softmax(logits: jax.Array, mask: jax.Array, segments: jax.Array,
@@ -35,14 +38,15 @@ def fused_kernel_fits(dtype) -> bool:
     return jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
-def fused_attention(node_mask: jax.Array, query: jax.Array, key: jax.Array, value: jax.Array,
+def fused_attention(valid: jax.Array, query: jax.Array, key: jax.Array, value: jax.Array,
                     implementation: str) -> jax.Array:
-    """`jax.nn.dot_product_attention` over one slide whose valid nodes come first: node_mask [N],
-    query, key, value [N, H, d_k] -> [N, H, d_k]. A slide with no valid node attends to node 0
-    (its output is masked downstream)."""
-    valid = jnp.maximum(node_mask.sum(), 1).astype(jnp.int32)[None]
+    """`jax.nn.dot_product_attention` over one slide whose first `valid` [] nodes are real:
+    query, key, value [N, H, d_k] -> [N, H, d_k]. Query and key lengths are both given: under
+    `vmap` over slides, JAX batches the call and reshapes a missing query length to the batch,
+    which fails. A slide with no valid node attends to node 0 (its output is masked downstream)."""
+    lengths = jnp.maximum(valid, 1).astype(jnp.int32)[None]
     return jax.nn.dot_product_attention(query[None], key[None], value[None],
-                                        key_value_seq_lengths=valid,
+                                        query_seq_lengths=lengths, key_value_seq_lengths=lengths,
                                         implementation=implementation)[0]
 
 
@@ -76,15 +80,14 @@ class MultiHeadAttention(nn.Module):
     @staticmethod
     def _dense(node_mask, query, key, value):
         """Every query against every valid key. [N, H, d_k] x 3 -> [N, H, d_k]."""
+        valid = node_mask.sum(dtype=jnp.int32)
         if fused_kernel_fits(query.dtype):
             try:
-                return fused_attention(node_mask, query, key, value, implementation='cudnn')
-            except (NotImplementedError, RuntimeError, ValueError) as refusal:
-                logging.warning('cuDNN attention unavailable (%s); using XLA einsums', refusal)
-        query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
-        logits = jnp.einsum('thd,shd->hts', query, key, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(jnp.where(node_mask[None, None, :], logits, -1e30), axis=-1)
-        return jnp.einsum('hts,shd->thd', weights.astype(value.dtype), value)
+                return fused_attention(valid, query, key, value, implementation='cudnn')
+            except (NotImplementedError, RuntimeError, TypeError, ValueError) as refusal:
+                logging.warning('cuDNN attention unavailable (%s: %s); using blocked attention',
+                                type(refusal).__name__, refusal)
+        return blocked_attention(query, key, value, valid)
 
     @staticmethod
     def _along_edges(graph, query, key, value):

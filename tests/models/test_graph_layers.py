@@ -7,6 +7,7 @@ import pytest
 
 from pathjax.data import graphs
 from pathjax.models.attention import MultiHeadAttention, fused_attention
+from pathjax.models.blocked_attention import blocked_attention
 from pathjax.models.encoding import grid_encoding
 from pathjax.models.gcn import GCNLayer, normalized_adjacency_apply
 
@@ -74,17 +75,16 @@ def test_attention_matches_numpy(mode):
 
 
 @pytest.mark.parametrize('valid', [20, 0])
-def test_fused_attention_call_matches_the_einsum_path(valid):
+def test_fused_attention_call_matches_blocked_attention(valid):
     """The arguments the GPU path gives cuDNN, run through XLA's implementation here: same valid
-    rows as the einsum path, and finite for a slide with no valid node."""
+    rows as the blocked path, and finite for a slide with no valid node."""
     rng = np.random.default_rng(3)
     query, key, value = (rng.normal(size=(32, 4, 8)).astype(np.float32) for _ in range(3))
-    mask = np.arange(32) < valid
-    fused = np.asarray(fused_attention(mask, query, key, value, implementation='xla'))
+    fused = np.asarray(fused_attention(jnp.int32(valid), query, key, value, implementation='xla'))
     assert np.isfinite(fused).all()
     if valid:
-        einsum = np.asarray(MultiHeadAttention._dense(mask, query, key, value))
-        np.testing.assert_allclose(fused, einsum, rtol=1e-5, atol=1e-6)
+        blocked = np.asarray(blocked_attention(query, key, value, jnp.int32(valid)))
+        np.testing.assert_allclose(fused[:valid], blocked[:valid], rtol=1e-5, atol=1e-6)
 
 
 def test_gcn_in_bfloat16_counts_high_degrees():
