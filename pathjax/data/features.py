@@ -1,20 +1,30 @@
-"""The feature store: each slide's patch features from the extract stage, and its cached graph.
+"""The feature store: each slide's patch features from the extract stage, and its graph file.
 
 `features/<slide_id>.npz` holds features float [N, D], coords int [N, 2] (level-0 x, y) and grid
-int [N, 2] (row, col). `graphs/<slide_id>.npz` caches the slide's kNN graph for given (k,
-max_patches, seed): the kept patch indices and the symmetric edge list, so a rerun or the
-evaluation does not search neighbours again.
+int [N, 2] (row, col). `graphs/<slide_id>.npz` holds all that the slide model reads of a slide,
+written once: its kNN graph for given (k, max_patches, seed) (the kept patch indices `kept` [n],
+`senders` and `receivers` int32 [E]) and the kept patches' `features` float32 [n, D], `grid`
+int32 [n, 2] and `coords` [n, 2]. A training step reads one graph file per slide, never the
+features file; a rerun or the evaluation does not search neighbours again. The graph file is
+keyed by the settings and by the features file it came from: its size, mtime and inode, and when
+those differ (a copied workdir) the BLAKE2 digest of its bytes, so rebuilt features always get a
+new graph.
 """
 
 import dataclasses
+import hashlib
 import pathlib
+import struct
+import zipfile
 
-import jraph
 import numpy as np
 
 from pathjax import artifacts
 from pathjax.data import graphs
 from pathjax.sampling import seeded_subset
+
+GRAPH_FORMAT = 2  # bump when the graph file's contents change: older files are rebuilt
+_ZIP_LOCAL_HEADER = struct.Struct('<IHHHHHIIIHH')  # ... file name length, extra field length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +50,26 @@ class GraphSettings:
         return cls(config.graph.k, config.graph.max_patches, config.seed)
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredArray:
+    """Where one array of an uncompressed npz file lies: the byte offset of its data."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphFile:
+    """A slide's graph file and its sizes; coords [n, 2] (level-0 x, y) of its nodes."""
+
+    path: pathlib.Path
+    num_nodes: int
+    num_edges: int
+    feature_dim: int
+    coords: np.ndarray
+
+
 def features_path(workdir, slide_id: str) -> pathlib.Path:
     return pathlib.Path(workdir) / 'features' / f'{slide_id}.npz'
 
@@ -50,7 +80,8 @@ def graph_path(workdir, slide_id: str) -> pathlib.Path:
 
 def load_bag(workdir, slide_id: str) -> SlideBag:
     data = artifacts.load_npz(features_path(workdir, slide_id))
-    return SlideBag(slide_id, data['features'].astype(np.float32), data['coords'], data['grid'])
+    return SlideBag(slide_id, data['features'].astype(np.float32, copy=False), data['coords'],
+                    data['grid'])
 
 
 def build_graph(bag: SlideBag, settings: GraphSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -60,17 +91,74 @@ def build_graph(bag: SlideBag, settings: GraphSettings) -> tuple[np.ndarray, np.
     return kept, senders, receivers
 
 
-def slide_graph(workdir, bag: SlideBag,
-                settings: GraphSettings) -> tuple[jraph.GraphsTuple, np.ndarray]:
-    """(the slide's unpadded graph, indices [N'] of the bag's patches that are its nodes), from
-    the cache when it was built with the same settings."""
-    path = graph_path(workdir, bag.slide_id)
-    signature = np.asarray([settings.k, settings.max_patches, settings.seed, len(bag.features)])
-    cached = artifacts.load_npz(path) if path.exists() else None
-    if cached is not None and np.array_equal(cached['signature'], signature):
-        kept, senders, receivers = cached['kept'], cached['senders'], cached['receivers']
-    else:
-        kept, senders, receivers = build_graph(bag, settings)
-        artifacts.save_npz(path, kept=kept, senders=senders, receivers=receivers,
-                           signature=signature)
-    return graphs.slide_graph(bag.features[kept], bag.grid[kept], senders, receivers), kept
+def stored_arrays(path) -> dict[str, StoredArray]:
+    """{name: where its data lies} for an npz file written by `artifacts.save_npz`, from the
+    headers alone."""
+    stored = {}
+    with zipfile.ZipFile(path) as archive, open(path, 'rb') as raw:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f'{path}: {info.filename} is compressed')
+            raw.seek(info.header_offset)
+            *_, name_length, extra_length = _ZIP_LOCAL_HEADER.unpack(
+                raw.read(_ZIP_LOCAL_HEADER.size))
+            raw.seek(info.header_offset + _ZIP_LOCAL_HEADER.size + name_length + extra_length)
+            version = np.lib.format.read_magic(raw)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran_order, dtype = read_header(raw)
+            if fortran_order:
+                raise ValueError(f'{path}: {info.filename} is in Fortran order')
+            stored[info.filename.removesuffix('.npy')] = StoredArray(raw.tell(), shape, dtype)
+    return stored
+
+
+def _source_stat(path: pathlib.Path) -> np.ndarray:
+    """int64 [3]: the features file's size, mtime (ns) and inode (atomic rewrites change it)."""
+    stat = path.stat()
+    return np.asarray([stat.st_size, stat.st_mtime_ns, stat.st_ino], np.int64)
+
+
+def _source_digest(path: pathlib.Path) -> np.ndarray:
+    """uint8 [64]: the BLAKE2b digest of the features file's bytes."""
+    with open(path, 'rb') as f:
+        return np.frombuffer(hashlib.file_digest(f, 'blake2b').digest(), np.uint8)
+
+
+def _cached_key(path: pathlib.Path) -> dict[str, np.ndarray] | None:
+    """The key arrays of a graph file; None when there is none or it is of an older format."""
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        if not {'settings', 'source', 'digest', 'features'} <= set(data.files):
+            return None
+        return {key: data[key] for key in ('settings', 'source', 'digest')}
+
+
+def _graph_file(path: pathlib.Path) -> GraphFile:
+    stored = stored_arrays(path)
+    features, senders = stored['features'].shape, stored['senders'].shape
+    return GraphFile(path, features[0], senders[0], features[1],
+                     artifacts.load_npz(path, ('coords',))['coords'])
+
+
+def slide_graph(workdir, slide_id: str, settings: GraphSettings) -> GraphFile:
+    """The slide's graph file, built (one slide in memory at a time) unless the cached one was
+    built with the same settings from the same features file."""
+    path, source = graph_path(workdir, slide_id), features_path(workdir, slide_id)
+    key = np.asarray([GRAPH_FORMAT, settings.k, settings.max_patches, settings.seed], np.int64)
+    stat = _source_stat(source)
+    cached = _cached_key(path)
+    same_settings = cached is not None and np.array_equal(cached['settings'], key)
+    if same_settings and np.array_equal(cached['source'], stat):
+        return _graph_file(path)
+    digest = _source_digest(source)
+    if same_settings and np.array_equal(cached['digest'], digest):  # same features, copied
+        artifacts.save_npz(path, **{**artifacts.load_npz(path), 'source': stat})
+        return _graph_file(path)
+    bag = load_bag(workdir, slide_id)
+    kept, senders, receivers = build_graph(bag, settings)
+    artifacts.save_npz(path, kept=kept, senders=senders, receivers=receivers,
+                       features=bag.features[kept], grid=bag.grid[kept].astype(np.int32),
+                       coords=bag.coords[kept], settings=key, source=stat, digest=digest)
+    return _graph_file(path)

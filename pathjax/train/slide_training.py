@@ -1,7 +1,8 @@
 """The `train_slide` stage: the graph transformer trained on slide graphs with cross entropy.
 
 Batches of `train.batch_slides` slide graphs (padded to a common power-of-two bucket; a short
-batch is filled with masked copies) run through one jitted, data-parallel train step. The
+batch is filled with masked copies), read from the slides' graph files in a background thread
+ahead of the device (`graph_batches`), run through one jitted, data-parallel train step. The
 method's stopping rule: training ends when an epoch's training loss reaches `train.loss_target`
 or after `train.max_steps` steps. Each epoch ends with the validation AUC (or, with one class in
 the validation set, minus its loss) and an Orbax checkpoint; the best one is kept too, and a rerun
@@ -10,6 +11,7 @@ every split, which the `evaluate` stage reproduces from the checkpoint alone.
 """
 
 import dataclasses
+import itertools
 import pathlib
 
 import jax
@@ -22,7 +24,8 @@ from absl import logging
 from pathjax import stage_report
 from pathjax.cohort import Cohort, SlideRecord
 from pathjax.data import graphs
-from pathjax.data.features import GraphSettings, features_path, load_bag, slide_graph
+from pathjax.data.features import GraphSettings, features_path, slide_graph
+from pathjax.data.graph_batches import GraphBatches, Prefetch
 from pathjax.errors import StageError
 from pathjax.evaluate import heatmaps
 from pathjax.evaluate.metrics import slide_metrics, to_json_safe
@@ -34,13 +37,18 @@ from pathjax.train.train_state import TrainState
 
 @dataclasses.dataclass
 class SlideSet:
-    """The slides of one split that have features: ids, labels int [S], unpadded graphs, and the
-    level-0 (x, y) coordinates [n_s, 2] of each graph's nodes."""
+    """The slides of one split that have features, without their features: ids, labels int [S],
+    graph files [S] (see `features.slide_graph`), their node and edge counts int [S], the
+    level-0 (x, y) coordinates [n_s, 2] of each graph's nodes, and the feature size D (0 when
+    empty)."""
 
     slide_ids: list[str]
     labels: np.ndarray
-    graphs: list[jraph.GraphsTuple]
+    paths: list[pathlib.Path]
+    num_nodes: np.ndarray
+    num_edges: np.ndarray
     coords: list[np.ndarray]
+    feature_dim: int
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -52,8 +60,9 @@ def run_dir(workdir) -> pathlib.Path:
 
 def load_slides(workdir, records: list[SlideRecord], classes: tuple[str, ...],
                 settings: GraphSettings) -> SlideSet:
-    """The graphs of the records whose features exist (others are skipped with a warning)."""
-    ids, labels, slide_graphs, coords = [], [], [], []
+    """The records whose features exist (others are skipped with a warning), their graph files
+    built or checked one slide at a time; no features are kept."""
+    ids, labels, files = [], [], []
     for record in records:
         if not features_path(workdir, record.slide_id).exists():
             logging.warning('train_slide: slide %s has no features (see the extract report); '
@@ -61,17 +70,20 @@ def load_slides(workdir, records: list[SlideRecord], classes: tuple[str, ...],
             continue
         ids.append(record.slide_id)
         labels.append(classes.index(record.label))
-        bag = load_bag(workdir, record.slide_id)
-        graph, kept = slide_graph(workdir, bag, settings)
-        slide_graphs.append(graph)
-        coords.append(bag.coords[kept])
-    return SlideSet(ids, np.asarray(labels, np.int32), slide_graphs, coords)
+        files.append(slide_graph(workdir, record.slide_id, settings))
+    dims = sorted({f.feature_dim for f in files})
+    if len(dims) > 1:
+        raise StageError(f'train_slide: the slides have features of different sizes {dims}; '
+                         'rerun the extract stage')
+    return SlideSet(ids, np.asarray(labels, np.int32), [f.path for f in files],
+                    np.asarray([f.num_nodes for f in files], np.int64),
+                    np.asarray([f.num_edges for f in files], np.int64),
+                    [f.coords for f in files], dims[0] if dims else 0)
 
 
 def node_rows(slides: SlideSet, indices: np.ndarray, values: np.ndarray) -> list[np.ndarray]:
     """Rows [n_s] of per-node values [B, N] for the batch's slides, padding cut off."""
-    return [np.asarray(values[row][:int(slides.graphs[i].n_node[0])])
-            for row, i in enumerate(indices)]
+    return [np.asarray(values[row][:slides.num_nodes[i]]) for row, i in enumerate(indices)]
 
 
 def load_splits(workdir, cohort: Cohort, names, classes: tuple[str, ...],
@@ -84,18 +96,6 @@ def load_splits(workdir, cohort: Cohort, names, classes: tuple[str, ...],
     splits = load() if sharding.is_leader() else None
     sharding.barrier('pathjax slide graphs')
     return splits if splits is not None else load()
-
-
-def make_batch(slides: SlideSet, indices: np.ndarray, batch_size: int, k: int) -> dict:
-    """Slides `indices` padded to one bucket, the batch filled to batch_size with masked copies.
-
-    Returns {'graph': stacked GraphsTuple [B, ...], 'label' int32 [B], 'mask' bool [B]}.
-    """
-    fill = np.resize(indices, batch_size)  # repeats the batch's own slides as masked filler
-    nodes = graphs.bucket_size(max(int(slides.graphs[i].n_node[0]) for i in fill))
-    padded = [graphs.pad_graph(slides.graphs[i], nodes, graphs.edge_budget(nodes, k)) for i in fill]
-    return {'graph': graphs.stack_graphs(padded), 'label': slides.labels[fill],
-            'mask': np.arange(batch_size) < len(indices)}
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray:
@@ -163,55 +163,75 @@ class SlideTrainer:
                                          out_shardings=replicated)
         self._replicated, self._batched = replicated, batched
 
-    def example_batch(self) -> dict:
-        """A batch of one one-node slide, for shapes at initialisation."""
+    def example_graph(self) -> jraph.GraphsTuple:
+        """A batch [1, ...] of one one-node slide, for shapes at initialisation."""
         empty = graphs.slide_graph(np.zeros((1, self.feature_dim), np.float32),
                                    np.zeros((1, 2), np.int32), np.zeros(0, np.int32),
                                    np.zeros(0, np.int32))
-        slides = SlideSet(['example'], np.zeros(1, np.int32), [empty], [np.zeros((1, 2))])
-        return make_batch(slides, np.arange(1), 1, self.config.graph.k)
+        nodes = graphs.bucket_size(1)
+        return graphs.stack_graphs([graphs.pad_graph(
+            empty, nodes, graphs.edge_budget(nodes, self.config.graph.k))])
 
     def initial_params(self):
-        batch = self.example_batch()
         return jax.jit(self.model.init, static_argnums=2)(
-            jax.random.key(self.config.seed), batch['graph'], True)['params']
+            jax.random.key(self.config.seed), self.example_graph(), True)['params']
 
     def abstract_state(self) -> TrainState:
         return train_state.abstract_state(self.model.apply, self.initial_params, self.tx,
                                           self._replicated)
 
+    def reader(self, slides: SlideSet, **per_slide: np.ndarray) -> GraphBatches:
+        """Reads this process's rows of global batches of the slides, with their labels and
+        each per_slide array [S]."""
+        start = jax.process_index() * self.local_batch
+        return GraphBatches(slides.paths, slides.num_nodes, slides.num_edges,
+                            {'label': slides.labels, **per_slide}, batch_size=self.batch_size,
+                            k=self.config.graph.k, feature_dim=self.feature_dim,
+                            rows=slice(start, start + self.local_batch),
+                            workers=max(1, self.config.workers))
+
     def device_batch(self, batch: dict) -> dict:
         """This process's rows of a global batch, assembled into arrays sharded over `data`."""
-        start = jax.process_index() * self.local_batch
-        local = jax.tree.map(lambda x: x[start:start + self.local_batch], batch)
-        return sharding.global_batch(local, self.mesh)
+        return sharding.global_batch(batch, self.mesh)
 
-    def device_batches(self, slides: SlideSet, **per_slide: np.ndarray):
-        """(indices [b], device batch) over the slides in order; each per_slide array [S] joins
-        the batches like the labels."""
-        for start in range(0, len(slides), self.batch_size):
-            indices = np.arange(start, min(start + self.batch_size, len(slides)))
-            batch = make_batch(slides, indices, self.batch_size, self.config.graph.k)
-            batch.update({name: np.resize(values[indices], self.batch_size)
-                          for name, values in per_slide.items()})
-            yield indices, self.device_batch(batch)
+    def device_batches(self, slides: SlideSet, batches, **per_slide: np.ndarray) -> Prefetch:
+        """(indices [b], device batch) for each batch of slide indices, read and placed on the
+        devices ahead of the consumer (use it in a `with` block)."""
+        return self.reader(slides, **per_slide).prefetch(batches, self.device_batch)
+
+    def in_order(self, slides: SlideSet):
+        """The slides' indices in order, in batches."""
+        return (np.arange(start, min(start + self.batch_size, len(slides)))
+                for start in range(0, len(slides), self.batch_size))
+
+    def in_training_order(self, slides: SlideSet, first_epoch: int):
+        """The batches of slide indices of each epoch from `first_epoch` on: every epoch a
+        seeded permutation of the slides."""
+        for epoch in itertools.count(first_epoch):
+            order = np.random.default_rng([self.config.seed, epoch]).permutation(len(slides))
+            for start in range(0, len(order), self.batch_size):
+                yield order[start:start + self.batch_size]
 
     def predict(self, params, slides: SlideSet) -> tuple[np.ndarray, list[np.ndarray]]:
         """(probabilities [S, C], per-slide node weights [n_s]) in the slides' order."""
         probabilities, node_weights = [], []
-        for indices, batch in self.device_batches(slides):
-            probs, weights = jax.device_get(self.predict_step(params, batch))
-            probabilities += list(probs[:len(indices)])
-            node_weights += node_rows(slides, indices, weights)
+        with self.device_batches(slides, self.in_order(slides)) as batches:
+            for indices, batch in batches:
+                probs, weights = jax.device_get(self.predict_step(params, batch))
+                probabilities += list(probs[:len(indices)])
+                node_weights += node_rows(slides, indices, weights)
         return np.asarray(probabilities).reshape(-1, len(self.classes)), node_weights
 
     def contributions(self, params, slides: SlideSet, classes: np.ndarray) -> list[np.ndarray]:
         """Each slide's per-patch contributions [n_s] to the logit of classes [S] (see
         `heatmaps`)."""
         scores = []
-        for indices, batch in self.device_batches(slides, target=classes.astype(np.int32)):
-            values = jax.device_get(self.contribution_step(params, batch['graph'], batch['target']))
-            scores += node_rows(slides, indices, values)
+        with self.device_batches(slides, self.in_order(slides),
+                                 target=classes.astype(np.int32)) as batches:
+            for indices, batch in batches:
+                values = jax.device_get(self.contribution_step(params, batch['graph'],
+                                                               batch['target']))
+                scores += node_rows(slides, indices, values)
         return scores
 
     def validation(self, params, slides: SlideSet) -> dict:
@@ -243,7 +263,6 @@ class SlideTrainer:
             train.labels, len(self.classes), config.class_weights)),
             in_shardings=(self._replicated, self._batched, self._replicated),
             out_shardings=(self._replicated, self._replicated), donate_argnums=0)
-        base_rng = jax.random.key(self.config.seed)
         with Checkpoints(run_dir(self.workdir), best_metric='val_score') as checkpoints:
             if checkpoints.latest_step() is not None:
                 state, summary = checkpoints.restore(self.abstract_state())
@@ -251,34 +270,43 @@ class SlideTrainer:
                              summary['step'])
             else:
                 state, summary = self.create_state(self.initial_params()), {'epoch': 0, 'step': 0}
-            step = summary['step']  # on the host: reading state.step would wait for the device
-            while not self.finished(summary):
-                epoch = summary['epoch']
-                order = np.random.default_rng([self.config.seed, epoch]).permutation(len(train))
-                losses = []  # device scalars, read once at the end of the epoch
-                for start in range(0, len(order), self.batch_size):
-                    batch = make_batch(train, order[start:start + self.batch_size],
-                                       self.batch_size, self.config.graph.k)
-                    rng = jax.random.fold_in(base_rng, step)
-                    state, metrics = step_fn(state, self.device_batch(batch), rng)
-                    losses.append((metrics['loss'], metrics['weight']))
-                    step += 1
-                    if step >= config.max_steps:
-                        break
-                loss, weight = np.asarray(jax.device_get(losses), np.float64).T
-                train_loss = float((loss * weight).sum() / max(weight.sum(), 1e-12))
-                if not np.isfinite(train_loss):
-                    raise StageError(f'train_slide: the loss became {train_loss} in epoch '
-                                     f'{epoch + 1}; the last good checkpoint is kept in '
-                                     f'{run_dir(self.workdir)}')
-                summary = {'epoch': epoch + 1, 'step': step, 'train_loss': train_loss,
-                           **self.validation(state.params, val)}
-                summary['stopped'] = self.finished(summary)
-                checkpoints.save(summary['step'], state, summary)
-                if summary['epoch'] % config.log_every_epochs == 0 or summary['stopped']:
-                    logging.info('train_slide: epoch %d, step %d, train loss %.4f, validation '
-                                 'AUC %s', summary['epoch'], summary['step'], train_loss,
-                                 summary['val_auc'])
+            if not self.finished(summary):
+                order = self.in_training_order(train, summary['epoch'])
+                with self.device_batches(train, order) as batches:
+                    state, summary = self.train_epochs(state, summary, step_fn, batches,
+                                                       -(-len(train) // self.batch_size), val,
+                                                       checkpoints)
+        return state, summary
+
+    def train_epochs(self, state, summary: dict, step_fn, batches: Prefetch, per_epoch: int,
+                     val: SlideSet, checkpoints: Checkpoints):
+        """Epochs of `per_epoch` device batches until the stopping rule, each followed by the
+        validation and a checkpoint; returns (state, last checkpoint metadata)."""
+        config = self.config.train
+        base_rng = jax.random.key(self.config.seed)
+        step = summary['step']  # on the host: reading state.step would wait for the device
+        while not self.finished(summary):
+            epoch = summary['epoch']
+            losses = []  # device scalars, read once at the end of the epoch
+            for _ in range(min(per_epoch, config.max_steps - step)):
+                _, batch = next(batches)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+                losses.append((metrics['loss'], metrics['weight']))
+                step += 1
+            loss, weight = np.asarray(jax.device_get(losses), np.float64).T
+            train_loss = float((loss * weight).sum() / max(weight.sum(), 1e-12))
+            if not np.isfinite(train_loss):
+                raise StageError(f'train_slide: the loss became {train_loss} in epoch '
+                                 f'{epoch + 1}; the last good checkpoint is kept in '
+                                 f'{run_dir(self.workdir)}')
+            summary = {'epoch': epoch + 1, 'step': step, 'train_loss': train_loss,
+                       **self.validation(state.params, val)}
+            summary['stopped'] = self.finished(summary)
+            checkpoints.save(summary['step'], state, summary)
+            if summary['epoch'] % config.log_every_epochs == 0 or summary['stopped']:
+                logging.info('train_slide: epoch %d, step %d, train loss %.4f, validation '
+                             'AUC %s', summary['epoch'], summary['step'], train_loss,
+                             summary['val_auc'])
         return state, summary
 
 
@@ -295,7 +323,7 @@ def feature_dim(splits: list[SlideSet], stage: str) -> int:
     """The patch feature size D of the loaded slides."""
     for slides in splits:
         if len(slides):
-            return int(slides.graphs[0].nodes['features'].shape[-1])
+            return slides.feature_dim
     raise StageError(f'{stage}: no slide has features; run the extract stage first')
 
 

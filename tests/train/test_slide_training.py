@@ -1,9 +1,11 @@
 """Slide training and evaluation on feature bags: learns a minority signal, not noise; shards like
 one device; resumes exactly; a fresh process reproduces the metrics from the checkpoint."""
 
+import dataclasses
 import json
 import subprocess
 import sys
+import tracemalloc
 
 import h5py
 import jax
@@ -18,7 +20,7 @@ from pathjax.data.features import GraphSettings, features_path
 from pathjax.evaluate import evaluate_stage, report
 from pathjax.train import sharding, slide_training
 from pathjax.train.checkpoint import Checkpoints
-from pathjax.train.slide_training import SlideTrainer, TrainState, load_slides, make_batch
+from pathjax.train.slide_training import SlideTrainer, TrainState, load_slides
 from tests.conftest import REPO, make_config
 
 CLASSES = ('negative', 'positive')
@@ -99,11 +101,11 @@ def test_sharded_step_matches_one_device(trained):
     config = make_config(**{**SETTINGS, 'mesh.data': -1})
     slides = load_slides(workdir, list(cohort.split('train'))[:8], CLASSES,
                          GraphSettings.from_config(config))
-    batch = make_batch(slides, np.arange(8), 8, config.graph.k)
     results = []
     for devices in (1, 8):
         config.mesh.data = devices
         trainer = SlideTrainer(config, workdir, 32)
+        batch = trainer.reader(slides).read(np.arange(8))
         replicated, batched = sharding.replicated(trainer.mesh), sharding.batch_sharded(trainer.mesh)
         params = jax.device_get(trainer.initial_params())
         state = jax.device_put(TrainState.create(apply_fn=trainer.model.apply, params=params,
@@ -155,6 +157,41 @@ def test_raising_max_steps_extends_a_finished_run(tmp_path):
         config = make_config(**{**SETTINGS, 'train.max_steps': max_steps, 'eval.heatmaps': False})
         slide_training.run(config, tmp_path, cohort)
         assert report_of(tmp_path)['training']['step'] == max_steps
+
+
+def test_loading_a_split_holds_one_slide_at_a_time(tmp_path):
+    count, dim, num_slides = 1500, 128, 16
+    slide_bytes = count * dim * 4
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(num_slides + 2):
+        grid = rng.integers(0, 100, (count, 2))
+        artifacts.save_npz(features_path(tmp_path, f's{i}'), grid=grid, coords=grid * 256,
+                           features=rng.normal(size=(count, dim)).astype(np.float32))
+        records.append(SlideRecord(f's{i}', '', CLASSES[i % 2], f's{i}', 'train', i + 2))
+    settings = GraphSettings(k=8, max_patches=0, seed=0)
+    load_slides(tmp_path, records[:1], CLASSES, settings)  # compiles the neighbour search
+
+    def peak(records):
+        """Peak traced host memory while loading the records, in slides' features."""
+        tracemalloc.start()
+        slides = load_slides(tmp_path, records, CLASSES, settings)
+        used = tracemalloc.get_traced_memory()[1] / slide_bytes
+        tracemalloc.stop()
+        return used, slides
+
+    one, _ = peak(records[1:2])  # building one slide's graph file
+    many, _ = peak(records[2:])  # building num_slides'
+    cached, slides = peak(records[2:])
+    # Not num_slides' features (the former loader: one + num_slides); the neighbour search's
+    # garbage, freed at the next collection, can add up to about 1.4 slides.
+    assert many < one + 3 and cached < 1, (one, many, cached)
+    assert len(slides) == num_slides and slides.feature_dim == dim
+    fields = [getattr(slides, field.name) for field in dataclasses.fields(slides)]
+    held = [value for field in fields for value in (field if isinstance(field, list) else [field])
+            if isinstance(value, np.ndarray)]
+    assert len(held) == 3 + num_slides  # labels, node and edge counts [S]; coords [n, 2] each
+    assert max(value.nbytes for value in held) <= count * 2 * 8  # nothing larger than coords
 
 
 def test_class_weights():
