@@ -10,7 +10,9 @@ not depend on the class, so a positive slide equals the negative slide of the sa
 its motif area, and patch labels inherited from the slide are noisy, as in mutation prediction.
 
 Sizes are in microns, converted with the slide's mpp. Slides are written as JPEG-tiled pyramids
-OpenSlide opens: a generic tiled TIFF or an Aperio-style SVS.
+OpenSlide opens: a generic tiled TIFF or an Aperio-style SVS. Real-size slides (`MosaicSlide`:
+level 0 of 100,000 px and more) are laid out from a few rendered texture blocks inside a coarse
+tissue mask and written band by band (`write_streamed_slide`), never held whole.
 """
 
 import concurrent.futures
@@ -20,6 +22,8 @@ import io
 import math
 import multiprocessing
 import pathlib
+import tempfile
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import tifffile
@@ -296,11 +300,25 @@ def render_slide(spec: SyntheticSlideSpec, return_masks: bool = False):
     With `return_masks`, returns (image, tissue [h, w] bool, motif [h, w] bool), the motif mask
     being the motif region (inside tissue; empty on negative slides).
     """
+    # Independent streams, so that the class changes nothing but the motif.
+    image, tissue, motif = _render(spec, np.random.SeedSequence(spec.seed).spawn(8), fill=False)
+    return (image, tissue, motif) if return_masks else image
+
+
+def render_texture(spec: SyntheticSlideSpec, stain_seed: int) -> np.ndarray:
+    """Tissue over the whole of `spec` (no background), stained as the slides of `stain_seed`:
+    uint8 [height, width, 3]. The texture blocks of a mosaic slide share one stain."""
+    streams = np.random.SeedSequence(spec.seed).spawn(8)
+    streams[0] = np.random.SeedSequence(stain_seed).spawn(8)[0]
+    return _render(spec, streams, fill=True)[0]
+
+
+def _render(spec: SyntheticSlideSpec, streams, fill: bool):
+    """(image uint8 [h, w, 3], tissue, motif bool [h, w]) from 8 seed sequences: stain, tissue,
+    regions, texture, nuclei, normal glands, motif glands, pixel noise. `fill`: tissue everywhere."""
     if spec.width < 1 or spec.height < 1 or spec.mpp <= 0:
         raise ValueError(f'bad slide size or mpp: {spec}')
     shape, px = (spec.height, spec.width), 1.0 / spec.mpp  # px: pixels per micron
-    # Independent streams, so that the class changes nothing but the motif.
-    streams = np.random.SeedSequence(spec.seed).spawn(8)
     r_stain, r_tissue, r_regions, r_texture, r_nuclei, r_normal, r_motif, r_pixels = (
         np.random.default_rng(s) for s in streams)
     stain, white = _stain(r_stain)
@@ -308,8 +326,11 @@ def render_slide(spec: SyntheticSlideSpec, return_masks: bool = False):
     # Regions and slow fields on a coarse grid.
     grid = (math.ceil(shape[0] / px / _GRID_UM), math.ceil(shape[1] / px / _GRID_UM))
     cell = lambda um: um / _GRID_UM  # noqa: E731  microns -> grid cells
-    tissue_field = _tissue_field(r_tissue, *grid)
-    tissue_g = _top_fraction(tissue_field, np.ones(grid, bool), r_tissue.uniform(0.34, 0.5))
+    if fill:
+        tissue_g = np.ones(grid, bool)
+    else:
+        tissue_field = _tissue_field(r_tissue, *grid)
+        tissue_g = _top_fraction(tissue_field, np.ones(grid, bool), r_tissue.uniform(0.34, 0.5))
     motif_field = _noise(r_regions, grid, cell(180))
     motif_g = _top_fraction(motif_field, tissue_g, r_regions.uniform(0.18, 0.27) * spec.positive)
     mucosa_g = _top_fraction(_noise(r_regions, grid, cell(200)), tissue_g,
@@ -324,9 +345,9 @@ def render_slide(spec: SyntheticSlideSpec, return_masks: bool = False):
         cols = np.clip((xy[:, 0] * grid[1] / shape[1]).astype(int), 0, grid[1] - 1)
         return region[rows, cols]
 
-    tissue = np.zeros(shape, bool)
+    tissue = np.full(shape, fill)
     motif = np.zeros(shape, bool)
-    if tissue_g.any():
+    if tissue_g.any() and not fill:
         tissue = _upsample(tissue_field, shape) >= tissue_field[tissue_g].min()
     if motif_g.any():
         motif = tissue & (_upsample(motif_field, shape) >= motif_field[motif_g].min())
@@ -401,22 +422,30 @@ def render_slide(spec: SyntheticSlideSpec, return_masks: bool = False):
         intensity = np.exp(od, out=od)
         intensity *= white[c]
         image[..., c] = np.minimum(intensity, 255, out=intensity)
-    return (image, tissue, motif) if return_masks else image
+    return image, tissue, motif
 
 
 # Write -------------------------------------------------------------------------------------------
 
 
-def _pyramid(image, tile_size) -> list[np.ndarray]:
-    """Level 0 = image, then 4x box-downsampled levels while the smaller side is >= 2 * tile_size
-    (and at least one more level when the image is over 1024 px)."""
-    levels = [image]
+def _level_sizes(size, tile_size) -> list[tuple[int, int]]:
+    """(width, height) of each pyramid level of a level-0 `size`: 4x smaller (rounded up) while
+    the smaller side is >= 2 * tile_size (and at least one more level above 1024 px)."""
+    sizes = [tuple(size)]
     while True:
-        h, w = levels[-1].shape[:2]
-        wanted = min(h, w) >= 2 * tile_size or (len(levels) == 1 and max(h, w) > 1024)
+        w, h = sizes[-1]
+        wanted = min(h, w) >= 2 * tile_size or (len(sizes) == 1 and max(h, w) > 1024)
         if not wanted or min(h, w) < 4:
-            return levels
+            return sizes
+        sizes.append((-(-w // 4), -(-h // 4)))
+
+
+def _pyramid(image, tile_size) -> list[np.ndarray]:
+    """Level 0 = image, then the 4x box-downsampled levels of `_level_sizes`."""
+    levels = [image]
+    for _ in _level_sizes(image.shape[1::-1], tile_size)[1:]:
         levels.append(np.asarray(Image.fromarray(levels[-1]).reduce(4)))
+    return levels
 
 
 def _page_tags(fmt, index, level_size, size, mpp, tile_size, quality) -> dict:
@@ -429,6 +458,26 @@ def _page_tags(fmt, index, level_size, size, mpp, tile_size, quality) -> dict:
     if index:
         text += f' -> {level_size[0]}x{level_size[1]}'
     return dict(description=f'{text} JPEG/RGB Q={quality}|AppMag = {round(10 / mpp)}|MPP = {mpp:g}')
+
+
+def _check_layout(fmt, tile_size) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f'fmt must be one of {FORMATS}, got {fmt!r}')
+    if tile_size <= 0 or tile_size % 16:
+        raise ValueError(f'tile_size must be a positive multiple of 16 (JPEG 2x2 subsampling), '
+                         f'got {tile_size}')
+
+
+def _jpeg_args(quality) -> dict:
+    return dict(photometric='rgb', compression='jpeg', compressionargs={'level': quality},
+                metadata=None)
+
+
+def _write_thumbnail(tif, thumb: np.ndarray, size, quality) -> None:
+    """The Aperio thumbnail page (stripped, after level 0) of a slide of level-0 `size`."""
+    text = (f'Aperio Image Library v10.0.0\n{size[0]}x{size[1]} -> '
+            f'{thumb.shape[1]}x{thumb.shape[0]} - ')
+    tif.write(thumb, rowsperstrip=64, description=text, **_jpeg_args(quality))
 
 
 def write_slide(path, image: np.ndarray, mpp: float, fmt: str, tile_size: int = 256,
@@ -445,25 +494,215 @@ def write_slide(path, image: np.ndarray, mpp: float, fmt: str, tile_size: int = 
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f'image must be uint8 [H, W, 3], got {image.dtype} {image.shape}')
-    if fmt not in FORMATS:
-        raise ValueError(f'fmt must be one of {FORMATS}, got {fmt!r}')
-    if tile_size <= 0 or tile_size % 16:
-        raise ValueError(f'tile_size must be a positive multiple of 16 (JPEG 2x2 subsampling), '
-                         f'got {tile_size}')
+    _check_layout(fmt, tile_size)
     size = image.shape[1], image.shape[0]
-    jpeg = dict(photometric='rgb', compression='jpeg', compressionargs={'level': jpeg_quality},
-                metadata=None)
     with artifacts.atomic_path(path) as temporary:
         with tifffile.TiffWriter(temporary, bigtiff=image.nbytes > 2**31) as tif:
             for i, level in enumerate(_pyramid(image, tile_size)):
                 tags = _page_tags(fmt, i, level.shape[1::-1], size, mpp, tile_size, jpeg_quality)
-                tif.write(level, tile=(tile_size, tile_size), **tags, **jpeg)
+                tif.write(level, tile=(tile_size, tile_size), **tags, **_jpeg_args(jpeg_quality))
                 if fmt == 'svs' and i == 0:
                     thumb = Image.fromarray(image)
                     thumb.thumbnail((768, 768), Image.Resampling.BOX)
-                    text = (f'Aperio Image Library v10.0.0\n{size[0]}x{size[1]} -> '
-                            f'{thumb.width}x{thumb.height} - ')
-                    tif.write(np.asarray(thumb), rowsperstrip=64, description=text, **jpeg)
+                    _write_thumbnail(tif, np.asarray(thumb), size, jpeg_quality)
+
+
+def write_streamed_slide(path, rows: Callable[[int, int], np.ndarray], size: tuple[int, int],
+                         mpp: float, fmt: str = 'svs', tile_size: int = 256,
+                         jpeg_quality: int = 80) -> None:
+    """Writes a slide as `write_slide` does (same layout and levels) without holding its image.
+
+    `rows(top, height)` gives level-0 rows [top, top + height) as uint8 [height, width, 3], size
+    = (width, height); it is called once per band of `tile_size` rows, top to bottom. Each level is
+    written band by band, tile by tile, while its bands box-reduced by 4 (the pixels of
+    write_slide's levels) go to an unnamed temporary file beside `path`, which the next level
+    reads back (about 1/15 of level 0's raw size on disk). The SVS thumbnail is reduced further
+    from level 0's reduced bands as they pass. Memory: a few bands, whatever the slide's size.
+    """
+    _check_layout(fmt, tile_size)
+    sizes = _level_sizes(size, tile_size)
+    path = pathlib.Path(path)
+    with artifacts.atomic_path(path) as temporary:
+        with tifffile.TiffWriter(temporary, bigtiff=size[0] * size[1] * 3 > 2**31) as tif:
+            source = rows  # rows of the level being written
+            for i, (width, height) in enumerate(sizes):
+                reduced = tempfile.TemporaryFile(dir=path.parent) if i + 1 < len(sizes) else None
+                thumb = None  # the thumbnail (long side <= 768 px), from the quarter bands
+                if fmt == 'svs' and i == 0:
+                    thumb = _BandReducer(-(-max(size) // (4 * 768)))
+
+                def pass_on(quarter):  # the band box-reduced by 4
+                    if reduced is not None:
+                        reduced.write(quarter.tobytes())
+                    if thumb is not None:
+                        thumb.add(quarter)
+
+                tiles = _tiles(_bands(source, width, height, tile_size), tile_size,
+                               pass_on if reduced is not None or thumb is not None else None)
+                tags = _page_tags(fmt, i, (width, height), size, mpp, tile_size, jpeg_quality)
+                tif.write(tiles, shape=(height, width, 3), dtype=np.uint8,
+                          tile=(tile_size, tile_size), **tags, **_jpeg_args(jpeg_quality))
+                if thumb is not None:
+                    _write_thumbnail(tif, thumb.result(), size, jpeg_quality)
+                if i:
+                    source.file.close()
+                if reduced is not None:
+                    reduced.seek(0)
+                    source = _FileRows(reduced, width=-(-width // 4))
+
+
+def _bands(rows, width, height, tile_size) -> Iterator[np.ndarray]:
+    """A level's rows, top to bottom, in bands of `tile_size` rows: uint8 [<= tile_size, W, 3]."""
+    for top in range(0, height, tile_size):
+        count = min(tile_size, height - top)
+        band = np.asarray(rows(top, count))
+        if band.shape != (count, width, 3) or band.dtype != np.uint8:
+            raise ValueError(f'rows({top}, {count}) gave {band.dtype} {band.shape}, not uint8 '
+                             f'{(count, width, 3)}')
+        yield band
+
+
+def _tiles(bands, tile_size, pass_on) -> Iterator[np.ndarray]:
+    """The tiles [tile_size, tile_size, 3] of each band, row-major, edge tiles padded with zeros
+    (as tifffile pads); first each band box-reduced by 4 goes to `pass_on` (unless None)."""
+    for band in bands:
+        if pass_on is not None:
+            pass_on(np.asarray(Image.fromarray(band).reduce(4)))
+        for left in range(0, band.shape[1], tile_size):
+            tile = band[:, left:left + tile_size]
+            if tile.shape[:2] != (tile_size, tile_size):
+                tile = np.pad(tile, ((0, tile_size - tile.shape[0]),
+                                     (0, tile_size - tile.shape[1]), (0, 0)))
+            yield tile
+
+
+@dataclasses.dataclass
+class _FileRows:
+    """rows(top, height) of an image stored as raw uint8 rows of `width` px, read in order."""
+
+    file: Any
+    width: int
+
+    def __call__(self, top: int, height: int) -> np.ndarray:
+        del top  # sequential
+        data = self.file.read(height * self.width * 3)
+        return np.frombuffer(data, np.uint8).reshape(height, self.width, 3)
+
+
+class _BandReducer:
+    """Box-reduces an image by an integer factor from its bands of rows, as they come."""
+
+    def __init__(self, factor: int):
+        self.factor, self.carry, self.parts = factor, None, []
+
+    def add(self, band: np.ndarray) -> None:
+        """Takes the next rows, uint8 [h, W, 3]."""
+        rows = band if self.carry is None else np.concatenate([self.carry, band])
+        whole = len(rows) // self.factor * self.factor
+        if whole:
+            self.parts.append(np.asarray(Image.fromarray(rows[:whole]).reduce(self.factor)))
+        self.carry = rows[whole:].copy()
+
+    def result(self) -> np.ndarray:
+        """The reduced image, uint8 [ceil(H / factor), ceil(W / factor), 3]."""
+        if self.carry is not None and len(self.carry):
+            self.parts.append(np.asarray(Image.fromarray(self.carry).reduce(self.factor)))
+            self.carry = None
+        return np.concatenate(self.parts)
+
+
+# Real-size slides --------------------------------------------------------------------------------
+
+_MASK_UM = 32.0  # microns per cell of a mosaic slide's tissue-mask grid
+
+
+class MosaicSlide:
+    """A real-size slide made row by row from a few rendered texture blocks, for full-size runs.
+
+    Level 0 (`spec`'s size and mpp) is a grid of `cell_size`-px squares, each cut at a random
+    offset from one of `blocks` texture blocks (`render_texture`: block_size^2 px of tissue
+    with the existing morphology, the class motif on positive slides, one stain per slide), in one
+    of 4 orientations (as is, flipped, transposed, rotated), shown inside a coarse irregular tissue
+    mask (islands around 1-3 centres, `tissue_fraction` of the slide, bilinear edges at 32 um)
+    over the slide's glass (its white level and sensor noise). Held: the blocks, each also
+    transposed (blocks x 2 x block_size^2 x 3 bytes), and the mask grid; `rows` makes any band.
+    """
+
+    def __init__(self, spec: SyntheticSlideSpec, *, blocks: int = 4, block_size: int = 4096,
+                 cell_size: int = 2048, tissue_fraction: float = 0.6):
+        if not 0 < cell_size <= block_size or blocks < 1 or not 0 < tissue_fraction <= 1:
+            raise ValueError(f'bad mosaic: {blocks} blocks of {block_size} px, cells of '
+                             f'{cell_size} px, tissue fraction {tissue_fraction}')
+        self.spec, self.cell_size = spec, cell_size
+        stain_stream = np.random.SeedSequence(spec.seed).spawn(8)[0]  # render_texture's
+        _, white = _stain(np.random.default_rng(stain_stream))
+        rng = np.random.default_rng([spec.seed, 1])
+        self._blocks = []  # (block, its transpose), uint8 [block_size, block_size, 3] each
+        for i in range(blocks):
+            block_spec = dataclasses.replace(spec, width=block_size, height=block_size,
+                                             seed=int(rng.integers(2**63)))
+            block = render_texture(block_spec, spec.seed)
+            self._blocks.append((block, np.ascontiguousarray(block.transpose(1, 0, 2))))
+        cells = (-(-spec.height // cell_size), -(-spec.width // cell_size))
+        self._choice = rng.integers(blocks, size=cells)
+        self._orientation = rng.integers(4, size=cells)  # bit 0: transposed, bit 1: flipped
+        self._offset = rng.integers(block_size - cell_size + 1, size=cells + (2,))  # (y, x)
+        noise = rng.standard_normal((cell_size, cell_size), dtype=np.float32)
+        glass = white * np.exp(0.006 * noise)[..., None]  # Beer-Lambert of no stain
+        self._glass = np.minimum(glass, 255).astype(np.uint8)
+        self._mask_px = _MASK_UM / spec.mpp  # level-0 px per mask cell
+        grid = (math.ceil(spec.height / self._mask_px), math.ceil(spec.width / self._mask_px))
+        field = (_tissue_field(rng, *grid) + 0.02 * _noise(rng, grid, 12)).astype(np.float32)
+        self._threshold = float(np.quantile(field, 1 - tissue_fraction))
+        self.tissue_fraction = float((field >= self._threshold).mean())
+        self._grid, self._field = field, Image.fromarray(field)  # [gh, gw]; as a PIL 'F' image
+
+    def rows(self, top: int, height: int) -> np.ndarray:
+        """Level-0 rows [top, top + height): uint8 [height, width, 3]."""
+        c = self.cell_size
+        out = np.empty((height, self.spec.width, 3), np.uint8)
+        for row in range(top // c, (top + height - 1) // c + 1):
+            y0, y1 = max(top, row * c), min(top + height, (row + 1) * c)
+            for col in range(len(self._choice[row])):
+                x0, x1 = col * c, min(self.spec.width, (col + 1) * c)
+                target = out[y0 - top:y1 - top, x0:x1]
+                glass = self._glass[y0 - row * c:y1 - row * c, :x1 - x0]
+                uniform = self._uniform(y0, y1, x0, x1)
+                if uniform is False:
+                    target[...] = glass
+                    continue
+                target[...] = self._texture(row, col)[y0 - row * c:y1 - row * c, :x1 - x0]
+                if uniform is None:
+                    np.copyto(target, glass, where=~self.tissue(y0, y1, x0, x1)[..., None])
+        return out
+
+    def tissue(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The tissue mask of level-0 rows [y0, y1) and columns [x0, x1): bool [y1-y0, x1-x0]."""
+        m = self._mask_px
+        field = self._field.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR,
+                                   box=(x0 / m, y0 / m, x1 / m, y1 / m))
+        return np.asarray(field) >= self._threshold
+
+    def _uniform(self, y0: int, y1: int, x0: int, x1: int) -> bool | None:
+        """True / False when the area is all tissue / all glass (the mask grid's cells around it
+        are all above / below the threshold: bilinear values stay within their range), else
+        None."""
+        m = self._mask_px
+        cells = self._grid[max(int(y0 / m) - 1, 0):int(y1 / m) + 2,
+                           max(int(x0 / m) - 1, 0):int(x1 / m) + 2]
+        if cells.min() >= self._threshold:
+            return True
+        if cells.max() < self._threshold:
+            return False
+        return None
+
+    def _texture(self, row: int, col: int) -> np.ndarray:
+        """The cell's texture, a view [cell_size, cell_size, 3] of a block."""
+        orientation, (y, x) = self._orientation[row, col], self._offset[row, col]
+        block = self._blocks[self._choice[row, col]][orientation & 1]
+        if orientation & 2:
+            block = block[::-1]
+        return block[y:y + self.cell_size, x:x + self.cell_size]
 
 
 # Cohort ------------------------------------------------------------------------------------------

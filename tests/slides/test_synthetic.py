@@ -4,6 +4,7 @@ H&E, the class motif is where (and only where) it should be, and cohorts are det
 import collections
 import csv
 import pathlib
+import tracemalloc
 
 import numpy as np
 import openslide
@@ -188,3 +189,87 @@ def test_make_cohort_is_deterministic_and_skips_existing(tmp_path):
         if pathlib.Path(path) != missing:
             assert pathlib.Path(path).stat().st_mtime_ns == stamp
     np.testing.assert_array_equal(level0(missing), kept_pixels)
+
+
+def gradient_image(height, width):
+    yy, xx = np.mgrid[:height, :width]
+    return np.stack([(7 * xx + yy) % 256, (3 * yy) % 256, (xx ^ yy) % 256], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize('fmt', synthetic.FORMATS)
+def test_streamed_slide_has_the_pages_of_write_slide(tmp_path, fmt):
+    image = gradient_image(1100, 1500)  # edge tiles on both axes, 2 levels
+    synthetic.write_slide(tmp_path / f'whole.{fmt}', image, 0.5, fmt, jpeg_quality=80)
+    asked = []
+
+    def rows(top, height):
+        asked.append((top, height))
+        return image[top:top + height]
+
+    path = tmp_path / f'streamed.{fmt}'
+    synthetic.write_streamed_slide(path, rows, (1500, 1100), 0.5, fmt, jpeg_quality=80)
+    assert asked == [(top, min(256, 1100 - top)) for top in range(0, 1100, 256)]
+    assert sorted(tmp_path.iterdir()) == sorted([path, tmp_path / f'whole.{fmt}'])
+    with tifffile.TiffFile(tmp_path / f'whole.{fmt}') as whole, tifffile.TiffFile(path) as streamed:
+        assert len(streamed.pages) == len(whole.pages)
+        for a, b in zip(whole.pages, streamed.pages):
+            if a.is_tiled:  # the levels: the same tiles, bit for bit
+                assert b.is_tiled and a.description == b.description
+                np.testing.assert_array_equal(a.asarray(), b.asarray())
+            else:  # the SVS thumbnail: level 0 reduced by 4 (a whole factor), 768 px at most
+                np.testing.assert_array_equal(b.shape, (275, 375, 3))
+    with openslide.OpenSlide(path) as slide:
+        assert slide.properties[openslide.PROPERTY_NAME_VENDOR] == VENDORS[fmt]
+        assert slide.level_dimensions == ((1500, 1100), (375, 275))
+    with pytest.raises(ValueError, match='rows'):
+        synthetic.write_streamed_slide(tmp_path / 'bad.svs', lambda top, h: image[:h, :100],
+                                       (1500, 1100), 0.5)
+
+
+def test_mosaic_slide_reads_back_in_openslide(tmp_path):
+    spec = synthetic.SyntheticSlideSpec('m', 'c', 'positive', True, 0.5, 'svs', 6000, 4000, seed=4)
+    mosaic = synthetic.MosaicSlide(spec, blocks=2, block_size=1024, cell_size=512)
+    path = tmp_path / 'm.svs'
+    synthetic.write_streamed_slide(path, mosaic.rows, (6000, 4000), 0.5)
+    assert mosaic.tissue_fraction == pytest.approx(0.6, abs=0.01)
+    with openslide.OpenSlide(path) as slide:
+        assert slide.properties[openslide.PROPERTY_NAME_VENDOR] == 'aperio'
+        assert slide.level_dimensions == ((6000, 4000), (1500, 1000), (375, 250))
+        assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.5)
+        assert 'thumbnail' in slide.associated_images
+        for x, y in [(0, 0), (2900, 1700), (5500, 3600)]:
+            region = np.asarray(slide.read_region((x, y), 0, (500, 400)).convert('RGB'))
+            expected = mosaic.rows(y, 400)[:, x:x + 500]
+            assert np.abs(region.astype(int) - expected).mean() < 4
+        level1 = np.asarray(slide.read_region((0, 2048), 1, (1500, 256)).convert('RGB'))
+        expected = np.asarray(Image.fromarray(mosaic.rows(2048, 1024)).reduce(4))
+        assert np.abs(level1.astype(int) - expected).mean() < 7  # denser detail: more JPEG error
+    image, tissue = mosaic.rows(0, 4000), mosaic.tissue(0, 4000, 0, 6000)
+    assert tissue.mean() == pytest.approx(mosaic.tissue_fraction, abs=0.02)
+    kept = (image <= 200).all(-1)  # the tile stage's rule: H&E inside the mask, glass outside
+    assert 0.4 < kept[tissue].mean() < 0.98 and kept[~tissue].mean() < 0.01
+    assert 225 < image[~tissue].mean() < 250
+    np.testing.assert_array_equal(image[1000:1300], mosaic.rows(1000, 300))
+
+
+def test_streamed_writer_holds_a_few_bands_not_the_slide(tmp_path):
+    """Arrays and bytes the writer allocates (tracemalloc sees numpy and Python objects; PIL's
+    one-band temporaries are outside its view) stay at a few bands for a slide 128 bands tall."""
+    width, height = 2048, 32768  # 192 MiB of level-0 pixels; a band of 256 rows is 1.5 MiB
+    band_bytes = 256 * width * 3
+    bands = [np.full((256, width, 3), (40 * k, 120, 160), np.uint8) for k in range(4)]
+
+    def rows(top, count):
+        return bands[top // 256 % 4][:count]
+
+    tracemalloc.start()
+    try:
+        synthetic.write_streamed_slide(tmp_path / 'tall.svs', rows, (width, height), 0.25)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * band_bytes < width * height * 3 / 16
+    with openslide.OpenSlide(tmp_path / 'tall.svs') as slide:
+        assert slide.level_dimensions == ((2048, 32768), (512, 8192), (128, 2048))
+        pixel = np.asarray(slide.read_region((100, 256 * 126 + 9), 0, (8, 8)))[0, 0, :3]
+        np.testing.assert_allclose(pixel, (80, 120, 160), atol=3)
