@@ -1,19 +1,21 @@
 """Feature network: the Flax VGG-16 + AM-softmax train step and inference vs a plain PyTorch VGG-16.
 
 Both run in this one process, on the same batch of uint8 images, at the same image sizes, batch
-sizes, compute dtype (float32 on CPU) and thread count. Reference: VGG-16 written with torch.nn
-(torchvision's conv trunk, ReLU, 2x2 max-pool, global average pool, a linear head, cross
-entropy), ImageNet normalization in its forward like pathjax's, the same optimizer (SGD with
-momentum 0.9, or Adam), eager mode. pathjax: `FeatureNet` (trunk + AM-softmax head and loss),
-one jitted train step with the state donated; inference is the jitted forward. Each measurement
-runs warm-up steps, then reports the median images/s over the timed steps; the Flax compile time
-is measured on its own (`jit(...).lower(...).compile()`). On CPU the Flax side is measured twice:
+sizes, compute dtype (float32 on CPU) and thread count. Reference (torch_vgg.py): VGG-16
+written with torch.nn (torchvision's conv trunk, ReLU, 2x2 max-pool, global average pool, a
+linear head, cross entropy), ImageNet normalization in its forward like pathjax's, the same
+optimizer (SGD with momentum 0.9, or Adam), eager mode. pathjax: `FeatureNet` (trunk +
+AM-softmax head and loss), one jitted train step with the state donated; inference is the jitted
+forward. Each measurement runs warm-up steps, then reports the median images/s over the timed
+steps; the Flax compile time is measured on its own (`jit(...).lower(...).compile()`). On CPU the Flax side is measured twice:
 `flax` with CPU_COMPILER_OPTIONS (the recommended setting) and `flax-xla-defaults` without.
 
 Threads: the process is pinned to `--threads` cores before JAX starts its CPU client (XLA sizes
 its intra-op pool from the cores it may run on) and `torch.set_num_threads(--threads)`.
 On a GPU (jax.default_backend() == 'gpu') the Flax side computes in bfloat16 and the table adds
 the fraction of `--peak-flops` reached; the PyTorch side runs only where torch sees CUDA.
+
+`run(quick)` gives the rows of `python -m benchmarks` (Flax vs PyTorch only).
 
   python benchmarks/feature_net.py [--threads 2] [--sizes 224 512] [--batch 4 2] [--steps 3]
 """
@@ -29,13 +31,19 @@ import jax.numpy as jnp
 import jaxlib.version
 import numpy as np
 import optax
-import torch
 from flax.training import train_state
 
 from pathjax.models.am_softmax import am_softmax_loss
 from pathjax.models.feature_net import FeatureNet
-from pathjax.models.vgg import BLOCKS, IMAGENET_MEAN, IMAGENET_STD, scaled
+from pathjax.models.vgg import BLOCKS, scaled
 from pathjax.train.xla_options import CPU_CONVOLUTIONS_ON_EIGEN
+from rows import row
+
+try:  # the PyTorch reference; gpu.py uses the Flax helpers here without it
+    import torch
+    import torch_vgg
+except ImportError:
+    torch = torch_vgg = None
 
 AM_S, AM_M, MOMENTUM = 30.0, 0.35, 0.9
 # XLA CPU: convolutions through Eigen instead of YNNPACK, as pathjax compiles its train steps.
@@ -46,7 +54,8 @@ def pin_threads(threads: int) -> None:
     """Restrict this process (so XLA's CPU pool) to `threads` cores; set torch's pool to match."""
     cores = sorted(os.sched_getaffinity(0))[:threads]
     os.sched_setaffinity(0, cores)
-    torch.set_num_threads(threads)
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 def cpu_model() -> str:
@@ -77,8 +86,25 @@ def model_flops(size: int, width: float, train: bool) -> float:
 
 # ---- pathjax (Flax) ----
 
+def random_params(init, *inputs) -> dict:
+    """Parameters shaped by `jax.eval_shape(init, key, *inputs)`, drawn with numpy: He-normal
+    kernels, unit scales, zero biases. Compiling a Flax init (threefry) takes about 20 s on a
+    2-core CPU for VGG-16 whatever the image size, and parameter values do not change the speed."""
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        if len(leaf.shape) >= 2:
+            scale = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.normal(0.0, scale, leaf.shape), leaf.dtype)
+        fill = jnp.ones if jax.tree_util.keystr(path).endswith("['scale']") else jnp.zeros
+        return fill(leaf.shape, leaf.dtype)
+
+    shapes = jax.eval_shape(init, jax.random.key(0), *inputs)['params']
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def flax_state(model: FeatureNet, images: np.ndarray, optimizer: str, lr: float):
-    params = jax.jit(model.init)(jax.random.key(0), images)['params']
+    params = random_params(model.init, images)
     tx = optax.sgd(lr, momentum=MOMENTUM) if optimizer == 'sgd' else optax.adam(lr)
     return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
@@ -119,68 +145,6 @@ def flax_infer_runner(executable, state, images):
     return lambda: jax.block_until_ready(executable(state, images))
 
 
-# ---- reference (PyTorch) ----
-
-class TorchVGG16(torch.nn.Module):
-    """torchvision's VGG-16 trunk + global average pool + linear head; uint8 NCHW in."""
-
-    def __init__(self, width: float, num_classes: int):
-        super().__init__()
-        layers, channels = [], 3
-        for block in BLOCKS:
-            for out in block:
-                layers += [torch.nn.Conv2d(channels, scaled(out, width), 3, padding=1),
-                           torch.nn.ReLU(inplace=True)]
-                channels = scaled(out, width)
-            layers.append(torch.nn.MaxPool2d(2, 2))
-        self.features = torch.nn.Sequential(*layers)
-        self.head = torch.nn.Linear(channels, num_classes)
-        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-
-    def forward(self, images):
-        x = (images.float() / 255.0 - self.mean) / self.std
-        return self.head(self.features(x).mean(dim=(2, 3)))
-
-
-def torch_optimizer(model: torch.nn.Module, optimizer: str, lr: float):
-    if optimizer == 'sgd':
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
-    return torch.optim.Adam(model.parameters(), lr=lr)
-
-
-def torch_train_runner(model, opt, images, labels):
-    """A zero-argument call running one eager train step."""
-    def run():
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        with autocast(images):
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
-        opt.step()
-        sync_torch(images)
-    return run
-
-
-def torch_infer_runner(model, images):
-    def run():
-        model.eval()
-        with torch.inference_mode(), autocast(images):
-            model(images)
-        sync_torch(images)
-    return run
-
-
-def autocast(tensor):
-    """bfloat16 autocast on CUDA (to match the Flax side), a no-op on CPU."""
-    return torch.autocast(tensor.device.type, dtype=torch.bfloat16, enabled=tensor.is_cuda)
-
-
-def sync_torch(tensor) -> None:
-    if tensor.is_cuda:
-        torch.cuda.synchronize()
-
-
 # ---- measurement and report ----
 
 def interleaved(runners: dict, warmup: int, steps: int) -> dict:
@@ -207,12 +171,13 @@ def flax_variants(gpu: bool, with_defaults: bool) -> dict:
     return ({'flax-xla-defaults': {}} if with_defaults else {}) | {'flax': CPU_COMPILER_OPTIONS}
 
 
-def add_flax_runners(runners: dict, compile_seconds: dict, args, images, labels, gpu: bool):
+def add_flax_runners(runners: dict, compile_seconds: dict, args, images, labels, gpu: bool,
+                     with_defaults: bool):
     """Compile the Flax train step and forward of each variant; add their runners."""
     model = FeatureNet(num_classes=args.classes, width=args.width,
                        dtype=jnp.bfloat16 if gpu else jnp.float32)
     x, y = jax.device_put(images), jax.device_put(labels)
-    for name, options in flax_variants(gpu, not args.no_xla_defaults).items():
+    for name, options in flax_variants(gpu, with_defaults).items():
         state = flax_state(model, x, args.optimizer, args.lr)
         infer, compile_seconds[f'{name} infer'] = compiled(flax_infer, state, x, donate=False,
                                                            options=options)
@@ -223,25 +188,17 @@ def add_flax_runners(runners: dict, compile_seconds: dict, args, images, labels,
         runners[f'{name} train'] = flax_train_runner(train, state, x, y)
 
 
-def add_torch_runners(runners: dict, args, images, labels, device: str):
-    torch.manual_seed(0)
-    reference = TorchVGG16(args.width, args.classes).to(device)
-    timages = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # NCHW
-    tlabels = torch.from_numpy(labels).long().to(device)
-    opt = torch_optimizer(reference, args.optimizer, args.lr)
-    runners['torch infer'] = torch_infer_runner(reference, timages)
-    runners['torch train'] = torch_train_runner(reference, opt, timages, tlabels)
-
-
-def measure_size(args, size: int, batch: int, torch_device, gpu: bool) -> list[dict]:
+def measure_size(args, size: int, batch: int, device: str | None, gpu: bool,
+                 with_defaults: bool) -> list[dict]:
     """Train and inference rows (images/s per framework, Flax compile seconds) for one size."""
     rng = np.random.default_rng(size)
     images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)  # [B, H, W, 3]
     labels = rng.integers(0, args.classes, batch).astype(np.int32)
     runners, compile_seconds = {}, {}
-    add_flax_runners(runners, compile_seconds, args, images, labels, gpu)
-    if torch_device is not None:
-        add_torch_runners(runners, args, images, labels, torch_device)
+    add_flax_runners(runners, compile_seconds, args, images, labels, gpu, with_defaults)
+    if device is not None:
+        runners.update(torch_vgg.runners(args.width, args.classes, args.optimizer, args.lr,
+                                         MOMENTUM, images, labels, device))
     rows = []
     for mode in ('train', 'infer'):
         times = interleaved({name.rsplit(' ', 1)[0]: run for name, run in runners.items()
@@ -272,7 +229,8 @@ def report(rows: list[dict], peak: float | None) -> None:
           'input gradients). compile s: flax, jit(...).lower(...).compile().')
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the platform's defaults filled in (see --help)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument('--sizes', type=int, nargs='+', default=[224, 512])
@@ -289,8 +247,7 @@ def main() -> None:
     parser.add_argument('--no-torch', action='store_true')
     parser.add_argument('--no-xla-defaults', action='store_true',
                         help='skip the Flax variant compiled with XLA\'s default CPU options')
-    args = parser.parse_args()
-    pin_threads(args.threads)
+    args = parser.parse_args(argv)
     gpu = jax.default_backend() == 'gpu'
     for name, cpu_default, gpu_default in (('batch', [4, 2], [128, 32]), ('warmup', 1, 5),
                                            ('steps', 3, 30)):
@@ -298,23 +255,61 @@ def main() -> None:
             setattr(args, name, gpu_default if gpu else cpu_default)
     if len(args.batch) != len(args.sizes):
         parser.error('give one --batch per --sizes entry')
-    torch_device = None if args.no_torch else (
-        'cuda' if gpu and torch.cuda.is_available() else None if gpu else 'cpu')
-    device = jax.devices()[0].device_kind if gpu else cpu_model()
-    print(f'machine: {device}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores used, '
-          f'{args.threads} threads (XLA via affinity, torch.set_num_threads)')
-    print(f'jax {jax.__version__}, jaxlib {jaxlib.version.__version__}, torch {torch.__version__}, '
-          f'python {platform.python_version()}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
-    print(f'width {args.width}, {args.classes} classes, optimizer {args.optimizer}, '
-          f'compute {"bfloat16" if gpu else "float32"}, {args.warmup} warm-up + '
-          f'{args.steps} timed steps (median); torch on {torch_device or "-"}'
-          + (f'; peak {args.peak_flops:.4g} FLOP/s' if gpu else '') + '\n')
-    print(f'load average at start: {os.getloadavg()[0]:.2f}')
+    return args
+
+
+def torch_device(args, gpu: bool) -> str | None:
+    """Where the PyTorch reference runs: 'cpu', 'cuda', or None (not measured)."""
+    if args.no_torch or torch is None:
+        return None
+    return ('cuda' if torch.cuda.is_available() else None) if gpu else 'cpu'
+
+
+def run(quick: bool) -> list[dict]:
+    """Rows: train and inference images/s, the Flax FeatureNet vs the PyTorch VGG-16, on every
+    usable core. quick: 128 px, batch 4, 1 warm-up + 2 timed steps; else 224 px (batch 4) and
+    512 px (batch 2), 3 timed steps (GPU: 128 and 32, 30 steps)."""
+    args = parse(['--sizes', '128', '--batch', '4', '--steps', '2'] if quick else [])
+    pin_threads(args.threads)
+    gpu = jax.default_backend() == 'gpu'
+    device = torch_device(args, gpu)
+    if device is None:
+        raise RuntimeError('the PyTorch reference needs torch (pip install -e \'.[bench]\')'
+                           + (' with CUDA' if gpu else ''))
     rows = []
     for size, batch in zip(args.sizes, args.batch):
-        rows += measure_size(args, size, batch, torch_device, gpu)
+        for r in measure_size(args, size, batch, device, gpu, with_defaults=False):
+            rate = r['rates']['flax']
+            rows.append(row(
+                f'{r["mode"]}, {size} px, batch {batch}', 'images/s', rate, r['rates']['torch'],
+                'the same VGG-16 in PyTorch, eager' + (', CUDA' if gpu else ', same threads'),
+                True, f'convolution FLOPs: {rate * r["flops"] / 1e9:.0f} GFLOP/s reached '
+                f'({"bfloat16" if gpu else "float32"}, {args.threads} threads)',
+                compile_seconds=r['compile']))
+    return rows
+
+
+def main() -> None:
+    args = parse()
+    pin_threads(args.threads)
+    gpu = jax.default_backend() == 'gpu'
+    device = torch_device(args, gpu)
+    print(f'machine: {jax.devices()[0].device_kind if gpu else cpu_model()}, '
+          f'{len(os.sched_getaffinity(0))} of {os.cpu_count()} cores used, '
+          f'{args.threads} threads (XLA via affinity, torch.set_num_threads)')
+    print(f'jax {jax.__version__}, jaxlib {jaxlib.version.__version__}, '
+          f'torch {torch.__version__ if torch else "-"}, python {platform.python_version()}, '
+          f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+    print(f'width {args.width}, {args.classes} classes, optimizer {args.optimizer}, '
+          f'compute {"bfloat16" if gpu else "float32"}, {args.warmup} warm-up + '
+          f'{args.steps} timed steps (median); torch on {device or "-"}'
+          + (f'; peak {args.peak_flops:.4g} FLOP/s' if gpu else '') + '\n')
+    print(f'load average at start: {os.getloadavg()[0]:.2f}')
+    measured = []
+    for size, batch in zip(args.sizes, args.batch):
+        measured += measure_size(args, size, batch, device, gpu, not args.no_xla_defaults)
     print(f'load average at end: {os.getloadavg()[0]:.2f} (other processes share these cores)\n')
-    report(rows, args.peak_flops if gpu else None)
+    report(measured, args.peak_flops if gpu else None)
 
 
 if __name__ == '__main__':
