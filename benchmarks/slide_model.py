@@ -1,20 +1,27 @@
-"""Slide model: the Flax train step vs the same model in plain PyTorch; kNN graph construction:
-pathjax (JAX) vs brute-force numpy vs scikit-learn.
+"""Slide model: the Flax train step vs the same model in plain PyTorch; dense attention alone vs
+torch's fused attention; kNN graph construction: pathjax (JAX) vs brute-force numpy vs
+scikit-learn.
 
 Part 1, train steps/s. One batch of `--slides` synthetic slide graphs (random features [n, D],
-random grid positions, the kNN graph of `knn_indices` + `symmetric_edges`), padded by
-`make_batch` to each `--nodes` budget. pathjax: `BatchedSlideTransformer` (dense attention, and
-the 'graph' attention mode), the `make_train_step` step with `create_optimizer`'s AdamW, jitted
-with the state donated; compile time measured on its own. Reference: the same architecture written
-with torch.nn, eager: Linear projection, the same 2-D sinusoidal encoding, post-norm
-`TransformerEncoderLayer`s (MHA with a key padding mask, FF 2 d_model, ReLU; LayerNorm eps 1e-6 as
-Flax's), GCN layers relu(D^-1/2 (A+I) D^-1/2 H W) with `index_add_` over the same padded edge
+random grid positions, the kNN graph of `knn_indices` + `symmetric_edges`), padded to each
+`--nodes` budget as the stage's batches are. pathjax: `BatchedSlideTransformer` (dense attention,
+and the 'graph' attention mode), the `make_train_step` step with `create_optimizer`'s AdamW,
+jitted with the state donated; compile time measured on its own. Reference: the same architecture
+written with torch.nn, eager: Linear projection, the same 2-D sinusoidal encoding, post-norm
+`TransformerEncoderLayer`s (MHA with a key padding mask, FF 2 d_model, ReLU; LayerNorm eps 1e-6
+as Flax's), GCN layers relu(D^-1/2 (A+I) D^-1/2 H W) with `index_add_` over the same padded edge
 lists and masks, masked mean pooling, Linear -> ReLU -> Linear, masked cross entropy,
 torch.optim.AdamW. Dropout 0 and float32 on both sides. Before timing, the Flax parameters are
 copied into the torch model and the logits and losses are checked to agree, before and after one
 optimizer step. The train steps run interleaved (median of the timed steps).
 
-Part 2, kNN graph (k neighbours, self excluded) of `--knn-sizes` random float32 features [N, D]:
+Part 2, dense attention alone, forward + backward (the gradient of sum(out * g) over the valid
+rows) on `--slides` slides of `--attention-nodes` padded nodes, d_model / heads per head:
+`blocked_attention` (vmapped, jitted) vs `torch.nn.functional.scaled_dot_product_attention` with
+the boolean padding mask (PyTorch's fused CPU flash-attention kernel), gradients checked to agree;
+and the compiled temporaries of blocked_attention vs the einsum form it replaced.
+
+Part 3, kNN graph (k neighbours, self excluded) of `--knn-sizes` random float32 features [N, D]:
 `pathjax.data.graphs.knn_indices` (on device, chunked; compile reported apart), numpy brute force
 (chunked float32 |q|^2 + |p|^2 - 2 q.p, argpartition), scikit-learn `NearestNeighbors(k + 1)`
 with its default algorithm and with 'brute'. At the smallest N the neighbour sets are checked to
@@ -25,9 +32,9 @@ Threads: the process is pinned to `--threads` cores before JAX starts its CPU cl
 its thread pool from the cores it may run on), torch.set_num_threads(--threads), and
 threadpoolctl limits OpenBLAS (numpy) and OpenMP (scikit-learn) to --threads.
 
-  python benchmarks/slide_model.py [--threads 2] [--nodes 512 2048] [--steps 5]
-                                   [--knn-sizes 2000 10000 50000]
-  quick run: --nodes 256 --steps 2 --warmup 1 --knn-sizes 2000 5000
+  python benchmarks/slide_model.py [--threads 2] [--nodes 512 2048] [--attention-nodes 2048]
+                                   [--steps 5] [--knn-sizes 2000 10000 50000]
+  rows for the runner: run(quick) (python -m benchmarks --only slide_model [--quick])
 """
 
 import argparse
@@ -49,10 +56,11 @@ from sklearn.neighbors import NearestNeighbors
 
 from feature_net import compiled, cpu_model, flax_train_runner, interleaved, pin_threads
 from pathjax.data import graphs
+from pathjax.models.blocked_attention import blocked_attention
 from pathjax.models.encoding import BASE
 from pathjax.models.slide_transformer import BatchedSlideTransformer
-from pathjax.train.slide_training import (SlideSet, TrainState, create_optimizer, make_batch,
-                                          make_train_step)
+from pathjax.train.slide_training import TrainState, create_optimizer, make_train_step
+from rows import row
 
 NUM_CLASSES, MLP_HIDDEN, LR, WEIGHT_DECAY = 2, 64, 1e-4, 1e-4
 LAYER_NORM_EPS = 1e-6  # flax.linen.LayerNorm's default (torch's is 1e-5)
@@ -79,20 +87,22 @@ def others_since(start: tuple[float, float, float]) -> float:
 # ---- the batch ----
 
 def synthetic_batch(args, nodes: int, seed: int) -> dict:
-    """`args.slides` random slide graphs of between nodes/2 + 1 and `nodes` patches, padded by
-    make_batch to the `nodes` bucket (numpy; see make_batch for the layout)."""
+    """`args.slides` random slide graphs of between nodes/2 + 1 and `nodes` patches, padded to
+    the `nodes` bucket as the stage's batches are: {'graph': stacked GraphsTuple [B, ...], 'label'
+    int32 [B], 'mask' bool [B]} (numpy)."""
     rng = np.random.default_rng(seed)
-    slide_graphs, coords = [], []
+    slide_graphs = []
     for _ in range(args.slides):
         count = int(rng.integers(nodes // 2 + 1, nodes + 1))
         features = rng.normal(size=(count, args.feature_dim)).astype(np.float32)
         grid = rng.integers(0, 200, (count, 2))
         senders, receivers = graphs.symmetric_edges(graphs.knn_indices(features, args.k))
         slide_graphs.append(graphs.slide_graph(features, grid, senders, receivers))
-        coords.append(grid * 256)
-    labels = rng.integers(0, NUM_CLASSES, args.slides).astype(np.int32)
-    slides = SlideSet([str(i) for i in range(args.slides)], labels, slide_graphs, coords)
-    return make_batch(slides, np.arange(args.slides), args.slides, args.k)
+    budget = graphs.bucket_size(max(int(g.n_node[0]) for g in slide_graphs))
+    padded = [graphs.pad_graph(g, budget, graphs.edge_budget(budget, args.k)) for g in slide_graphs]
+    return {'graph': graphs.stack_graphs(padded),
+            'label': rng.integers(0, NUM_CLASSES, args.slides).astype(np.int32),
+            'mask': np.ones(args.slides, bool)}
 
 
 # ---- pathjax (Flax) ----
@@ -174,7 +184,7 @@ class TorchSlideTransformer(torch.nn.Module):
 
 
 def torch_batch(batch: dict) -> dict:
-    """make_batch's numpy batch as torch tensors, edge indices offset into the flattened batch."""
+    """synthetic_batch's numpy batch as torch tensors, edge indices offset into the flattened batch."""
     graph = batch['graph']
     slides, nodes = graph.nodes['mask'].shape
     offsets = (np.arange(slides) * nodes)[:, None]
@@ -311,7 +321,82 @@ def report_models(args, rows: list[dict]) -> None:
               f'| {a["logits"]:.1e}, {a["logits after step"]:.1e} | {r["others"]:.2f} |')
 
 
-# ---- part 2: kNN graph ----
+# ---- part 2: dense attention alone ----
+
+def einsum_attention(query, key, value, valid):
+    """Dense attention as one [H, N, N] softmax (pathjax's dense path before blocked_attention):
+    query, key, value [N, H, d], the first `valid` keys attended."""
+    logits = jnp.einsum('qhd,khd->hqk', query, key) / np.sqrt(query.shape[-1])
+    logits = jnp.where(jnp.arange(query.shape[0]) < valid, logits, -jnp.inf)
+    return jnp.einsum('hqk,khd->qhd', jax.nn.softmax(logits, axis=-1), value)
+
+
+def attention_gradient(attention):
+    """jit of the gradients w.r.t. query, key, value [B, N, H, d] of sum(out * g) over each
+    slide's valid rows (valid int [B])."""
+    def objective(query, key, value, out_grad, valid):
+        out = jax.vmap(attention)(query, key, value, valid)
+        rows = jnp.arange(query.shape[1])[None, :] < valid[:, None]
+        return jnp.sum(jnp.where(rows[..., None, None], out * out_grad, 0.0))
+    return jax.jit(jax.grad(objective, argnums=(0, 1, 2)))
+
+
+def measure_attention(args, nodes: int) -> dict:
+    """Forward + backward seconds of dense attention over `args.slides` slides of between
+    nodes/2 + 1 and `nodes` valid nodes (as synthetic_batch draws them), d_model / heads per
+    head: pathjax's blocked_attention vs torch's scaled_dot_product_attention with the padding
+    mask (its fused CPU flash kernel); gradients checked to agree. Compiled temporaries of
+    blocked_attention and of the einsum form."""
+    rng = np.random.default_rng(nodes)
+    shape = (args.slides, nodes, args.heads, args.d_model // args.heads)
+    query, key, value, out_grad = (rng.normal(size=shape).astype(np.float32) for _ in range(4))
+    valid = rng.integers(nodes // 2 + 1, nodes + 1, args.slides).astype(np.int32)
+    inputs = [jnp.asarray(x) for x in (query, key, value, out_grad, valid)]
+    functions = {'blocked': attention_gradient(blocked_attention),
+                 'einsum': attention_gradient(einsum_attention)}
+    memory = {name: function.lower(*inputs).compile().memory_analysis().temp_size_in_bytes
+              for name, function in functions.items()}
+    grads = functions['blocked'](*inputs)
+
+    rows = torch.from_numpy(np.arange(nodes)[None, :] < valid[:, None])  # [B, N]
+    tensors = [torch.tensor(x).transpose(1, 2).contiguous() for x in (query, key, value)]
+    t_grad = torch.from_numpy(out_grad).transpose(1, 2) * rows[:, None, :, None]
+    for tensor in tensors:
+        tensor.requires_grad_(True)
+
+    def torch_step():
+        for tensor in tensors:
+            tensor.grad = None
+        out = torch.nn.functional.scaled_dot_product_attention(
+            *tensors, attn_mask=rows[:, None, None, :])
+        (out * t_grad).sum().backward()
+
+    torch_step()
+    gap = max(float(np.abs(np.asarray(g) - t.grad.transpose(1, 2).numpy()).max())
+              for g, t in zip(grads, tensors))
+    if gap > TOLERANCE:
+        raise AssertionError(f'blocked attention and torch disagree by {gap}')
+    runners = {'blocked': lambda: jax.block_until_ready(functions['blocked'](*inputs)),
+               'torch': torch_step}
+    times = interleaved(runners, args.warmup, args.steps)
+    return {'nodes': nodes, 'valid nodes': int(valid.sum()), 'memory': memory, 'gap': gap,
+            'seconds': {name: statistics.median(t) for name, t in times.items()}}
+
+
+def report_attention(args, rows: list[dict]) -> None:
+    print(f'\n## Dense attention alone, forward + backward: {args.slides} slides, {args.heads} '
+          f'heads of {args.d_model // args.heads}, float32\n')
+    print('| nodes (budget) | valid nodes | blocked s | torch SDPA s | torch / blocked '
+          '| blocked temporaries MiB | einsum temporaries MiB | max gradient gap |')
+    print('|---|---|---|---|---|---|---|---|')
+    for r in rows:
+        s, m = r['seconds'], r['memory']
+        print(f'| {r["nodes"]} | {r["valid nodes"]} | {s["blocked"]:.3f} | {s["torch"]:.3f} '
+              f'| {s["torch"] / s["blocked"]:.2f}x | {m["blocked"] / 2 ** 20:.0f} '
+              f'| {m["einsum"] / 2 ** 20:.0f} | {r["gap"]:.1e} |')
+
+
+# ---- part 3: kNN graph ----
 
 def numpy_knn(features: np.ndarray, k: int, chunk: int, rows: int | None = None) -> np.ndarray:
     """Brute force: chunks of float32 squared distances, self excluded, argpartition.
@@ -482,11 +567,13 @@ def header(args) -> None:
           f'that other processes used during a row (/proc/stat busy time minus this process)')
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument('--nodes', type=int, nargs='*', default=[512, 2048],
                         help='node budgets (powers of two) of the train-step batch')
+    parser.add_argument('--attention-nodes', type=int, nargs='*', default=[2048],
+                        help='node budgets of the attention-alone comparison')
     parser.add_argument('--slides', type=int, default=8)
     parser.add_argument('--feature-dim', type=int, default=512)
     parser.add_argument('--d-model', type=int, default=128)
@@ -502,19 +589,77 @@ def main() -> None:
                         help='query rows per numpy distance chunk')
     parser.add_argument('--max-seconds', type=float, default=180.0,
                         help='a kNN method predicted to take longer is extrapolated')
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def measure(args) -> tuple[list[dict], list[dict], list[dict], float]:
+    """(train-step rows, attention rows, kNN rows, XLA's matmul GFLOP/s) of parse()'s args."""
     pin_threads(args.threads)
     compile_seconds = compile_timer()
-    header(args)
     model_rows = [measure_model(args, nodes) for nodes in args.nodes]
+    attention_rows = [measure_attention(args, nodes) for nodes in args.attention_nodes]
     knn_rows, matmul_rate = [], xla_matmul_rate(args.feature_dim) if args.knn_sizes else 0.0
     with threadpoolctl.threadpool_limits(args.threads):
         for count in sorted(args.knn_sizes):
             knn_rows.append(measure_knn(args, count, knn_rows[-1] if knn_rows else None,
                                         compile_seconds))
+    return model_rows, attention_rows, knn_rows, matmul_rate
+
+
+QUICK = ['--nodes', '256', '--attention-nodes', '1024', '--warmup', '1', '--steps', '2',
+         '--knn-sizes', '2000', '5000', '--knn-repeats', '1']
+
+
+def run(quick: bool) -> list[dict]:
+    """Rows (ratio > 1: pathjax better): slide-model train steps/s vs PyTorch (dense and graph
+    attention), dense attention alone vs torch's SDPA and its temporaries vs the einsum form,
+    kNN seconds vs numpy and scikit-learn. quick: 256 nodes, attention at 1,024, kNN at 2,000
+    and 5,000; else 512 and 2,048 nodes, attention at 2,048, kNN up to 50,000."""
+    args = parse(QUICK if quick else [])
+    model_rows, attention_rows, knn_rows, _ = measure(args)
+    threads = f'{args.threads} threads, float32'
+    rows = []
+    for r in model_rows:
+        rates, nodes = r['rates'], r['nodes']
+        rows.append(row(f'train step, {args.slides} slides x {nodes} nodes, dense attention',
+                        'steps/s', rates['flax'], rates['torch'],
+                        'the same model in PyTorch (SDPA flash attention with the padding mask)',
+                        True, f'attention exp and matmuls ({threads})'))
+        rows.append(row(f'train step, {args.slides} slides x {nodes} nodes, graph attention',
+                        'steps/s', rates['flax graph'], rates['torch'],
+                        'the PyTorch model with dense attention', True,
+                        f'gathers and scatter-adds over {r["edges"]:,} edges ({threads})'))
+    for r in attention_rows:
+        seconds, memory, nodes = r['seconds'], r['memory'], r['nodes']
+        rows.append(row(f'dense attention forward + backward, {args.slides} slides x {nodes} '
+                        'nodes', 's', seconds['blocked'], seconds['torch'],
+                        "torch scaled_dot_product_attention (fused CPU flash kernel), padding "
+                        'mask', False, f'exp and small matmuls per 64 x 128 tile ({threads})'))
+        rows.append(row(f'dense attention training temporaries, {args.slides} slides x {nodes} '
+                        'nodes', 'bytes', memory['blocked'], memory['einsum'],
+                        'the einsum form (an [H, N, N] softmax per slide), compiled', False,
+                        'O(N x tile) per slide, not O(N^2)'))
+    for r in knn_rows:
+        seconds, count = r['seconds'], r['count']
+        for name in ('numpy', 'sklearn brute'):
+            suffix = f' ({r["extrapolated"][name]} query rows, extrapolated)' \
+                if name in r['extrapolated'] else ''
+            rows.append(row(f'kNN graph, N = {count:,}, D = {args.feature_dim}, k = {args.k}', 's',
+                            seconds['pathjax'], seconds[name],
+                            f'{name.replace(" brute", "")} brute force{suffix}',
+                            False, f'distance matmul and top-k ({args.threads} threads)'))
+    return rows
+
+
+def main() -> None:
+    args = parse()
+    header(args)
+    model_rows, attention_rows, knn_rows, matmul_rate = measure(args)
     print(f'load average at end: {os.getloadavg()[0]:.2f}')
     if model_rows:
         report_models(args, model_rows)
+    if attention_rows:
+        report_attention(args, attention_rows)
     if knn_rows:
         report_knn(args, knn_rows, matmul_rate)
 
