@@ -8,7 +8,7 @@ XLA flags before JAX starts, so they cannot share a process), from the repositor
 benchmarks/ on sys.path. A row (rows.py) holds pathjax's figure, a reference measured in the same
 run, and their ratio (> 1: pathjax better). A script that fails, returns an invalid row or runs
 past its time limit leaves a failed row in the table and the JSON, and the exit status is 1.
---quick takes about 5 minutes on 2 cores; the full run about 30 (BENCHMARKS.md).
+--quick takes about 3 minutes on 2 shared cores (at most 5); the full run about 20.
 """
 
 import argparse

@@ -67,7 +67,7 @@ class Setup:
 QUICK = Setup(6144, 4096, copies=2, mpp=2.0, patch_size=128, net_width=0.125, batch_size=16,
               workers=0)
 FULL = Setup(8192, 6144, copies=1, mpp=0.5, patch_size=512, net_width=1.0, batch_size=8,
-             workers=0, limit=32)
+             workers=0, limit=16)
 
 
 def make_config(setup: Setup):
@@ -227,7 +227,7 @@ def child(side: str, setup: Setup, workdir: str) -> None:
 def run(quick: bool) -> list[dict]:
     """Rows: patches/s vs the network alone and vs the naive loop; peak RSS vs the naive loop.
     quick: 2 slides of 6144 x 4096, 128-px patches at 2 um/px, VGG-16 at 1/8 width, batch 16;
-    else the first 32 patches of an 8192 x 6144 slide, 512 px at 0.5 um/px, the full VGG-16,
+    else the first 16 patches of an 8192 x 6144 slide, 512 px at 0.5 um/px, the full VGG-16,
     batch 8. Three rounds (quick) or two."""
     setup = dataclasses.replace(QUICK if quick else FULL,
                                 workers=len(os.sched_getaffinity(0)))
