@@ -44,7 +44,7 @@ from pathjax.slides import stain, tile_stage
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
 from pathjax.slides.reader import resize, rgba_to_rgb
 from pathjax.train import extract, sharding
-from rows import row
+from rows import print_table, row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,10 +270,7 @@ def main() -> None:
         setup = Setup(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Setup)})
         child(args.child, setup, args.workdir)
         return
-    print('| row | unit | pathjax | reference | ratio | bound |\n|---|---|---|---|---|---|')
-    for r in run(args.quick):
-        print(f'| {r["name"]} | {r["unit"]} | {r["pathjax"]:.4g} | {r["reference"]:.4g} | '
-              f'{r["ratio"]:.2f}x | {r["bound"]} |')
+    print_table(run(args.quick))
 
 
 if __name__ == '__main__':

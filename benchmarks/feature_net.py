@@ -37,6 +37,7 @@ from pathjax.models.am_softmax import am_softmax_loss
 from pathjax.models.feature_net import FeatureNet
 from pathjax.models.vgg import BLOCKS, scaled
 from pathjax.train.xla_options import CPU_CONVOLUTIONS_ON_EIGEN
+from machine_info import cpu_model
 from rows import row
 
 try:  # the PyTorch reference; gpu.py uses the Flax helpers here without it
@@ -56,14 +57,6 @@ def pin_threads(threads: int) -> None:
     os.sched_setaffinity(0, cores)
     if torch is not None:
         torch.set_num_threads(threads)
-
-
-def cpu_model() -> str:
-    with open('/proc/cpuinfo') as info:
-        for line in info:
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def conv_shapes(size: int, width: float) -> list[tuple[int, int, int]]:

@@ -49,3 +49,11 @@ def problems(candidate) -> list[str]:
             found.append(f'ratio {ratio:.4g} is not the oriented quotient {expected:.4g} '
                          '(> 1 must mean pathjax is better)')
     return found
+
+
+def print_table(rows: list[dict]) -> None:
+    """The rows as a markdown table (a script's own command line)."""
+    print('| row | unit | pathjax | reference | ratio | bound |\n|---|---|---|---|---|---|')
+    for r in rows:
+        print(f'| {r["name"]} | {r["unit"]} | {r["pathjax"]:.4g} | {r["reference"]:.4g} | '
+              f'{r["ratio"]:.2f}x | {r["bound"]} |')

@@ -48,7 +48,7 @@ import numpy as np
 from pathjax import artifacts
 from pathjax.data import graphs
 from pathjax.data.graph_batches import PREFETCH, GraphBatches
-from rows import row
+from rows import print_table, row
 
 BATCH, NODES, DIM, K = 8, 8192, 512, 8
 PAGE = resource.getpagesize()
@@ -264,10 +264,7 @@ def main():
     rows = run(args.quick, args.slides, args.batches, args.step, args.workers)
     print(f'\n## Slide input: {BATCH} slides per batch, {NODES} nodes, D = {DIM}, k = {K}; '
           f'{os.cpu_count()} CPUs, jax {jax.__version__} ({jax.default_backend()})\n')
-    print('| row | unit | pathjax | reference | ratio | bound |\n|---|---|---|---|---|---|')
-    for r in rows:
-        print(f'| {r["name"]} | {r["unit"]} | {r["pathjax"]:.4g} | {r["reference"]:.4g} | '
-              f'{r["ratio"]:.2f}x | {r["bound"]} |')
+    print_table(rows)
 
 
 if __name__ == '__main__':

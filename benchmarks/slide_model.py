@@ -54,7 +54,8 @@ import threadpoolctl
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from feature_net import compiled, cpu_model, flax_train_runner, interleaved, pin_threads
+from feature_net import compiled, flax_train_runner, interleaved, pin_threads
+from machine_info import cpu_model
 from pathjax.data import graphs
 from pathjax.models.blocked_attention import blocked_attention
 from pathjax.models.encoding import BASE

@@ -37,7 +37,7 @@ from pathjax import artifacts
 from pathjax.cohort import SlideRecord
 from pathjax.slides import tile_stage
 from pathjax.slides.tissue import TissueRule
-from rows import row
+from rows import print_table, row
 
 PATCH_SIZE, TARGET_MPP, FIT_PATCHES = 512, 0.5, 32
 RULE = TissueRule()  # the method's settings: any channel > 200, 200 px at 90%, keep >= 25%
@@ -180,10 +180,7 @@ def main() -> None:
     if args.child:
         SIDES[args.child](args.paths, args.out)
         return
-    print('| row | unit | pathjax | reference | ratio | bound |\n|---|---|---|---|---|---|')
-    for r in run(args.quick):
-        print(f'| {r["name"]} | {r["unit"]} | {r["pathjax"]:.4g} | {r["reference"]:.4g} | '
-              f'{r["ratio"]:.2f}x | {r["bound"]} |')
+    print_table(run(args.quick))
 
 
 if __name__ == '__main__':
