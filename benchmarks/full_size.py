@@ -78,14 +78,18 @@ def write_one_slide(slides_dir: pathlib.Path, index: int) -> None:
 
 
 def xla_memory(learn_batch: int, extract_batch: int) -> None:
-    """Prints XLA's compile-time memory analysis (bytes) of the feature network's train step and
-    extraction at these batch sizes, at 512 px, as JSON. Compiles only; runs nothing."""
+    """Prints XLA's compile-time memory analysis (bytes) as JSON of: the feature network's train
+    step and extraction at these batch sizes at 512 px, and the slide model's train step on a
+    batch of train.batch_slides graphs of graph.max_patches nodes (D = 512, 2k edges a node).
+    Compiles only; runs nothing."""
     import jax
     import jax.numpy as jnp
+    import jraph
     sys.path.insert(0, str(REPO))
     from configs import default
+    from pathjax.data import graphs
     from pathjax.models.feature_net import FeatureNet, create_feature_net
-    from pathjax.train import feature_learning
+    from pathjax.train import feature_learning, slide_training
     from pathjax.train.xla_options import conv_compiler_options
     config = default.get_config()
     model, size = create_feature_net(config), config.tile.patch_size
@@ -101,9 +105,28 @@ def xla_memory(learn_batch: int, extract_batch: int) -> None:
     features = jax.jit(lambda p, x: model.apply({'params': p}, x, method=FeatureNet.features),
                        compiler_options=options).lower(
         state.params, images(extract_batch)).compile().memory_analysis()
+    slides, nodes = config.train.batch_slides, graphs.bucket_size(config.graph.max_patches)
+    edges = graphs.edge_budget(nodes, config.graph.k)
+
+    def shaped(*shape, dtype=jnp.float32):  # [batch_slides, *shape]
+        return jax.ShapeDtypeStruct((slides, *shape), dtype)
+
+    graph = jraph.GraphsTuple(
+        nodes={'features': shaped(nodes, 512), 'grid': shaped(nodes, 2, dtype=jnp.int32),
+               'mask': shaped(nodes, dtype=jnp.bool_)},
+        edges={'mask': shaped(edges, dtype=jnp.bool_)},
+        senders=shaped(edges, dtype=jnp.int32), receivers=shaped(edges, dtype=jnp.int32),
+        globals=None, n_node=shaped(1, dtype=jnp.int32), n_edge=shaped(1, dtype=jnp.int32))
+    trainer = slide_training.SlideTrainer(config, REPO, 512)
+    slide_step = jax.jit(slide_training.make_train_step(trainer.model, jnp.ones(2)),
+                         donate_argnums=0).lower(
+        trainer.abstract_state(), {'graph': graph, 'mask': shaped(dtype=jnp.bool_),
+                                   'label': shaped(dtype=jnp.int32)},
+        jax.random.key(0)).compile().memory_analysis()
     print(json.dumps({name: {'temp': a.temp_size_in_bytes, 'arguments': a.argument_size_in_bytes,
                              'outputs': a.output_size_in_bytes}
-                      for name, a in (('learn', train), ('extract', features))}))
+                      for name, a in (('learn', train), ('extract', features),
+                                      ('train_slide', slide_step))}))
 
 
 # ---- running stages ----
@@ -121,7 +144,11 @@ def launch(stage: str, workdir: pathlib.Path, overrides: list[str], log: pathlib
 
 
 def log_tail(log: pathlib.Path, lines: int = 30) -> str:
-    return '\n'.join(log.read_text(errors='replace').splitlines()[-lines:])
+    """The log's error lines (a crash's first words come before its thread dump), then its end."""
+    text = log.read_text(errors='replace').splitlines()
+    errors = [line for line in text if re.search(r'error|bad_alloc|terminate|Killed|^[EF]\d{4}',
+                                                 line, re.IGNORECASE)]
+    return '\n'.join(errors[:10] + ['...'] + text[-lines:])
 
 
 def mem_available() -> int:
@@ -165,6 +192,19 @@ def write_manifest(slides_dir: pathlib.Path) -> pathlib.Path:
             writer.writerow((slide_id, slides_dir / f'{slide_id}.svs', label, spec(i).case_id,
                              split))
     return path
+
+
+def clear_stage(workdir: pathlib.Path, stage: str) -> None:
+    """Deletes what `stage` made in `workdir` (the pipeline's list) and its report, so that a
+    rerun measures the work instead of skipping it."""
+    from pathjax import pipeline
+    made = next(s.artifacts for s in pipeline.STAGES if s.name == stage)
+    for name in [part.strip() for part in made.split(',')] + [f'reports/{stage}.json']:
+        path = workdir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def make_prefix_workdir(workdir: pathlib.Path, prefix: pathlib.Path, keep: int) -> None:
@@ -232,7 +272,7 @@ def log_times(log: pathlib.Path, text: str) -> list[float]:
 def bounds(workers: int, xla: dict, learn_batch: int, extract_batch: int) -> dict:
     """{stage: (bytes, why)}: what each stage's whole process tree may hold at its peak."""
     slide = WIDTH * HEIGHT * 3
-    learn, extract = xla['learn'], xla['extract']
+    learn, extract, slide_step = xla['learn'], xla['extract'], xla['train_slide']
     return {
         'generate': (2 * GIB, f'4 texture blocks and their transposes (0.4 GiB), one 4096^2 block '
                      f'render (about 1.2 GiB) and a few 256-row bands; not the slide '
@@ -251,10 +291,13 @@ def bounds(workers: int, xla: dict, learn_batch: int, extract_batch: int) -> dic
                     f'1 GiB runtime + XLA temp of one batch of {extract_batch} '
                     f'({extract["temp"] / GIB:.1f} GiB) + parameters + 0.5 GiB: a few batches '
                     f'in flight ({extract_batch} x 0.75 MiB each); not a slide\'s patches'),
-        'train_slide': (RUNTIME + 2 * GIB,
-                        '1 GiB runtime + 2 GiB: a few padded batches of 8 x 8192 x 512 float32 '
-                        '(134 MB each), activations with blocked attention (no [8, 4, 8192, 8192] '
-                        'buffer, 8.6 GB per layer) and one slide\'s kNN search'),
+        'train_slide': (RUNTIME + slide_step['temp'] + 4 * slide_step['arguments'] + GIB // 4,
+                        f'1 GiB runtime + XLA temp of one step on 8 graphs of 8192 nodes '
+                        f'({slide_step["temp"] / GIB:.1f} GiB: saved activations, blocked '
+                        f'attention without the [8, 4, 8192, 8192] buffer (8 GiB a layer), GCN '
+                        f'messages [8, 131072, 128]) + 4 batches (prefetch 2 + 2) of '
+                        f'{slide_step["arguments"] / GIB:.2f} GiB + 0.25 GiB for one slide\'s kNN '
+                        f'search; not the cohort\'s features'),
         'evaluate': (RUNTIME + GIB, '1 GiB runtime + 1 GiB: a batch of graphs and heatmaps'),
     }
 
@@ -303,6 +346,10 @@ def run_stage(stage: str, args, paths: dict, overrides: list[str], result: dict)
         make_prefix_workdir(workdir, prefix, args.prefix)
         target = prefix
     elif stage in ('train_slide', 'evaluate'):
+        if not all((prefix / 'features' / f'{s}.npz').exists() for s, _, _ in SLIDES):
+            row.update(ran='not run: no extracted prefix features to base surrogates on',
+                       returncode=-1)
+            return row
         row['details']['surrogate_features'] = write_surrogate_features(workdir, prefix)
     budget = result['bounds'][stage][0]
     if mem_available() < budget:
@@ -310,6 +357,7 @@ def run_stage(stage: str, args, paths: dict, overrides: list[str], result: dict)
                    f'{budget / GIB:.1f} GiB', returncode=-1)
         return row
     log = logs / f'{stage}.log'
+    clear_stage(target, stage)
     start = time.time()
     measured = launch(stage, target, overrides, log)
     row.update(wall_s=measured.seconds, peak_rss_bytes=measured.peak_rss,
@@ -380,14 +428,23 @@ def markdown(result: dict) -> str:
         row = result['rows'].get(stage)
         if row is None:
             continue
-        bound = result['bounds'][stage][0]
+        bound = row.get('bound_bytes', result['bounds'][stage][0])
         peak = row['peak_rss_bytes']
         rate = '' if row['throughput'] is None else f"{row['throughput']:.3g} {row['unit']}"
         wall = '' if row['wall_s'] is None else f"{row['wall_s']:.0f}"
-        lines.append(f"| {stage} | {row['ran']} | {wall} | {rate} | "
+        ran = row['ran']
+        if stage in ('learn_features', 'extract'):
+            ran += f"; batch {row['batches'][stage.split('_')[0]]}"
+        lines.append(f"| {stage} | {ran} | {wall} | {rate} | "
                      f"{'' if peak is None else f'{peak / GIB:.2f}'} | {bound / GIB:.1f} | "
                      f"{row['result']} |")
     lines += ['', 'Bounds:'] + [f'- {stage}: {why}' for stage, (_, why) in result['bounds'].items()]
+    if result.get('earlier_failures'):
+        lines += ['', 'Failed runs replaced by a later rerun (details in the JSON):']
+        lines += [f"- {row['stage']}: {row['ran']}, {row['result']}; peak RSS "
+                  f"{(row['peak_rss_bytes'] or 0) / GIB:.2f} GiB (bound then "
+                  f"{row['bound_bytes'] / GIB:.1f} GiB), batch sizes {row.get('batches')}"
+                  for row in result['earlier_failures']]
     lines += ['', *result['notes']]
     return '\n'.join(lines) + '\n'
 
@@ -475,6 +532,10 @@ def main() -> int:
             row['result'] = f'FAIL ({peak / GIB:.2f} > {bound / GIB:.1f} GiB)'
         else:
             row['result'] = 'pass'
+        row.update(batches={'learn': learn_batch, 'extract': extract_batch}, bound_bytes=bound)
+        replaced = result['rows'].get(stage)
+        if replaced is not None and replaced['result'] != 'pass':
+            result.setdefault('earlier_failures', []).append(replaced)
         result['rows'][stage] = row
         artifacts.save_json(args.results / f'{name}.json', result)
         print(f"full_size: {stage}: {row['result']}, {row['ran']}", flush=True)
