@@ -13,6 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.dtype = 'auto'  # compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16'
     config.deterministic = False  # True: XLA's deterministic GPU ops (bit-identical reruns and
     # resumes on GPU, somewhat slower); CPU runs are deterministic either way
+    config.micro_batch = 0  # feature network images per device per pass; 0 = auto: the whole
+    # batch on GPU/TPU, on CPU as many as keep Eigen's convolution buffers under 4.5 GiB
     config.compilation_cache = True  # persistent XLA compilation cache under <workdir>/jax_cache
 
     config.data = ml_collections.ConfigDict()

@@ -105,6 +105,8 @@ def check_config(config) -> list[str]:
             problems.append(f"{error}; give an image file or 'cohort'")
     require(config.stain.fit_patches >= 1,
             f'stain.fit_patches must be >= 1, got {config.stain.fit_patches}')
+    require(config.micro_batch >= 0,
+            f'micro_batch must be >= 0 (0 = auto), got {config.micro_batch}')
     require(config.dtype in DTYPE_CHOICES,
             f'dtype must be one of {DTYPE_CHOICES}, got {config.dtype!r}')
     require(config.feature_net.width > 0, f'feature_net.width must be > 0, got {config.feature_net.width}')

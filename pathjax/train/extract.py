@@ -25,6 +25,7 @@ from pathjax.slides.reader import SlideError
 from pathjax.slides.tile_stage import tiles_path
 from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
 from pathjax.train import sharding
+from pathjax.train.micro_batches import mapped, micro_batch_count, patch_buffer_bytes
 from pathjax.train.checkpoint import Checkpoints
 from pathjax.train.xla_options import conv_compiler_options
 from pathjax.train.feature_learning import (abstract_state, create_optimizer, initial_params,
@@ -58,8 +59,12 @@ class Extractor:
         self.batch_size = config.extract.batch_size
         sharding.local_batch_size(self.batch_size, self.mesh)  # must split over the devices
         self.params = sharding.replicate(params, self.mesh)
-        self.features = jax.jit(lambda p, images: model.apply({'params': p}, images,
-                                                              method=FeatureNet.features),
+        micro_batches = micro_batch_count(
+            self.batch_size, self.mesh.devices.size, config.micro_batch, 'extract.batch_size',
+            patch_buffer_bytes(config.tile.patch_size, config.feature_net.width, training=False))
+        features = mapped(lambda p, images: model.apply({'params': p}, images,
+                                                        method=FeatureNet.features), micro_batches)
+        self.features = jax.jit(features,
                                 in_shardings=(sharding.replicated(self.mesh),
                                               sharding.batch_sharded(self.mesh)),
                                 out_shardings=sharding.batch_sharded(self.mesh),

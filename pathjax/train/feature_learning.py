@@ -27,7 +27,7 @@ from pathjax.errors import StageError, UsageError
 from pathjax.models.am_softmax import am_softmax_loss
 from pathjax.models.feature_net import FeatureNet, create_feature_net
 from pathjax.models.pretrained import PretrainedWeightsError, load_pretrained_trunk
-from pathjax.train import sharding, train_state
+from pathjax.train import micro_batches as micro_batches_lib, sharding, train_state
 from pathjax.train.checkpoint import Checkpoints
 from pathjax.train.train_state import TrainState
 from pathjax.train.xla_options import conv_compiler_options
@@ -71,28 +71,47 @@ def initial_params(model: FeatureNet, config, patch_size: int) -> dict:
     return params
 
 
-def make_train_step(model: FeatureNet, s: float, m: float, augment: bool):
-    """(state, batch {'image' uint8 [B, P, P, 3], 'label' int32 [B]}, rng) -> (state, metrics)."""
+def make_train_step(model: FeatureNet, s: float, m: float, augment: bool,
+                    micro_batches: int = 1):
+    """(state, batch {'image' uint8 [B, P, P, 3], 'label' int32 [B]}, rng) -> (state, metrics).
+
+    With micro_batches > 1 the batch's gradient is the mean of its micro-batches' (see
+    `micro_batches`): the same update in less memory.
+    """
+
+    def loss_fn(params, images, labels):
+        _, cosines = model.apply({'params': params}, images)
+        return am_softmax_loss(cosines, labels, s, m), cosines
+
+    gradient = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch, rng):
         images = random_d4(rng, batch['image']) if augment else batch['image']
+        if micro_batches == 1:
+            (loss, cosines), grads = gradient(state.params, images, batch['label'])
+        else:
+            def accumulate(total, chunk):
+                (loss, cosines), grads = gradient(state.params, *chunk)
+                return jax.tree.map(jnp.add, total, grads), (loss, cosines)
 
-        def loss_fn(params):
-            _, cosines = model.apply({'params': params}, images)
-            return am_softmax_loss(cosines, batch['label'], s, m), cosines
-
-        (loss, cosines), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            grads, (losses, cosines) = jax.lax.scan(
+                accumulate, jax.tree.map(jnp.zeros_like, state.params),
+                micro_batches_lib.split((images, batch['label']), micro_batches))
+            grads = jax.tree.map(lambda g: g / micro_batches, grads)
+            loss, cosines = losses.mean(), micro_batches_lib.merge(cosines)
         accuracy = jnp.mean(jnp.argmax(cosines, axis=-1) == batch['label'])
         return state.apply_gradients(grads=grads), {'loss': loss, 'accuracy': accuracy}
 
     return train_step
 
 
-def make_eval_step(model: FeatureNet):
+def make_eval_step(model: FeatureNet, micro_batches: int = 1):
     """(params, batch with 'mask') -> (correct predictions, counted samples)."""
+    cosines_of = micro_batches_lib.mapped(lambda p, images: model.apply({'params': p}, images)[1],
+                                          micro_batches)
 
     def eval_step(params, batch):
-        _, cosines = model.apply({'params': params}, batch['image'])
+        cosines = cosines_of(params, batch['image'])
         correct = (jnp.argmax(cosines, axis=-1) == batch['label']) & batch['mask']
         return correct.sum(), batch['mask'].sum()
 
@@ -122,13 +141,18 @@ class FeatureTrainer:
 
         self.tx = tx
         self.create_state = train_state.make_state_creator(self.model.apply, tx, replicated)
+        micro_batches = micro_batches_lib.micro_batch_count(
+            self.batch_size, self.mesh.devices.size, config.micro_batch, 'learn.batch_size',
+            micro_batches_lib.patch_buffer_bytes(config.tile.patch_size,
+                                                 config.feature_net.width, training=True))
         step = make_train_step(self.model, config.am_softmax.s, config.am_softmax.m,
-                               config.learn.augment == 'd4')
+                               config.learn.augment == 'd4', micro_batches)
         options = conv_compiler_options()
         self.train_step = jax.jit(step, in_shardings=(replicated, batched, replicated),
                                   out_shardings=(replicated, replicated), donate_argnums=0,
                                   compiler_options=options)
-        self.eval_step = jax.jit(make_eval_step(self.model), in_shardings=(replicated, batched),
+        self.eval_step = jax.jit(make_eval_step(self.model, micro_batches),
+                                 in_shardings=(replicated, batched),
                                  out_shardings=replicated, compiler_options=options)
         self.base_rng = jax.random.key(config.seed)
 

@@ -1,0 +1,69 @@
+"""A device batch of the feature network run as several smaller passes, to bound memory.
+
+On CPU, XLA runs the convolutions through Eigen (`xla_options`), which reserves an image-patch
+buffer for the whole batch at once: 3 x 3 x 64 floats per pixel for VGG-16's second convolution,
+0.56 GiB per 512-px image in a forward pass and twice that in training, so the default batches
+(32 to train, 64 to extract) ask for 36 GiB of address space and the process aborts
+(std::bad_alloc) on most hosts. Run as micro-batches that reserve at most `CPU_PASS_BYTES` each
+(4 training or 8 extraction images of 512 px at full width; small CPU configs keep the whole
+batch), memory is bounded at any batch size. The train step averages the micro-batches'
+gradients, which is the whole batch's mean gradient (the same batch, augmentation and loss;
+only the order of float additions differs). XLA's own buffers shrink the same way: at the
+defaults, 18 GiB -> 2.2 GiB for a train step and 8 GiB -> 0.5 GiB for extraction.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from pathjax.errors import UsageError
+from pathjax.models.vgg import scaled
+
+CPU_PASS_BYTES = 4.5 * 2 ** 30  # Eigen's patch buffers one pass may reserve on CPU
+
+
+def patch_buffer_bytes(image_size: int, width: float, training: bool) -> float:
+    """Eigen's image-patch buffer of one image in VGG-16's largest convolution (conv1_2: 3 x 3 x
+    64 * width floats per pixel at full resolution), twice that with the weight gradient."""
+    return image_size ** 2 * 9 * scaled(64, width) * 4 * (2 if training else 1)
+
+
+def micro_batch_count(batch_size: int, devices: int, micro_batch: int, field: str,
+                      image_bytes: float) -> int:
+    """How many passes a global batch of `batch_size` images over `devices` devices takes with
+    `micro_batch` images per device per pass. 0 (auto): the whole batch on GPU/TPU; on CPU the
+    most images (a divisor of the per-device batch) whose patch buffers, `image_bytes` each,
+    fit in CPU_PASS_BYTES. `field` names the batch size in errors."""
+    per_device = batch_size // devices
+    if micro_batch == 0:
+        if jax.default_backend() != 'cpu':
+            return 1
+        fits = max(1, min(per_device, int(CPU_PASS_BYTES // image_bytes)))
+        micro_batch = max(d for d in range(1, fits + 1) if per_device % d == 0)
+    if per_device % micro_batch:
+        raise UsageError(f'micro_batch={micro_batch} does not divide the {per_device} images per '
+                         f'device of a batch ({field}={batch_size} over {devices} devices)')
+    return per_device // micro_batch
+
+
+def split(tree, count: int):
+    """Leaves [B, ...] -> [count, B / count, ...]: micro-batch i holds rows i, i + count, ...,
+    so with B sharded over devices in blocks each micro-batch keeps every device's share."""
+    return jax.tree.map(lambda x: jnp.moveaxis(x.reshape(x.shape[0] // count, count,
+                                                         *x.shape[1:]), 1, 0), tree)
+
+
+def merge(tree):
+    """The inverse of `split`: leaves [count, B / count, ...] -> [B, ...] in the batch's order."""
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:]), tree)
+
+
+def mapped(function, count: int):
+    """function(params, images [B, ...]) -> outputs [B, ...], computed `count` micro-batches at
+    a time, one after another."""
+    if count == 1:
+        return function
+
+    def run(params, images):
+        return merge(jax.lax.map(lambda chunk: function(params, chunk), split(images, count)))
+
+    return run
