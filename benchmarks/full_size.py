@@ -90,6 +90,7 @@ def xla_memory(learn_batch: int, extract_batch: int) -> None:
     from pathjax.data import graphs
     from pathjax.models.feature_net import FeatureNet, create_feature_net
     from pathjax.train import feature_learning, slide_training
+    from pathjax.train.micro_batches import mapped, micro_batch_count, patch_buffer_bytes
     from pathjax.train.xla_options import conv_compiler_options
     config = default.get_config()
     model, size = create_feature_net(config), config.tile.patch_size
@@ -99,10 +100,18 @@ def xla_memory(learn_batch: int, extract_batch: int) -> None:
     images = lambda batch: jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)  # noqa: E731
     batch = {'image': images(learn_batch), 'label': jax.ShapeDtypeStruct((learn_batch,), jnp.int32),
              'mask': jax.ShapeDtypeStruct((learn_batch,), jnp.bool_)}
-    step = feature_learning.make_train_step(model, config.am_softmax.s, config.am_softmax.m, True)
+    width = config.feature_net.width
+    passes = {name: micro_batch_count(batch_size, 1, config.micro_batch, name,
+                                      patch_buffer_bytes(size, width, training))
+              for name, batch_size, training in (('learn', learn_batch, True),
+                                                 ('extract', extract_batch, False))}
+    step = feature_learning.make_train_step(model, config.am_softmax.s, config.am_softmax.m, True,
+                                            passes['learn'])
     train = jax.jit(step, donate_argnums=0, compiler_options=options).lower(
         state, batch, jax.random.key(0)).compile().memory_analysis()
-    features = jax.jit(lambda p, x: model.apply({'params': p}, x, method=FeatureNet.features),
+    features = jax.jit(mapped(lambda p, x: model.apply({'params': p}, x,
+                                                       method=FeatureNet.features),
+                              passes['extract']),
                        compiler_options=options).lower(
         state.params, images(extract_batch)).compile().memory_analysis()
     slides, nodes = config.train.batch_slides, graphs.bucket_size(config.graph.max_patches)
@@ -123,10 +132,15 @@ def xla_memory(learn_batch: int, extract_batch: int) -> None:
         trainer.abstract_state(), {'graph': graph, 'mask': shaped(dtype=jnp.bool_),
                                    'label': shaped(dtype=jnp.int32)},
         jax.random.key(0)).compile().memory_analysis()
-    print(json.dumps({name: {'temp': a.temp_size_in_bytes, 'arguments': a.argument_size_in_bytes,
-                             'outputs': a.output_size_in_bytes}
-                      for name, a in (('learn', train), ('extract', features),
-                                      ('train_slide', slide_step))}))
+    analysis = {name: {'temp': a.temp_size_in_bytes, 'arguments': a.argument_size_in_bytes,
+                       'outputs': a.output_size_in_bytes}
+                for name, a in (('learn', train), ('extract', features),
+                                ('train_slide', slide_step))}
+    for name, training in (('learn', True), ('extract', False)):
+        batch_size = learn_batch if training else extract_batch
+        analysis[name].update(passes=passes[name], patch_buffer=patch_buffer_bytes(
+            size, width, training) * batch_size // passes[name])
+    print(json.dumps(analysis))
 
 
 # ---- running stages ----
@@ -283,14 +297,19 @@ def bounds(workers: int, xla: dict, learn_batch: int, extract_batch: int) -> dic
                  f'({slide / GIB:.0f} GiB of level-0 pixels)'),
         'patches': (RUNTIME + GIB, '1 GiB runtime + 1 GiB: reader batches and the TFDS writer; '
                     'not all sampled patches (600 x 0.75 MiB)'),
-        'learn_features': (RUNTIME + learn['temp'] + 3 * learn['arguments'] + GIB // 2,
-                           f'1 GiB runtime + XLA temp of one batch of {learn_batch} '
-                           f'({learn["temp"] / GIB:.1f} GiB) + 3 x train state + 0.5 GiB of '
-                           'input batches'),
-        'extract': (RUNTIME + extract['temp'] + extract['arguments'] + GIB // 2,
-                    f'1 GiB runtime + XLA temp of one batch of {extract_batch} '
-                    f'({extract["temp"] / GIB:.1f} GiB) + parameters + 0.5 GiB: a few batches '
-                    f'in flight ({extract_batch} x 0.75 MiB each); not a slide\'s patches'),
+        'learn_features': (RUNTIME + learn['temp'] + learn['patch_buffer']
+                           + 3 * learn['arguments'] + GIB // 2,
+                           f'1 GiB runtime + XLA temp of one batch of {learn_batch} in '
+                           f'{learn["passes"]} micro-batches ({learn["temp"] / GIB:.1f} GiB) + '
+                           f'Eigen\'s patch buffer of one pass ({learn["patch_buffer"] / GIB:.1f} '
+                           'GiB) + 3 x train state + 0.5 GiB of input batches'),
+        'extract': (RUNTIME + extract['temp'] + extract['patch_buffer'] + extract['arguments']
+                    + GIB // 2,
+                    f'1 GiB runtime + XLA temp of one batch of {extract_batch} in '
+                    f'{extract["passes"]} micro-batches ({extract["temp"] / GIB:.1f} GiB) + '
+                    f'Eigen\'s patch buffer of one pass ({extract["patch_buffer"] / GIB:.1f} GiB) '
+                    f'+ parameters + 0.5 GiB: a few batches in flight ({extract_batch} x 0.75 MiB '
+                    'each); not a slide\'s patches'),
         'train_slide': (RUNTIME + slide_step['temp'] + 4 * slide_step['arguments'] + GIB // 4,
                         f'1 GiB runtime + XLA temp of one step on 8 graphs of 8192 nodes '
                         f'({slide_step["temp"] / GIB:.1f} GiB: saved activations, blocked '
