@@ -213,7 +213,8 @@ def clear_stage(workdir: pathlib.Path, stage: str) -> None:
     rerun measures the work instead of skipping it."""
     from pathjax import pipeline
     made = next(s.artifacts for s in pipeline.STAGES if s.name == stage)
-    for name in [part.strip() for part in made.split(',')] + [f'reports/{stage}.json']:
+    recorded = f'settings/{stage}.json'  # its provenance: a rerun may use other settings
+    for name in [part.strip() for part in made.split(',')] + [f'reports/{stage}.json', recorded]:
         path = workdir / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -234,11 +235,12 @@ def make_prefix_workdir(workdir: pathlib.Path, prefix: pathlib.Path, keep: int) 
         count = len(tiles['coords'])
         artifacts.save_npz(target, **{key: value[:keep] if value.ndim and len(value) == count
                                       else value for key, value in tiles.items()})
-    for name in ('settings', 'stain'):
-        if not (prefix / name).exists():
-            shutil.copytree(workdir / name, prefix / name)
-    if not (prefix / 'feature_net').exists():
-        (prefix / 'feature_net').symlink_to(workdir / 'feature_net')
+    for name in ('settings', 'stain'):  # the full run's, as they are now
+        shutil.rmtree(prefix / name, ignore_errors=True)
+        shutil.copytree(workdir / name, prefix / name)
+    network = prefix / 'feature_net'
+    if not network.is_symlink():
+        network.symlink_to(workdir / 'feature_net')
 
 
 def write_surrogate_features(workdir: pathlib.Path, prefix: pathlib.Path) -> dict:
