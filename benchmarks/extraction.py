@@ -12,8 +12,9 @@ device computes, at most IN_FLIGHT batches on the device; each slide's features 
   readers and XLA share the same cores, so there it measures their contention.
 - naive: per batch, one OpenSlide `read_region` per patch (RGBA -> RGB, resize, LUT), then the
   network, sequentially (reading and computing never overlap).
-Peak memory: pathjax's extraction and the naive loop, each in a fresh subprocess (JAX, the
-compiled network, the reader), peak RSS sampled by `memory.run_measured`.
+Both run on the CPU devices launch.py would use (`cpu_devices.expose`). Peak memory: pathjax's
+extraction and the naive loop, each in a fresh subprocess (JAX, the compiled network, the
+reader), peak RSS sampled by `memory.run_measured`.
 
   python benchmarks/extraction.py [--quick]
 """
@@ -36,7 +37,7 @@ from tqdm import tqdm
 import slide_files
 from feature_net import model_flops, random_params
 from memory import run_measured
-from pathjax import artifacts
+from pathjax import artifacts, cpu_devices
 from pathjax.cohort import Cohort
 from pathjax.data.features import features_path
 from pathjax.models.feature_net import create_feature_net
@@ -215,6 +216,7 @@ def peak_rss(side: str, setup: Setup, workdir) -> int:
 
 def child(side: str, setup: Setup, workdir: str) -> None:
     """One pass of one side over the cohort tiled in `workdir` (the memory subprocess)."""
+    cpu_devices.expose(make_config(setup))  # before JAX starts, as launch.py's run does
     cohort = slide_files.cohort(pathlib.Path(workdir) / 'bench.svs', setup.copies, workdir)
     extractor = make_extractor(setup)
     if side == 'pathjax':
@@ -231,6 +233,7 @@ def run(quick: bool) -> list[dict]:
     batch 8. Three rounds (quick) or two."""
     setup = dataclasses.replace(QUICK if quick else FULL,
                                 workers=len(os.sched_getaffinity(0)))
+    cpu_devices.expose(make_config(setup))  # before JAX starts, as launch.py's run does
     with tempfile.TemporaryDirectory() as folder:
         folder = pathlib.Path(folder)
         cohort = prepare(setup, folder)

@@ -78,30 +78,42 @@ def write_one_slide(slides_dir: pathlib.Path, index: int) -> None:
 
 
 def xla_memory(learn_batch: int, extract_batch: int) -> None:
-    """Prints XLA's compile-time memory analysis (bytes) as JSON of: the feature network's train
-    step and extraction at these batch sizes at 512 px, and the slide model's train step on a
-    batch of train.batch_slides graphs of graph.max_patches nodes (D = 512, 2k edges a node).
-    Compiles only; runs nothing."""
+    """Prints XLA's compile-time memory analysis (bytes, summed over this process's devices:
+    the CPU devices a stage gets from config.cpu_devices, each with its share of the batch) as
+    JSON of: the feature network's train step and extraction at these batch sizes at 512 px,
+    and the slide model's train step on a batch of train.batch_slides graphs of
+    graph.max_patches nodes (D = 512, 2k edges a node). Compiles only; runs nothing."""
+    sys.path.insert(0, str(REPO))
+    from configs import default
+    from pathjax import cpu_devices
+    config = default.get_config()
+    config.learn.batch_size, config.extract.batch_size = learn_batch, extract_batch
+    cpu_devices.expose(config)  # as the stage's process does, before JAX starts
     import jax
     import jax.numpy as jnp
     import jraph
-    sys.path.insert(0, str(REPO))
-    from configs import default
     from pathjax.data import graphs
     from pathjax.models.feature_net import FeatureNet, create_feature_net
-    from pathjax.train import feature_learning, slide_training
+    from pathjax.train import feature_learning, sharding, slide_training
     from pathjax.train.micro_batches import mapped, micro_batch_count, patch_buffer_bytes
     from pathjax.train.xla_options import conv_compiler_options
-    config = default.get_config()
+    mesh = sharding.make_mesh()
+    devices = mesh.devices.size
+    split, whole = sharding.batch_sharded(mesh), sharding.replicated(mesh)
     model, size = create_feature_net(config), config.tile.patch_size
     options = conv_compiler_options()
     state = feature_learning.abstract_state(
         model, feature_learning.create_optimizer(config.learn, 1), size)
-    images = lambda batch: jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)  # noqa: E731
-    batch = {'image': images(learn_batch), 'label': jax.ShapeDtypeStruct((learn_batch,), jnp.int32),
-             'mask': jax.ShapeDtypeStruct((learn_batch,), jnp.bool_)}
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), state)
+
+    def batched(*shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=split)
+
+    images = lambda batch: batched(batch, size, size, 3, dtype=jnp.uint8)  # noqa: E731
+    batch = {'image': images(learn_batch), 'label': batched(learn_batch, dtype=jnp.int32),
+             'mask': batched(learn_batch, dtype=jnp.bool_)}
     width = config.feature_net.width
-    passes = {name: micro_batch_count(batch_size, 1, config.micro_batch, name,
+    passes = {name: micro_batch_count(batch_size, devices, config.micro_batch, name,
                                       patch_buffer_bytes(size, width, training))
               for name, batch_size, training in (('learn', learn_batch, True),
                                                  ('extract', extract_batch, False))}
@@ -118,7 +130,7 @@ def xla_memory(learn_batch: int, extract_batch: int) -> None:
     edges = graphs.edge_budget(nodes, config.graph.k)
 
     def shaped(*shape, dtype=jnp.float32):  # [batch_slides, *shape]
-        return jax.ShapeDtypeStruct((slides, *shape), dtype)
+        return batched(slides, *shape, dtype=dtype)
 
     graph = jraph.GraphsTuple(
         nodes={'features': shaped(nodes, 512), 'grid': shaped(nodes, 2, dtype=jnp.int32),
@@ -127,19 +139,21 @@ def xla_memory(learn_batch: int, extract_batch: int) -> None:
         senders=shaped(edges, dtype=jnp.int32), receivers=shaped(edges, dtype=jnp.int32),
         globals=None, n_node=shaped(1, dtype=jnp.int32), n_edge=shaped(1, dtype=jnp.int32))
     trainer = slide_training.SlideTrainer(config, REPO, 512)
-    slide_step = jax.jit(slide_training.make_train_step(trainer.model, jnp.ones(2)),
-                         donate_argnums=0).lower(
-        trainer.abstract_state(), {'graph': graph, 'mask': shaped(dtype=jnp.bool_),
-                                   'label': shaped(dtype=jnp.int32)},
-        jax.random.key(0)).compile().memory_analysis()
-    analysis = {name: {'temp': a.temp_size_in_bytes, 'arguments': a.argument_size_in_bytes,
-                       'outputs': a.output_size_in_bytes}
+    with jax.set_mesh(mesh):
+        slide_step = jax.jit(slide_training.make_train_step(trainer.model, jnp.ones(2)),
+                             donate_argnums=0).lower(
+            trainer.abstract_state(), {'graph': graph, 'mask': shaped(dtype=jnp.bool_),
+                                       'label': shaped(dtype=jnp.int32)},
+            jax.random.key(0)).compile().memory_analysis()
+    analysis = {name: {'temp': a.temp_size_in_bytes * devices,
+                       'arguments': a.argument_size_in_bytes * devices,
+                       'outputs': a.output_size_in_bytes * devices, 'devices': devices}
                 for name, a in (('learn', train), ('extract', features),
                                 ('train_slide', slide_step))}
     for name, training in (('learn', True), ('extract', False)):
         batch_size = learn_batch if training else extract_batch
-        analysis[name].update(passes=passes[name], patch_buffer=patch_buffer_bytes(
-            size, width, training) * batch_size // passes[name])
+        analysis[name].update(passes=passes[name], patch_buffer=patch_buffer_bytes(size, width, training)
+                              * batch_size // passes[name])
     print(json.dumps(analysis))
 
 
@@ -301,23 +315,24 @@ def bounds(workers: int, xla: dict, learn_batch: int, extract_batch: int) -> dic
                     'not all sampled patches (600 x 0.75 MiB)'),
         'learn_features': (RUNTIME + learn['temp'] + learn['patch_buffer']
                            + 3 * learn['arguments'] + GIB // 2,
-                           f'1 GiB runtime + XLA temp of one batch of {learn_batch} in '
-                           f'{learn["passes"]} micro-batches ({learn["temp"] / GIB:.1f} GiB) + '
+                           f'1 GiB runtime + XLA temp of one batch of {learn_batch} over '
+                           f'{learn["devices"]} CPU device(s) in {learn["passes"]} micro-batches ({learn["temp"] / GIB:.1f} GiB) + '
                            f'Eigen\'s patch buffer of one pass ({learn["patch_buffer"] / GIB:.1f} '
-                           'GiB) + 3 x train state + 0.5 GiB of input batches'),
+                           'GiB) + 3 x train state on each device + 0.5 GiB of input batches'),
         'extract': (RUNTIME + extract['temp'] + extract['patch_buffer'] + extract['arguments']
                     + GIB // 2,
-                    f'1 GiB runtime + XLA temp of one batch of {extract_batch} in '
-                    f'{extract["passes"]} micro-batches ({extract["temp"] / GIB:.1f} GiB) + '
+                    f'1 GiB runtime + XLA temp of one batch of {extract_batch} over '
+                    f'{extract["devices"]} CPU device(s) in {extract["passes"]} micro-batches ({extract["temp"] / GIB:.1f} GiB) + '
                     f'Eigen\'s patch buffer of one pass ({extract["patch_buffer"] / GIB:.1f} GiB) '
-                    f'+ parameters + 0.5 GiB: a few batches in flight ({extract_batch} x 0.75 MiB '
+                    f'+ parameters on each device + 0.5 GiB: a few batches in flight ({extract_batch} x 0.75 MiB '
                     'each); not a slide\'s patches'),
         'train_slide': (RUNTIME + slide_step['temp'] + 4 * slide_step['arguments'] + GIB // 4,
-                        f'1 GiB runtime + XLA temp of one step on 8 graphs of 8192 nodes '
+                        f'1 GiB runtime + XLA temp of one step on 8 graphs of 8192 nodes over '
+                        f'{slide_step["devices"]} CPU device(s) '
                         f'({slide_step["temp"] / GIB:.1f} GiB: saved activations, blocked '
                         f'attention without the [8, 4, 8192, 8192] buffer (8 GiB a layer), GCN '
-                        f'messages [8, 131072, 128]) + 4 batches (prefetch 2 + 2) of '
-                        f'{slide_step["arguments"] / GIB:.2f} GiB + 0.25 GiB for one slide\'s kNN '
+                        f'messages [8, 131072, 128]) + 4 x arguments (the batch: prefetch 2 + 2; '
+                        f'the state on each device) of {slide_step["arguments"] / GIB:.2f} GiB + 0.25 GiB for one slide\'s kNN '
                         f'search; not the cohort\'s features'),
         'evaluate': (RUNTIME + GIB, '1 GiB runtime + 1 GiB: a batch of graphs and heatmaps'),
     }

@@ -30,10 +30,14 @@ timed on a slice of the query rows and extrapolated (and labelled so).
 
 Threads: the process is pinned to `--threads` cores before JAX starts its CPU client (XLA sizes
 its thread pool from the cores it may run on), torch.set_num_threads(--threads), and
-threadpoolctl limits OpenBLAS (numpy) and OpenMP (scikit-learn) to --threads.
+threadpoolctl limits OpenBLAS (numpy) and OpenMP (scikit-learn) to --threads. pathjax runs as
+launch.py runs it on CPU: `--devices` XLA CPU devices (0 = `cpu_devices.auto_count` for
+--threads cores and --slides slides, as config.cpu_devices = 0 gives), each slide batch split
+between them (`sharding.global_batch`) and traced under the mesh (`sharding.under_mesh`); the
+kNN part runs on one device, as the graph stage does.
 
   python benchmarks/slide_model.py [--threads 2] [--nodes 512 2048] [--attention-nodes 2048]
-                                   [--steps 5] [--knn-sizes 2000 10000 50000]
+                                   [--steps 5] [--knn-sizes 2000 10000 50000] [--devices 0]
   rows for the runner: run(quick) (python -m benchmarks --only slide_model [--quick])
 """
 
@@ -56,10 +60,12 @@ from sklearn.neighbors import NearestNeighbors
 
 from feature_net import compiled, flax_train_runner, interleaved, pin_threads
 from machine_info import cpu_model
+from pathjax import cpu_devices
 from pathjax.data import graphs
 from pathjax.models.blocked_attention import blocked_attention
 from pathjax.models.encoding import BASE
 from pathjax.models.slide_transformer import BatchedSlideTransformer
+from pathjax.train import sharding
 from pathjax.train.slide_training import TrainState, create_optimizer, make_train_step
 from rows import row
 
@@ -276,10 +282,11 @@ def check_agreement(model, params, batch, reference, tbatch) -> dict:
 def measure_model(args, nodes: int) -> dict:
     """Steps/s of each train step (Flax dense, Flax graph, torch) at one node budget."""
     host_batch = synthetic_batch(args, nodes, seed=nodes)
-    batch, rng = jax.device_put(host_batch), jax.random.key(0)
+    mesh = sharding.make_mesh()
+    batch, rng = sharding.global_batch(host_batch, mesh), jax.random.key(0)
     models = {'flax': flax_model(args, 'dense'), 'flax graph': flax_model(args, 'graph')}
-    params = jax.jit(models['flax'].init, static_argnums=2)(jax.random.key(0), batch['graph'],
-                                                           True)['params']
+    params = jax.jit(models['flax'].init, static_argnums=2)(
+        jax.random.key(0), jax.device_put(host_batch['graph']), True)['params']
     torch.manual_seed(0)
     reference = TorchSlideTransformer(args.feature_dim, args.d_model, args.heads,
                                       args.transformer_layers, args.gcn_layers)
@@ -289,9 +296,11 @@ def measure_model(args, nodes: int) -> dict:
     runners, compile_seconds = {}, {}
     weights = np.ones(NUM_CLASSES, np.float32)
     for name, model in models.items():
-        state = flax_state(model, jax.tree.map(jnp.copy, params))
-        executable, compile_seconds[name] = compiled(make_train_step(model, weights), state,
-                                                     batch, rng, donate=True, options={})
+        state = jax.device_put(flax_state(model, jax.tree.map(jnp.copy, params)),
+                               sharding.replicated(mesh))
+        with jax.set_mesh(mesh):
+            executable, compile_seconds[name] = compiled(make_train_step(model, weights), state,
+                                                         batch, rng, donate=True, options={})
         runners[name] = flax_train_runner(executable, state, batch, rng)
     runners['torch'] = torch_train_runner(reference, torch_optimizer(reference), tbatch)
     start = cpu_seconds()
@@ -352,10 +361,13 @@ def measure_attention(args, nodes: int) -> dict:
     shape = (args.slides, nodes, args.heads, args.d_model // args.heads)
     query, key, value, out_grad = (rng.normal(size=shape).astype(np.float32) for _ in range(4))
     valid = rng.integers(nodes // 2 + 1, nodes + 1, args.slides).astype(np.int32)
-    inputs = [jnp.asarray(x) for x in (query, key, value, out_grad, valid)]
-    functions = {'blocked': attention_gradient(blocked_attention),
-                 'einsum': attention_gradient(einsum_attention)}
-    memory = {name: function.lower(*inputs).compile().memory_analysis().temp_size_in_bytes
+    mesh = sharding.make_mesh()
+    inputs = sharding.global_batch([query, key, value, out_grad, valid], mesh)
+    with jax.set_mesh(mesh):
+        functions = {name: attention_gradient(attention).lower(*inputs).compile()
+                     for name, attention in (('blocked', blocked_attention),
+                                             ('einsum', einsum_attention))}
+    memory = {name: function.memory_analysis().temp_size_in_bytes * mesh.devices.size
               for name, function in functions.items()}
     grads = functions['blocked'](*inputs)
 
@@ -559,7 +571,8 @@ def report_knn(args, rows: list[dict], matmul_rate: float) -> None:
 
 def header(args) -> None:
     print(f'machine: {cpu_model()}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores '
-          f'used, {args.threads} threads (XLA via affinity, torch.set_num_threads, threadpoolctl)')
+          f'used, {args.threads} threads (XLA via affinity, torch.set_num_threads, threadpoolctl); '
+          f'pathjax on {len(jax.devices())} CPU device(s)')
     print(f'jax {jax.__version__}, jaxlib {jaxlib.version.__version__}, torch {torch.__version__}, '
           f'numpy {np.__version__}, scikit-learn {sklearn.__version__}, '
           f'python {platform.python_version()}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
@@ -576,6 +589,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--attention-nodes', type=int, nargs='*', default=[2048],
                         help='node budgets of the attention-alone comparison')
     parser.add_argument('--slides', type=int, default=8)
+    parser.add_argument('--devices', type=int, default=0,
+                        help="pathjax's CPU devices; 0: as config.cpu_devices = 0 gives")
     parser.add_argument('--feature-dim', type=int, default=512)
     parser.add_argument('--d-model', type=int, default=128)
     parser.add_argument('--heads', type=int, default=4)
@@ -594,8 +609,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def measure(args) -> tuple[list[dict], list[dict], list[dict], float]:
-    """(train-step rows, attention rows, kNN rows, XLA's matmul GFLOP/s) of parse()'s args."""
-    pin_threads(args.threads)
+    """(train-step rows, attention rows, kNN rows, XLA's matmul GFLOP/s) of parse()'s args
+    (`prepare` first)."""
     compile_seconds = compile_timer()
     model_rows = [measure_model(args, nodes) for nodes in args.nodes]
     attention_rows = [measure_attention(args, nodes) for nodes in args.attention_nodes]
@@ -605,6 +620,13 @@ def measure(args) -> tuple[list[dict], list[dict], list[dict], float]:
             knn_rows.append(measure_knn(args, count, knn_rows[-1] if knn_rows else None,
                                         compile_seconds))
     return model_rows, attention_rows, knn_rows, matmul_rate
+
+
+def prepare(args) -> None:
+    """Before JAX starts its CPU backend: the cores, and pathjax's CPU devices."""
+    pin_threads(args.threads)
+    cpu_devices.set_count(args.devices or cpu_devices.auto_count(args.threads, (args.slides,),
+                                                                  (), 1))
 
 
 QUICK = ['--nodes', '256', '--attention-nodes', '1024', '--warmup', '1', '--steps', '2',
@@ -617,8 +639,9 @@ def run(quick: bool) -> list[dict]:
     kNN seconds vs numpy and scikit-learn. quick: 256 nodes, attention at 1,024, kNN at 2,000
     and 5,000; else 512 and 2,048 nodes, attention at 2,048, kNN up to 50,000."""
     args = parse(QUICK if quick else [])
+    prepare(args)
     model_rows, attention_rows, knn_rows, _ = measure(args)
-    threads = f'{args.threads} threads, float32'
+    threads = f'{args.threads} threads, {len(jax.devices())} CPU device(s), float32'
     rows = []
     for r in model_rows:
         rates, nodes = r['rates'], r['nodes']
@@ -654,6 +677,7 @@ def run(quick: bool) -> list[dict]:
 
 def main() -> None:
     args = parse()
+    prepare(args)
     header(args)
     model_rows, attention_rows, knn_rows, matmul_rate = measure(args)
     print(f'load average at end: {os.getloadavg()[0]:.2f}')

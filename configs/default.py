@@ -15,6 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
     # resumes on GPU, somewhat slower); CPU runs are deterministic either way
     config.micro_batch = 0  # feature network images per device per pass; 0 = auto: the whole
     # batch on GPU/TPU, on CPU as many as keep Eigen's convolution buffers under 4.5 GiB
+    config.cpu_devices = 0  # XLA devices per process on CPU (batches are split between them and
+    # run side by side); 0 = auto: one per core, as many as split every batch evenly
     config.compilation_cache = True  # persistent XLA compilation cache under <workdir>/jax_cache
 
     config.data = ml_collections.ConfigDict()

@@ -12,7 +12,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 from absl import logging
 
-from pathjax import artifacts, cohort as cohort_lib, determinism, provenance, stage_report
+from pathjax import (artifacts, cohort as cohort_lib, cpu_devices, determinism, provenance,
+                     stage_report)
 from pathjax.errors import StageError, UsageError
 from pathjax.data import patches
 from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
@@ -105,6 +106,17 @@ def check_config(config) -> list[str]:
             problems.append(f"{error}; give an image file or 'cohort'")
     require(config.stain.fit_patches >= 1,
             f'stain.fit_patches must be >= 1, got {config.stain.fit_patches}')
+    require(config.cpu_devices >= 0,
+            f'cpu_devices must be >= 0 (0 = auto), got {config.cpu_devices}')
+    if config.cpu_devices > 0:
+        global_batches, process_batches = cpu_devices.batch_sizes(config)
+        devices = config.cpu_devices * config.distributed.num_processes
+        require(all(b % devices == 0 for b in global_batches)
+                and all(b % config.cpu_devices == 0 for b in process_batches),
+                f'cpu_devices={config.cpu_devices} (x {config.distributed.num_processes} '
+                f'process(es)) must split learn.batch_size={config.learn.batch_size} and '
+                f'train.batch_slides={config.train.batch_slides} over all devices, and '
+                f'extract.batch_size={config.extract.batch_size} over one process\'s')
     require(config.micro_batch >= 0,
             f'micro_batch must be >= 0 (0 = auto), got {config.micro_batch}')
     require(config.dtype in DTYPE_CHOICES,
@@ -207,6 +219,9 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
         raise UsageError('invalid configuration:\n  ' + '\n  '.join(problems))
     if config.deterministic:  # before any device use: XLA reads its flags when the backend starts
         determinism.enable_deterministic_ops()
+    count = cpu_devices.expose(config)  # before any device use, as above
+    if count:
+        logging.info('%d CPU device(s) per process (config.cpu_devices; used on CPU only)', count)
     config.workers = resolve_workers(config.workers)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -7,10 +7,13 @@ the probabilities block by block (custom VJP). Memory is O(N x block) instead of
 the blocks that hold valid nodes are computed: a slide with n valid nodes costs ceil(n / block)^2
 tiles, whatever its padded size.
 
-On CPU, slides of a batch (`vmap`) run one after another (`sequential_vmap`), so each slide
-stops at its own valid blocks and the small tiles stay in cache; elsewhere the batch is computed
-together with larger tiles (fewer, bigger kernels), stopping when the largest slide is done. Query
-rows past the valid ones are either attention outputs or zeros; callers mask them.
+On CPU, slides of a batch (`vmap`) run one after another (`one_slide_at_a_time`), so each slide
+stops at its own valid blocks and the small tiles stay in cache; when the caller runs under a mesh
+(`jax.set_mesh`) whose `data` axis splits the batch, each device loops over its own slides only
+(XLA's partitioner cannot split such a loop: it would gather every slide onto every device).
+Elsewhere the batch is computed together with larger tiles (fewer, bigger kernels), stopping when
+the largest slide is done. Query rows past the valid ones are either attention outputs or zeros;
+callers mask them.
 """
 
 import functools
@@ -19,7 +22,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_batching import sequential_vmap
+from jax.custom_batching import custom_vmap
+from jax.sharding import PartitionSpec, get_abstract_mesh
+
+SLIDE_AXIS = 'data'  # the mesh axis a batch of slides is split over (train.sharding.DATA_AXIS)
 
 
 class Blocks(NamedTuple):
@@ -85,7 +91,34 @@ _attention.defvjp(_forward, _backward)
 def _kernel(kernel, blocks: Blocks):
     """kernel with the tile sizes bound; under vmap, one slide at a time if blocks.sequential."""
     bound = functools.partial(kernel, query_block=blocks.query, key_block=blocks.key)
-    return sequential_vmap(bound) if blocks.sequential else bound
+    return one_slide_at_a_time(bound) if blocks.sequential else bound
+
+
+def one_slide_at_a_time(kernel):
+    """kernel(*arrays), which under vmap runs on the slides one after another (`lax.map`); with
+    an ambient mesh whose `data` axis splits the slides, each device maps over its own share."""
+
+    @custom_vmap
+    def run(*arrays):
+        return kernel(*arrays)
+
+    @run.def_vmap
+    def each_slide(slides: int, batched: list[bool], *arrays):
+        arrays = [x if is_batched else jnp.broadcast_to(x, (slides, *x.shape))
+                  for x, is_batched in zip(arrays, batched)]
+
+        def loop(*arrays):
+            return lax.map(lambda one: kernel(*one), arrays)
+
+        mesh = get_abstract_mesh()
+        devices = dict(mesh.shape).get(SLIDE_AXIS, 1) if not mesh.empty else 1
+        if devices > 1 and slides % devices == 0:
+            loop = jax.shard_map(loop, in_specs=PartitionSpec(SLIDE_AXIS),
+                                 out_specs=PartitionSpec(SLIDE_AXIS), check_vma=False)
+        out = loop(*arrays)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return run
 
 
 def _tiles(valid, size: int):

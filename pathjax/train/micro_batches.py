@@ -4,9 +4,10 @@ On CPU, XLA runs the convolutions through Eigen (`xla_options`), which reserves 
 buffer for the whole batch at once: 3 x 3 x 64 floats per pixel for VGG-16's second convolution,
 0.56 GiB per 512-px image in a forward pass and twice that in training, so the default batches
 (32 to train, 64 to extract) ask for 36 GiB of address space and the process aborts
-(std::bad_alloc) on most hosts. Run as micro-batches that reserve at most `CPU_PASS_BYTES` each
-(4 training or 8 extraction images of 512 px at full width; small CPU configs keep the whole
-batch), memory is bounded at any batch size. The train step averages the micro-batches'
+(std::bad_alloc) on most hosts. Run as micro-batches that reserve at most `CPU_PASS_BYTES` per
+process at a time (4 training or 8 extraction images of 512 px at full width, shared between the
+process's CPU devices; small CPU configs keep the whole batch), memory is bounded at any batch
+size. The train step averages the micro-batches'
 gradients, which is the whole batch's mean gradient (the same batch, augmentation and loss;
 only the order of float additions differs). XLA's own buffers shrink the same way: at the
 defaults, 18 GiB -> 2.2 GiB for a train step and 8 GiB -> 1.1 GiB for extraction.
@@ -32,12 +33,14 @@ def micro_batch_count(batch_size: int, devices: int, micro_batch: int, field: st
     """How many passes a global batch of `batch_size` images over `devices` devices takes with
     `micro_batch` images per device per pass. 0 (auto): the whole batch on GPU/TPU; on CPU the
     most images (a divisor of the per-device batch) whose patch buffers, `image_bytes` each,
-    fit in CPU_PASS_BYTES. `field` names the batch size in errors."""
+    fit in this device's share of CPU_PASS_BYTES (the process's CPU devices run side by side).
+    `field` names the batch size in errors."""
     per_device = batch_size // devices
     if micro_batch == 0:
         if jax.default_backend() != 'cpu':
             return 1
-        fits = max(1, min(per_device, int(CPU_PASS_BYTES // image_bytes)))
+        share = CPU_PASS_BYTES / jax.local_device_count()
+        fits = max(1, min(per_device, int(share // image_bytes)))
         micro_batch = max(d for d in range(1, fits + 1) if per_device % d == 0)
     if per_device % micro_batch:
         raise UsageError(f'micro_batch={micro_batch} does not divide the {per_device} images per '

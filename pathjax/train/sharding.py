@@ -6,7 +6,7 @@ each process loads its own part of every global batch (`global_batch`) and runs 
 after `initialize_distributed`.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -70,6 +70,17 @@ def make_local_mesh() -> Mesh:
     devices = jax.local_devices()
     return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
                          devices=devices)
+
+
+def under_mesh(function: Callable, mesh: Mesh) -> Callable:
+    """function, called (and so traced) with `mesh` as the ambient mesh: code inside it that
+    splits work over `data` by hand (blocked_attention's per-slide loop on CPU) finds the axis."""
+
+    def run(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return function(*args, **kwargs)
+
+    return run
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -155,12 +155,12 @@ class SlideTrainer:
         self.feature_dim = feature_dim
         replicated, batched = sharding.replicated(self.mesh), sharding.batch_sharded(self.mesh)
         self.create_state = train_state.make_state_creator(self.model.apply, self.tx, replicated)
-        self.predict_step = jax.jit(make_predict_step(self.model),
-                                    in_shardings=(replicated, batched),
-                                    out_shardings=(replicated, replicated))
-        self.contribution_step = jax.jit(heatmaps.make_contribution_fn(self.model),
-                                         in_shardings=(replicated, batched, batched),
-                                         out_shardings=replicated)
+        self.predict_step = sharding.under_mesh(jax.jit(
+            make_predict_step(self.model), in_shardings=(replicated, batched),
+            out_shardings=(replicated, replicated)), self.mesh)
+        self.contribution_step = sharding.under_mesh(jax.jit(
+            heatmaps.make_contribution_fn(self.model), in_shardings=(replicated, batched, batched),
+            out_shardings=replicated), self.mesh)
         self._replicated, self._batched = replicated, batched
 
     def example_graph(self) -> jraph.GraphsTuple:
@@ -259,10 +259,10 @@ class SlideTrainer:
         config = self.config.train
         if len(train) == 0:
             raise StageError('train_slide: no training slide has features')
-        step_fn = jax.jit(make_train_step(self.model, class_weights(
+        step_fn = sharding.under_mesh(jax.jit(make_train_step(self.model, class_weights(
             train.labels, len(self.classes), config.class_weights)),
             in_shardings=(self._replicated, self._batched, self._replicated),
-            out_shardings=(self._replicated, self._replicated), donate_argnums=0)
+            out_shardings=(self._replicated, self._replicated), donate_argnums=0), self.mesh)
         with Checkpoints(run_dir(self.workdir), best_metric='val_score') as checkpoints:
             if checkpoints.latest_step() is not None:
                 state, summary = checkpoints.restore(self.abstract_state())

@@ -120,3 +120,30 @@ def test_training_memory_has_no_nodes_squared_buffer(blocks, count):
     nodes_squared = 8 * 4 * (2 * count) ** 2 * 4
     assert large < nodes_squared / 8, (large, nodes_squared)
     assert large < 2.5 * small, (small, large)  # linear in N, not quadratic
+
+
+@pytest.mark.parametrize('sequential', [True, False])
+def test_slides_split_over_devices_stay_on_their_device(sequential):
+    """Under a mesh whose `data` axis splits the slides (8 CPU devices, as training runs), the
+    gradient is the single-device one and no device gathers the other devices' slides (XLA
+    cannot split the one-slide-at-a-time loop itself: it would all-gather the batch)."""
+    mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    count, valids = 64, np.array([64, 40, 0, 17, 1, 63, 33, 8], np.int32)
+    inputs = [np.stack(x) for x in zip(*(random_inputs(count, seed=s) for s in range(8)))]
+    blocks = Blocks(16, 32, sequential)
+
+    def grads(q, k, v, n, g):
+        return jax.grad(lambda *a: (jax.vmap(lambda *s: blocked_attention(*s, blocks))(*a, n)
+                                    * g).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    expected = jax.jit(grads)(*inputs[:3], valids, inputs[3])
+    placed = [jax.device_put(x, split) for x in (*inputs[:3], valids, inputs[3])]
+    with jax.set_mesh(mesh):
+        step = jax.jit(grads)
+        hlo = step.lower(*placed).compile().as_text()
+        got = step(*placed)
+    assert 'all-gather' not in hlo
+    for g, e in zip(got, expected):
+        assert g.sharding.spec == jax.sharding.PartitionSpec('data')
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-6)

@@ -24,15 +24,21 @@ def test_count_per_backend_and_a_clear_error(monkeypatch):
     train, extract = (micro_batches.patch_buffer_bytes(512, 1.0, training) for training in (1, 0))
     assert extract == 512 * 512 * 576 * 4  # conv1_2's 3 x 3 x 64 patches of one 512-px image
     count = micro_batches.micro_batch_count
+    monkeypatch.setattr(jax, 'local_device_count', lambda: 1)
     assert count(32, 1, 0, 'learn.batch_size', train) == 8  # 4 images per pass
     assert count(64, 1, 0, 'extract.batch_size', extract) == 8  # 8 images per pass
-    assert count(64, 8, 0, 'extract.batch_size', extract) == 1  # 8 per device: whole
     assert count(30, 1, 0, 'learn.batch_size', train) == 10  # 3 per pass (4 does not divide 30)
     small = micro_batches.patch_buffer_bytes(64, 0.125, True)  # the CPU test configs
     assert count(32, 1, 0, 'learn.batch_size', small) == 1
     assert count(32, 1, 16, 'learn.batch_size', small) == 2
     with pytest.raises(UsageError, match=r'micro_batch=5 .* \(learn.batch_size=32 over 1 '):
         count(32, 1, 5, 'learn.batch_size', small)
+    # The process's CPU devices run side by side: each gets its share of the buffer budget.
+    monkeypatch.setattr(jax, 'local_device_count', lambda: 2)
+    assert count(32, 2, 0, 'learn.batch_size', train) == 8  # 16 per device, 2 per pass
+    assert count(64, 2, 0, 'extract.batch_size', extract) == 8  # 32 per device, 4 per pass
+    monkeypatch.setattr(jax, 'local_device_count', lambda: 8)
+    assert count(64, 8, 0, 'extract.batch_size', extract) == 8  # 8 per device, 1 per pass
     monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
     assert count(32, 1, 0, 'learn.batch_size', train) == 1
 
