@@ -60,6 +60,24 @@ def merge(tree):
     return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:]), tree)
 
 
+def one_after_another(function, carry, chunks, count: int):
+    """Folds function(carry, chunk) -> (carry, output) over the `count` micro-batches of
+    `chunks` (leaves [count, ...]), unrolled: returns (carry, outputs stacked [count, ...]); the
+    first call may get any `carry` (None).
+    An optimization barrier makes each micro-batch wait for the previous one's carry, so XLA
+    runs them in order and holds one micro-batch's temporaries at a time. Unrolled, not a
+    `lax.scan`: in a loop body XLA's CPU backend leaves Eigen's convolutions for its generic
+    ones, and a VGG-16 train step ran more than 15x slower (BENCHMARKS.md)."""
+    outputs = []
+    for i in range(count):
+        chunk = jax.tree.map(lambda x: x[i], chunks)
+        if i:
+            carry, chunk = jax.lax.optimization_barrier((carry, chunk))
+        carry, output = function(carry, chunk)
+        outputs.append(output)
+    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+
+
 def mapped(function, count: int):
     """function(params, images [B, ...]) -> outputs [B, ...], computed `count` micro-batches at
     a time, one after another."""
@@ -67,6 +85,10 @@ def mapped(function, count: int):
         return function
 
     def run(params, images):
-        return merge(jax.lax.map(lambda chunk: function(params, chunk), split(images, count)))
+        def each(previous, chunk):  # the carry is the previous output: the order to keep
+            output = function(params, chunk)
+            return output, output
+
+        return merge(one_after_another(each, None, split(images, count), count)[1])
 
     return run
