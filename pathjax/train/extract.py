@@ -57,7 +57,8 @@ class Extractor:
     def __init__(self, config, params, model: FeatureNet):
         self.mesh = sharding.make_local_mesh()
         self.batch_size = config.extract.batch_size
-        sharding.local_batch_size(self.batch_size, self.mesh)  # must split over the devices
+        # The batch must split over the devices:
+        sharding.local_batch_size(self.batch_size, self.mesh, 'extract.batch_size')
         self.params = sharding.replicate(params, self.mesh)
         micro_batches = micro_batch_count(
             self.batch_size, self.mesh.devices.size, config.micro_batch, 'extract.batch_size',

@@ -129,7 +129,8 @@ class FeatureTrainer:
         self.val_source = builder.as_data_source('val') if 'val' in builder.info.splits else None
         self.mesh = sharding.make_mesh(config.mesh.data)
         self.batch_size = config.learn.batch_size
-        self.local_batch = sharding.local_batch_size(self.batch_size, self.mesh)
+        self.local_batch = sharding.local_batch_size(self.batch_size, self.mesh,
+                                                     'learn.batch_size')
         self.steps_per_epoch = len(self.train_source) // self.batch_size  # full global batches
         if not self.steps_per_epoch:
             raise StageError(f'learn_features: {len(self.train_source)} training patches, fewer '

@@ -149,7 +149,8 @@ class SlideTrainer:
         self.classes = tuple(config.data.classes)
         self.mesh = sharding.make_mesh(config.mesh.data)
         self.batch_size = config.train.batch_slides
-        self.local_batch = sharding.local_batch_size(self.batch_size, self.mesh)
+        self.local_batch = sharding.local_batch_size(self.batch_size, self.mesh,
+                                                     'train.batch_slides')
         self.model = create_slide_model(config, len(self.classes))
         self.tx = create_optimizer(config.train)
         self.feature_dim = feature_dim
