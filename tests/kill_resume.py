@@ -1,0 +1,177 @@
+"""Kill harness: SIGKILL `launch.py --config configs/test.py` inside every stage, rerun, and
+check that the resumed run ends where an uninterrupted one does.
+
+One reference run goes straight through. The killed chain starts the same command in its own
+workdir and kills it (SIGKILL, the whole process group: slide workers too) at each kill point in
+turn: a point is reached when its stage is the one running (the last 'stage <name>' line of the
+log) and its condition on the workdir holds (e.g. the 3rd features file written); then the same
+command starts again, resuming, until the next point. A point whose stage was over before it was
+reached counts as missed. After the last point the chain runs to the end, and its outputs must
+equal the reference's: every split's predictions.csv and metrics.json, the train_slide report's
+metrics, and the features files' arrays (bit for bit: CPU runs are deterministic on the same
+number of devices). Too long for the test suite (about 10 minutes on 2 cores); run it before
+resolving a change to resume or artifacts:
+
+  python -m tests.kill_resume [--workdir /tmp/kill_resume] [--only tile,extract]
+
+Exit status 0 when every stage had at least 3 kills land and the outputs match.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+POLL_SECONDS = 0.02
+
+
+def count(folder: pathlib.Path, pattern: str) -> int:
+    return len(list(folder.glob(pattern))) if folder.is_dir() else 0
+
+
+def lines(path: pathlib.Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def steps(folder: pathlib.Path) -> int:
+    """Finished Orbax checkpoints (step folders) in folder."""
+    return len([p for p in folder.iterdir() if p.name.isdigit()]) if folder.is_dir() else 0
+
+
+# (stage, what, condition on the workdir): at least three per stage, each mid-work.
+KILL_POINTS = [
+    ('tile', '1st slide scanned', lambda w: count(w / 'tiles' / '.scan', '*.npz') >= 1),
+    ('tile', '3rd slide scanned', lambda w: count(w / 'tiles' / '.scan', '*.npz') >= 3),
+    ('tile', '6th slide scanned', lambda w: count(w / 'tiles' / '.scan', '*.npz') >= 6),
+    ('patches', '1st slide staged', lambda w: count(w / 'patches' / 'staged', '*.npz') >= 1),
+    ('patches', '3rd slide staged', lambda w: count(w / 'patches' / 'staged', '*.npz') >= 3),
+    ('patches', '5th slide staged', lambda w: count(w / 'patches' / 'staged', '*.npz') >= 5),
+    ('learn_features', 'a step logged in epoch 1',
+     lambda w: lines(w / 'feature_net' / 'metrics.jsonl') >= 1),
+    ('learn_features', 'epoch 1 checkpointed', lambda w: steps(w / 'feature_net' / 'latest') >= 1),
+    ('learn_features', 'epoch 2 checkpointed', lambda w: steps(w / 'feature_net' / 'latest') >= 2),
+    ('extract', '1st slide extracted', lambda w: count(w / 'features', '*.npz') >= 1),
+    ('extract', '3rd slide extracted', lambda w: count(w / 'features', '*.npz') >= 3),
+    ('extract', '6th slide extracted', lambda w: count(w / 'features', '*.npz') >= 6),
+    ('train_slide', '1st graph file', lambda w: count(w / 'graphs', '*.npz') >= 1),
+    ('train_slide', '1st checkpoint', lambda w: steps(w / 'slide_net' / 'latest') >= 1),
+    ('train_slide', '2nd checkpoint', lambda w: steps(w / 'slide_net' / 'latest') >= 2),
+    ('evaluate', '1st heatmap', lambda w: count(w / 'eval', '*/heatmaps/*.png') >= 1),
+    ('evaluate', '2nd heatmap', lambda w: count(w / 'eval', '*/heatmaps/*.png') >= 2),
+    ('evaluate', '1st split written', lambda w: count(w / 'eval', '*/metrics.json') >= 1),
+]
+
+
+def start(workdir: pathlib.Path, log: pathlib.Path) -> subprocess.Popen:
+    environment = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    command = [sys.executable, 'launch.py', '--config', 'configs/test.py',
+               f'--workdir={workdir}']
+    return subprocess.Popen(command, cwd=REPO, env=environment, stdout=open(log, 'ab'),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def current_stage(log: pathlib.Path, since: int) -> str | None:
+    """The last stage the run logged after byte `since` of its log."""
+    with open(log, 'rb') as f:
+        f.seek(since)
+        stages = re.findall(rb'\] stage (\w+)', f.read())
+    return stages[-1].decode() if stages else None
+
+
+def run_with_kills(workdir: pathlib.Path, points: list) -> list[dict]:
+    """The killed chain; returns what happened at each kill point."""
+    log = workdir.parent / f'{workdir.name}.log'
+    log.write_bytes(b'')
+    results, process, offset = [], None, 0
+    for stage, what, condition in points:
+        if process is None:
+            offset = log.stat().st_size
+            process = start(workdir, log)
+        landed = False
+        while process.poll() is None:
+            if current_stage(log, offset) == stage and condition(workdir):
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                landed, process = True, None
+                break
+            stage_now = current_stage(log, offset)
+            if stage_now is not None and _order(stage_now) > _order(stage):
+                break  # this point's stage is over
+            time.sleep(POLL_SECONDS)
+        if process is not None and process.poll() is not None:
+            process = None  # it finished (or failed) before the point
+        results.append({'stage': stage, 'at': what, 'landed': landed})
+        print(f'{stage:15s} {what:28s} {"killed" if landed else "missed"}', flush=True)
+    if process is None:
+        offset = log.stat().st_size
+        process = start(workdir, log)
+    if process.wait():
+        raise SystemExit(f'the resumed run failed (exit {process.returncode}); see {log}')
+    return results
+
+
+STAGES = ('tile', 'patches', 'learn_features', 'extract', 'train_slide', 'evaluate')
+
+
+def _order(stage: str) -> int:
+    return STAGES.index(stage) if stage in STAGES else -1
+
+
+def outputs(workdir: pathlib.Path) -> dict:
+    """What must not depend on the kills: predictions, metrics and features."""
+    found = {}
+    for path in sorted((workdir / 'eval').glob('*/predictions.csv')):
+        found[str(path.relative_to(workdir))] = path.read_text()
+    for path in sorted((workdir / 'eval').glob('*/metrics.json')):
+        found[str(path.relative_to(workdir))] = json.loads(path.read_text())
+    report = json.loads((workdir / 'reports' / 'train_slide.json').read_text())
+    found['train_slide metrics'] = report.get('summary', report).get('metrics')
+    for path in sorted((workdir / 'features').glob('*.npz')):
+        with np.load(path) as data:
+            found[str(path.relative_to(workdir))] = {k: data[k].tobytes() for k in data.files}
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--workdir', type=pathlib.Path, default=pathlib.Path('/tmp/kill_resume'))
+    parser.add_argument('--only', default='', help='comma-separated stages to kill in')
+    args = parser.parse_args()
+    points = [p for p in KILL_POINTS if not args.only or p[0] in args.only.split(',')]
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    reference, killed = args.workdir / 'reference', args.workdir / 'killed'
+    started = time.perf_counter()
+    print('reference run ...', flush=True)
+    with open(args.workdir / 'reference.log', 'wb'):
+        pass
+    if start(reference, args.workdir / 'reference.log').wait():
+        raise SystemExit(f'the reference run failed; see {args.workdir / "reference.log"}')
+    reference_seconds = time.perf_counter() - started
+    results = run_with_kills(killed, points)
+    expected, got = outputs(reference), outputs(killed)
+    different = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
+    landed = {s: sum(r['landed'] for r in results if r['stage'] == s) for s in STAGES}
+    summary = {'kills': sum(landed.values()), 'points': len(results), 'per_stage': landed,
+               'outputs_compared': len(expected), 'different': different,
+               'reference_seconds': round(reference_seconds, 1),
+               'total_seconds': round(time.perf_counter() - started, 1)}
+    print(json.dumps(summary, indent=1))
+    (args.workdir / 'summary.json').write_text(json.dumps({**summary, 'results': results},
+                                                          indent=1))
+    wanted = {p[0] for p in points}
+    if different or any(landed[s] < 3 for s in wanted):
+        raise SystemExit(1)
+
+
+if __name__ == '__main__':
+    main()
