@@ -7,9 +7,10 @@ turn: a point is reached when its stage is the one running (the last 'stage <nam
 log) and its condition on the workdir holds (e.g. the 3rd features file written); then the same
 command starts again, resuming, until the next point. A point whose stage was over before it was
 reached counts as missed. After the last point the chain runs to the end, and its outputs must
-equal the reference's: every split's predictions.csv and metrics.json, the train_slide report's
-metrics, and the features files' arrays (bit for bit: CPU runs are deterministic on the same
-number of devices). Too long for the test suite (about 10 minutes on 2 cores); run it before
+equal the reference's: every split's predictions.csv and metrics.json, the train_slide report
+(training summary and metrics), feature learning's metrics log (each line once, timings aside)
+and the features files' arrays (bit for bit: CPU runs are deterministic on the same number of
+devices). Too long for the test suite (about 10 minutes on 2 cores); run it before
 resolving a change to resume or artifacts:
 
   python -m tests.kill_resume [--workdir /tmp/kill_resume] [--only tile,extract]
@@ -133,8 +134,11 @@ def outputs(workdir: pathlib.Path) -> dict:
         found[str(path.relative_to(workdir))] = path.read_text()
     for path in sorted((workdir / 'eval').glob('*/metrics.json')):
         found[str(path.relative_to(workdir))] = json.loads(path.read_text())
-    report = json.loads((workdir / 'reports' / 'train_slide.json').read_text())
-    found['train_slide metrics'] = report.get('summary', report).get('metrics')
+    found['train_slide report'] = json.loads(
+        (workdir / 'reports' / 'train_slide.json').read_text())
+    found['feature_net/metrics.jsonl'] = [  # each line once, timings aside
+        {k: v for k, v in json.loads(line).items() if k != 'images_per_second'}
+        for line in (workdir / 'feature_net' / 'metrics.jsonl').read_text().splitlines()]
     for path in sorted((workdir / 'features').glob('*.npz')):
         with np.load(path) as data:
             found[str(path.relative_to(workdir))] = {k: data[k].tobytes() for k in data.files}
