@@ -30,7 +30,7 @@ def direct_features(config, params, slide_path, tiles, indices):
     return np.asarray(model.apply({'params': params}, images, method=FeatureNet.features))
 
 
-def test_baseline_extraction_writes_every_tiled_slide(patch_workdir, tmp_path):
+def test_baseline_extraction_writes_every_tiled_slide(patch_workdir, tmp_path, monkeypatch):
     workdir = workdir_with_patches(patch_workdir, tmp_path)
     config = make_config(**LEARNING_COHORT, **{'feature_net.learn': False})
     cohort = pipeline.prepare_cohort(config, workdir)
@@ -50,10 +50,16 @@ def test_baseline_extraction_writes_every_tiled_slide(patch_workdir, tmp_path):
     stored = artifacts.load_npz(extract.features_path(workdir, record.slide_id))['features'][some]
     np.testing.assert_allclose(stored, direct_features(config, params, record.path, tiles, some),
                                rtol=1e-4, atol=1e-5)
-    # A rerun skips every finished slide.
+    # A rerun skips every finished slide, but still loads the network: on several hosts, Orbax's
+    # checkpoint manager waits for every process when it opens, so a host with nothing left to
+    # extract must open it too (or the others wait forever).
     before = {p: p.stat().st_mtime_ns for p in (workdir / 'features').glob('*.npz')}
+    loaded, load = [], extract.extractor_params
+    monkeypatch.setattr(extract, 'extractor_params',
+                        lambda *args: loaded.append(args) or load(*args))
     extract.run(config, workdir, cohort)
     assert {p: p.stat().st_mtime_ns for p in (workdir / 'features').glob('*.npz')} == before
+    assert len(loaded) == 1
 
 
 def test_extraction_uses_the_trained_network_and_survives_a_lost_slide(patch_workdir, tmp_path):
