@@ -13,7 +13,11 @@ and the features files' arrays (bit for bit: CPU runs are deterministic on the s
 devices). Too long for the test suite (about 10 minutes on 2 cores); run it before
 resolving a change to resume or artifacts:
 
-  python -m tests.kill_resume [--workdir /tmp/kill_resume] [--only tile,extract]
+  python -m tests.kill_resume [--workdir /tmp/kill_resume] [--only tile,extract] [--processes 2]
+
+With --processes 2 both runs are two processes (jax.distributed on localhost, one CPU device
+each); a kill point SIGKILLs one of them (process 0 and 1 in turn) and a second later the other,
+as a job scheduler stops a job whose task died, and the chain resumes with both.
 
 Exit status 0 when every stage had at least 3 kills land and the outputs match.
 """
@@ -25,6 +29,7 @@ import pathlib
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -72,12 +77,43 @@ KILL_POINTS = [
 ]
 
 
-def start(workdir: pathlib.Path, log: pathlib.Path) -> subprocess.Popen:
-    environment = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    command = [sys.executable, 'launch.py', '--config', 'configs/test.py',
-               f'--workdir={workdir}']
-    return subprocess.Popen(command, cwd=REPO, env=environment, stdout=open(log, 'ab'),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+class Run:
+    """`processes` launch.py processes of one run (1 CPU device each when there are several,
+    jax.distributed over localhost), output appended to log (process 0's) and log.<i>."""
+
+    def __init__(self, workdir: pathlib.Path, log: pathlib.Path, processes: int):
+        environment = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+        command = [sys.executable, 'launch.py', '--config', 'configs/test.py',
+                   f'--workdir={workdir}']
+        if processes > 1:
+            environment['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+            with socket.socket() as s:
+                s.bind(('localhost', 0))
+                coordinator = f'localhost:{s.getsockname()[1]}'
+            command += [f'--config.distributed.coordinator={coordinator}',
+                        f'--config.distributed.num_processes={processes}']
+        self.processes = [subprocess.Popen(
+            command + ([f'--config.distributed.process_id={i}'] if processes > 1 else []),
+            cwd=REPO, env=environment, stdout=open(log if i == 0 else f'{log}.{i}', 'ab'),
+            stderr=subprocess.STDOUT, start_new_session=True) for i in range(processes)]
+
+    def running(self) -> bool:
+        return all(p.poll() is None for p in self.processes)
+
+    def kill(self, which: int) -> None:
+        """SIGKILL process `which` (its whole process group: slide workers too); one second
+        later the others, as a job scheduler stops a job one of whose tasks died."""
+        os.killpg(self.processes[which].pid, signal.SIGKILL)
+        time.sleep(1.0 if len(self.processes) > 1 else 0.0)
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        for process in self.processes:
+            process.wait()
+
+    def wait(self) -> int:
+        """The first nonzero exit status, or 0."""
+        return max(abs(p.wait()) for p in self.processes)
 
 
 def current_stage(log: pathlib.Path, since: int) -> str | None:
@@ -88,35 +124,38 @@ def current_stage(log: pathlib.Path, since: int) -> str | None:
     return stages[-1].decode() if stages else None
 
 
-def run_with_kills(workdir: pathlib.Path, points: list) -> list[dict]:
-    """The killed chain; returns what happened at each kill point."""
+def run_with_kills(workdir: pathlib.Path, points: list, processes: int) -> list[dict]:
+    """The killed chain; returns what happened at each kill point. With several processes the
+    point's index picks the process killed first (0, 1, 0, ...)."""
     log = workdir.parent / f'{workdir.name}.log'
     log.write_bytes(b'')
-    results, process, offset = [], None, 0
-    for stage, what, condition in points:
-        if process is None:
+    results, run, offset = [], None, 0
+    for index, (stage, what, condition) in enumerate(points):
+        if run is None:
             offset = log.stat().st_size
-            process = start(workdir, log)
+            run = Run(workdir, log, processes)
         landed = False
-        while process.poll() is None:
+        while run.running():
             if current_stage(log, offset) == stage and condition(workdir):
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                landed, process = True, None
+                run.kill(index % processes)
+                landed, run = True, None
                 break
             stage_now = current_stage(log, offset)
             if stage_now is not None and _order(stage_now) > _order(stage):
                 break  # this point's stage is over
             time.sleep(POLL_SECONDS)
-        if process is not None and process.poll() is not None:
-            process = None  # it finished (or failed) before the point
-        results.append({'stage': stage, 'at': what, 'landed': landed})
+        if run is not None and not run.running():
+            if run.wait():
+                raise SystemExit(f'a run failed before {stage}: {what}; see {log}')
+            run = None  # it finished before the point
+        results.append({'stage': stage, 'at': what, 'landed': landed,
+                        'killed_first': index % processes if landed else None})
         print(f'{stage:15s} {what:28s} {"killed" if landed else "missed"}', flush=True)
-    if process is None:
+    if run is None:
         offset = log.stat().st_size
-        process = start(workdir, log)
-    if process.wait():
-        raise SystemExit(f'the resumed run failed (exit {process.returncode}); see {log}')
+        run = Run(workdir, log, processes)
+    if run.wait():
+        raise SystemExit(f'the resumed run failed; see {log}')
     return results
 
 
@@ -149,6 +188,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--workdir', type=pathlib.Path, default=pathlib.Path('/tmp/kill_resume'))
     parser.add_argument('--only', default='', help='comma-separated stages to kill in')
+    parser.add_argument('--processes', type=int, default=1,
+                        help='processes per run (jax.distributed on localhost, 1 CPU device '
+                             'each); the reference runs with as many')
     args = parser.parse_args()
     points = [p for p in KILL_POINTS if not args.only or p[0] in args.only.split(',')]
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -156,16 +198,15 @@ def main() -> None:
     reference, killed = args.workdir / 'reference', args.workdir / 'killed'
     started = time.perf_counter()
     print('reference run ...', flush=True)
-    with open(args.workdir / 'reference.log', 'wb'):
-        pass
-    if start(reference, args.workdir / 'reference.log').wait():
+    if Run(reference, args.workdir / 'reference.log', args.processes).wait():
         raise SystemExit(f'the reference run failed; see {args.workdir / "reference.log"}')
     reference_seconds = time.perf_counter() - started
-    results = run_with_kills(killed, points)
+    results = run_with_kills(killed, points, args.processes)
     expected, got = outputs(reference), outputs(killed)
     different = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
     landed = {s: sum(r['landed'] for r in results if r['stage'] == s) for s in STAGES}
-    summary = {'kills': sum(landed.values()), 'points': len(results), 'per_stage': landed,
+    summary = {'processes': args.processes, 'kills': sum(landed.values()),
+               'points': len(results), 'per_stage': landed,
                'outputs_compared': len(expected), 'different': different,
                'reference_seconds': round(reference_seconds, 1),
                'total_seconds': round(time.perf_counter() - started, 1)}
