@@ -264,7 +264,7 @@ def _attempt(stage: str, function: Callable, *args
     except (StageError, UsageError) as error:
         return None, error
     except Exception as error:  # noqa: BLE001 (reported, and the run stops on every process)
-        logging.exception('unexpected error (a bug: please report it with this traceback)')
+        logging.exception('%s: unexpected error (traceback below)', stage)
         return None, StageError(f'{stage}: unexpected {type(error).__name__} on process '
                                 f'{jax.process_index()}: {error}')
 
