@@ -37,7 +37,7 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-POLL_SECONDS = 0.02
+POLL_SECONDS = 0.005
 
 
 def count(folder: pathlib.Path, pattern: str) -> int:
@@ -59,8 +59,8 @@ KILL_POINTS = [
     ('tile', '3rd slide scanned', lambda w: count(w / 'tiles' / '.scan', '*.npz') >= 3),
     ('tile', '6th slide scanned', lambda w: count(w / 'tiles' / '.scan', '*.npz') >= 6),
     ('patches', '1st slide staged', lambda w: count(w / 'patches' / 'staged', '*.npz') >= 1),
-    ('patches', '3rd slide staged', lambda w: count(w / 'patches' / 'staged', '*.npz') >= 3),
-    ('patches', '5th slide staged', lambda w: count(w / 'patches' / 'staged', '*.npz') >= 5),
+    ('patches', '2nd slide staged', lambda w: count(w / 'patches' / 'staged', '*.npz') >= 2),
+    ('patches', '4th slide staged', lambda w: count(w / 'patches' / 'staged', '*.npz') >= 4),
     ('learn_features', 'a step logged in epoch 1',
      lambda w: lines(w / 'feature_net' / 'metrics.jsonl') >= 1),
     ('learn_features', 'epoch 1 checkpointed', lambda w: steps(w / 'feature_net' / 'latest') >= 1),
@@ -116,12 +116,21 @@ class Run:
         return max(abs(p.wait()) for p in self.processes)
 
 
-def current_stage(log: pathlib.Path, since: int) -> str | None:
-    """The last stage the run logged after byte `since` of its log."""
-    with open(log, 'rb') as f:
-        f.seek(since)
-        stages = re.findall(rb'\] stage (\w+)', f.read())
-    return stages[-1].decode() if stages else None
+class StageWatch:
+    """The stage a run is in: the last 'stage <name>' line of its log, read as it grows."""
+
+    def __init__(self, log: pathlib.Path):
+        self._file = open(log, 'rb')
+        self._file.seek(0, os.SEEK_END)  # this run's lines only
+        self._pending, self.stage = b'', None
+
+    def update(self) -> str | None:
+        *complete, self._pending = (self._pending + self._file.read()).split(b'\n')
+        for line in complete:
+            found = re.search(rb'\] stage (\w+)', line)
+            if found:
+                self.stage = found.group(1).decode()
+        return self.stage
 
 
 def run_with_kills(workdir: pathlib.Path, points: list, processes: int) -> list[dict]:
@@ -129,18 +138,18 @@ def run_with_kills(workdir: pathlib.Path, points: list, processes: int) -> list[
     point's index picks the process killed first (0, 1, 0, ...)."""
     log = workdir.parent / f'{workdir.name}.log'
     log.write_bytes(b'')
-    results, run, offset = [], None, 0
+    results, run, watch = [], None, None
     for index, (stage, what, condition) in enumerate(points):
         if run is None:
-            offset = log.stat().st_size
+            watch = StageWatch(log)
             run = Run(workdir, log, processes)
         landed = False
         while run.running():
-            if current_stage(log, offset) == stage and condition(workdir):
+            stage_now = watch.update()
+            if stage_now == stage and condition(workdir):
                 run.kill(index % processes)
                 landed, run = True, None
                 break
-            stage_now = current_stage(log, offset)
             if stage_now is not None and _order(stage_now) > _order(stage):
                 break  # this point's stage is over
             time.sleep(POLL_SECONDS)
@@ -152,7 +161,6 @@ def run_with_kills(workdir: pathlib.Path, points: list, processes: int) -> list[
                         'killed_first': index % processes if landed else None})
         print(f'{stage:15s} {what:28s} {"killed" if landed else "missed"}', flush=True)
     if run is None:
-        offset = log.stat().st_size
         run = Run(workdir, log, processes)
     if run.wait():
         raise SystemExit(f'the resumed run failed; see {log}')
