@@ -128,7 +128,8 @@ def pathjax_pass(extractor, cohort: Cohort, workdir, workers: int) -> int:
         features_path(workdir, record.slide_id).unlink(missing_ok=True)
     with PatchReader(batch_size=extractor.batch_size, workers=workers) as reader, \
             tqdm(disable=True) as progress:
-        entries = [extract.extract_slide(extractor, reader, record, workdir, progress)
+        entries = [extract.extract_slide(extractor, reader, record, workdir, progress,
+                                         network='random parameters (benchmark)')
                    for record in cohort.slides]
     if any(entry.status != 'ok' for entry in entries):
         raise RuntimeError(f'extraction failed: {entries}')

@@ -239,13 +239,13 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
         # Every failure goes through raise_together, so no process waits for one that stopped.
         failure = None
         if sharding.is_leader():
-            _, failure = _attempt(provenance.check_and_record, workdir, stage.name,
+            _, failure = _attempt(stage.name, provenance.check_and_record, workdir, stage.name,
                                   provenance.settings_of(config, fields), stage.artifacts)
         sharding.raise_together(failure)
         logging.info('stage %s', stage.name)
         entries = None
         if stage.every_process or sharding.is_leader():
-            entries, failure = _attempt(stage.run, config, workdir, cohort)
+            entries, failure = _attempt(stage.name, stage.run, config, workdir, cohort)
         if entries is not None and sharding.is_leader():
             report = stage_report.write_report(workdir, stage.name, entries)
             if not any(e.status == stage_report.OK for e in entries):
@@ -254,12 +254,19 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
     return 0
 
 
-def _attempt(function: Callable, *args) -> tuple[Any, StageError | UsageError | None]:
-    """(function(*args), None), or (None, the StageError or UsageError it raised)."""
+def _attempt(stage: str, function: Callable, *args
+             ) -> tuple[Any, StageError | UsageError | None]:
+    """(function(*args), None), or (None, the StageError or UsageError it raised). Any other
+    exception (a bug, an unforeseen failure) is logged with its traceback and returned as a
+    StageError naming `stage`, so every process stops together instead of waiting for this one."""
     try:
         return function(*args), None
     except (StageError, UsageError) as error:
         return None, error
+    except Exception as error:  # noqa: BLE001 (reported, and the run stops on every process)
+        logging.exception('%s: unexpected error (traceback below)', stage)
+        return None, StageError(f'{stage}: unexpected {type(error).__name__} on process '
+                                f'{jax.process_index()}: {error}')
 
 
 def enable_compilation_cache(folder: pathlib.Path) -> None:

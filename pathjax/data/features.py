@@ -1,7 +1,7 @@
 """The feature store: each slide's patch features from the extract stage, and its graph file.
 
-`features/<slide_id>.npz` holds features float [N, D], coords int [N, 2] (level-0 x, y) and grid
-int [N, 2] (row, col). `graphs/<slide_id>.npz` holds all that the slide model reads of a slide,
+`features/<slide_id>.npz` holds features float [N, D], coords int [N, 2] (level-0 x, y), grid
+int [N, 2] (row, col) and `network`, the identity of the feature network that made them (JSON). `graphs/<slide_id>.npz` holds all that the slide model reads of a slide,
 written once: its kNN graph for given (k, max_patches, seed) (the kept patch indices `kept` [n],
 `senders` and `receivers` int32 [E]) and the kept patches' `features` float32 [n, D], `grid`
 int32 [n, 2] and `coords` [n, 2]. A training step reads one graph file per slide, never the
@@ -72,6 +72,12 @@ class GraphFile:
 
 def features_path(workdir, slide_id: str) -> pathlib.Path:
     return pathlib.Path(workdir) / 'features' / f'{slide_id}.npz'
+
+
+def features_network(path) -> str:
+    """The identity of the network that made a features file ('' if it was not recorded)."""
+    with np.load(path, allow_pickle=False) as data:
+        return str(data['network']) if 'network' in data.files else ''
 
 
 def graph_path(workdir, slide_id: str) -> pathlib.Path:

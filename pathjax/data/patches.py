@@ -3,7 +3,10 @@
 The `patches` stage samples up to `learn.patches_per_slide` kept patches of every training and
 validation slide (seeded), reads them stain-normalized with the patch reader, and writes them with
 their slide's label to `<workdir>/patches/` as a TFDS dataset in array_record format (JPEG-encoded
-images; no TensorFlow needed). `train_batches` / `eval_batches` read it back with grain over
+images; no TensorFlow needed). Each slide's encoded patches are first staged in a file of their
+own as soon as it is read, so a killed stage resumes at the first slide not staged; the dataset
+is then built from the staged files (the same dataset as an uninterrupted build) and they are
+removed. `train_batches` / `eval_batches` read it back with grain over
 `as_data_source`: seeded shuffling per epoch, batching, background threads, and each process's
 share of every global batch.
 """
@@ -12,6 +15,7 @@ import dataclasses
 import io
 import json
 import pathlib
+import shutil
 from typing import Iterator
 
 import grain
@@ -58,11 +62,9 @@ class SlidePatchesBuilder(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version('1.0.0')
 
     def __init__(self, *, data_dir: str, sampling: Sampling,
-                 slides: dict[str, list[SlideRecord]] | None = None, workdir: str = '',
-                 workers: int = 2):
+                 slides: dict[str, list[SlideRecord]] | None = None, workdir: str = ''):
         self.sampling = sampling
-        self._slides, self._workdir, self._workers = slides or {}, workdir, workers
-        self.entries: list[SlideEntry] = []  # filled while generating
+        self._slides, self._workdir = slides or {}, workdir  # the staged slides of each split
         super().__init__(data_dir=data_dir, file_format='array_record')
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -83,35 +85,62 @@ class SlidePatchesBuilder(tfds.core.GeneratorBasedBuilder):
                 for split in SPLITS if self._slides.get(split)}
 
     def _generate_examples(self, slides: list[SlideRecord]):
-        with PatchReader(batch_size=32, workers=self._workers) as reader:
-            for record in slides:
-                examples = self._slide_examples(reader, record)
-                yield from examples
+        label_of = {name: i for i, name in enumerate(self.sampling.classes)}
+        for record in slides:
+            staged = artifacts.load_npz(staged_path(self._workdir, record.slide_id))
+            ends = np.cumsum(staged['sizes'])
+            for coords, start, end in zip(staged['coords'], ends - staged['sizes'], ends):
+                yield f'{record.slide_id}/{coords[0]}_{coords[1]}', {
+                    'image': staged['jpeg'][start:end].tobytes(),
+                    'label': label_of[record.label], 'slide_id': record.slide_id,
+                    'coords': coords}
 
-    def _slide_examples(self, reader: PatchReader, record: SlideRecord) -> list:
-        """All of one slide's examples, or none (with a report entry) if reading it fails."""
-        patches = SlidePatches.from_tiles(
-            record.slide_id, record.path, artifacts.load_npz(tiles_path(self._workdir, record.slide_id)))
-        chosen = seeded_subset(record.slide_id, len(patches.coords),
-                               self.sampling.patches_per_slide, self.sampling.seed)
-        patches = dataclasses.replace(patches, coords=patches.coords[chosen])
-        label = self.sampling.classes.index(record.label)
-        examples = []
-        try:
-            for batch in reader.batches(patches):
-                for index, image in zip(batch.indices, batch.images):
-                    encoded = io.BytesIO()
-                    Image.fromarray(image).save(encoded, format='JPEG', quality=JPEG_QUALITY)
-                    coords = patches.coords[index]
-                    examples.append((f'{record.slide_id}/{coords[0]}_{coords[1]}', {
-                        'image': encoded.getvalue(), 'label': label,
-                        'slide_id': record.slide_id, 'coords': coords}))
-        except SlideError as error:
-            self.entries.append(SlideEntry(record.slide_id, ERROR, message=str(error)))
-            return []
-        self.entries.append(SlideEntry(record.slide_id, OK, patches=len(examples),
-                                       details={'split': record.split}))
-        return examples
+
+def staged_path(workdir, slide_id: str) -> pathlib.Path:
+    """One slide's sampled patches, JPEG-encoded, until the dataset is built from them."""
+    return dataset_dir(workdir) / 'staged' / f'{slide_id}.npz'
+
+
+def stage_slide(reader: PatchReader, record: SlideRecord, workdir, sampling: Sampling
+                ) -> SlideEntry:
+    """Reads one slide's sampled patches, encodes them and writes them (atomically) to its
+    staged file: uint8 `jpeg` (the images' bytes, concatenated), `sizes` [n], `coords` [n, 2] and
+    the `sampling` they were made with. An ERROR entry (and no file) if reading fails."""
+    patches = SlidePatches.from_tiles(
+        record.slide_id, record.path, artifacts.load_npz(tiles_path(workdir, record.slide_id)))
+    chosen = seeded_subset(record.slide_id, len(patches.coords), sampling.patches_per_slide,
+                           sampling.seed)
+    patches = dataclasses.replace(patches, coords=patches.coords[chosen])
+    images = [b''] * len(patches.coords)
+    try:
+        for batch in reader.batches(patches):
+            for index, image in zip(batch.indices, batch.images):
+                encoded = io.BytesIO()
+                Image.fromarray(image).save(encoded, format='JPEG', quality=JPEG_QUALITY)
+                images[index] = encoded.getvalue()
+    except SlideError as error:
+        return SlideEntry(record.slide_id, ERROR, message=str(error))
+    artifacts.save_npz(staged_path(workdir, record.slide_id),
+                       jpeg=np.frombuffer(b''.join(images), np.uint8),
+                       sizes=np.asarray([len(i) for i in images], np.int64),
+                       coords=patches.coords.astype(np.int64),
+                       sampling=np.asarray(sampling.as_json()))
+    return staged_entry(record, len(images))
+
+
+def staged_entry(record: SlideRecord, count: int) -> SlideEntry:
+    return SlideEntry(record.slide_id, OK, patches=count, details={'split': record.split})
+
+
+def already_staged(workdir, record: SlideRecord, sampling: Sampling) -> SlideEntry | None:
+    """The entry of a slide staged by an earlier (killed) run with the same sampling, else None."""
+    path = staged_path(workdir, record.slide_id)
+    if not path.exists():
+        return None
+    staged = artifacts.load_npz(path, ('sizes', 'sampling'))
+    if str(staged['sampling']) != sampling.as_json():
+        return None
+    return staged_entry(record, len(staged['sizes']))
 
 
 def dataset_dir(workdir) -> pathlib.Path:
@@ -137,6 +166,7 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
     report_file = dataset_dir(workdir) / 'slides.json'
     if SlidePatchesBuilder(data_dir=data_dir, sampling=sampling).is_prepared():
         load_builder(workdir, sampling)  # raises if the settings changed
+        shutil.rmtree(dataset_dir(workdir) / 'staged', ignore_errors=True)  # killed just before
         logging.info('patches: dataset already built in %s', data_dir)
         return [SlideEntry(**entry) for entry in json.loads(report_file.read_text())]
     entries, slides = [], {split: [] for split in SPLITS}
@@ -152,15 +182,25 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
             slides[record.split].append(record)
     if not slides['train']:
         raise StageError('patches: no training slide has tissue patches; see the tile report')
+    with PatchReader(batch_size=32, workers=config.workers) as reader:
+        for split in SPLITS:  # each slide read once and staged; a rerun skips staged slides
+            for record in list(slides[split]):
+                entry = already_staged(workdir, record, sampling) or stage_slide(
+                    reader, record, workdir, sampling)
+                entries.append(entry)
+                if entry.status != OK:
+                    slides[split].remove(record)
+    if not slides['train']:
+        raise StageError('patches: no training slide could be read: '
+                         + '; '.join(e.message for e in entries if e.status == ERROR))
     builder = SlidePatchesBuilder(data_dir=data_dir, sampling=sampling, slides=slides,
-                                  workdir=str(workdir), workers=config.workers)
+                                  workdir=str(workdir))
     try:
         builder.download_and_prepare()
-    except Exception as error:  # TFDS refuses e.g. a split whose every slide failed to read
-        raise StageError(f'patches: building the dataset failed: {error}; slide problems: '
-                         f'{[e.message for e in builder.entries if e.status == ERROR]}') from None
-    entries += builder.entries
+    except Exception as error:  # noqa: BLE001 (TFDS's own errors: a full disk, say)
+        raise StageError(f'patches: building the dataset failed: {error}') from None
     artifacts.save_json(report_file, [dataclasses.asdict(e) for e in entries])
+    shutil.rmtree(dataset_dir(workdir) / 'staged')
     for split, info in builder.info.splits.items():
         logging.info('patches: %s split has %d patches', split, info.num_examples)
     return entries

@@ -10,6 +10,7 @@ the caller keeps reading through OpenSlide. Regions are read at integer level-pi
 """
 
 import os
+import time
 
 import numpy as np
 import openslide
@@ -20,8 +21,12 @@ PROBE_TOLERANCE = 2.0  # mean absolute difference (grey levels) allowed against 
 WHITE = 255
 
 
+READ_ATTEMPTS = 3  # reads of a tile's bytes before a read error is final
+RETRY_SECONDS = 0.5  # wait before the second read; twice that before the third
+
+
 class CorruptTileError(Exception):
-    """A tile whose bytes are missing from the file or do not decode."""
+    """A tile whose bytes are missing from the file, cannot be read, or do not decode."""
 
 
 class TiffTiles:
@@ -95,7 +100,7 @@ class TiffTiles:
         offset, count = page.dataoffsets[index], page.databytecounts[index]
         if not count:
             return None
-        data = os.pread(self._fd, count, offset)
+        data = self._pread(count, offset)
         try:
             if len(data) < count:
                 raise ValueError(f'short read, {len(data)} of {count} bytes')
@@ -104,6 +109,19 @@ class TiffTiles:
             raise CorruptTileError(f'tile {index} of TIFF page {page.index} is truncated or '
                                    f'corrupt ({error})') from None
         return tile.reshape(tile.shape[-3:])[..., :3]
+
+    def _pread(self, count: int, offset: int) -> bytes:
+        """The file's bytes at offset; a read error (EIO on a network filesystem, say) is retried
+        READ_ATTEMPTS times before it becomes a CorruptTileError."""
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                return os.pread(self._fd, count, offset)
+            except OSError as error:
+                if attempt == READ_ATTEMPTS:
+                    raise CorruptTileError(f'reading {count} bytes at offset {offset} failed '
+                                           f'{READ_ATTEMPTS} times ({error})') from None
+                logging.warning('read error at offset %d (%s); retrying', offset, error)
+                time.sleep(RETRY_SECONDS * attempt)
 
     def _agrees_with(self, openslide_handle) -> bool:
         """Decodes the centre tile of each level and compares it with OpenSlide: pixel by pixel

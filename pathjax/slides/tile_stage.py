@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
+from pathjax.errors import StageError
 from pathjax.sampling import seeded_subset
 from pathjax.slides import qc, stain
 from pathjax.slides.reader import Slide, SlideError
 from pathjax.slides.tiling import select_tiles
-from pathjax.slides.tissue import TissueRule, background_mask
+from pathjax.slides.tissue import TissueRule, background_mask, pixel_background
 from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
 
 STAGE = 'tile'
@@ -121,8 +122,9 @@ def _scan(slide: Slide, slide_id: str, settings: TileSettings
     histogram = np.zeros((3, 256), np.int64)
     if settings.stain_method == 'histogram' and len(tiles):
         sample = seeded_subset(slide_id, len(tiles), settings.stain_fit_patches, settings.seed)
-        for x, y in tiles.coords[sample]:
-            histogram += stain.channel_histograms(slide.read_patch(x, y, plan))
+        for x, y in tiles.coords[sample]:  # the tissue pixels only: not the white around them
+            pixels = slide.read_patch(x, y, plan)
+            histogram += stain.channel_histograms(pixels[~pixel_background(pixels, settings.rule)])
     scan = dict(coords=tiles.coords, grid=tiles.grid, tissue=tiles.tissue,
                 level=plan.level, read_size=plan.read_size, patch_size=plan.patch_size,
                 extent=plan.extent, mpp=np.nan if plan.mpp is None else plan.mpp,
@@ -188,9 +190,14 @@ def stain_reference(config, scans: dict[str, dict], cohort: Cohort) -> tuple[np.
         image = stain.read_template(source)  # checked before the run
         return stain.normalize_histograms(stain.channel_histograms(image)), f'template {source}'
     train = {s.slide_id for s in cohort.split('train')}
-    with_tissue = {i: s['stain_histogram'] for i, s in scans.items() if len(s['coords'])}
-    chosen = [h for i, h in with_tissue.items() if i in train] or list(with_tissue.values())
-    return stain.cohort_reference(chosen), f'mean of {len(chosen)} slides'
+    chosen = [s['stain_histogram'] for i, s in scans.items()
+              if i in train and s['stain_histogram'].sum()]
+    if not chosen:
+        raise StageError('tile: no training slide has tissue, so there is no cohort stain '
+                         'reference (stain.reference=cohort: the mean of the training slides; '
+                         'validation and test slides must not shape it); see reports/tile.json, '
+                         'or give a template image as stain.reference')
+    return stain.cohort_reference(chosen), f'mean of {len(chosen)} training slides'
 
 
 def run(config, workdir: str, cohort: Cohort) -> list[SlideEntry]:
@@ -255,7 +262,7 @@ def _finish(config, workdir: str, cohort: Cohort) -> None:
         artifacts.save_npz(reference_file, histograms=reference, source=np.asarray(source))
         logging.info('tile: stain reference from the %s', source)
     for slide_id, scan in pending.items():
-        if reference is None or not len(scan['coords']):
+        if reference is None or not scan['stain_histogram'].sum():  # no tissue pixel sampled
             lut = stain.IDENTITY_LUT
         else:
             lut = stain.fit_lut(scan['stain_histogram'], reference)

@@ -59,17 +59,19 @@ class Checkpoints:
             metadata=ocp.args.JsonRestore()))['metadata'][self.best_metric]
 
     def save(self, step: int, state: Any, metadata: dict[str, Any]) -> None:
-        """Saves `state` as the latest checkpoint, and as the best one when
-        metadata[best_metric] is higher than the best so far."""
+        """Saves `state` as the best checkpoint when metadata[best_metric] is higher than the
+        best so far, then as the latest. In that order: a run killed between the two writes
+        resumes from the previous latest and redoes this step, so a new best is never lost (in
+        the other order the resumed run would go on from this step without its best)."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   metadata=ocp.args.JsonSave(metadata))
-        self._latest.save(step, args=args)
         value = metadata.get(self.best_metric)
         if self._best is not None and value is not None:
             best = self.best_value()
             if best is None or value > best:
                 self._best.save(step, args=args)
                 self._best.wait_until_finished()
+        self._latest.save(step, args=args)
 
     def restore_chosen(self, abstract_state: Any, which: str) -> tuple[Any, dict[str, Any]]:
         """(state, metadata with 'checkpoint': 'best' or 'latest') of the checkpoint `which`

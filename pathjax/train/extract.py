@@ -4,11 +4,15 @@ Patches are streamed from the slides by coordinates (nothing is stored as images
 reader's threads decode the next batches while the device computes the current one (JAX dispatch
 is asynchronous), with at most a few batches on the device at once. Batches have one fixed size
 (the last one padded), so one program is compiled.
-Each slide's features are written atomically to `features/<slide_id>.npz`; finished slides are
-skipped on rerun. With several hosts, each extracts its own share of the slides on its own devices.
+Each slide's features are written atomically to `features/<slide_id>.npz` with the identity of the
+network that made them (`network_identity`); on rerun, slides made by the current network are
+skipped and the others (made before the feature network was retrained or trained on) redone.
+With several hosts, each extracts its own share of the slides on its own devices.
 """
 
 import collections
+import hashlib
+import json
 
 import jax
 import numpy as np
@@ -17,7 +21,7 @@ from tqdm import tqdm
 
 from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
-from pathjax.data.features import features_path
+from pathjax.data.features import features_network, features_path
 from pathjax.errors import StageError
 from pathjax.models.feature_net import FeatureNet, create_feature_net
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
@@ -34,12 +38,13 @@ from pathjax.train.feature_learning import (abstract_state, create_optimizer, in
 IN_FLIGHT = 2  # batches dispatched to the device and not yet read back
 
 
-def extractor_params(config, workdir, model: FeatureNet) -> dict:
-    """The trained network's parameters (the `extract.checkpoint` checkpoint: latest, or best
-    validation patch accuracy), or with feature_net.learn False the initial (ImageNet or random)
-    ones: the method's baseline."""
+def extractor_params(config, workdir, model: FeatureNet) -> tuple[dict, str]:
+    """(parameters, identity) of the network extraction uses: the trained one (the
+    `extract.checkpoint` checkpoint: latest, or best validation patch accuracy), or with
+    feature_net.learn False the initial (ImageNet or random) one: the method's baseline."""
     if not config.feature_net.learn:
-        return initial_params(model, config, config.tile.patch_size)
+        params = initial_params(model, config, config.tile.patch_size)
+        return params, network_identity(config, params, {'checkpoint': 'initial'})
     abstract = abstract_state(model, create_optimizer(config.learn, 1), config.tile.patch_size)
     with Checkpoints(run_dir(workdir), best_metric='val_accuracy') as checkpoints:
         if checkpoints.latest_step() is None:
@@ -48,7 +53,21 @@ def extractor_params(config, workdir, model: FeatureNet) -> dict:
         state, metadata = checkpoints.restore_chosen(abstract, config.extract.checkpoint)
     logging.info('extract: the %s checkpoint of the feature network (epoch %d)',
                  metadata['checkpoint'], metadata['epoch'])
-    return state.params
+    return state.params, network_identity(
+        config, state.params, {'checkpoint': metadata['checkpoint'], 'epoch': metadata['epoch']})
+
+
+def network_identity(config, params, source: dict) -> str:
+    """JSON naming the network that makes features: the encoder, where its parameters came from
+    (`source`), and a BLAKE2 hash of the parameters. Stored in every features file; a slide whose
+    file holds another identity is extracted again."""
+    digest = hashlib.blake2b(digest_size=16)
+    for leaf in jax.tree.leaves(jax.device_get(params)):  # a fixed order: sorted module names
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    net = config.feature_net
+    encoder = f'vgg16 (width {net.width:g}, embed_dim {net.embed_dim})'
+    return json.dumps({'encoder': encoder, **source, 'parameters_blake2b': digest.hexdigest()},
+                      sort_keys=True)
 
 
 class Extractor:
@@ -57,7 +76,8 @@ class Extractor:
     def __init__(self, config, params, model: FeatureNet):
         self.mesh = sharding.make_local_mesh()
         self.batch_size = config.extract.batch_size
-        sharding.local_batch_size(self.batch_size, self.mesh)  # must split over the devices
+        # The batch must split over the devices:
+        sharding.local_batch_size(self.batch_size, self.mesh, 'extract.batch_size')
         self.params = sharding.replicate(params, self.mesh)
         micro_batches = micro_batch_count(
             self.batch_size, self.mesh.devices.size, config.micro_batch, 'extract.batch_size',
@@ -98,8 +118,9 @@ def _to_host(count: int, features: jax.Array) -> np.ndarray:
 
 
 def extract_slide(extractor: Extractor, reader: PatchReader, record: SlideRecord, workdir,
-                  progress) -> SlideEntry:
-    """Extracts and writes one slide's features; never raises for a bad slide."""
+                  progress, network: str) -> SlideEntry:
+    """Extracts and writes one slide's features, recording the `network` identity that made
+    them; never raises for a bad slide."""
     tiles_file = tiles_path(workdir, record.slide_id)
     if not tiles_file.exists():
         return SlideEntry(record.slide_id, ERROR, message='not tiled (see the tile report)')
@@ -112,7 +133,7 @@ def extract_slide(extractor: Extractor, reader: PatchReader, record: SlideRecord
     except SlideError as error:
         return SlideEntry(record.slide_id, ERROR, message=str(error))
     artifacts.save_npz(features_path(workdir, record.slide_id), features=features,
-                       coords=patches.coords, grid=tiles['grid'])
+                       coords=patches.coords, grid=tiles['grid'], network=np.asarray(network))
     return SlideEntry(record.slide_id, OK, patches=len(features),
                       details={'feature_dim': int(features.shape[1])})
 
@@ -120,31 +141,40 @@ def extract_slide(extractor: Extractor, reader: PatchReader, record: SlideRecord
 def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
     """The `extract` stage over this host's share of the cohort's slides."""
     mine = [r for i, r in enumerate(cohort.slides) if i % jax.process_count() == jax.process_index()]
-    entries = {r.slide_id: _finished(workdir, r.slide_id) for r in mine}
+    model = create_feature_net(config)
+    # On every process, also one with nothing left to do: Orbax's checkpoint manager waits for
+    # all of them when it opens, and the identity tells which finished slides are current.
+    params, network = extractor_params(config, workdir, model)
+    entries = {r.slide_id: _finished(workdir, r.slide_id, network) for r in mine}
     todo = [r for r in mine if entries[r.slide_id] is None]
     logging.info('extract: %d slides, %d already done', len(mine), len(mine) - len(todo))
     if todo:
-        model = create_feature_net(config)
-        extractor = Extractor(config, extractor_params(config, workdir, model), model)
+        extractor = Extractor(config, params, model)
         total = sum(_patch_count(workdir, r) for r in todo)
         progress = tqdm(total=total, desc='extract', unit='patch', disable=None)
         with PatchReader(batch_size=extractor.batch_size, workers=config.workers) as reader:
             for record in todo:
-                entries[record.slide_id] = extract_slide(extractor, reader, record, workdir, progress)
+                entries[record.slide_id] = extract_slide(extractor, reader, record, workdir,
+                                                         progress, network)
         progress.close()
     sharding.barrier('pathjax extract')  # the other hosts' slides are done too
     for record in cohort.slides:
         if record.slide_id not in entries:  # another host's slide: its log has any error
-            entries[record.slide_id] = _finished(workdir, record.slide_id) or SlideEntry(
+            entries[record.slide_id] = _finished(workdir, record.slide_id, network) or SlideEntry(
                 record.slide_id, ERROR, message='not extracted; see the log of its host')
     skipped = [SlideEntry(r.slide_id, ERROR, message=why) for r, why in cohort.skipped]
     return [entries[r.slide_id] for r in cohort.slides] + skipped
 
 
-def _finished(workdir, slide_id: str) -> SlideEntry | None:
-    """The entry of a slide whose features file exists, else None."""
+def _finished(workdir, slide_id: str, network: str) -> SlideEntry | None:
+    """The entry of a slide whose features file exists and was made by `network`, else None."""
     path = features_path(workdir, slide_id)
     if not path.exists():
+        return None
+    made_by = features_network(path)
+    if made_by != network:
+        logging.info('extract: the features of %s came from another feature network (%s; now '
+                     '%s): extracting again', slide_id, made_by or 'not recorded', network)
         return None
     return SlideEntry(slide_id, OK, patches=len(artifacts.load_npz(path, ('coords',))['coords']))
 

@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from pathjax import stage_report
+from pathjax import artifacts, stage_report
 from pathjax.cohort import Cohort
 from pathjax.data import patches
 from pathjax.data.augment import random_d4
@@ -129,7 +129,8 @@ class FeatureTrainer:
         self.val_source = builder.as_data_source('val') if 'val' in builder.info.splits else None
         self.mesh = sharding.make_mesh(config.mesh.data)
         self.batch_size = config.learn.batch_size
-        self.local_batch = sharding.local_batch_size(self.batch_size, self.mesh)
+        self.local_batch = sharding.local_batch_size(self.batch_size, self.mesh,
+                                                     'learn.batch_size')
         self.steps_per_epoch = len(self.train_source) // self.batch_size  # full global batches
         if not self.steps_per_epoch:
             raise StageError(f'learn_features: {len(self.train_source)} training patches, fewer '
@@ -219,6 +220,7 @@ class FeatureTrainer:
             else:
                 state = self.create_state(initial_params(self.model, self.config,
                                                          self.config.tile.patch_size))
+            _rewind_jsonl(metrics_file, first_epoch)
             for epoch in range(first_epoch, self.config.learn.epochs):
                 state, summary = self.train_epoch(state, epoch, metrics_file)
                 summary.update(epoch=epoch + 1, val_accuracy=self.validation_accuracy(state.params))
@@ -239,6 +241,17 @@ def abstract_state(model: FeatureNet, tx: optax.GradientTransformation, patch_si
     images = jnp.zeros((1, patch_size, patch_size, 3), jnp.uint8)
     return train_state.abstract_state(
         model.apply, lambda: model.init(jax.random.key(0), images)['params'], tx, placement)
+
+
+def _rewind_jsonl(path: pathlib.Path, epochs: int) -> None:
+    """Drops the lines of epochs after `epochs` (the checkpointed ones: those of an epoch that a
+    killed run had begun, which the resumed run logs again) and a line torn by the kill."""
+    if sharding.is_leader() and path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines
+                if line.endswith('\n') and json.loads(line)['epoch'] <= epochs]
+        if len(kept) < len(lines):
+            artifacts.save_text(path, ''.join(kept))
 
 
 def _append_jsonl(path: pathlib.Path, record: dict) -> None:

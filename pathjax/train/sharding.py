@@ -31,22 +31,31 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+MESSAGE_BYTES = 2048  # of each process's error message shared with the others
+
+
 def raise_together(failure: StageError | UsageError | None) -> None:
     """Waits for every process, then raises on all of them if any failed: its own error on a
-    failed process, an error naming the failed processes on the others (so none waits forever
-    for a process that stopped)."""
+    failed process, an error naming the failed processes and their errors on the others (so
+    none waits forever for a process that stopped)."""
     if jax.process_count() == 1:
         if failure is not None:
             raise failure
         return
     code = 0 if failure is None else 2 if isinstance(failure, UsageError) else 1
-    codes = np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)
+    message = str(failure or '').encode()[:MESSAGE_BYTES].ljust(MESSAGE_BYTES, b'\0')
+    codes, messages = (np.asarray(x) for x in multihost_utils.process_allgather(
+        (np.int32(code), np.frombuffer(message, np.uint8))))
+    codes, messages = codes.reshape(-1), messages.reshape(len(codes.reshape(-1)), MESSAGE_BYTES)
     if failure is not None:
         raise failure
     failed = np.flatnonzero(codes).tolist()
     if failed:
         kind = UsageError if codes.max() == 2 else StageError
-        raise kind(f'process(es) {failed} stopped the run; see their logs')
+        errors = '; '.join(f'process {i}: '
+                           + messages[i].tobytes().rstrip(b'\0').decode(errors='replace')
+                           for i in failed)
+        raise kind(f'process(es) {failed} stopped the run: {errors}')
 
 
 def is_leader() -> bool:
@@ -58,7 +67,7 @@ def make_mesh(num_devices: int = -1) -> Mesh:
     """A 1-D mesh over the first `num_devices` devices (-1: all devices of all hosts)."""
     devices = jax.devices()
     if num_devices > len(devices):
-        raise ValueError(f'mesh.data={num_devices} but only {len(devices)} devices are visible')
+        raise UsageError(f'mesh.data={num_devices} but only {len(devices)} devices are visible')
     if num_devices > 0:
         devices = devices[:num_devices]
     return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
@@ -92,11 +101,14 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-    """This process's share of a global batch; the batch must split evenly over the devices."""
+def local_batch_size(global_batch_size: int, mesh: Mesh, field: str) -> int:
+    """This process's share of a global batch; the batch (config field `field`) must split
+    evenly over the mesh's devices."""
     devices = mesh.devices.size
     if global_batch_size % devices:
-        raise ValueError(f'batch size {global_batch_size} does not split over {devices} devices')
+        raise UsageError(f'{field}={global_batch_size} does not split evenly over the {devices} '
+                         f'devices it runs on: make it a multiple of {devices} (or use fewer '
+                         f'devices: mesh.data, cpu_devices)')
     return global_batch_size * len(mesh.local_devices) // devices
 
 

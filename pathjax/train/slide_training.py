@@ -24,7 +24,8 @@ from absl import logging
 from pathjax import stage_report
 from pathjax.cohort import Cohort, SlideRecord
 from pathjax.data import graphs
-from pathjax.data.features import GraphSettings, features_path, slide_graph
+from pathjax.data.features import (GraphSettings, features_network, features_path,
+                                   slide_graph)
 from pathjax.data.graph_batches import GraphBatches, Prefetch
 from pathjax.errors import StageError
 from pathjax.evaluate import heatmaps
@@ -95,7 +96,24 @@ def load_splits(workdir, cohort: Cohort, names, classes: tuple[str, ...],
                 for name in names}
     splits = load() if sharding.is_leader() else None
     sharding.barrier('pathjax slide graphs')
-    return splits if splits is not None else load()
+    splits = splits if splits is not None else load()
+    check_one_network(workdir, [i for slides in splits.values() for i in slides.slide_ids])
+    return splits
+
+
+def check_one_network(workdir, slide_ids: list[str]) -> None:
+    """Raises StageError when the slides' features came from more than one feature network
+    (a retrained network and an extract stage that has not been rerun since)."""
+    networks = {}
+    for slide_id in slide_ids:
+        networks.setdefault(features_network(features_path(workdir, slide_id)), []).append(slide_id)
+    if len(networks) > 1:
+        groups = '; '.join(f'{len(ids)} slide(s) (e.g. {ids[0]}) by '
+                           f'{network or "an unrecorded network"}'
+                           for network, ids in networks.items())
+        raise StageError(f'train_slide: the features come from {len(networks)} different feature '
+                         f'networks ({groups}); rerun the extract stage, which redoes the slides '
+                         'made by another network than the current one')
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray:
@@ -149,7 +167,8 @@ class SlideTrainer:
         self.classes = tuple(config.data.classes)
         self.mesh = sharding.make_mesh(config.mesh.data)
         self.batch_size = config.train.batch_slides
-        self.local_batch = sharding.local_batch_size(self.batch_size, self.mesh)
+        self.local_batch = sharding.local_batch_size(self.batch_size, self.mesh,
+                                                     'train.batch_slides')
         self.model = create_slide_model(config, len(self.classes))
         self.tx = create_optimizer(config.train)
         self.feature_dim = feature_dim

@@ -102,3 +102,45 @@ def test_eval_batches_cover_every_example_once_with_a_mask(built):
     assert mask.sum() == len(source) and mask[:len(source)].all()
     labels = np.concatenate([b['label'] for b in batches])[:len(source)]
     np.testing.assert_array_equal(labels, [source[i]['label'] for i in range(len(source))])
+
+
+def test_a_killed_build_resumes_at_the_first_slide_not_staged(built, tmp_path, monkeypatch):
+    """Killed while reading the 4th slide: the rerun reads only the slides not staged yet and
+    builds the same dataset as the uninterrupted build (every example, in order)."""
+    workdir, config, builder = built
+    for name in ('tiles', 'synthetic'):
+        (tmp_path / name).symlink_to(workdir / name, target_is_directory=True)
+    (tmp_path / 'cohort.csv').write_text((workdir / 'cohort.csv').read_text())
+    cohort = pipeline.prepare_cohort(config, tmp_path)
+    original, read, killed = patches.stage_slide, [], []
+
+    class Killed(BaseException):
+        pass
+
+    def killed_at_the_fourth_slide(reader, record, *args):
+        read.append(record.slide_id)
+        if len(read) == 4 and not killed:
+            killed.append(record.slide_id)
+            raise Killed
+        return original(reader, record, *args)
+
+    monkeypatch.setattr(patches, 'stage_slide', killed_at_the_fourth_slide)
+    with pytest.raises(Killed):
+        patches.run(config, tmp_path, cohort)
+    assert len(list((tmp_path / 'patches' / 'staged').glob('*.npz'))) == 3
+    first_run, read[:] = list(read), []
+    entries = patches.run(config, tmp_path, cohort)
+    assert not set(read) & set(first_run[:3]) and read[0] == first_run[3]
+    assert not (tmp_path / 'patches' / 'staged').exists()
+    assert (tmp_path / 'patches' / 'slides.json').read_text() == \
+        (workdir / 'patches' / 'slides.json').read_text()
+    assert sum(e.patches for e in entries) > 200
+    resumed = patches.load_builder(tmp_path, patches.Sampling.from_config(config))
+    for split in ('train', 'val'):
+        ours, reference = resumed.as_data_source(split), builder.as_data_source(split)
+        assert len(ours) == len(reference)
+        for i in range(len(ours)):
+            a, b = ours[i], reference[i]
+            assert a['slide_id'] == b['slide_id'] and a['label'] == b['label']
+            np.testing.assert_array_equal(a['coords'], b['coords'])
+            np.testing.assert_array_equal(a['image'], b['image'])

@@ -115,3 +115,31 @@ def test_a_damaged_tile_gives_slide_errors_and_leaks_no_file(synthetic_slides, t
         except SlideError as error:
             assert 'damaged.svs' in str(error)
     assert len(os.listdir('/proc/self/fd')) == before
+
+
+def test_a_read_error_is_retried_then_a_slide_error(synthetic_slides, monkeypatch):
+    """os.pread failing (EIO, as on a network filesystem): a transient failure is retried and
+    the region is read as usual; a lasting one is a SlideError naming the slide, which the
+    stages handle per slide, not an OSError that stops the stage."""
+    from pathjax.slides import tiff_tiles
+    monkeypatch.setattr(tiff_tiles, 'RETRY_SECONDS', 0.0)
+    path = synthetic_slides['svs', 0.25]
+    real_pread, failures, failures_wanted = os.pread, [], 0
+
+    def flaky_pread(fd, count, offset):
+        if len(failures) < failures_wanted:
+            failures.append(offset)
+            raise OSError(5, 'Input/output error')
+        return real_pread(fd, count, offset)
+
+    monkeypatch.setattr(tiff_tiles.os, 'pread', flaky_pread)
+    with Slide(path) as slide:
+        failures_wanted = 1
+        region = slide.read_region(300, 200, 0, 700, 500)
+        assert len(failures) == 1
+        np.testing.assert_array_equal(region, openslide_region(path, 300, 200, 0, 700, 500))
+        failures.clear()
+        failures_wanted = 1000
+        with pytest.raises(SlideError, match=r'slide_0.25.svs.*Input/output error'):
+            slide.read_region(300, 200, 0, 700, 500)
+        assert len(failures) == tiff_tiles.READ_ATTEMPTS

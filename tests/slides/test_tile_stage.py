@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from pathjax import artifacts, pipeline
-from pathjax.slides import stain, synthetic
+from pathjax.errors import StageError
+from pathjax.slides import stain, synthetic, tile_stage
+from pathjax.sampling import seeded_subset
+from pathjax.slides.reader import Slide
 from pathjax.slides.tiling import grid_positions
 from tests.conftest import REPO, make_config as load_config
 
@@ -159,10 +162,12 @@ def test_bad_slides_are_reported_and_the_rest_goes_on(cohort_manifest, tmp_path,
     good = pathlib.Path(cohort_manifest.read_text().splitlines()[1].split(',')[1])
     data = good.read_bytes()
     (folder / 'truncated.svs').write_bytes(data[:len(data) // 3])
-    rows = cohort_manifest.read_text().splitlines()[:3]
-    rows += [f'text,{folder / "text.svs"},positive,x1', f'truncated,{folder / "truncated.svs"},negative,x2',
-             f'gone,{folder / "gone.svs"},positive,x3',
-             f'empty,{shared_data / "slides" / "small.svs"},negative,x4']
+    header, *good = cohort_manifest.read_text().splitlines()[:3]
+    rows = [header + ',split'] + [f'{row},train' for row in good]  # the stain reference's slides
+    rows += [f'text,{folder / "text.svs"},positive,x1,val',
+             f'truncated,{folder / "truncated.svs"},negative,x2,test',
+             f'gone,{folder / "gone.svs"},positive,x3,test',
+             f'empty,{shared_data / "slides" / "small.svs"},negative,x4,val']
     manifest = tmp_path / 'manifest.csv'
     manifest.write_text('\n'.join(rows) + '\n')
     result = launch(tmp_path / 'work', f'--config.data.manifest={manifest}')
@@ -200,3 +205,38 @@ def test_real_slides_tile_through_launch(shared_data, tmp_path):
     assert result.returncode == 0, result.stderr
     entries = report(tmp_path / 'formats')
     assert all(e['status'] == 'ok' and e['patches'] > 0 for e in entries.values()), entries
+
+
+def test_stain_histograms_count_tissue_pixels_only(tiled):
+    """Each slide's stain histogram is that of the tissue pixels (no channel above
+    tissue.threshold) of its sampled patches, read again here: the white around the tissue of a
+    kept patch (up to 1 - tissue.min_fraction of it) does not shape its lookup table."""
+    workdir, config = tiled
+    for line in (workdir / 'cohort.csv').read_text().splitlines()[1:]:
+        slide_id, path = line.split(',')[:2]
+        tiles = artifacts.load_npz(workdir / 'tiles' / f'{slide_id}.npz')
+        expected, white = np.zeros((3, 256), np.int64), 0
+        with Slide(path) as slide:
+            plan = slide.plan(config.tile.mpp, config.tile.patch_size, config.tile.level)
+            sample = seeded_subset(slide_id, len(tiles['coords']), config.stain.fit_patches,
+                                   config.seed)
+            for x, y in tiles['coords'][sample]:
+                pixels = slide.read_patch(int(x), int(y), plan).reshape(-1, 3)
+                tissue = pixels.max(axis=1) <= config.tissue.threshold
+                white += int((~tissue).sum())
+                for channel in range(3):
+                    expected[channel] += np.bincount(pixels[tissue, channel], minlength=256)
+        assert white > 0  # the check means something: the sampled patches hold background
+        np.testing.assert_array_equal(tiles['stain_histogram'], expected)
+
+
+def test_no_training_slide_with_tissue_is_an_error_naming_it(cohort_manifest, tmp_path):
+    """The cohort reference is formed from training slides only: when none has tissue the
+    stage stops with a message, instead of using validation and test slides."""
+    config = load_config(**{'data.manifest': str(cohort_manifest)})
+    cohort = pipeline.prepare_cohort(config, tmp_path)
+    scans = {r.slide_id: {'stain_histogram': np.zeros((3, 256), np.int64) if r.split == 'train'
+                          else np.ones((3, 256), np.int64)} for r in cohort.slides}
+    assert {r.split for r in cohort.slides} >= {'train', 'test'}
+    with pytest.raises(StageError, match='no training slide has tissue'):
+        tile_stage.stain_reference(config, scans, cohort)

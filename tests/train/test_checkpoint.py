@@ -4,6 +4,8 @@ them with its fallback."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+import pytest
 
 from pathjax.train.checkpoint import KEEP_LATEST, Checkpoints
 
@@ -40,3 +42,31 @@ def test_best_falls_back_to_the_latest_without_scores(tmp_path):
         state, metadata = checkpoints.restore_chosen(abstract(), 'best')
     np.testing.assert_array_equal(state['w'], 1.0)
     assert metadata['checkpoint'] == 'latest'
+
+
+def test_a_kill_between_the_two_writes_of_a_new_best_keeps_it(tmp_path, monkeypatch):
+    """Epoch 2 is a new best and the process dies after the first of its two checkpoint writes.
+    The resumed run (which redoes what the latest checkpoint does not hold) ends with epoch 2 as
+    the best, not epoch 3 (a worse score that beat the stale best of epoch 1)."""
+    with Checkpoints(tmp_path, best_metric='val') as checkpoints:
+        checkpoints.save(10, state_of(1), {'epoch': 1, 'val': 0.5})
+    writes, original = [], ocp.CheckpointManager.save
+
+    def dies_at_the_second_write(self, *args, **kwargs):
+        writes.append(self.directory)
+        if len(writes) == 2:
+            raise KeyboardInterrupt('killed')
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, 'save', dies_at_the_second_write)
+    with pytest.raises(KeyboardInterrupt):
+        with Checkpoints(tmp_path, best_metric='val') as checkpoints:
+            checkpoints.save(20, state_of(2), {'epoch': 2, 'val': 0.9})
+    monkeypatch.setattr(ocp.CheckpointManager, 'save', original)
+    with Checkpoints(tmp_path, best_metric='val') as checkpoints:  # the resumed run
+        if checkpoints.latest_step() == 10:
+            checkpoints.save(20, state_of(2), {'epoch': 2, 'val': 0.9})
+        checkpoints.save(30, state_of(3), {'epoch': 3, 'val': 0.6})
+        assert checkpoints.best_step() == 20 and checkpoints.best_value() == 0.9
+        best, _ = checkpoints.restore(abstract(), best=True)
+    np.testing.assert_array_equal(best['w'], 2.0)

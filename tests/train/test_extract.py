@@ -2,17 +2,20 @@
 applied to each patch, resumable, and a missing slide only costs that slide."""
 
 import dataclasses
+import json
 from types import SimpleNamespace
 
 import jax
 import numpy as np
+import pytest
 
 from pathjax import artifacts, pipeline
+from pathjax.errors import StageError
 from pathjax.models.feature_net import FeatureNet, create_feature_net
 from pathjax.slides import stain
 from pathjax.slides.patch_stream import PatchBatch
 from pathjax.slides.reader import Slide
-from pathjax.train import extract
+from pathjax.train import extract, slide_training
 from pathjax.train.feature_learning import FeatureTrainer
 from tests.conftest import LEARNING_COHORT, make_config, workdir_with_patches
 
@@ -27,13 +30,13 @@ def direct_features(config, params, slide_path, tiles, indices):
     return np.asarray(model.apply({'params': params}, images, method=FeatureNet.features))
 
 
-def test_baseline_extraction_writes_every_tiled_slide(patch_workdir, tmp_path):
+def test_baseline_extraction_writes_every_tiled_slide(patch_workdir, tmp_path, monkeypatch):
     workdir = workdir_with_patches(patch_workdir, tmp_path)
     config = make_config(**LEARNING_COHORT, **{'feature_net.learn': False})
     cohort = pipeline.prepare_cohort(config, workdir)
     entries = extract.run(config, workdir, cohort)
     assert [e.status for e in entries] == ['ok'] * len(cohort.slides)
-    params = extract.extractor_params(config, workdir, create_feature_net(config))
+    params, _ = extract.extractor_params(config, workdir, create_feature_net(config))
     for record, entry in zip(cohort.slides, entries):
         tiles = artifacts.load_npz(workdir / 'tiles' / f'{record.slide_id}.npz')
         features = artifacts.load_npz(extract.features_path(workdir, record.slide_id))
@@ -47,10 +50,16 @@ def test_baseline_extraction_writes_every_tiled_slide(patch_workdir, tmp_path):
     stored = artifacts.load_npz(extract.features_path(workdir, record.slide_id))['features'][some]
     np.testing.assert_allclose(stored, direct_features(config, params, record.path, tiles, some),
                                rtol=1e-4, atol=1e-5)
-    # A rerun skips every finished slide.
+    # A rerun skips every finished slide, but still loads the network: on several hosts, Orbax's
+    # checkpoint manager waits for every process when it opens, so a host with nothing left to
+    # extract must open it too (or the others wait forever).
     before = {p: p.stat().st_mtime_ns for p in (workdir / 'features').glob('*.npz')}
+    loaded, load = [], extract.extractor_params
+    monkeypatch.setattr(extract, 'extractor_params',
+                        lambda *args: loaded.append(args) or load(*args))
     extract.run(config, workdir, cohort)
     assert {p: p.stat().st_mtime_ns for p in (workdir / 'features').glob('*.npz')} == before
+    assert len(loaded) == 1
 
 
 def test_extraction_uses_the_trained_network_and_survives_a_lost_slide(patch_workdir, tmp_path):
@@ -65,7 +74,7 @@ def test_extraction_uses_the_trained_network_and_survives_a_lost_slide(patch_wor
     entries = extract.run(config, workdir, cohort)
     assert entries[1].status == 'error' and 'gone.svs' in entries[1].message
     assert all(e.status == 'ok' for i, e in enumerate(entries) if i != 1)
-    trained = extract.extractor_params(config, workdir, create_feature_net(config))
+    trained, _ = extract.extractor_params(config, workdir, create_feature_net(config))
     initial = jax.jit(create_feature_net(config).init)(jax.random.key(config.seed),
                                                        np.zeros((1, 64, 64, 3), np.uint8))['params']
     record = cohort.slides[0]
@@ -75,6 +84,29 @@ def test_extraction_uses_the_trained_network_and_survives_a_lost_slide(patch_wor
                                rtol=1e-4, atol=1e-5)
     assert not np.allclose(stored, direct_features(config, initial, record.path, tiles, [0, 1]),
                            rtol=1e-3)
+    # Training goes on (learn.epochs 1 -> 2): every extracted slide is stale and made again by
+    # the new network, whose identity its file records.
+    first = {r.slide_id: artifacts.load_npz(extract.features_path(workdir, r.slide_id))
+             for i, r in enumerate(cohort.slides) if i != 1}
+    longer = make_config(**LEARNING_COHORT, **{'learn.epochs': 2})
+    FeatureTrainer(longer, workdir).fit()
+    entries = extract.run(longer, workdir, cohort)
+    assert all(e.status == 'ok' for i, e in enumerate(entries) if i != 1)
+    retrained, network = extract.extractor_params(longer, workdir, create_feature_net(longer))
+    assert json.loads(network)['epoch'] == 2
+    for slide_id, old in first.items():
+        new = artifacts.load_npz(extract.features_path(workdir, slide_id))
+        assert json.loads(str(old['network']))['epoch'] == 1
+        assert str(new['network']) == network
+        assert not np.allclose(new['features'], old['features'], rtol=1e-3)
+    stored = artifacts.load_npz(extract.features_path(workdir, record.slide_id))['features'][:2]
+    np.testing.assert_allclose(stored, direct_features(longer, retrained, record.path, tiles,
+                                                       [0, 1]), rtol=1e-4, atol=1e-5)
+    # Features of two networks never meet in the slide model: one stale file stops train_slide.
+    stale_id = next(iter(first))
+    artifacts.save_npz(extract.features_path(workdir, stale_id), **first[stale_id])
+    with pytest.raises(StageError, match='2 different feature networks'):
+        slide_training.check_one_network(workdir, list(first))
 
 
 class RecordingOutput:

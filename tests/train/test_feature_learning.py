@@ -68,28 +68,44 @@ def test_sharded_step_matches_one_device():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_killed_run_resumes_to_the_same_parameters(patch_workdir, tmp_path, monkeypatch):
+def metrics_of(workdir):
+    """metrics.jsonl's records without their timings."""
+    lines = (workdir / 'feature_net' / 'metrics.jsonl').read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != 'images_per_second'}
+            for line in lines]
+
+
+def test_killed_run_resumes_to_the_same_parameters_and_log(patch_workdir, tmp_path, monkeypatch):
+    """Killed mid-epoch 2 (after its step lines were logged, before its checkpoint): the rerun
+    ends with the parameters and the metrics log of a run that was never killed, each line
+    once."""
     config = make_config(**LEARNING_COHORT, **{'learn.epochs': 3, 'learn.lr_schedule': 'cosine'})
     (tmp_path / 'straight').mkdir()
     (tmp_path / 'killed').mkdir()
     straight = workdir_with_patches(patch_workdir, tmp_path / 'straight')
     FeatureTrainer(config, straight).fit()
     killed = workdir_with_patches(patch_workdir, tmp_path / 'killed')
-    original = FeatureTrainer.train_epoch
+    original = feature_learning._append_jsonl
 
-    def dies_in_second_epoch(self, state, epoch, metrics_file):
-        if epoch == 1:
+    def dies_after_a_line_of_epoch_two(path, record):
+        original(path, record)
+        if record['epoch'] == 2 and 'step' in record:
             raise KeyboardInterrupt('killed')
-        return original(self, state, epoch, metrics_file)
 
-    monkeypatch.setattr(FeatureTrainer, 'train_epoch', dies_in_second_epoch)
+    monkeypatch.setattr(feature_learning, '_append_jsonl', dies_after_a_line_of_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         FeatureTrainer(config, killed).fit()
-    monkeypatch.setattr(FeatureTrainer, 'train_epoch', original)
+    monkeypatch.setattr(feature_learning, '_append_jsonl', original)
     with Checkpoints(killed / 'feature_net') as checkpoints:
         assert checkpoints.latest_step() is not None
     FeatureTrainer(config, killed).fit()
     assert [e['epoch'] for e in epochs_of(killed)] == [1, 2, 3]
+    expected, got = metrics_of(straight), metrics_of(killed)
+    assert [(r['epoch'], r.get('step')) for r in got] == \
+        [(r['epoch'], r.get('step')) for r in expected]
+    for a, b in zip(got, expected):
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
     for a, b in zip(jax.tree.leaves(trained_params(straight, config)),
                     jax.tree.leaves(trained_params(killed, config))):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -98,6 +98,42 @@ def test_a_failure_on_the_leader_stops_every_process(patch_workdir, tmp_path):
     assert 'process(es) [0] stopped the run' in outputs[1]
 
 
+# launch.py with a bug planted in process 0: its provenance check raises a RuntimeError.
+WITH_A_BUG_ON_PROCESS_0 = """
+import runpy, sys
+from pathjax import provenance
+def planted_bug(*args):
+    raise RuntimeError('planted bug')
+if '--config.distributed.process_id=0' in sys.argv:
+    provenance.check_and_record = planted_bug
+sys.argv[0] = 'launch.py'
+runpy.run_path('launch.py', run_name='__main__')
+"""
+
+
+def test_an_unexpected_error_on_one_process_stops_every_process(patch_workdir, tmp_path):
+    """Not a StageError or UsageError (a bug): process 0 logs its traceback, and both processes
+    stop at once (exit 1), process 1 naming process 0 and its error."""
+    workdir_with_patches(patch_workdir, tmp_path)
+    coordinator = f'localhost:{free_port()}'
+    environment = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+    processes = [subprocess.Popen(
+        [sys.executable, '-c', WITH_A_BUG_ON_PROCESS_0, '--config', str(REPO / 'configs/test.py'),
+         '--workdir', str(tmp_path), '--stages=tile', *FLAGS,
+         f'--config.distributed.coordinator={coordinator}', '--config.distributed.num_processes=2',
+         f'--config.distributed.process_id={i}'], cwd=REPO, env=environment,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in processes]
+    finally:
+        for process in processes:  # a hung process must not outlive the test
+            process.kill()
+    assert [p.returncode for p in processes] == [1, 1], outputs
+    assert 'Traceback' in outputs[0] and 'planted bug' in outputs[0]
+    assert ('process(es) [0] stopped the run: process 0: tile: unexpected RuntimeError on '
+            'process 0: planted bug') in outputs[1], outputs[1]
+
+
 def run_together(processes):
     """Waits for the processes; asserts they succeeded."""
     try:

@@ -17,6 +17,7 @@ from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
 from pathjax.data import synthetic_bags
 from pathjax.data.features import GraphSettings, features_path
+from pathjax.errors import UsageError
 from pathjax.evaluate import evaluate_stage, report
 from pathjax.train import sharding, slide_training
 from pathjax.train.checkpoint import Checkpoints
@@ -228,3 +229,14 @@ def test_real_feature_bags_train_and_evaluate(shared_data, tmp_path):
     assert ids == ['TCGA-AD-6964', 'TCGA-3X-AAVA'] and np.isfinite(probabilities).all()
     metrics = json.loads((tmp_path / 'eval' / 'train' / 'metrics.json').read_text())
     assert metrics['num_slides'] == 2 and metrics['checkpoint']['checkpoint'] in ('best', 'latest')
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_a_config_error(tmp_path):
+    """train.batch_slides=6 on the 8 test devices: a UsageError naming the field, its value and
+    the device count (exit status 2 from launch.py), not a ValueError traceback."""
+    config = make_config(**{'train.batch_slides': 6})
+    with pytest.raises(UsageError, match=r'train.batch_slides=6 does not split evenly over the '
+                                         r'8 devices'):
+        SlideTrainer(config, tmp_path, feature_dim=8)
+    with pytest.raises(UsageError, match=r'mesh.data=9 but only 8 devices'):
+        sharding.make_mesh(9)
