@@ -7,8 +7,9 @@ each stage its own `launch.py` subprocess whose process tree's peak RSS `memory.
 samples. Four slides, not three: one training slide per class, one validation slide (so the
 validation passes of learn_features and train_slide run as users run them) and one test slide.
 Defaults everywhere except counts: `learn.epochs=1`, `train.max_steps=--steps`, and, where given,
-the batch sizes (`--learn-batch`, `--extract-batch`; their memory at the default batch sizes is
-still reported, from XLA's compile-time analysis).
+`learn.patches_per_slide` (a shorter epoch) and the batch sizes (`--learn-batch`,
+`--extract-batch`; their memory at the default batch sizes is still reported, from XLA's
+compile-time analysis).
 
 Extraction is time-boxed: a copy of the workdir whose tiles files keep only each slide's first
 --prefix patches is extracted for real (patches/s, peak RSS). The full workdir then gets
@@ -23,6 +24,7 @@ rows), printed at the end; exit status 1 if any stage failed.
 
   python benchmarks/full_size.py [--slides-dir D] [--workdir W] [--stages tile,extract,...]
                                  [--prefix 300] [--steps 4] [--learn-batch B] [--extract-batch B]
+                                 [--patches-per-slide N]
 """
 
 import argparse
@@ -421,7 +423,8 @@ def run_stage(stage: str, args, paths: dict, overrides: list[str], result: dict)
                  (workdir / 'feature_net' / 'metrics.jsonl').read_text().splitlines()]
         rates = [line['images_per_second'] for line in lines if 'images_per_second' in line]
         last = next(line for line in reversed(lines) if 'train_loss' in line)
-        row.update(ran=f'1 epoch ({len(rates)} windows of 10 steps), then validation',
+        window = 2 if args.patches_per_slide else 10
+        row.update(ran=f'1 epoch ({len(rates)} windows of {window} steps), then validation',
                    throughput=float(np.median(rates)), unit='images/s (training, median window)')
         row['details'].update(metrics=lines, val_accuracy=last.get('val_accuracy'))
     elif stage == 'extract':
@@ -492,6 +495,8 @@ def main() -> int:
     parser.add_argument('--stages', default=','.join(STAGES))
     parser.add_argument('--prefix', type=int, default=300, help='patches per slide extracted')
     parser.add_argument('--steps', type=int, default=4, help='train.max_steps')
+    parser.add_argument('--patches-per-slide', type=int,
+                        help='learn.patches_per_slide (default: config), logged every 2 steps')
     parser.add_argument('--learn-batch', type=int, help='learn.batch_size (default: config)')
     parser.add_argument('--extract-batch', type=int, help='extract.batch_size (default: config)')
     parser.add_argument('--results', type=pathlib.Path, default=REPO / 'benchmarks' / 'results')
@@ -540,6 +545,9 @@ def main() -> int:
     overrides = [f'--config.data.manifest={args.slides_dir / "manifest.csv"}',
                  '--config.learn.epochs=1', f'--config.train.max_steps={args.steps}',
                  '--config.learn.log_every=10', '--config.train.log_every_epochs=1']
+    if args.patches_per_slide:  # a shorter epoch, logged every 2 steps
+        overrides += [f'--config.learn.patches_per_slide={args.patches_per_slide}',
+                      '--config.learn.log_every=2']
     if args.learn_batch:
         overrides.append(f'--config.learn.batch_size={args.learn_batch}')
     if args.extract_batch:
