@@ -94,9 +94,9 @@ def make_train_step(model: FeatureNet, s: float, m: float, augment: bool,
                 (loss, cosines), grads = gradient(state.params, *chunk)
                 return jax.tree.map(jnp.add, total, grads), (loss, cosines)
 
-            grads, (losses, cosines) = micro_batches_lib.one_after_another(
+            grads, (losses, cosines) = jax.lax.scan(  # memory: one micro-batch's activations
                 accumulate, jax.tree.map(jnp.zeros_like, state.params),
-                micro_batches_lib.split((images, batch['label']), micro_batches), micro_batches)
+                micro_batches_lib.split((images, batch['label']), micro_batches))
             grads = jax.tree.map(lambda g: g / micro_batches, grads)
             loss, cosines = losses.mean(), micro_batches_lib.merge(cosines)
         accuracy = jnp.mean(jnp.argmax(cosines, axis=-1) == batch['label'])

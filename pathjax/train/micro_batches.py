@@ -67,7 +67,11 @@ def one_after_another(function, carry, chunks, count: int):
     An optimization barrier makes each micro-batch wait for the previous one's carry, so XLA
     runs them in order and holds one micro-batch's temporaries at a time. Unrolled, not a
     `lax.scan`: in a loop body XLA's CPU backend leaves Eigen's convolutions for its generic
-    ones, and a VGG-16 train step ran more than 15x slower (BENCHMARKS.md)."""
+    ones, and a VGG-16 train step ran more than 15x slower (BENCHMARKS.md). Used for inference
+    (`mapped`); XLA's temporaries then bound at about one pass's 4x (4.8 GiB for extraction at
+    batch 64, 512 px, vs 1.1 GiB as a `lax.map`). The train step keeps `lax.scan`, whose
+    temporaries are one micro-batch's (2.2 GiB at batch 32 vs 16.6 GiB unrolled), at the loop's
+    speed, until its micro-batches run as separate calls from the host."""
     outputs = []
     for i in range(count):
         chunk = jax.tree.map(lambda x: x[i], chunks)
