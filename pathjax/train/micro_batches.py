@@ -10,7 +10,8 @@ process's CPU devices; small CPU configs keep the whole batch), memory is bounde
 size. The train step averages the micro-batches'
 gradients, which is the whole batch's mean gradient (the same batch, augmentation and loss;
 only the order of float additions differs). XLA's own buffers shrink the same way: at the
-defaults, 18 GiB -> 2.2 GiB for a train step and 8 GiB -> 1.1 GiB for extraction.
+defaults, 18 GiB -> 2.2 GiB for a train step (one CPU device; a `lax.scan` of micro-batches)
+and 8 GiB -> 4.5 GiB for extraction (two CPU devices; unrolled, see `one_after_another`).
 """
 
 import jax
@@ -68,9 +69,9 @@ def one_after_another(function, carry, chunks, count: int):
     runs them in order and holds one micro-batch's temporaries at a time. Unrolled, not a
     `lax.scan`: in a loop body XLA's CPU backend leaves Eigen's convolutions for its generic
     ones, and a VGG-16 train step ran more than 15x slower (BENCHMARKS.md). Used for inference
-    (`mapped`); XLA's temporaries then bound at about one pass's 4x (4.8 GiB for extraction at
-    batch 64, 512 px, vs 1.1 GiB as a `lax.map`). The train step keeps `lax.scan`, whose
-    temporaries are one micro-batch's (2.2 GiB at batch 32 vs 16.6 GiB unrolled), at the loop's
+    (`mapped`), though XLA then keeps more temporaries (4.5 GiB for extraction at batch 64,
+    512 px, 2 CPU devices, vs 1.0 GiB as a `lax.map`). The train step keeps `lax.scan`, whose
+    temporaries are one micro-batch's (2.0 GiB at batch 32 vs 15.4 GiB unrolled), at the loop's
     speed, until its micro-batches run as separate calls from the host."""
     outputs = []
     for i in range(count):
