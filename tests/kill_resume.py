@@ -17,7 +17,9 @@ resolving a change to resume or artifacts:
 
 With --processes 2 both runs are two processes (jax.distributed on localhost, one CPU device
 each); a kill point SIGKILLs one of them (process 0 and 1 in turn) and a second later the other,
-as a job scheduler stops a job whose task died, and the chain resumes with both.
+as a job scheduler stops a job whose task died, and the chain resumes with both. Process 0 builds
+the patch dataset alone, in about 0.4 s at test sizes: when process 1 is killed first, process 0
+finishes it within that second, and the stage's later points are missed (16 of 18 land).
 
 Exit status 0 when every stage had at least 3 kills land and the outputs match.
 """
