@@ -1,14 +1,14 @@
 """The feature store: each slide's patch features from the extract stage, and its graph file.
 
 `features/<slide_id>.npz` holds features float [N, D], coords int [N, 2] (level-0 x, y), grid
-int [N, 2] (row, col) and `network`, the identity of the feature network that made them (JSON). `graphs/<slide_id>.npz` holds all that the slide model reads of a slide,
-written once: its kNN graph for given (k, max_patches, seed) (the kept patch indices `kept` [n],
-`senders` and `receivers` int32 [E]) and the kept patches' `features` float32 [n, D], `grid`
-int32 [n, 2] and `coords` [n, 2]. A training step reads one graph file per slide, never the
-features file; a rerun or the evaluation does not search neighbours again. The graph file is
-keyed by the settings and by the features file it came from: its size, mtime and inode, and when
-those differ (a copied workdir) the BLAKE2 digest of its bytes, so rebuilt features always get a
-new graph.
+int [N, 2] (row, col) and `network`, the identity of the feature network that made them (JSON).
+`graphs/<slide_id>.npz` holds all that the slide model reads of a slide, written once: its kNN graph
+for given (k, max_patches, seed) (the kept patch indices `kept` [n], `senders` and `receivers` int32
+[E]) and the kept patches' `features` float32 [n, D], `grid` int32 [n, 2] and `coords` [n, 2]. A
+training step reads one graph file per slide, never the features file; a rerun or the evaluation
+does not search neighbours again. The graph file is keyed by the settings and by the features file
+it came from: its size, mtime and inode, and when those differ (a copied workdir) the BLAKE2 digest
+of its bytes, so rebuilt features always get a new graph.
 """
 
 import dataclasses

@@ -7,11 +7,11 @@ buffer for the whole batch at once: 3 x 3 x 64 floats per pixel for VGG-16's sec
 (std::bad_alloc) on most hosts. Run as micro-batches that reserve at most `CPU_PASS_BYTES` per
 process at a time (4 training or 8 extraction images of 512 px at full width, shared between the
 process's CPU devices; small CPU configs keep the whole batch), memory is bounded at any batch
-size. The train step averages the micro-batches'
-gradients, which is the whole batch's mean gradient (the same batch, augmentation and loss;
-only the order of float additions differs). XLA's own buffers shrink the same way: at the
-defaults, 18 GiB -> 2.2 GiB for a train step (one CPU device; a `lax.scan` of micro-batches)
-and 8 GiB -> 4.5 GiB for extraction (two CPU devices; unrolled, see `one_after_another`).
+size. The train step averages the micro-batches' gradients, which is the whole batch's mean
+gradient (the same batch, augmentation and loss; only the order of float additions differs).
+XLA's own buffers shrink too: at the defaults, 18 GiB -> 2.2 GiB for a train step (one CPU
+device; a `lax.scan` of micro-batches) and 8 GiB -> 4.5 GiB for extraction (two CPU devices;
+unrolled, see `mapped`).
 """
 
 import jax
@@ -61,39 +61,25 @@ def merge(tree):
     return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:]), tree)
 
 
-def one_after_another(function, carry, chunks, count: int):
-    """Folds function(carry, chunk) -> (carry, output) over the `count` micro-batches of
-    `chunks` (leaves [count, ...]), unrolled: returns (carry, outputs stacked [count, ...]); the
-    first call may get any `carry` (None).
-    An optimization barrier makes each micro-batch wait for the previous one's carry, so XLA
-    runs them in order and holds one micro-batch's temporaries at a time. Unrolled, not a
-    `lax.scan`: in a loop body XLA's CPU backend leaves Eigen's convolutions for its generic
-    ones, and a VGG-16 train step ran more than 15x slower (BENCHMARKS.md). Used for inference
-    (`mapped`), though XLA then keeps more temporaries (4.5 GiB for extraction at batch 64,
-    512 px, 2 CPU devices, vs 1.0 GiB as a `lax.map`). The train step keeps `lax.scan`, whose
-    temporaries are one micro-batch's (2.0 GiB at batch 32 vs 15.4 GiB unrolled), at the loop's
-    speed, until its micro-batches run as separate calls from the host."""
-    outputs = []
-    for i in range(count):
-        chunk = jax.tree.map(lambda x: x[i], chunks)
-        if i:
-            carry, chunk = jax.lax.optimization_barrier((carry, chunk))
-        carry, output = function(carry, chunk)
-        outputs.append(output)
-    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
-
-
 def mapped(function, count: int):
     """function(params, images [B, ...]) -> outputs [B, ...], computed `count` micro-batches at
-    a time, one after another."""
+    a time, one after another: unrolled, each micro-batch waiting for the previous one's output
+    through an optimization barrier, so XLA runs them in order. Not a `lax.map`: in a loop body
+    XLA's CPU backend leaves Eigen's convolutions for its generic ones, which ran a VGG-16 step
+    more than 15x slower (BENCHMARKS.md). The price is memory: XLA keeps more temporaries alive
+    than in the loop (4.5 GiB vs 1.0 GiB for extraction at batch 64, 512 px, 2 CPU devices). The
+    train step keeps its `lax.scan` (2.0 GiB at batch 32 vs 15.4 GiB unrolled), at the loop's
+    speed, until its micro-batches run as separate calls from the host."""
     if count == 1:
         return function
 
     def run(params, images):
-        def each(previous, chunk):  # the carry is the previous output: the order to keep
-            output = function(params, chunk)
-            return output, output
-
-        return merge(one_after_another(each, None, split(images, count), count)[1])
+        chunks, outputs = split(images, count), []
+        for i in range(count):
+            chunk = chunks[i]
+            if outputs:
+                _, chunk = jax.lax.optimization_barrier((outputs[-1], chunk))
+            outputs.append(function(params, chunk))
+        return merge(jax.tree.map(lambda *xs: jnp.stack(xs), *outputs))
 
     return run

@@ -26,9 +26,10 @@ SETTINGS = {**LEARNING_COHORT, 'learn.epochs': 1, 'learn.batch_size': 16, 'learn
 FLAGS = [f'--config.{k}={v}' for k, v in SETTINGS.items()]
 
 
-def launch(workdir, devices, *extra):
+def launch(workdir, devices, *extra, program=(str(REPO / 'launch.py'),)):
+    """launch.py (or `program`: arguments for python that run it) as a subprocess."""
     environment = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-    command = [sys.executable, str(REPO / 'launch.py'), '--config', str(REPO / 'configs/test.py'),
+    command = [sys.executable, *program, '--config', str(REPO / 'configs/test.py'),
                '--workdir', str(workdir), '--stages=learn_features', *FLAGS, *extra]
     return subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -47,6 +48,16 @@ def free_port():
     with socket.socket() as s:
         s.bind(('localhost', 0))
         return s.getsockname()[1]
+
+
+def outputs_of(processes, timeout: float) -> list[str]:
+    """Each process's output once it ended; a process still running after `timeout` seconds is
+    killed (a hung process must not outlive the test)."""
+    try:
+        return [p.communicate(timeout=timeout)[0] for p in processes]
+    finally:
+        for process in processes:
+            process.kill()
 
 
 def test_two_processes_train_like_one(patch_workdir, tmp_path):
@@ -88,11 +99,7 @@ def test_a_failure_on_the_leader_stops_every_process(patch_workdir, tmp_path):
                         f'--config.distributed.coordinator={coordinator}',
                         '--config.distributed.num_processes=2',
                         f'--config.distributed.process_id={i}') for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=120)[0] for p in processes]
-    finally:
-        for process in processes:  # a hung process must not outlive the test
-            process.kill()
+    outputs = outputs_of(processes, timeout=120)
     assert [p.returncode for p in processes] == [2, 2], outputs
     assert 'tile.mpp' in outputs[0]
     assert 'process(es) [0] stopped the run' in outputs[1]
@@ -116,18 +123,12 @@ def test_an_unexpected_error_on_one_process_stops_every_process(patch_workdir, t
     stop at once (exit 1), process 1 naming process 0 and its error."""
     workdir_with_patches(patch_workdir, tmp_path)
     coordinator = f'localhost:{free_port()}'
-    environment = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-    processes = [subprocess.Popen(
-        [sys.executable, '-c', WITH_A_BUG_ON_PROCESS_0, '--config', str(REPO / 'configs/test.py'),
-         '--workdir', str(tmp_path), '--stages=tile', *FLAGS,
-         f'--config.distributed.coordinator={coordinator}', '--config.distributed.num_processes=2',
-         f'--config.distributed.process_id={i}'], cwd=REPO, env=environment,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=120)[0] for p in processes]
-    finally:
-        for process in processes:  # a hung process must not outlive the test
-            process.kill()
+    processes = [launch(tmp_path, 1, '--stages=tile',
+                        f'--config.distributed.coordinator={coordinator}',
+                        '--config.distributed.num_processes=2',
+                        f'--config.distributed.process_id={i}',
+                        program=('-c', WITH_A_BUG_ON_PROCESS_0)) for i in range(2)]
+    outputs = outputs_of(processes, timeout=120)
     assert [p.returncode for p in processes] == [1, 1], outputs
     assert 'Traceback' in outputs[0] and 'planted bug' in outputs[0]
     assert ('process(es) [0] stopped the run: process 0: tile: unexpected RuntimeError on '
@@ -136,11 +137,7 @@ def test_an_unexpected_error_on_one_process_stops_every_process(patch_workdir, t
 
 def run_together(processes):
     """Waits for the processes; asserts they succeeded."""
-    try:
-        outputs = [p.communicate(timeout=400)[0] for p in processes]
-    finally:
-        for process in processes:  # a hung process must not outlive the test
-            process.kill()
+    outputs = outputs_of(processes, timeout=400)
     assert [p.returncode for p in processes] == [0] * len(processes), outputs
 
 
