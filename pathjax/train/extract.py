@@ -13,6 +13,7 @@ With several hosts, each extracts its own share of the slides on its own devices
 import collections
 import hashlib
 import json
+import zipfile
 
 import jax
 import numpy as np
@@ -167,16 +168,22 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
 
 
 def _finished(workdir, slide_id: str, network: str) -> SlideEntry | None:
-    """The entry of a slide whose features file exists and was made by `network`, else None."""
+    """The entry of a slide whose features file exists, reads, and was made by `network`, else
+    None (the slide is extracted again)."""
     path = features_path(workdir, slide_id)
     if not path.exists():
         return None
-    made_by = features_network(path)
+    try:
+        made_by = features_network(path)
+        count = len(artifacts.load_npz(path, ('coords',))['coords'])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        logging.warning('extract: cannot read %s (%s): extracting again', path, error)
+        return None
     if made_by != network:
         logging.info('extract: the features of %s came from another feature network (%s; now '
                      '%s): extracting again', slide_id, made_by or 'not recorded', network)
         return None
-    return SlideEntry(slide_id, OK, patches=len(artifacts.load_npz(path, ('coords',))['coords']))
+    return SlideEntry(slide_id, OK, patches=count)
 
 
 def _patch_count(workdir, record: SlideRecord) -> int:

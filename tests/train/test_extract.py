@@ -60,6 +60,12 @@ def test_baseline_extraction_writes_every_tiled_slide(patch_workdir, tmp_path, m
     extract.run(config, workdir, cohort)
     assert {p: p.stat().st_mtime_ns for p in (workdir / 'features').glob('*.npz')} == before
     assert len(loaded) == 1
+    # A damaged features file (a disk fault, a bad copy) is extracted again, not a crash.
+    damaged = extract.features_path(workdir, record.slide_id)
+    damaged.write_bytes(b'not an npz file')
+    entries = extract.run(config, workdir, cohort)
+    assert all(e.status == 'ok' for e in entries)
+    np.testing.assert_array_equal(artifacts.load_npz(damaged)['coords'], tiles['coords'])
 
 
 def test_extraction_uses_the_trained_network_and_survives_a_lost_slide(patch_workdir, tmp_path):
