@@ -119,10 +119,7 @@ def xla_memory(learn_batch: int, extract_batch: int) -> None:
                                       patch_buffer_bytes(size, width, training))
               for name, batch_size, training in (('learn', learn_batch, True),
                                                  ('extract', extract_batch, False))}
-    step = feature_learning.make_train_step(model, config.am_softmax.s, config.am_softmax.m, True,
-                                            passes['learn'])
-    train = jax.jit(step, donate_argnums=0, compiler_options=options).lower(
-        state, batch, jax.random.key(0)).compile().memory_analysis()
+    train = learn_step_memory(model, config, passes['learn'], state, batch, whole, split, options)
     features = jax.jit(mapped(lambda p, x: model.apply({'params': p}, x,
                                                        method=FeatureNet.features),
                               passes['extract']),
@@ -157,6 +154,26 @@ def xla_memory(learn_batch: int, extract_batch: int) -> None:
         analysis[name].update(passes=passes[name], patch_buffer=patch_buffer_bytes(size, width, training)
                               * batch_size // passes[name])
     print(json.dumps(analysis))
+
+
+def learn_step_memory(model, config, passes, state, batch, replicated, batched, options):
+    """The memory analysis of the train step's largest compiled call (its only one when the batch
+    runs in one pass; else the largest of `AccumulatedStep`'s calls)."""
+    import jax
+    from pathjax.train import feature_learning
+    step = feature_learning.compile_train_step(model, config.am_softmax.s, config.am_softmax.m,
+                                               True, passes, replicated, batched, options)
+    key = jax.random.key(0)
+    if passes == 1:
+        return step.lower(state, batch, key).compile().memory_analysis()
+    train = {'image': batch['image'], 'label': batch['label']}
+    chunks = jax.eval_shape(step.split_inputs, train, key)
+    total, metrics = jax.eval_shape(step.first, state.params, chunks[0])
+    analyses = [step.split_inputs.lower(train, key), step.first.lower(state.params, chunks[0]),
+                step.add.lower(total, state.params, chunks[1]),
+                step.update.lower(state, total, [metrics] * passes)]
+    return max((lowered.compile().memory_analysis() for lowered in analyses),
+               key=lambda analysis: analysis.temp_size_in_bytes)
 
 
 # ---- running stages ----
@@ -317,10 +334,12 @@ def bounds(workers: int, xla: dict, learn_batch: int, extract_batch: int) -> dic
                     'not all sampled patches (600 x 0.75 MiB)'),
         'learn_features': (RUNTIME + learn['temp'] + learn['patch_buffer']
                            + 3 * learn['arguments'] + GIB // 2,
-                           f'1 GiB runtime + XLA temp of one batch of {learn_batch} over '
-                           f'{learn["devices"]} CPU device(s) in {learn["passes"]} micro-batches ({learn["temp"] / GIB:.1f} GiB) + '
+                           f'1 GiB runtime + XLA temp of the largest compiled call of a batch of '
+                           f'{learn_batch} over {learn["devices"]} CPU device(s) in '
+                           f'{learn["passes"]} micro-batch calls ({learn["temp"] / GIB:.1f} GiB) + '
                            f'Eigen\'s patch buffer of one pass ({learn["patch_buffer"] / GIB:.1f} '
-                           'GiB) + 3 x train state on each device + 0.5 GiB of input batches'),
+                           'GiB) + 3 x that call\'s arguments on each device (the train state, '
+                           'gradient sum and new gradients) + 0.5 GiB of input batches'),
         'extract': (RUNTIME + extract['temp'] + extract['patch_buffer'] + extract['arguments']
                     + GIB // 2,
                     f'1 GiB runtime + XLA temp of one batch of {extract_batch} over '

@@ -1,8 +1,8 @@
 """The `learn_features` stage: VGG-16 + AM-softmax trained on patches labelled by their slide.
 
-One jitted train step `(state, batch, rng) -> (state, metrics)` runs data parallel over the
+A compiled train step `(state, batch, rng) -> (state, metrics)` runs data parallel over the
 mesh's `data` axis (state replicated and donated, batch sharded); the D4 augmentation runs inside
-it. Each epoch ends with the validation patch accuracy and an Orbax checkpoint; a rerun resumes
+it (on CPU at 512 px, as several calls of micro-batches: `micro_batches.AccumulatedStep`). Each epoch ends with the validation patch accuracy and an Orbax checkpoint; a rerun resumes
 from the latest checkpoint, and because the data order depends only on (seed, epoch) and the step
 randomness only on (seed, step), it ends with the same parameters as an uninterrupted run. A NaN
 loss stops the run with the last good checkpoint kept.
@@ -71,38 +71,50 @@ def initial_params(model: FeatureNet, config, patch_size: int) -> dict:
     return params
 
 
-def make_train_step(model: FeatureNet, s: float, m: float, augment: bool,
-                    micro_batches: int = 1):
-    """(state, batch {'image' uint8 [B, P, P, 3], 'label' int32 [B]}, rng) -> (state, metrics).
+def make_train_parts(model: FeatureNet, s: float, m: float, augment: bool):
+    """The train step's two halves: prepare(batch, rng) -> {'image', 'label'} (the D4
+    augmentation, drawn for the whole batch) and gradient(params, inputs) -> (grads, {'loss',
+    'accuracy'}) of the mean AM-softmax loss over the inputs' rows."""
 
-    With micro_batches > 1 the batch's gradient is the mean of its micro-batches' (see
-    `micro_batches`): the same update in less memory.
-    """
+    def prepare(batch, rng):
+        images = random_d4(rng, batch['image']) if augment else batch['image']
+        return {'image': images, 'label': batch['label']}
 
-    def loss_fn(params, images, labels):
-        _, cosines = model.apply({'params': params}, images)
-        return am_softmax_loss(cosines, labels, s, m), cosines
+    def loss_fn(params, inputs):
+        _, cosines = model.apply({'params': params}, inputs['image'])
+        return am_softmax_loss(cosines, inputs['label'], s, m), cosines
 
-    gradient = jax.value_and_grad(loss_fn, has_aux=True)
+    def gradient(params, inputs):
+        (loss, cosines), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, inputs)
+        accuracy = jnp.mean(jnp.argmax(cosines, axis=-1) == inputs['label'])
+        return grads, {'loss': loss, 'accuracy': accuracy}
+
+    return prepare, gradient
+
+
+def make_train_step(model: FeatureNet, s: float, m: float, augment: bool):
+    """(state, batch {'image' uint8 [B, P, P, 3], 'label' int32 [B]}, rng) -> (state, metrics):
+    the whole batch in one program (GPU, TPU, and CPU batches that fit in one pass)."""
+    prepare, gradient = make_train_parts(model, s, m, augment)
 
     def train_step(state: TrainState, batch, rng):
-        images = random_d4(rng, batch['image']) if augment else batch['image']
-        if micro_batches == 1:
-            (loss, cosines), grads = gradient(state.params, images, batch['label'])
-        else:
-            def accumulate(total, chunk):
-                (loss, cosines), grads = gradient(state.params, *chunk)
-                return jax.tree.map(jnp.add, total, grads), (loss, cosines)
-
-            grads, (losses, cosines) = jax.lax.scan(  # memory: one micro-batch's activations
-                accumulate, jax.tree.map(jnp.zeros_like, state.params),
-                micro_batches_lib.split((images, batch['label']), micro_batches))
-            grads = jax.tree.map(lambda g: g / micro_batches, grads)
-            loss, cosines = losses.mean(), micro_batches_lib.merge(cosines)
-        accuracy = jnp.mean(jnp.argmax(cosines, axis=-1) == batch['label'])
-        return state.apply_gradients(grads=grads), {'loss': loss, 'accuracy': accuracy}
+        grads, metrics = gradient(state.params, prepare(batch, rng))
+        return state.apply_gradients(grads=grads), metrics
 
     return train_step
+
+
+def compile_train_step(model: FeatureNet, s: float, m: float, augment: bool, micro_batches: int,
+                       replicated, batched, compiler_options=None):
+    """The compiled train step (state donated, batch sharded over `batched`): one program, or
+    with micro_batches > 1 an `AccumulatedStep` of that many calls with the same update."""
+    if micro_batches == 1:
+        return jax.jit(make_train_step(model, s, m, augment),
+                       in_shardings=(replicated, batched, replicated),
+                       out_shardings=(replicated, replicated), donate_argnums=0,
+                       compiler_options=compiler_options)
+    return micro_batches_lib.AccumulatedStep(*make_train_parts(model, s, m, augment),
+                                             micro_batches, replicated, batched, compiler_options)
 
 
 def make_eval_step(model: FeatureNet, micro_batches: int = 1):
@@ -146,12 +158,10 @@ class FeatureTrainer:
             self.batch_size, self.mesh.devices.size, config.micro_batch, 'learn.batch_size',
             micro_batches_lib.patch_buffer_bytes(config.tile.patch_size,
                                                  config.feature_net.width, training=True))
-        step = make_train_step(self.model, config.am_softmax.s, config.am_softmax.m,
-                               config.learn.augment == 'd4', micro_batches)
         options = conv_compiler_options()
-        self.train_step = jax.jit(step, in_shardings=(replicated, batched, replicated),
-                                  out_shardings=(replicated, replicated), donate_argnums=0,
-                                  compiler_options=options)
+        self.train_step = compile_train_step(
+            self.model, config.am_softmax.s, config.am_softmax.m, config.learn.augment == 'd4',
+            micro_batches, replicated, batched, options)
         self.eval_step = jax.jit(make_eval_step(self.model, micro_batches),
                                  in_shardings=(replicated, batched),
                                  out_shardings=replicated, compiler_options=options)

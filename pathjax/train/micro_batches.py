@@ -10,9 +10,17 @@ process's CPU devices; small CPU configs keep the whole batch), memory is bounde
 size. The train step averages the micro-batches' gradients, which is the whole batch's mean
 gradient (the same batch, augmentation and loss; only the order of float additions differs).
 XLA's own buffers shrink too: at the defaults, 18 GiB -> 2.2 GiB for a train step (one CPU
-device; a `lax.scan` of micro-batches) and 8 GiB -> 4.5 GiB for extraction (two CPU devices;
-unrolled, see `mapped`).
+device; `AccumulatedStep`) and 8 GiB -> 4.5 GiB for extraction (two CPU devices; see `mapped`).
+
+Why the micro-batches are not a `lax.scan` / `lax.map`: in a loop body XLA's CPU backend leaves
+Eigen's convolutions for its generic ones, which ran a VGG-16 train step more than 15x slower
+(BENCHMARKS.md). Unrolled in one program they run at full speed, but XLA keeps more temporaries
+alive (a train step at batch 32, 512 px: 15.4 GiB unrolled vs 2.0 GiB scanned). So inference
+unrolls (`mapped`: 4.5 GiB vs 1.0 GiB at batch 64) and training runs each micro-batch as its
+own compiled call from the host (`AccumulatedStep`: one micro-batch's temporaries, full speed).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -63,13 +71,9 @@ def merge(tree):
 
 def mapped(function, count: int):
     """function(params, images [B, ...]) -> outputs [B, ...], computed `count` micro-batches at
-    a time, one after another: unrolled, each micro-batch waiting for the previous one's output
-    through an optimization barrier, so XLA runs them in order. Not a `lax.map`: in a loop body
-    XLA's CPU backend leaves Eigen's convolutions for its generic ones, which ran a VGG-16 step
-    more than 15x slower (BENCHMARKS.md). The price is memory: XLA keeps more temporaries alive
-    than in the loop (4.5 GiB vs 1.0 GiB for extraction at batch 64, 512 px, 2 CPU devices). The
-    train step keeps its `lax.scan` (2.0 GiB at batch 32 vs 15.4 GiB unrolled), at the loop's
-    speed, until its micro-batches run as separate calls from the host."""
+    a time, one after another in one program: unrolled, each micro-batch waiting for the previous
+    one's output through an optimization barrier, so XLA runs them in order (not a `lax.map`:
+    see the module's docstring)."""
     if count == 1:
         return function
 
@@ -83,3 +87,51 @@ def mapped(function, count: int):
         return merge(jax.tree.map(lambda *xs: jnp.stack(xs), *outputs))
 
     return run
+
+
+class AccumulatedStep:
+    """A train step (state, batch, rng) -> (state, metrics) whose gradient is the mean of `count`
+    micro-batches' gradients, each computed by its own compiled call issued from the host.
+
+    prepare(batch, rng) -> inputs {name: [B, ...]} runs once on the whole batch (so augmentation
+    is drawn as for the whole batch); gradient(params, inputs of B / count rows) -> (grads,
+    metrics {name: scalar mean over the rows}). The calls are chained through the gradient sum
+    (donated from call to call), so they run one after another and only one micro-batch's
+    temporaries exist at a time. The update and the metrics are those of the whole batch: the
+    micro-batches are equal in size, so the mean of their means is the batch's mean. With the
+    batch sharded over `batched`'s devices, each micro-batch keeps every device's rows (`split`).
+    """
+
+    def __init__(self, prepare, gradient, count: int, replicated, batched, compiler_options=None):
+        self.count = count
+        jit = functools.partial(jax.jit, compiler_options=compiler_options)
+
+        def split_inputs(batch, rng):
+            chunks = split(prepare(batch, rng), count)
+            return tuple(jax.tree.map(lambda x: x[i], chunks) for i in range(count))
+
+        def add(total, params, inputs):
+            grads, metrics = gradient(params, inputs)
+            return jax.tree.map(jnp.add, total, grads), metrics
+
+        def update(state, total, metrics):
+            grads = jax.tree.map(lambda g: g / count, total)
+            means = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *metrics)
+            return state.apply_gradients(grads=grads), means
+
+        self.split_inputs = jit(split_inputs, in_shardings=(batched, replicated),
+                                out_shardings=batched)
+        self.first = jit(gradient, in_shardings=(replicated, batched),
+                         out_shardings=replicated)
+        self.add = jit(add, in_shardings=(replicated, replicated, batched),
+                       out_shardings=replicated, donate_argnums=0)
+        self.update = jit(update, out_shardings=replicated, donate_argnums=0)
+
+    def __call__(self, state, batch, rng):
+        chunks = self.split_inputs(batch, rng)
+        total, first_metrics = self.first(state.params, chunks[0])
+        metrics = [first_metrics]
+        for inputs in chunks[1:]:
+            total, chunk_metrics = self.add(total, state.params, inputs)
+            metrics.append(chunk_metrics)
+        return self.update(state, total, metrics)

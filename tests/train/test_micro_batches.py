@@ -9,7 +9,8 @@ import pytest
 from pathjax.errors import UsageError
 from pathjax.models.feature_net import FeatureNet
 from pathjax.train import micro_batches, sharding
-from pathjax.train.feature_learning import TrainState, make_eval_step, make_train_step
+from pathjax.train.feature_learning import (TrainState, compile_train_step, make_eval_step,
+                                            make_train_parts, make_train_step)
 
 
 def test_split_takes_strided_rows_and_merge_restores_the_order():
@@ -55,23 +56,22 @@ def tiny_model_and_batch(count=16):
 
 @pytest.mark.parametrize('devices', [1, 8])
 def test_accumulated_step_equals_the_whole_batch_step(devices):
-    """4 micro-batches (with the D4 augmentation drawn for the whole batch) give the whole
-    batch's loss, accuracy and update; sharded over 8 devices too."""
-    model, batch, params = tiny_model_and_batch()
+    """4 micro-batches as separate calls (with the D4 augmentation drawn for the whole batch)
+    give the whole batch's loss, accuracy and update; sharded over 8 devices too."""
+    model, batch, params = tiny_model_and_batch(32)  # 4 rows per device, 1 per call
     mesh = sharding.make_mesh(devices)
     replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     train = {'image': batch['image'], 'label': batch['label']}
     results = []
     for count in (1, 4):
-        step = jax.jit(make_train_step(model, s=30.0, m=0.35, augment=True, micro_batches=count),
-                       in_shardings=(replicated, batched, replicated),
-                       out_shardings=(replicated, replicated))
+        step = compile_train_step(model, 30.0, 0.35, True, count, replicated, batched)
+        assert isinstance(step, micro_batches.AccumulatedStep) == (count > 1)
         state = jax.device_put(TrainState.create(apply_fn=model.apply, params=params,
                                                  tx=optax.sgd(0.1)), replicated)
         state, metrics = step(state, train, jax.random.key(1))
         results.append(jax.device_get((state.params, metrics)))
     (whole, whole_metrics), (micro, micro_metrics) = results
-    assert micro_metrics['accuracy'] == whole_metrics['accuracy']
+    np.testing.assert_allclose(micro_metrics['accuracy'], whole_metrics['accuracy'], rtol=1e-6)
     np.testing.assert_allclose(micro_metrics['loss'], whole_metrics['loss'], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(micro), jax.tree.leaves(whole)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -90,20 +90,49 @@ def test_mapped_evaluation_and_features_equal_the_whole_batch():
 
 
 def test_micro_batches_bound_the_train_steps_memory():
-    """VGG-16 at full width, 256 px, batch 32: the compiled step's temporaries with 8 passes of
-    4 images are a fraction of the whole batch's (the activations of 4 images, not 32)."""
+    """VGG-16 at full width, 256 px, batch 32: the temporaries of each compiled call of an
+    8-pass step (4 images a call) are a fraction of the whole batch's (the activations of 4
+    images, not 32)."""
     model = FeatureNet(num_classes=2)
     images = jax.ShapeDtypeStruct((32, 256, 256, 3), jnp.uint8)
     labels = jax.ShapeDtypeStruct((32,), jnp.int32)
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.uint8))
     state = jax.eval_shape(lambda p: TrainState.create(apply_fn=model.apply, params=p,
                                                        tx=optax.adam(1e-4)), params['params'])
+    batch, key = {'image': images, 'label': labels}, jax.random.key(0)
 
-    def temporaries(count):
-        step = make_train_step(model, s=30.0, m=0.35, augment=True, micro_batches=count)
-        compiled = jax.jit(step).lower(state, {'image': images, 'label': labels},
-                                       jax.random.key(0)).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
+    def temporaries(function, *args):
+        return function.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
-    whole, micro = temporaries(1), temporaries(8)
-    assert micro < whole / 4, (micro, whole)
+    whole = temporaries(jax.jit(make_train_step(model, 30.0, 0.35, True)), state, batch, key)
+    mesh = sharding.make_mesh(1)
+    step = compile_train_step(model, 30.0, 0.35, True, 8, sharding.replicated(mesh),
+                              sharding.batch_sharded(mesh))
+    chunks = jax.eval_shape(step.split_inputs, batch, key)
+    assert len(chunks) == 8 and chunks[0]['image'].shape == (4, 256, 256, 3)
+    total, metrics = jax.eval_shape(step.first, state.params, chunks[0])
+    calls = [temporaries(step.split_inputs, batch, key),
+             temporaries(step.first, state.params, chunks[0]),
+             temporaries(step.add, total, state.params, chunks[1]),
+             temporaries(step.update, state, total, [metrics] * 8)]
+    assert max(calls) < whole / 4, (calls, whole)
+
+
+def test_accumulated_calls_are_chained_through_the_gradient_sum():
+    """Each micro-batch's call takes the running sum donated, so the calls run in order and one
+    micro-batch's buffers are alive at a time."""
+    model, batch, params = tiny_model_and_batch()
+    mesh = sharding.make_mesh(1)
+    prepare, gradient = make_train_parts(model, 30.0, 0.35, True)
+    step = micro_batches.AccumulatedStep(prepare, gradient, 4, sharding.replicated(mesh),
+                                         sharding.batch_sharded(mesh))
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
+    train = {'image': batch['image'], 'label': batch['label']}
+    chunks = step.split_inputs(train, jax.random.key(1))
+    total, _ = step.first(state.params, chunks[0])
+    summed, _ = step.add(total, state.params, chunks[1])
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(total))  # donated to the next call
+    expected = jax.tree.map(jnp.add, gradient(state.params, chunks[0])[0],
+                            gradient(state.params, chunks[1])[0])
+    for a, b in zip(jax.tree.leaves(summed), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
