@@ -44,7 +44,8 @@ from pathjax.models.feature_net import create_feature_net
 from pathjax.slides import stain, tile_stage
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
 from pathjax.slides.reader import resize, rgba_to_rgb
-from pathjax.train import extract, sharding
+from pathjax.train import extract
+from pathjax.runtime import sharding
 from rows import print_table, row
 
 

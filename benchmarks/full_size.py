@@ -96,7 +96,8 @@ def xla_memory(learn_batch: int, extract_batch: int) -> None:
     import jraph
     from pathjax.data import graphs
     from pathjax.models.feature_net import FeatureNet, create_feature_net
-    from pathjax.train import feature_learning, sharding, slide_training
+    from pathjax.train import feature_learning, slide_training
+    from pathjax.runtime import sharding
     from pathjax.train.micro_batches import mapped, micro_batch_count, patch_buffer_bytes
     from pathjax.train.xla_options import conv_compiler_options
     mesh = sharding.make_mesh()

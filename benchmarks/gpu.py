@@ -146,7 +146,8 @@ def section_vgg(sizes: Sizes, _) -> list[dict]:
     import slide_files
     from feature_net import model_flops, random_params
     from pathjax.models.feature_net import FeatureNet, create_feature_net
-    from pathjax.train import feature_learning, train_state
+    from pathjax.train import feature_learning
+    from pathjax.runtime import train_state
     from pathjax.train.xla_options import conv_compiler_options
     rows, rng = [], np.random.default_rng(0)
     size, options = sizes.image, conv_compiler_options()
@@ -238,7 +239,8 @@ def slide_row(sizes: Sizes, spec: dict) -> dict:
     import slide_files
     from feature_net import random_params
     from pathjax.models.slide_transformer import create_slide_model
-    from pathjax.train import slide_training, train_state
+    from pathjax.train import slide_training
+    from pathjax.runtime import train_state
     nodes, attention, dtype = spec['nodes'], spec['attention'], spec['dtype']
     config = slide_files.config(**{'dtype': dtype, 'slide_net.attention': attention,
                                    **sizes.slide_net})

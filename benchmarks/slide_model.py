@@ -65,7 +65,7 @@ from pathjax.data import graphs
 from pathjax.models.blocked_attention import blocked_attention
 from pathjax.models.encoding import BASE
 from pathjax.models.slide_transformer import BatchedSlideTransformer
-from pathjax.train import sharding
+from pathjax.runtime import sharding
 from pathjax.train.slide_training import TrainState, create_optimizer, make_train_step
 from rows import row
 

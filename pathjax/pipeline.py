@@ -20,7 +20,8 @@ from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
 from pathjax.slides import stain, synthetic, tile_stage
 from pathjax.slides.tissue import TissueRule
 from pathjax.evaluate import evaluate_stage
-from pathjax.train import extract, feature_learning, sharding, slide_training
+from pathjax.train import extract, feature_learning, slide_training
+from pathjax.runtime import sharding
 
 
 class Stage(NamedTuple):

@@ -19,7 +19,7 @@ from pathjax.models import blocked_attention, compute_dtype
 from pathjax.models.feature_net import create_feature_net
 from pathjax.models.slide_transformer import create_slide_model
 from pathjax.train import feature_learning, slide_training
-from pathjax.train.train_state import TrainState
+from pathjax.runtime.train_state import TrainState
 from pathjax.train.xla_options import conv_compiler_options
 from tests.conftest import make_config
 

@@ -18,7 +18,7 @@ from pathjax.evaluate import heatmaps, report
 from pathjax.evaluate.metrics import slide_metrics
 from pathjax.slides.tile_stage import thumbnail_path, tiles_path
 from pathjax.stage_report import ERROR, OK, SlideEntry
-from pathjax.train import sharding
+from pathjax.runtime import sharding
 from pathjax.train.slide_training import (SlideSet, SlideTrainer, feature_dim, load_splits,
                                           restore_params)
 

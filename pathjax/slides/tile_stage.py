@@ -206,7 +206,7 @@ def run(config, workdir: str, cohort: Cohort) -> list[SlideEntry]:
     the process that scanned the slide in this run); on the others, their own slides' entries."""
     # Imported here: spawned slide workers import this module and must not load jax.
     import jax
-    from pathjax.train import sharding
+    from pathjax.runtime import sharding
     workdir = str(workdir)
     if sharding.is_leader():
         for folder in ('tiles', 'tiles/.scan', 'qc', 'thumbnails'):

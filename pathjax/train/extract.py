@@ -29,9 +29,9 @@ from pathjax.slides.patch_stream import PatchReader, SlidePatches
 from pathjax.slides.reader import SlideError
 from pathjax.slides.tile_stage import tiles_path
 from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
-from pathjax.train import sharding
+from pathjax.runtime import sharding
 from pathjax.train.micro_batches import mapped, micro_batch_count, patch_buffer_bytes
-from pathjax.train.checkpoint import Checkpoints
+from pathjax.runtime.checkpoint import Checkpoints
 from pathjax.train.xla_options import conv_compiler_options
 from pathjax.train.feature_learning import (abstract_state, create_optimizer, initial_params,
                                              run_dir)

@@ -27,9 +27,10 @@ from pathjax.errors import StageError, UsageError
 from pathjax.models.am_softmax import am_softmax_loss
 from pathjax.models.feature_net import FeatureNet, create_feature_net
 from pathjax.models.pretrained import PretrainedWeightsError, load_pretrained_trunk
-from pathjax.train import micro_batches as micro_batches_lib, sharding, train_state
-from pathjax.train.checkpoint import Checkpoints
-from pathjax.train.train_state import TrainState
+from pathjax.train import micro_batches as micro_batches_lib
+from pathjax.runtime import sharding, train_state
+from pathjax.runtime.checkpoint import Checkpoints
+from pathjax.runtime.train_state import TrainState
 from pathjax.train.xla_options import conv_compiler_options
 
 

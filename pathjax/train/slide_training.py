@@ -31,9 +31,9 @@ from pathjax.errors import StageError
 from pathjax.evaluate import heatmaps
 from pathjax.evaluate.metrics import slide_metrics, to_json_safe
 from pathjax.models.slide_transformer import create_slide_model
-from pathjax.train import sharding, train_state
-from pathjax.train.checkpoint import Checkpoints
-from pathjax.train.train_state import TrainState
+from pathjax.runtime import sharding, train_state
+from pathjax.runtime.checkpoint import Checkpoints
+from pathjax.runtime.train_state import TrainState
 
 
 @dataclasses.dataclass

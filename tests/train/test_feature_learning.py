@@ -9,8 +9,9 @@ import pytest
 
 from pathjax.errors import StageError
 from pathjax.models.feature_net import FeatureNet
-from pathjax.train import feature_learning, sharding
-from pathjax.train.checkpoint import Checkpoints
+from pathjax.train import feature_learning
+from pathjax.runtime import sharding
+from pathjax.runtime.checkpoint import Checkpoints
 from pathjax.train.feature_learning import FeatureTrainer, TrainState, make_train_step
 from tests.conftest import LEARNING_COHORT, make_config, workdir_with_patches
 

@@ -8,7 +8,8 @@ import pytest
 
 from pathjax.errors import UsageError
 from pathjax.models.feature_net import FeatureNet
-from pathjax.train import micro_batches, sharding
+from pathjax.train import micro_batches
+from pathjax.runtime import sharding
 from pathjax.train.feature_learning import (TrainState, compile_train_step, make_eval_step,
                                             make_train_parts, make_train_step)
 

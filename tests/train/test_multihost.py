@@ -15,7 +15,7 @@ import pytest
 from pathjax import artifacts
 from pathjax.slides import synthetic
 from pathjax.train import feature_learning
-from pathjax.train.checkpoint import Checkpoints
+from pathjax.runtime.checkpoint import Checkpoints
 from pathjax.train.feature_learning import FeatureTrainer
 from tests import kill_resume
 from tests.conftest import LEARNING_COHORT, REPO, make_config, workdir_with_patches

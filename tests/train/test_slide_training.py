@@ -19,8 +19,9 @@ from pathjax.data import synthetic_bags
 from pathjax.data.features import GraphSettings, features_path
 from pathjax.errors import UsageError
 from pathjax.evaluate import evaluate_stage, report
-from pathjax.train import sharding, slide_training
-from pathjax.train.checkpoint import Checkpoints
+from pathjax.train import slide_training
+from pathjax.runtime import sharding
+from pathjax.runtime.checkpoint import Checkpoints
 from pathjax.train.slide_training import SlideTrainer, TrainState, load_slides
 from tests.conftest import REPO, make_config
 

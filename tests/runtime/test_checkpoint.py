@@ -7,7 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from pathjax.train.checkpoint import KEEP_LATEST, Checkpoints
+from pathjax.runtime.checkpoint import KEEP_LATEST, Checkpoints
 
 
 def state_of(value: float) -> dict:
