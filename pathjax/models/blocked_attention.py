@@ -25,7 +25,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 from jax.sharding import PartitionSpec, get_abstract_mesh
 
-SLIDE_AXIS = 'data'  # the mesh axis a batch of slides is split over (train.sharding.DATA_AXIS)
+SLIDE_AXIS = 'data'  # the mesh axis a batch of slides is split over (runtime.sharding.DATA_AXIS)
 
 
 class Blocks(NamedTuple):
