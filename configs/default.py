@@ -24,7 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.classes = ('wild_type', 'mutant')  # label names; index = class id
     config.data.split_fractions = (0.7, 0.15, 0.15)  # train, val, test (by case, stratified)
     config.data.folds = 0  # > 1: k-fold cross-validation by case instead of split_fractions
-    config.data.fold = 0  # with folds > 1: the test fold (the next fold is validation)
+    config.data.fold = 0  # with folds > 1: the test fold (the next fold is validation); -1:
+    # every fold in one run, each in <workdir>/folds/<k>/, summarized in <workdir>/cv/
+    config.data.split_seed = 0  # deals cases to splits or folds; `seed` (training) leaves them
     # A generated cohort, used when data.manifest is empty (demo, tests, benchmarks).
     config.data.synthetic = ml_collections.ConfigDict()
     config.data.synthetic.num_slides = 0

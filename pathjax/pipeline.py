@@ -12,8 +12,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 from absl import logging
 
-from pathjax import (artifacts, cohort as cohort_lib, cpu_devices, determinism, provenance,
-                     stage_report)
+from pathjax import (artifacts, cohort as cohort_lib, cpu_devices, cross_validation,
+                     determinism, provenance, stage_report)
 from pathjax.errors import StageError, UsageError
 from pathjax.data import patches
 from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
@@ -40,9 +40,9 @@ class Stage(NamedTuple):
 
 STAGES = (
     Stage('tile', tile_stage.run, True,
-          ('seed', 'data.classes', 'data.split_fractions', 'data.folds', 'data.fold',
+          ('data.classes', 'data.split_fractions', 'data.folds', 'data.fold', 'data.split_seed',
            'data.synthetic', 'tile', 'tissue', 'stain'), 'tiles/, qc/, thumbnails/, stain/'),
-    Stage('patches', patches.run, False, ('learn.patches_per_slide',), 'patches/'),
+    Stage('patches', patches.run, False, ('seed', 'learn.patches_per_slide'), 'patches/'),
     Stage('learn_features', feature_learning.run, True,
           ('feature_net', 'am_softmax', 'learn.batch_size', 'learn.optimizer', 'learn.lr',
            'learn.lr_schedule', 'learn.momentum', 'learn.weight_decay', 'learn.grad_clip',
@@ -80,8 +80,9 @@ def check_config(config) -> list[str]:
             f'data.split_fractions must be (train, val, test) >= 0 with train > 0, got {fractions}')
     require(config.data.folds >= 0, f'data.folds must be >= 0, got {config.data.folds}')
     if config.data.folds > 1:
-        require(0 <= config.data.fold < config.data.folds,
-                f'data.fold must be in [0, {config.data.folds}), got {config.data.fold}')
+        require(-1 <= config.data.fold < config.data.folds,
+                f'data.fold must be in [0, {config.data.folds}) or -1 (every fold), got '
+                f'{config.data.fold}')
     if config.data.manifest:
         require(os.path.isfile(config.data.manifest),
                 f'data.manifest: file not found: {config.data.manifest}')
@@ -180,8 +181,9 @@ def check_config(config) -> list[str]:
     return problems
 
 
-def prepare_cohort(config, workdir: pathlib.Path) -> cohort_lib.Cohort:
-    """The validated, split cohort; also written to <workdir>/cohort.csv."""
+def prepare_cohort(config, workdir: pathlib.Path) -> tuple[cohort_lib.Cohort, pathlib.Path]:
+    """The validated, split cohort (also written to <workdir>/cohort.csv) and its manifest
+    (`data.manifest`, or the generated cohort's)."""
     manifest = config.data.manifest
     if not manifest:
         spec = config.data.synthetic
@@ -195,8 +197,8 @@ def prepare_cohort(config, workdir: pathlib.Path) -> cohort_lib.Cohort:
     try:
         cohort = cohort_lib.load_cohort(manifest, tuple(config.data.classes),
                                         fractions=tuple(config.data.split_fractions),
-                                        folds=config.data.folds, fold=config.data.fold,
-                                        seed=config.seed)
+                                        folds=config.data.folds, fold=max(config.data.fold, 0),
+                                        seed=config.data.split_seed)
     except cohort_lib.ManifestError as error:
         raise UsageError(str(error)) from None
     for _, why in cohort.skipped:
@@ -206,7 +208,7 @@ def prepare_cohort(config, workdir: pathlib.Path) -> cohort_lib.Cohort:
     counts = {name: len(cohort.split(name)) for name in cohort_lib.SPLITS}
     logging.info('cohort: %d slides (%s), %d skipped', len(cohort.slides),
                  ', '.join(f'{n} {name}' for name, n in counts.items()), len(cohort.skipped))
-    return cohort
+    return cohort, pathlib.Path(manifest)
 
 
 def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> int:
@@ -231,7 +233,19 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
         enable_compilation_cache(workdir / 'jax_cache')
     if sharding.is_leader():
         artifacts.save_text(workdir / 'config.json', config.to_json_best_effort(indent=2) + '\n')
-    cohort = prepare_cohort(config, workdir)
+    if cross_validation.is_cross_validation(config):
+        cohort, manifest = prepare_cohort(config, workdir)
+        cross_validation.run(config, workdir, stages, manifest, cohort, run_stages,
+                             [field for stage in STAGES for field in stage.settings])
+    else:
+        run_stages(config, workdir, stages)
+    return 0
+
+
+def run_stages(config, workdir: pathlib.Path, stages: list[str] | None) -> None:
+    """The cohort, then the chosen stages (all when `stages` is empty) in order, in `workdir`;
+    raises StageError or UsageError (on every process) when one cannot go on."""
+    cohort, _ = prepare_cohort(config, workdir)
     fields = []
     for stage in STAGES:
         fields += stage.settings
@@ -252,7 +266,6 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
             if not any(e.status == stage_report.OK for e in entries):
                 failure = StageError(f'{stage.name}: no slide could be processed; see {report}')
         sharding.raise_together(failure)
-    return 0
 
 
 def _attempt(stage: str, function: Callable, *args

@@ -29,7 +29,8 @@ def test_every_stage_then_evaluation_from_the_checkpoint(tmp_path):
     assert all(abs(float(r['prob_negative']) + float(r['prob_positive']) - 1) < 1e-5 for r in rows)
     metrics = json.loads((tmp_path / 'eval' / 'test' / 'metrics.json').read_text())
     in_training = json.loads((tmp_path / 'reports' / 'train_slide.json').read_text())['metrics']
-    assert metrics['accuracy'] == in_training['test']['accuracy']
+    assert 'test' not in in_training  # test results come from the evaluate stage alone
+    assert metrics['num_slides'] == len(test_ids)
     for slide_id in test_ids:
         assert (tmp_path / 'eval' / 'test' / 'heatmaps' / f'{slide_id}.png').stat().st_size > 5000
     assert (tmp_path / 'eval' / 'test' / 'roc.png').exists()

@@ -1,7 +1,8 @@
 """The `evaluate` stage: the slide model, restored from its checkpoint alone, on each split.
 
-Writes `eval/<split>/predictions.csv`, `metrics.json` (with the checkpoint used), `roc.png` and
-`heatmaps/<slide_id>.png` (patch scores over the slide's thumbnail; see `heatmaps`).
+Writes `eval/<split>/predictions.csv`, `metrics.json` (slide- and patient-level metrics with
+bootstrap 95% CIs of the AUC, and the checkpoint used), `roc.png` and `heatmaps/<slide_id>.png`
+(patch scores over the slide's thumbnail; see `heatmaps`).
 """
 
 import pathlib
@@ -14,13 +15,13 @@ from tqdm import tqdm
 from pathjax import artifacts
 from pathjax.cohort import Cohort
 from pathjax.data.features import GraphSettings
+from pathjax.data.slide_sets import SlideSet, feature_dim, load_splits
 from pathjax.evaluate import heatmaps, report
-from pathjax.evaluate.metrics import slide_metrics
+from pathjax.metrics import split_metrics
+from pathjax.models.slide_predictor import SlidePredictor
 from pathjax.slides.tile_stage import thumbnail_path, tiles_path
 from pathjax.stage_report import ERROR, OK, SlideEntry
 from pathjax.runtime import sharding
-from pathjax.train.slide_training import (SlideSet, SlideTrainer, feature_dim, load_splits,
-                                          restore_params)
 
 
 def split_dir(workdir, split: str) -> pathlib.Path:
@@ -41,14 +42,14 @@ def write_heatmap(workdir, folder: pathlib.Path, slide_id: str, coords: np.ndarr
     return True
 
 
-def write_heatmaps(trainer: SlideTrainer, params, workdir, split: str, slides: SlideSet,
+def write_heatmaps(predictor: SlidePredictor, params, workdir, split: str, slides: SlideSet,
                    probabilities: np.ndarray, weights: list[np.ndarray]) -> None:
     """One heatmap per slide (see `heatmaps`): gated-attention weights, or each patch's
     contribution to the predicted class (computed on every process, drawn by the leader)."""
-    classes = trainer.classes
+    classes = predictor.classes
     predicted = probabilities.argmax(axis=1)
-    signed = trainer.config.slide_net.pooling != 'gated'
-    scores = trainer.contributions(params, slides, predicted) if signed else weights
+    signed = predictor.config.slide_net.pooling != 'gated'
+    scores = predictor.contributions(params, slides, predicted) if signed else weights
     if not sharding.is_leader():
         return
     what = 'contribution to' if signed else 'attention for'
@@ -61,22 +62,24 @@ def write_heatmaps(trainer: SlideTrainer, params, workdir, split: str, slides: S
                             slide_id)
 
 
-def evaluate_split(trainer: SlideTrainer, params, workdir, split: str, slides: SlideSet,
+def evaluate_split(predictor: SlidePredictor, params, workdir, split: str, slides: SlideSet,
                    checkpoint: dict) -> dict:
-    classes = trainer.classes
+    classes = predictor.classes
     folder = split_dir(workdir, split)
-    probabilities, weights = trainer.predict(params, slides)
-    metrics = {**slide_metrics(probabilities, slides.labels, classes), 'split': split,
-               'checkpoint': checkpoint}
+    probabilities, weights = predictor.predict(params, slides)
+    metrics = {**split_metrics(probabilities, slides.labels, slides.case_ids, classes),
+               'split': split, 'checkpoint': checkpoint}
     if sharding.is_leader():
         report.write_predictions(folder / 'predictions.csv', slides.slide_ids, slides.labels,
                                  probabilities, classes)
         report.write_metrics(folder / 'metrics.json', metrics)
         report.plot_roc(folder / 'roc.png', probabilities, slides.labels, classes)
-    if trainer.config.eval.heatmaps and len(slides):
-        write_heatmaps(trainer, params, workdir, split, slides, probabilities, weights)
-    logging.info('evaluate: %s split, %d slides, AUC %s, accuracy %.3f', split, len(slides),
-                 metrics['auc'], metrics['accuracy'])
+    if predictor.config.eval.heatmaps and len(slides):
+        write_heatmaps(predictor, params, workdir, split, slides, probabilities, weights)
+    low, high = metrics['auc_ci95']
+    logging.info('evaluate: %s split, %d slides, AUC %.3f (95%% CI %.3f-%.3f), accuracy %.3f; '
+                 '%d cases, AUC %.3f', split, len(slides), metrics['auc'], low, high,
+                 metrics['accuracy'], metrics['patient']['num_cases'], metrics['patient']['auc'])
     return metrics
 
 
@@ -84,12 +87,12 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
     """The `evaluate` stage over config.eval.splits; one report entry per slide evaluated."""
     settings = GraphSettings.from_config(config)
     classes = tuple(config.data.classes)
-    splits = load_splits(workdir, cohort, config.eval.splits, classes, settings)
-    trainer = SlideTrainer(config, workdir, feature_dim(list(splits.values()), 'evaluate'))
-    params, checkpoint = restore_params(trainer, workdir, config.eval.checkpoint)
+    splits = load_splits(workdir, cohort, config.eval.splits, classes, settings, 'evaluate')
+    predictor = SlidePredictor(config, feature_dim(list(splits.values()), 'evaluate'))
+    params, checkpoint = predictor.restore(workdir, config.eval.checkpoint)
     entries = []
     for split, slides in splits.items():
-        evaluate_split(trainer, params, workdir, split, slides, checkpoint)
+        evaluate_split(predictor, params, workdir, split, slides, checkpoint)
         done = set(slides.slide_ids)
         entries += [SlideEntry(r.slide_id, OK, details={'split': split}) if r.slide_id in done
                     else SlideEntry(r.slide_id, ERROR, message='no features (see the extract report)',

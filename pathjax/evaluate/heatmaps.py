@@ -1,36 +1,15 @@
 """Per-patch heatmaps of a slide prediction, drawn over the slide's thumbnail.
 
 With gated-attention pooling a patch's score is its attention weight. With mean pooling it is
-the patch's contribution to the predicted class's logit: gradient x input at the pooling's input,
-sum_d h_id * d logit_c / d h_id, a first-order decomposition of the logit over patches (positive:
-the patch pushes towards the predicted class).
+the patch's contribution to the predicted class's logit (`SlidePredictor.contributions`:
+positive where the patch pushes towards the predicted class).
 """
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from matplotlib import colormaps, figure
 from matplotlib.backends import backend_agg
 
 from pathjax import artifacts
-
-
-def make_contribution_fn(model):
-    """(params, graph batch [B, ...], classes int [B]) -> contributions [B, N] (to be jitted)."""
-
-    def contributions(params, graph, classes):
-        (_, _), captured = model.apply({'params': params}, graph, True, mutable=['intermediates'])
-        nodes = captured['intermediates']['pooling_input'][0]  # [B, N, D]
-
-        def logit_sum(perturbation):
-            logits, _ = model.apply({'params': params,
-                                     'perturbations': {'pooling_input': perturbation}}, graph, True)
-            return jnp.take_along_axis(logits, classes[:, None], axis=1).sum()
-
-        gradients = jax.grad(logit_sum)(jnp.zeros_like(nodes))
-        return jnp.sum(nodes * gradients, axis=-1)
-
-    return contributions
 
 
 def draw_heatmap(path, thumbnail: np.ndarray, slide_size: tuple[int, int], coords: np.ndarray,

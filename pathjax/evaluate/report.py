@@ -16,7 +16,7 @@ from matplotlib.backends import backend_agg  # Agg canvas: no display, no pyplot
 import numpy as np
 
 from pathjax import artifacts
-from pathjax.evaluate import metrics as metrics_lib
+from pathjax import metrics as metrics_lib
 
 
 def prediction_columns(class_names: Sequence[str]) -> list[str]:

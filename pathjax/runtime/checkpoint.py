@@ -63,7 +63,7 @@ class Checkpoints:
         best so far, then as the latest. In that order: a run killed between the two writes
         resumes from the previous latest and redoes this step, so a new best is never lost (in
         the other order the resumed run would go on from this step without its best)."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+        args = ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                   metadata=ocp.args.JsonSave(metadata))
         value = metadata.get(self.best_metric)
         if self._best is not None and value is not None:
@@ -73,15 +73,24 @@ class Checkpoints:
                 self._best.wait_until_finished()
         self._latest.save(step, args=args)
 
-    def restore_chosen(self, abstract_state: Any, which: str) -> tuple[Any, dict[str, Any]]:
-        """(state, metadata with 'checkpoint': 'best' or 'latest') of the checkpoint `which`
-        names; 'best' falls back to the latest when no checkpoint had a validation score."""
+    def restore_params(self, abstract_params: Any, which: str) -> tuple[Any, dict[str, Any]]:
+        """(params, metadata with 'checkpoint': 'best' or 'latest') of the checkpoint `which`
+        names; 'best' falls back to the latest when no checkpoint had a validation score. Reads
+        the state's parameters alone (into `abstract_params`), not the optimizer state: what
+        extraction and prediction use, without knowing the optimizer."""
         best = which == 'best' and self.best_step() is not None
         if which == 'best' and not best:
             logging.warning('%s: no best checkpoint (no validation score); using the latest',
                             self.directory)
-        state, metadata = self.restore(abstract_state, best=best)
-        return state, {'checkpoint': 'best' if best else 'latest', **metadata}
+        manager = self._best if best else self._latest
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f'no checkpoint in {manager.directory}')
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=_tree_restore({'params': abstract_params}, partial=True),
+            metadata=ocp.args.JsonRestore()))
+        return restored['state']['params'], {'checkpoint': 'best' if best else 'latest',
+                                             **restored['metadata']}
 
     def restore(self, abstract_state: Any, best: bool = False) -> tuple[Any, dict[str, Any]]:
         """(state, metadata) of the latest (or the best) checkpoint."""
@@ -92,5 +101,13 @@ class Checkpoints:
         if step is None:
             raise FileNotFoundError(f'no checkpoint in {manager.directory}')
         restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()))
+            state=_tree_restore(abstract_state), metadata=ocp.args.JsonRestore()))
         return restored['state'], dict(restored['metadata'])
+
+
+def _tree_restore(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restores into `target` (its shapes, dtypes and shardings); with `partial`, the subtree of
+    the saved tree that target names (the rest is not read)."""
+    return ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=partial)

@@ -8,14 +8,15 @@ process i % process_count, as extract). Then, once every slide is scanned, proce
 stain reference (a template image, or the mean histogram of the training slides; saved to
 `stain/reference.npz`) and fits each slide's lookup table and writes it with its tiles to
 `tiles/<slide_id>.npz`, the same files as on one host. Every write is atomic and finished slides
-are skipped, so a killed run resumes where it stopped.
+are skipped, so a killed run resumes where it stopped. A scan does not depend on the split (its
+stain sample has a fixed seed), so it is kept: cross-validation's folds share one set of scans
+and differ only in their stain reference and lookup tables.
 """
 
 import concurrent.futures
 import dataclasses
 import json
 import multiprocessing
-import os
 import pathlib
 import time
 
@@ -39,6 +40,8 @@ STAGE = 'tile'
 # pixels or if the QC picture's long side would be shorter than QC_SIDE.
 MASK_WINDOW_PIXELS = 8
 QC_SIDE = 1024
+STAIN_SAMPLE_SEED = 0  # the kept patches a slide's stain histogram is taken from: the same in
+# every run and fold, whatever the split and training seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,14 +54,12 @@ class TileSettings:
     rule: TissueRule
     stain_method: str
     stain_fit_patches: int
-    seed: int
 
     @classmethod
     def from_config(cls, config) -> 'TileSettings':
         return cls(mpp=config.tile.mpp, patch_size=config.tile.patch_size,
                    fallback_level=config.tile.level, rule=TissueRule(**config.tissue),
-                   stain_method=config.stain.method, stain_fit_patches=config.stain.fit_patches,
-                   seed=config.seed)
+                   stain_method=config.stain.method, stain_fit_patches=config.stain.fit_patches)
 
 
 def tiles_path(workdir, slide_id: str) -> pathlib.Path:
@@ -121,7 +122,7 @@ def _scan(slide: Slide, slide_id: str, settings: TileSettings
             warnings.append(f'no patch reaches tissue.min_fraction={settings.rule.min_fraction}')
     histogram = np.zeros((3, 256), np.int64)
     if settings.stain_method == 'histogram' and len(tiles):
-        sample = seeded_subset(slide_id, len(tiles), settings.stain_fit_patches, settings.seed)
+        sample = seeded_subset(slide_id, len(tiles), settings.stain_fit_patches, STAIN_SAMPLE_SEED)
         for x, y in tiles.coords[sample]:  # the tissue pixels only: not the white around them
             pixels = slide.read_patch(x, y, plan)
             histogram += stain.channel_histograms(pixels[~pixel_background(pixels, settings.rule)])
@@ -247,7 +248,8 @@ def run(config, workdir: str, cohort: Cohort) -> list[SlideEntry]:
 def _finish(config, workdir: str, cohort: Cohort) -> None:
     """Fits each scanned slide's stain LUT and writes its final tiles file."""
     pending = {r.slide_id: artifacts.load_npz(scan_path(workdir, r.slide_id)) for r in cohort.slides
-               if scan_path(workdir, r.slide_id).exists()}
+               if scan_path(workdir, r.slide_id).exists()
+               and not tiles_path(workdir, r.slide_id).exists()}
     if not pending:
         return
     reference_file = pathlib.Path(workdir) / 'stain' / 'reference.npz'
@@ -267,4 +269,3 @@ def _finish(config, workdir: str, cohort: Cohort) -> None:
         else:
             lut = stain.fit_lut(scan['stain_histogram'], reference)
         artifacts.save_npz(tiles_path(workdir, slide_id), **scan, stain_lut=lut)
-        os.unlink(scan_path(workdir, slide_id))

@@ -51,11 +51,11 @@ def extractor_params(config, workdir, model: FeatureNet) -> tuple[dict, str]:
         if checkpoints.latest_step() is None:
             raise StageError(f'extract: no trained feature network in {run_dir(workdir)}; run '
                              'learn_features first (or set feature_net.learn=False)')
-        state, metadata = checkpoints.restore_chosen(abstract, config.extract.checkpoint)
+        params, metadata = checkpoints.restore_params(abstract.params, config.extract.checkpoint)
     logging.info('extract: the %s checkpoint of the feature network (epoch %d)',
                  metadata['checkpoint'], metadata['epoch'])
-    return state.params, network_identity(
-        config, state.params, {'checkpoint': metadata['checkpoint'], 'epoch': metadata['epoch']})
+    return params, network_identity(
+        config, params, {'checkpoint': metadata['checkpoint'], 'epoch': metadata['epoch']})
 
 
 def network_identity(config, params, source: dict) -> str:

@@ -8,7 +8,6 @@ randomness only on (seed, step), it ends with the same parameters as an uninterr
 loss stops the run with the last good checkpoint kept.
 """
 
-import json
 import pathlib
 import time
 
@@ -19,7 +18,7 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from pathjax import artifacts, stage_report
+from pathjax import stage_report
 from pathjax.cohort import Cohort
 from pathjax.data import patches
 from pathjax.data.augment import random_d4
@@ -28,7 +27,7 @@ from pathjax.models.am_softmax import am_softmax_loss
 from pathjax.models.feature_net import FeatureNet, create_feature_net
 from pathjax.models.pretrained import PretrainedWeightsError, load_pretrained_trunk
 from pathjax.train import micro_batches as micro_batches_lib
-from pathjax.runtime import sharding, train_state
+from pathjax.runtime import metrics_log, sharding, train_state
 from pathjax.runtime.checkpoint import Checkpoints
 from pathjax.runtime.train_state import TrainState
 from pathjax.train.xla_options import conv_compiler_options
@@ -210,7 +209,7 @@ class FeatureTrainer:
                 epoch_loss, epoch_steps = epoch_loss + loss * count, epoch_steps + count
                 record = {'epoch': epoch + 1, 'step': step, 'loss': loss,
                           'accuracy': accuracy, 'images_per_second': rate}
-                _append_jsonl(metrics_file, record)
+                metrics_log.append(metrics_file, record)
                 progress.set_postfix(loss=f'{loss:.3f}', acc=f'{accuracy:.3f}', img_s=f'{rate:.0f}')
                 sums, count, start = {'loss': 0.0, 'accuracy': 0.0}, 0, time.perf_counter()
         progress.close()
@@ -231,14 +230,14 @@ class FeatureTrainer:
             else:
                 state = self.create_state(initial_params(self.model, self.config,
                                                          self.config.tile.patch_size))
-            _rewind_jsonl(metrics_file, first_epoch)
+            metrics_log.rewind(metrics_file, first_epoch)
             for epoch in range(first_epoch, self.config.learn.epochs):
                 state, summary = self.train_epoch(state, epoch, metrics_file)
                 summary.update(epoch=epoch + 1, val_accuracy=self.validation_accuracy(state.params))
                 logging.info('learn_features: epoch %d/%d, train loss %.4f, validation patch '
                              'accuracy %s', epoch + 1, self.config.learn.epochs,
                              summary['train_loss'], summary['val_accuracy'])
-                _append_jsonl(metrics_file, summary)
+                metrics_log.append(metrics_file, summary)
                 checkpoints.save((epoch + 1) * self.steps_per_epoch, state, summary)
         return summary
 
@@ -252,24 +251,6 @@ def abstract_state(model: FeatureNet, tx: optax.GradientTransformation, patch_si
     images = jnp.zeros((1, patch_size, patch_size, 3), jnp.uint8)
     return train_state.abstract_state(
         model.apply, lambda: model.init(jax.random.key(0), images)['params'], tx, placement)
-
-
-def _rewind_jsonl(path: pathlib.Path, epochs: int) -> None:
-    """Drops the lines of epochs after `epochs` (the checkpointed ones: those of an epoch that a
-    killed run had begun, which the resumed run logs again) and a line torn by the kill."""
-    if sharding.is_leader() and path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines
-                if line.endswith('\n') and json.loads(line)['epoch'] <= epochs]
-        if len(kept) < len(lines):
-            artifacts.save_text(path, ''.join(kept))
-
-
-def _append_jsonl(path: pathlib.Path, record: dict) -> None:
-    if sharding.is_leader():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
 
 
 def run(config, workdir, cohort: Cohort) -> None:

@@ -61,7 +61,7 @@ def test_images_are_the_stain_normalized_patches(built):
 
 def test_rerun_skips_and_changed_settings_are_refused(built):
     workdir, config, _ = built
-    cohort = pipeline.prepare_cohort(config, workdir)
+    cohort, _ = pipeline.prepare_cohort(config, workdir)
     report_before = (workdir / 'patches' / 'slides.json').read_text()
     entries = patches.run(config, workdir, cohort)
     assert (workdir / 'patches' / 'slides.json').read_text() == report_before
@@ -112,7 +112,7 @@ def test_a_killed_build_resumes_at_the_first_slide_not_staged(built, tmp_path, m
     for name in ('tiles', 'synthetic'):
         (tmp_path / name).symlink_to(workdir / name, target_is_directory=True)
     (tmp_path / 'cohort.csv').write_text((workdir / 'cohort.csv').read_text())
-    cohort = pipeline.prepare_cohort(config, tmp_path)
+    cohort, _ = pipeline.prepare_cohort(config, tmp_path)
     original, read, killed = patches.stage_slide, [], []
 
     class Killed(BaseException):

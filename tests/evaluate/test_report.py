@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from pathjax.evaluate import metrics
+from pathjax import metrics
 from pathjax.evaluate import report
 
 BINARY = ['wild_type', 'mutant']
@@ -82,7 +82,8 @@ def test_metrics_json_nan_is_null(tmp_path):
     assert loaded['auc'] is None
     assert loaded['accuracy'] == 0.75
     assert loaded['confusion_matrix'] == [[3, 1], [0, 0]]
-    assert loaded['per_class']['mutant'] == {'support': 0, 'recall': 0.0, 'precision': 0.0}
+    assert loaded['per_class']['mutant'] == {'support': 0, 'recall': 0.0, 'precision': 0.0,
+                                             'auc': None}
 
 
 def assert_png(path, min_side=300):

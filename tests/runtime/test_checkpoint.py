@@ -11,11 +11,16 @@ from pathjax.runtime.checkpoint import KEEP_LATEST, Checkpoints
 
 
 def state_of(value: float) -> dict:
-    return {'w': jnp.full((3,), value, jnp.float32)}
+    return {'params': {'w': jnp.full((3,), value, jnp.float32)},
+            'opt_state': {'mu': jnp.full((3,), -value, jnp.float32)}}
 
 
 def abstract() -> dict:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_of(0.0))
+
+
+def abstract_params() -> dict:
+    return abstract()['params']
 
 
 def test_latest_best_and_the_choice_between_them(tmp_path):
@@ -26,10 +31,12 @@ def test_latest_best_and_the_choice_between_them(tmp_path):
     with Checkpoints(tmp_path, best_metric='val') as checkpoints:  # a fresh process's view
         assert checkpoints.latest_step() == 40 and checkpoints.best_step() == 20
         assert checkpoints.best_value() == 0.8
-        latest, latest_meta = checkpoints.restore_chosen(abstract(), 'latest')
-        best, best_meta = checkpoints.restore_chosen(abstract(), 'best')
-    np.testing.assert_array_equal(latest['w'], 4.0)
+        latest, latest_meta = checkpoints.restore_params(abstract_params(), 'latest')
+        best, best_meta = checkpoints.restore_params(abstract_params(), 'best')
+        state, _ = checkpoints.restore(abstract())  # the whole state, to resume
+    np.testing.assert_array_equal(latest['w'], 4.0)  # the parameters alone
     np.testing.assert_array_equal(best['w'], 2.0)
+    np.testing.assert_array_equal(state['opt_state']['mu'], -4.0)
     assert latest_meta == {'checkpoint': 'latest', 'epoch': 4, 'val': None}
     assert best_meta == {'checkpoint': 'best', 'epoch': 2, 'val': 0.8}
     assert len(list((tmp_path / 'latest').iterdir())) == KEEP_LATEST
@@ -39,8 +46,8 @@ def test_best_falls_back_to_the_latest_without_scores(tmp_path):
     with Checkpoints(tmp_path, best_metric='val') as checkpoints:
         checkpoints.save(1, state_of(1.0), {'epoch': 1, 'val': None})
         assert checkpoints.best_step() is None
-        state, metadata = checkpoints.restore_chosen(abstract(), 'best')
-    np.testing.assert_array_equal(state['w'], 1.0)
+        params, metadata = checkpoints.restore_params(abstract_params(), 'best')
+    np.testing.assert_array_equal(params['w'], 1.0)
     assert metadata['checkpoint'] == 'latest'
 
 
@@ -69,4 +76,4 @@ def test_a_kill_between_the_two_writes_of_a_new_best_keeps_it(tmp_path, monkeypa
         checkpoints.save(30, state_of(3), {'epoch': 3, 'val': 0.6})
         assert checkpoints.best_step() == 20 and checkpoints.best_value() == 0.9
         best, _ = checkpoints.restore(abstract(), best=True)
-    np.testing.assert_array_equal(best['w'], 2.0)
+    np.testing.assert_array_equal(best['params']['w'], 2.0)

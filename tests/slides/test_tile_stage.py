@@ -234,7 +234,7 @@ def test_no_training_slide_with_tissue_is_an_error_naming_it(cohort_manifest, tm
     """The cohort reference is formed from training slides only: when none has tissue the
     stage stops with a message, instead of using validation and test slides."""
     config = load_config(**{'data.manifest': str(cohort_manifest)})
-    cohort = pipeline.prepare_cohort(config, tmp_path)
+    cohort, _ = pipeline.prepare_cohort(config, tmp_path)
     scans = {r.slide_id: {'stain_histogram': np.zeros((3, 256), np.int64) if r.split == 'train'
                           else np.ones((3, 256), np.int64)} for r in cohort.slides}
     assert {r.split for r in cohort.slides} >= {'train', 'test'}

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from pathjax import artifacts, pipeline
+from pathjax.data import slide_sets
 from pathjax.errors import StageError
 from pathjax.models.feature_net import FeatureNet, create_feature_net
 from pathjax.slides import stain
 from pathjax.slides.patch_stream import PatchBatch
 from pathjax.slides.reader import Slide
-from pathjax.train import extract, slide_training
+from pathjax.train import extract
 from pathjax.train.feature_learning import FeatureTrainer
 from tests.conftest import LEARNING_COHORT, make_config, workdir_with_patches
 
@@ -33,7 +34,7 @@ def direct_features(config, params, slide_path, tiles, indices):
 def test_baseline_extraction_writes_every_tiled_slide(patch_workdir, tmp_path, monkeypatch):
     workdir = workdir_with_patches(patch_workdir, tmp_path)
     config = make_config(**LEARNING_COHORT, **{'feature_net.learn': False})
-    cohort = pipeline.prepare_cohort(config, workdir)
+    cohort, _ = pipeline.prepare_cohort(config, workdir)
     entries = extract.run(config, workdir, cohort)
     assert [e.status for e in entries] == ['ok'] * len(cohort.slides)
     params, _ = extract.extractor_params(config, workdir, create_feature_net(config))
@@ -72,7 +73,7 @@ def test_extraction_uses_the_trained_network_and_survives_a_lost_slide(patch_wor
     workdir = workdir_with_patches(patch_workdir, tmp_path)
     config = make_config(**LEARNING_COHORT, **{'learn.epochs': 1})
     FeatureTrainer(config, workdir).fit()
-    cohort = pipeline.prepare_cohort(config, workdir)
+    cohort, _ = pipeline.prepare_cohort(config, workdir)
     # One slide disappears after tiling: its entry says so, the others are extracted.
     records = list(cohort.slides)
     records[1] = dataclasses.replace(records[1], path=str(tmp_path / 'gone.svs'))
@@ -112,7 +113,7 @@ def test_extraction_uses_the_trained_network_and_survives_a_lost_slide(patch_wor
     stale_id = next(iter(first))
     artifacts.save_npz(extract.features_path(workdir, stale_id), **first[stale_id])
     with pytest.raises(StageError, match='2 different feature networks'):
-        slide_training.check_one_network(workdir, list(first))
+        slide_sets.check_one_network(workdir, list(first), 'train_slide')
 
 
 class RecordingOutput:

@@ -10,7 +10,7 @@ import pytest
 from pathjax.errors import StageError
 from pathjax.models.feature_net import FeatureNet
 from pathjax.train import feature_learning
-from pathjax.runtime import sharding
+from pathjax.runtime import metrics_log, sharding
 from pathjax.runtime.checkpoint import Checkpoints
 from pathjax.train.feature_learning import FeatureTrainer, TrainState, make_train_step
 from tests.conftest import LEARNING_COHORT, make_config, workdir_with_patches
@@ -86,17 +86,17 @@ def test_killed_run_resumes_to_the_same_parameters_and_log(patch_workdir, tmp_pa
     straight = workdir_with_patches(patch_workdir, tmp_path / 'straight')
     FeatureTrainer(config, straight).fit()
     killed = workdir_with_patches(patch_workdir, tmp_path / 'killed')
-    original = feature_learning._append_jsonl
+    original = metrics_log.append
 
     def dies_after_a_line_of_epoch_two(path, record):
         original(path, record)
         if record['epoch'] == 2 and 'step' in record:
             raise KeyboardInterrupt('killed')
 
-    monkeypatch.setattr(feature_learning, '_append_jsonl', dies_after_a_line_of_epoch_two)
+    monkeypatch.setattr(metrics_log, 'append', dies_after_a_line_of_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         FeatureTrainer(config, killed).fit()
-    monkeypatch.setattr(feature_learning, '_append_jsonl', original)
+    monkeypatch.setattr(metrics_log, 'append', original)
     with Checkpoints(killed / 'feature_net') as checkpoints:
         assert checkpoints.latest_step() is not None
     FeatureTrainer(config, killed).fit()

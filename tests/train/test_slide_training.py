@@ -22,7 +22,9 @@ from pathjax.evaluate import evaluate_stage, report
 from pathjax.train import slide_training
 from pathjax.runtime import sharding
 from pathjax.runtime.checkpoint import Checkpoints
-from pathjax.train.slide_training import SlideTrainer, TrainState, load_slides
+from pathjax.data.slide_sets import load_slides
+from pathjax.runtime import metrics_log
+from pathjax.train.slide_training import SlideTrainer, TrainState
 from tests.conftest import REPO, make_config
 
 CLASSES = ('negative', 'positive')
@@ -48,20 +50,27 @@ def report_of(workdir):
     return json.loads((workdir / 'reports' / 'train_slide.json').read_text())
 
 
+def evaluated(workdir, split):
+    return json.loads((workdir / 'eval' / split / 'metrics.json').read_text())
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
+    """A trained workdir and its in-process evaluation's metrics {split: metrics}."""
     workdir = tmp_path_factory.mktemp('bags')
     cohort = bag_cohort(workdir)
     config = make_config(**SETTINGS)
     slide_training.run(config, workdir, cohort)
-    return workdir, cohort, config
+    evaluate_stage.run(config, workdir, cohort)
+    return workdir, cohort, config, {split: evaluated(workdir, split) for split in ('val', 'test')}
 
 
 def test_learns_a_signal_carried_by_a_minority_of_patches(trained):
-    workdir, _, config = trained
+    workdir, _, config, metrics = trained
+    assert metrics['test']['auc'] >= 0.9, metrics['test']
+    assert metrics['test']['num_slides'] == 40
     result = report_of(workdir)
-    assert result['metrics']['test']['auc'] >= 0.9, result
-    assert result['metrics']['test']['num_slides'] == 40
+    assert sorted(result['metrics']) == ['train', 'val']  # no test results before evaluate
     training = result['training']
     assert training['stopped']  # the method's rule ended training
     assert training['train_loss'] <= config.train.loss_target or \
@@ -70,13 +79,17 @@ def test_learns_a_signal_carried_by_a_minority_of_patches(trained):
 
 def test_shuffled_labels_give_chance(tmp_path):
     cohort = bag_cohort(tmp_path, num_slides=120, shuffle_training_labels=True)
-    slide_training.run(make_config(**SETTINGS), tmp_path, cohort)
-    auc = report_of(tmp_path)['metrics']['test']['auc']
+    config = make_config(**{**SETTINGS, 'eval.splits': ('test',), 'eval.heatmaps': False})
+    slide_training.run(config, tmp_path, cohort)
+    evaluate_stage.run(config, tmp_path, cohort)
+    auc = evaluated(tmp_path, 'test')['auc']
     assert abs(auc - 0.5) <= 0.2, auc
 
 
 def test_fresh_process_evaluation_reproduces_the_training_metrics(trained):
-    workdir, _, _ = trained
+    """A new process evaluating from the checkpoint alone gives the validation metrics the
+    training stage reported and the test metrics of the in-process evaluation."""
+    workdir, _, _, in_process = trained
     script = (f'import sys; sys.path.insert(0, {str(REPO)!r});'
               'import pathlib;'
               'from tests.conftest import make_config;'
@@ -87,36 +100,36 @@ def test_fresh_process_evaluation_reproduces_the_training_metrics(trained):
     result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
                             timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    in_training = report_of(workdir)['metrics']
+    expected = {'val': report_of(workdir)['metrics']['val'], 'test': in_process['test']}
     for split in ('val', 'test'):
-        fresh = json.loads((workdir / 'eval' / split / 'metrics.json').read_text())
+        fresh = evaluated(workdir, split)
         for key in ('auc', 'accuracy', 'balanced_accuracy', 'f1'):
-            assert fresh[key] == pytest.approx(in_training[split][key], abs=1e-6), (split, key)
-        assert fresh['confusion_matrix'] == in_training[split]['confusion_matrix']
+            assert fresh[key] == pytest.approx(expected[split][key], abs=1e-6), (split, key)
+        assert fresh['confusion_matrix'] == expected[split]['confusion_matrix']
         ids, labels, probabilities = report.read_predictions(
             workdir / 'eval' / split / 'predictions.csv', CLASSES)
         assert len(ids) == fresh['num_slides'] and (workdir / 'eval' / split / 'roc.png').exists()
 
 
 def test_sharded_step_matches_one_device(trained):
-    workdir, cohort, _ = trained
+    workdir, cohort, _, _ = trained
     config = make_config(**{**SETTINGS, 'mesh.data': -1})
     slides = load_slides(workdir, list(cohort.split('train'))[:8], CLASSES,
-                         GraphSettings.from_config(config))
+                         GraphSettings.from_config(config), 'test')
     results = []
     for devices in (1, 8):
         config.mesh.data = devices
         trainer = SlideTrainer(config, workdir, 32)
-        batch = trainer.reader(slides).read(np.arange(8))
+        batch = trainer.predictor.reader(slides).read(np.arange(8))
         replicated, batched = sharding.replicated(trainer.mesh), sharding.batch_sharded(trainer.mesh)
-        params = jax.device_get(trainer.initial_params())
+        params = jax.device_get(trainer.predictor.initial_params())
         state = jax.device_put(TrainState.create(apply_fn=trainer.model.apply, params=params,
                                                  tx=optax.sgd(0.1)), replicated)
         step = jax.jit(slide_training.make_train_step(trainer.model, np.ones(2, np.float32)),
                        in_shardings=(replicated, batched, replicated),
                        out_shardings=(replicated, replicated), donate_argnums=0)
         for i in range(3):
-            state, metrics = step(state, trainer.device_batch(batch), jax.random.key(i))
+            state, metrics = step(state, trainer.predictor.device_batch(batch), jax.random.key(i))
         results.append((jax.device_get(state.params), float(metrics['loss'])))
     # SGD, not Adam: Adam divides by the gradient's own scale, so summation-order noise in
     # near-zero gradients would become step-sized differences.
@@ -150,7 +163,14 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
     assert straight['training']['step'] == killed['training']['step'] == 12
     assert killed['training']['train_loss'] == pytest.approx(straight['training']['train_loss'],
                                                              rel=1e-5)
-    assert killed['metrics']['test']['auc'] == pytest.approx(straight['metrics']['test']['auc'])
+    assert killed['metrics']['val']['auc'] == pytest.approx(straight['metrics']['val']['auc'])
+    # The learning curve: each epoch once, as in the run that was not killed.
+    curves = [metrics_log.read(run[0] / 'slide_net' / 'metrics.jsonl') for run in runs.values()]
+    assert [r['epoch'] for r in curves[1]] == [r['epoch'] for r in curves[0]] == \
+        list(range(1, straight['training']['epoch'] + 1))
+    for a, b in zip(*curves):
+        assert a.keys() == b.keys() >= {'train_loss', 'val_loss', 'val_auc', 'step'}
+        assert b['train_loss'] == pytest.approx(a['train_loss'], rel=1e-5)
 
 
 def test_raising_max_steps_extends_a_finished_run(tmp_path):
@@ -172,12 +192,12 @@ def test_loading_a_split_holds_one_slide_at_a_time(tmp_path):
                            features=rng.normal(size=(count, dim)).astype(np.float32))
         records.append(SlideRecord(f's{i}', '', CLASSES[i % 2], f's{i}', 'train', i + 2))
     settings = GraphSettings(k=8, max_patches=0, seed=0)
-    load_slides(tmp_path, records[:1], CLASSES, settings)  # compiles the neighbour search
+    load_slides(tmp_path, records[:1], CLASSES, settings, 'test')  # compiles the neighbour search
 
     def peak(records):
         """Peak traced host memory while loading the records, in slides' features."""
         tracemalloc.start()
-        slides = load_slides(tmp_path, records, CLASSES, settings)
+        slides = load_slides(tmp_path, records, CLASSES, settings, 'test')
         used = tracemalloc.get_traced_memory()[1] / slide_bytes
         tracemalloc.stop()
         return used, slides

@@ -78,7 +78,7 @@ def slide_metrics(probabilities: np.ndarray, labels: np.ndarray,
         present in `labels`), `f1` (binary: of class 1; more classes: macro F1 over classes
         present in labels or predictions), `confusion_matrix` (C x C ints, rows true, columns
         predicted), `num_slides`, `class_names` and `per_class` (name -> support, recall,
-        precision). Undefined values are NaN; see `to_json_safe`.
+        precision, one-vs-rest AUC). Undefined values are NaN; see `to_json_safe`.
     """
     probabilities, labels = check_predictions(probabilities, labels, class_names)
     num_slides, num_classes = probabilities.shape
@@ -91,10 +91,8 @@ def slide_metrics(probabilities: np.ndarray, labels: np.ndarray,
     recall, precision = _ratio(hits, support, empty=0.0), _ratio(hits, predicted, empty=0.0)
     f1 = _ratio(2 * hits, support + predicted, empty=0.0)
     f1_summary = f1[1] if num_classes == 2 else _mean(f1[(support + predicted) > 0])
-    aucs = np.array([roc_auc(scores, positives)
-                     for _, scores, positives in one_vs_rest(probabilities, labels)])
     return {
-        'auc': _mean(aucs[~np.isnan(aucs)]),
+        'auc': macro_auc(probabilities, labels),
         'accuracy': float(hits.sum() / num_slides) if num_slides else math.nan,
         'balanced_accuracy': _mean(recall[support > 0]),
         'f1': float(f1_summary) if num_slides else math.nan,
@@ -103,9 +101,78 @@ def slide_metrics(probabilities: np.ndarray, labels: np.ndarray,
         'class_names': list(class_names),
         'per_class': {
             name: {'support': int(support[c]), 'recall': float(recall[c]),
-                   'precision': float(precision[c])}
+                   'precision': float(precision[c]),
+                   'auc': roc_auc(probabilities[:, c], labels == c)}
             for c, name in enumerate(class_names)},
     }
+
+
+def macro_auc(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The `auc` of `slide_metrics`: binary, the AUC of class 1; more classes, the mean
+    one-vs-rest AUC over the classes where it is defined; NaN when none is."""
+    aucs = np.array([roc_auc(scores, positives)
+                     for _, scores, positives in one_vs_rest(probabilities, labels)])
+    return _mean(aucs[~np.isnan(aucs)])
+
+
+def auc_ci95(probabilities: np.ndarray, labels: np.ndarray, resamples: int = 1000,
+             seed: int = 0) -> tuple[float, float]:
+    """A 95% confidence interval of `macro_auc` by a stratified percentile bootstrap: each
+    resample draws, with replacement, as many slides of each class as there are (so every
+    resample has the classes of the original), and the interval is the 2.5th and 97.5th
+    percentiles of the resamples' AUCs. Seeded: the same inputs give the same interval.
+    (NaN, NaN) when the AUC is undefined.
+
+    Args:
+        probabilities: float [N, C]; labels: int [N].
+    """
+    probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels)
+    if math.isnan(macro_auc(probabilities, labels)):
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    values = []
+    for _ in range(resamples):
+        rows = np.concatenate([rng.choice(m, len(m)) for m in members])
+        values.append(macro_auc(probabilities[rows], labels[rows]))
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def per_case(case_ids: Sequence[str], probabilities: np.ndarray, labels: np.ndarray
+             ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Patient-level predictions: each case's slides aggregated by the mean of their
+    probabilities; cases in order of first appearance.
+
+    Args:
+        case_ids: [N] the case of each slide; probabilities: float [N, C]; labels: int [N] (a
+            case's slides share its label: the cohort checks it).
+
+    Returns:
+        (case ids [K], probabilities [K, C], labels [K]).
+    """
+    probabilities = np.asarray(probabilities, np.float64).reshape(len(case_ids), -1)
+    cases = list(dict.fromkeys(case_ids))
+    index = {case: i for i, case in enumerate(cases)}
+    rows = np.array([index[c] for c in case_ids], np.int64)
+    sums = np.zeros((len(cases), probabilities.shape[1]))
+    np.add.at(sums, rows, probabilities)
+    counts = np.bincount(rows, minlength=len(cases))[:, None]
+    first = np.array([list(case_ids).index(c) for c in cases], np.int64)
+    return cases, sums / np.maximum(counts, 1), np.asarray(labels)[first]
+
+
+def split_metrics(probabilities: np.ndarray, labels: np.ndarray, case_ids: Sequence[str],
+                  class_names: Sequence[str], seed: int = 0) -> dict[str, Any]:
+    """What a paper reports for one split: `slide_metrics` with `auc_ci95`, and the same under
+    'patient' for the cases (slides of a case aggregated by `per_case`)."""
+    result = {**slide_metrics(probabilities, labels, class_names),
+              'auc_ci95': list(auc_ci95(probabilities, labels, seed=seed))}
+    _, case_probabilities, case_labels = per_case(case_ids, probabilities, labels)
+    result['patient'] = {**slide_metrics(case_probabilities, case_labels, class_names),
+                         'auc_ci95': list(auc_ci95(case_probabilities, case_labels, seed=seed))}
+    result['patient']['num_cases'] = result['patient'].pop('num_slides')
+    return result
 
 
 def to_json_safe(value: Any) -> Any:

@@ -1,0 +1,185 @@
+"""k-fold cross-validation in one run: every fold through the whole method in its own folder,
+sharing what does not depend on the split, then one summary.
+
+With `data.folds` = K > 1 and `data.fold` = -1, fold k (test fold k, validation fold k + 1 mod K,
+the rest training; a case never straddles folds; `data.split_seed` deals them) runs every stage
+in `<workdir>/folds/<k>/`: its own stain reference (from its training slides), patch dataset,
+feature network, features, slide model and evaluation, so nothing of fold k has seen its test
+slides. The tissue scans, QC pictures and thumbnails do not depend on the split: they are made
+once, in `<workdir>/scans/`, `qc/` and `thumbnails/`, which every fold's tile stage reads. A fold
+whose stages have all finished with the same settings is skipped on a rerun
+(`folds/<k>/done.json`), so a killed run resumes at the fold and stage where it stopped.
+
+The summary (`cv/summary.json` and `cv/summary.csv`): each fold's test metrics, their mean and
+sample standard deviation over the folds, and the pooled out-of-fold metrics (every slide
+predicted by the fold that held it out; `cv/predictions.csv`) with a bootstrap 95% CI of the
+AUC, at slide and patient level.
+"""
+
+import csv
+import io
+import json
+import os
+import pathlib
+from typing import Callable
+
+import numpy as np
+from absl import logging
+
+from pathjax import artifacts, provenance
+from pathjax.cohort import Cohort, read_manifest
+from pathjax.errors import UsageError
+from pathjax.evaluate import report
+from pathjax.metrics import split_metrics, to_json_safe
+from pathjax.runtime import sharding
+
+SHARED = {'tiles/.scan': 'scans', 'qc': 'qc', 'thumbnails': 'thumbnails'}  # fold path -> root
+SUMMARY_METRICS = ('auc', 'accuracy', 'balanced_accuracy', 'f1')
+SCAN_FIELDS = ('data.synthetic', 'tile', 'tissue', 'stain.method', 'stain.fit_patches')
+
+
+def is_cross_validation(config) -> bool:
+    """True when the config asks for every fold in one run."""
+    return config.data.folds > 1 and config.data.fold == -1
+
+
+def fold_dir(workdir, fold: int) -> pathlib.Path:
+    return pathlib.Path(workdir) / 'folds' / str(fold)
+
+
+def fold_config(config, fold: int, manifest: pathlib.Path):
+    """The config of one fold: `data.fold` set, and the cohort's manifest (a generated cohort is
+    made once, in the root workdir)."""
+    config = config.copy_and_resolve_references()
+    config.data.fold, config.data.manifest = fold, str(manifest)
+    return config
+
+
+def link_shared(workdir: pathlib.Path, fold: int) -> None:
+    """Points fold `fold`'s scan, QC and thumbnail folders at the root's shared ones (relative
+    links, so the workdir can move)."""
+    folder = fold_dir(workdir, fold)
+    for inside, shared in SHARED.items():
+        (workdir / shared).mkdir(parents=True, exist_ok=True)
+        link = folder / inside
+        link.parent.mkdir(parents=True, exist_ok=True)
+        target = os.path.relpath(workdir / shared, link.parent)
+        if link.is_symlink() and os.readlink(link) == target:
+            continue
+        if link.exists() or link.is_symlink():
+            raise UsageError(f'{link} exists and is not the link to {workdir / shared} that '
+                             'cross-validation shares between folds; remove it')
+        link.symlink_to(target, target_is_directory=True)
+
+
+def run(config, workdir: pathlib.Path, stages: list[str] | None, manifest: pathlib.Path,
+        cohort: Cohort, run_fold: Callable, fields: list[str]) -> None:
+    """Runs every fold (`run_fold(config, workdir, stages)`, resumable), then the summary.
+
+    Args:
+        manifest: the cohort's manifest (given or generated); cohort: it, loaded once, for the
+            summary's labels and cases; fields: every stage's settings, recorded per fold.
+    """
+    if any(r.split for r in read_manifest(manifest, tuple(config.data.classes))):
+        raise UsageError('data.fold=-1 (every fold) needs a manifest without a split column: '
+                         'its splits would be the same in every fold')
+    failure = None
+    if sharding.is_leader():  # the shared scans were made with these settings, or are new
+        try:
+            provenance.check_and_record(workdir, 'scans', provenance.settings_of(
+                config, list(SCAN_FIELDS)), 'scans/, qc/, thumbnails/ and folds/')
+        except UsageError as error:
+            failure = error
+    sharding.raise_together(failure)
+    folds = config.data.folds
+    for fold in range(folds):
+        folder = fold_dir(workdir, fold)
+        fold_settings = fold_config(config, fold, manifest)
+        settings = provenance.settings_of(fold_settings, fields)
+        done = folder / 'done.json'
+        if not stages and done.exists() and json.loads(done.read_text()) == settings:
+            logging.info('cross-validation: fold %d/%d finished earlier; skipped', fold + 1, folds)
+            continue
+        if sharding.is_leader():
+            link_shared(workdir, fold)
+        sharding.barrier(f'pathjax fold {fold} links')
+        logging.info('cross-validation: fold %d/%d in %s', fold + 1, folds, folder)
+        run_fold(fold_settings, folder, stages)
+        if not stages and sharding.is_leader():
+            artifacts.save_json(done, settings)
+    if not sharding.is_leader():
+        return
+    missing = [k for k in range(folds)
+               if not (fold_dir(workdir, k) / 'eval' / 'test' / 'predictions.csv').exists()]
+    if missing:
+        logging.info('cross-validation: no summary yet (folds %s have no test predictions)',
+                     missing)
+        return
+    summary = summarize(workdir, cohort, tuple(config.data.classes), folds)
+    logging.info('cross-validation: %d folds, test AUC %.3f +/- %.3f (mean +/- sd); pooled '
+                 'out-of-fold AUC %.3f (95%% CI %.3f-%.3f); see %s', folds,
+                 summary['mean']['auc'], summary['sd']['auc'], summary['auc'],
+                 *summary['auc_ci95'], workdir / 'cv' / 'summary.json')
+
+
+def summarize(workdir: pathlib.Path, cohort: Cohort, classes: tuple[str, ...],
+              folds: int) -> dict:
+    """Writes cv/summary.json, cv/summary.csv and cv/predictions.csv (the out-of-fold
+    predictions of every fold's test slides); returns the summary."""
+    per_fold, rows = [], []
+    for fold in range(folds):
+        folder = fold_dir(workdir, fold) / 'eval' / 'test'
+        metrics = json.loads((folder / 'metrics.json').read_text())
+        per_fold.append({'fold': fold, **{k: metrics[k] for k in
+                                          (*SUMMARY_METRICS, 'auc_ci95', 'num_slides')},
+                         'patient_auc': metrics['patient']['auc']})
+        slide_ids, labels, probabilities = report.read_predictions(folder / 'predictions.csv',
+                                                                   classes)
+        rows += [(fold, s, label, p) for s, label, p in zip(slide_ids, labels, probabilities)]
+    case_of = {r.slide_id: r.case_id for r in cohort.slides}
+    labels = np.array([label for _, _, label, _ in rows], np.int64)
+    probabilities = np.array([p for _, _, _, p in rows], np.float64).reshape(len(rows), -1)
+    pooled = split_metrics(probabilities, labels, [case_of[s] for _, s, _, _ in rows], classes)
+    values = {k: np.array([f[k] if f[k] is not None else np.nan for f in per_fold], np.float64)
+              for k in (*SUMMARY_METRICS, 'patient_auc')}
+    summary = to_json_safe({
+        'folds': per_fold,
+        'mean': {k: float(np.nanmean(v)) for k, v in values.items()},
+        'sd': {k: float(np.nanstd(v, ddof=1)) for k, v in values.items()},
+        'auc': pooled['auc'], 'auc_ci95': pooled['auc_ci95'], 'pooled': pooled,
+        'num_slides': len(rows), 'classes': list(classes)})
+    out = workdir / 'cv'
+    artifacts.save_json(out / 'summary.json', summary)
+    artifacts.save_text(out / 'summary.csv', _summary_csv(summary))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator='\n')
+    writer.writerow(['fold', *report.prediction_columns(classes)])
+    for fold, slide_id, label, row in rows:
+        writer.writerow([fold, slide_id, classes[label], *(f'{p:.6f}' for p in row),
+                         classes[int(np.argmax(row))]])
+    artifacts.save_text(out / 'predictions.csv', text.getvalue())
+    return summary
+
+
+def _summary_csv(summary: dict) -> str:
+    """One row per fold, then mean, sd and the pooled out-of-fold row."""
+    columns = [*SUMMARY_METRICS, 'auc_ci95_low', 'auc_ci95_high', 'patient_auc', 'num_slides']
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator='\n')
+    writer.writerow(['fold', *columns])
+
+    def cell(value):
+        return '' if value is None else f'{value:.4f}' if isinstance(value, float) else value
+
+    for fold in summary['folds']:
+        low, high = fold['auc_ci95']
+        writer.writerow([fold['fold'], *(cell(fold[k]) for k in SUMMARY_METRICS), cell(low),
+                         cell(high), cell(fold['patient_auc']), fold['num_slides']])
+    for name in ('mean', 'sd'):
+        writer.writerow([name, *(cell(summary[name][k]) for k in SUMMARY_METRICS), '', '',
+                         cell(summary[name]['patient_auc']), ''])
+    pooled = summary['pooled']
+    writer.writerow(['pooled', *(cell(pooled[k]) for k in SUMMARY_METRICS),
+                     *(cell(x) for x in pooled['auc_ci95']), cell(pooled['patient']['auc']),
+                     summary['num_slides']])
+    return text.getvalue()

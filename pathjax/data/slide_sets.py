@@ -1,0 +1,100 @@
+"""The slides of a split as the slide model reads them: ids, labels and graph files, without
+their features (each batch reads its slides' graphs from the files; see `graph_batches`)."""
+
+import dataclasses
+import pathlib
+
+import numpy as np
+from absl import logging
+
+from pathjax.cohort import Cohort, SlideRecord
+from pathjax.data.features import GraphSettings, features_network, features_path, slide_graph
+from pathjax.errors import StageError
+from pathjax.runtime import sharding
+
+
+@dataclasses.dataclass
+class SlideSet:
+    """The slides of one split that have features, without their features: slide and case ids,
+    labels int [S],
+    graph files [S] (see `features.slide_graph`), their node and edge counts int [S], the
+    level-0 (x, y) coordinates [n_s, 2] of each graph's nodes, and the feature size D (0 when
+    empty)."""
+
+    slide_ids: list[str]
+    case_ids: list[str]
+    labels: np.ndarray
+    paths: list[pathlib.Path]
+    num_nodes: np.ndarray
+    num_edges: np.ndarray
+    coords: list[np.ndarray]
+    feature_dim: int
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+
+def load_slides(workdir, records: list[SlideRecord], classes: tuple[str, ...],
+                settings: GraphSettings, stage: str) -> SlideSet:
+    """The records whose features exist (others are skipped with a warning naming `stage`),
+    their graph files built or checked one slide at a time; no features are kept."""
+    ids, cases, labels, files = [], [], [], []
+    for record in records:
+        if not features_path(workdir, record.slide_id).exists():
+            logging.warning('%s: slide %s has no features (see the extract report); left out',
+                            stage, record.slide_id)
+            continue
+        ids.append(record.slide_id)
+        cases.append(record.case_id)
+        labels.append(classes.index(record.label))
+        files.append(slide_graph(workdir, record.slide_id, settings))
+    dims = sorted({f.feature_dim for f in files})
+    if len(dims) > 1:
+        raise StageError(f'{stage}: the slides have features of different sizes {dims}; '
+                         'rerun the extract stage')
+    return SlideSet(ids, cases, np.asarray(labels, np.int32), [f.path for f in files],
+                    np.asarray([f.num_nodes for f in files], np.int64),
+                    np.asarray([f.num_edges for f in files], np.int64),
+                    [f.coords for f in files], dims[0] if dims else 0)
+
+
+def node_rows(slides: SlideSet, indices: np.ndarray, values: np.ndarray) -> list[np.ndarray]:
+    """Rows [n_s] of per-node values [B, N] for the batch's slides, padding cut off."""
+    return [np.asarray(values[row][:slides.num_nodes[i]]) for row, i in enumerate(indices)]
+
+
+def load_splits(workdir, cohort: Cohort, names, classes: tuple[str, ...],
+                settings: GraphSettings, stage: str) -> dict[str, SlideSet]:
+    """{split: SlideSet} of the named splits. The leader builds the slides' missing graph caches
+    first; the other processes then read them instead of searching neighbours too."""
+    def load():
+        return {name: load_slides(workdir, list(cohort.split(name)), classes, settings, stage)
+                for name in names}
+    splits = load() if sharding.is_leader() else None
+    sharding.barrier('pathjax slide graphs')
+    splits = splits if splits is not None else load()
+    check_one_network(workdir, [i for slides in splits.values() for i in slides.slide_ids], stage)
+    return splits
+
+
+def check_one_network(workdir, slide_ids: list[str], stage: str) -> None:
+    """Raises StageError when the slides' features came from more than one feature network
+    (a retrained network and an extract stage that has not been rerun since)."""
+    networks = {}
+    for slide_id in slide_ids:
+        networks.setdefault(features_network(features_path(workdir, slide_id)), []).append(slide_id)
+    if len(networks) > 1:
+        groups = '; '.join(f'{len(ids)} slide(s) (e.g. {ids[0]}) by '
+                           f'{network or "an unrecorded network"}'
+                           for network, ids in networks.items())
+        raise StageError(f'{stage}: the features come from {len(networks)} different feature '
+                         f'networks ({groups}); rerun the extract stage, which redoes the slides '
+                         'made by another network than the current one')
+
+
+def feature_dim(splits: list[SlideSet], stage: str) -> int:
+    """The patch feature size D of the loaded slides."""
+    for slides in splits:
+        if len(slides):
+            return slides.feature_dim
+    raise StageError(f'{stage}: no slide has features; run the extract stage first')

@@ -1,0 +1,115 @@
+"""3-fold cross-validation of configs/test.py in one run: every fold's stages in its own folder
+on shared scans, nothing of a fold trained on its test slides, a summary with pooled
+out-of-fold metrics, and a resume after a run stopped inside a fold."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import sklearn.metrics
+
+from pathjax import artifacts, cross_validation, pipeline
+from pathjax.data import patches
+from pathjax.errors import UsageError
+from pathjax.train import slide_training
+from tests.conftest import make_config
+
+FOLDS = 3
+# Shorter training than configs/test.py: the protocol is under test, not the learning.
+SETTINGS = {'data.folds': FOLDS, 'data.fold': -1, 'data.synthetic.num_slides': 12,
+            'learn.batch_size': 16,
+            'learn.epochs': 1, 'train.max_steps': 4, 'eval.heatmaps': False, 'mesh.data': 1}
+
+
+def fold_cohort(workdir, fold):
+    with open(cross_validation.fold_dir(workdir, fold) / 'cohort.csv', newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_fold_then_the_summary_and_a_resume(tmp_path, monkeypatch):
+    config = make_config(**SETTINGS)
+    stop_in, stopping = cross_validation.fold_dir(tmp_path, 1), [True]
+    original = slide_training.run
+
+    def stops_in_fold_1(config, workdir, cohort):
+        if stopping[0] and workdir == stop_in:
+            raise KeyboardInterrupt('killed in fold 1, train_slide')
+        return original(config, workdir, cohort)
+
+    stages = list(pipeline.STAGES)
+    stages[4] = stages[4]._replace(run=stops_in_fold_1)
+    monkeypatch.setattr(pipeline, 'STAGES', tuple(stages))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(config, tmp_path)
+    fold_0 = {p: p.stat().st_mtime_ns for p in cross_validation.fold_dir(tmp_path, 0).rglob('*')
+              if p.is_file()}
+    learned_1 = sorted((stop_in / 'feature_net' / 'latest').iterdir())
+    stopping[0] = False
+    assert pipeline.run(config, tmp_path) == 0
+
+    # The resume skipped the finished fold and the finished stages of fold 1.
+    assert {p: p.stat().st_mtime_ns for p in fold_0} == fold_0
+    assert sorted((stop_in / 'feature_net' / 'latest').iterdir()) == learned_1
+
+    # Splits: every case is in exactly one test fold; the validation fold is the next one.
+    cohorts = [fold_cohort(tmp_path, k) for k in range(FOLDS)]
+    test_ids = [{r['slide_id'] for r in c if r['split'] == 'test'} for c in cohorts]
+    assert sorted(i for ids in test_ids for i in ids) == sorted(r['slide_id'] for r in cohorts[0])
+    for k in range(FOLDS):
+        val = {r['slide_id'] for r in cohorts[k] if r['split'] == 'val'}
+        assert val == test_ids[(k + 1) % FOLDS]
+        # Nothing of fold k learned from its test slides: its patch dataset holds none of them.
+        sampling = patches.Sampling.from_config(config)
+        builder = patches.load_builder(cross_validation.fold_dir(tmp_path, k), sampling)
+        seen = set()
+        for split in builder.info.splits:
+            source = builder.as_data_source(split)
+            seen |= {source[i]['slide_id'].decode() if isinstance(source[i]['slide_id'], bytes)
+                     else source[i]['slide_id'] for i in range(len(source))}
+        assert seen and not seen & test_ids[k], k
+
+    # One scan per slide, shared; each fold's stain reference comes from its own training slides.
+    scans = sorted(p.stem for p in (tmp_path / 'scans').glob('*.npz'))
+    assert scans == sorted(r['slide_id'] for r in cohorts[0])
+    references = [artifacts.load_npz(cross_validation.fold_dir(tmp_path, k) / 'stain' /
+                                     'reference.npz')['histograms'] for k in range(FOLDS)]
+    assert not np.array_equal(references[0], references[1])
+    for k in range(FOLDS):
+        scan = artifacts.load_npz(tmp_path / 'scans' / f'{scans[0]}.npz')
+        tiles = artifacts.load_npz(cross_validation.fold_dir(tmp_path, k) / 'tiles' /
+                                   f'{scans[0]}.npz')
+        np.testing.assert_array_equal(tiles['coords'], scan['coords'])
+
+    # The summary: each fold's test metrics, mean and sd, pooled out-of-fold AUC with its CI.
+    summary = json.loads((tmp_path / 'cv' / 'summary.json').read_text())
+    assert [f['fold'] for f in summary['folds']] == list(range(FOLDS))
+    for k, fold in enumerate(summary['folds']):
+        metrics = json.loads((cross_validation.fold_dir(tmp_path, k) / 'eval' / 'test' /
+                              'metrics.json').read_text())
+        assert fold['auc'] == metrics['auc'] and fold['num_slides'] == len(test_ids[k])
+    aucs = [f['auc'] for f in summary['folds'] if f['auc'] is not None]
+    assert summary['mean']['auc'] == pytest.approx(np.mean(aucs))
+    assert summary['sd']['auc'] == pytest.approx(np.std(aucs, ddof=1))
+    with open(tmp_path / 'cv' / 'predictions.csv', newline='') as f:
+        pooled = list(csv.DictReader(f))
+    assert sorted(r['slide_id'] for r in pooled) == scans
+    labels = [r['label'] == config.data.classes[1] for r in pooled]
+    scores = [float(r[f'prob_{config.data.classes[1]}']) for r in pooled]
+    assert summary['auc'] == pytest.approx(sklearn.metrics.roc_auc_score(labels, scores),
+                                           abs=1e-6)
+    low, high = summary['auc_ci95']
+    assert low <= summary['auc'] <= high
+    rows = list(csv.reader((tmp_path / 'cv' / 'summary.csv').open()))
+    assert [r[0] for r in rows[1:]] == ['0', '1', '2', 'mean', 'sd', 'pooled']
+
+
+def test_a_manifest_with_splits_cannot_cross_validate(tmp_path):
+    config = make_config(**{**SETTINGS, 'data.synthetic.num_slides': 4})
+    pipeline.run(make_config(**{'data.synthetic.num_slides': 4}), tmp_path / 'made', ['tile'])
+    rows = (tmp_path / 'made' / 'cohort.csv').read_text().splitlines()
+    manifest = tmp_path / 'with_splits.csv'
+    manifest.write_text('\n'.join(','.join(r.split(',')[:5]) for r in rows) + '\n')
+    config.data.manifest = str(manifest)
+    with pytest.raises(UsageError, match='without a split column'):
+        pipeline.run(config, tmp_path / 'cv')
