@@ -2,7 +2,8 @@
 
 Writes `eval/<split>/predictions.csv`, `metrics.json` (slide- and patient-level metrics with
 bootstrap 95% CIs of the AUC, and the checkpoint used), `roc.png` and `heatmaps/<slide_id>.png`
-(patch scores over the slide's thumbnail; see `heatmaps`).
+(patch scores over the slide's thumbnail; see `heatmaps`), and `eval/learning_curves.png` (both
+training stages, per epoch).
 """
 
 import pathlib
@@ -17,6 +18,7 @@ from pathjax.cohort import Cohort
 from pathjax.data.features import GraphSettings
 from pathjax.data.slide_sets import SlideSet, feature_dim, load_splits
 from pathjax.evaluate import heatmaps, report
+from pathjax.evaluate.learning_curves import plot_learning_curves
 from pathjax.metrics import split_metrics
 from pathjax.models.slide_predictor import SlidePredictor
 from pathjax.slides.tile_stage import thumbnail_path, tiles_path
@@ -90,6 +92,8 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
     splits = load_splits(workdir, cohort, config.eval.splits, classes, settings, 'evaluate')
     predictor = SlidePredictor(config, feature_dim(list(splits.values()), 'evaluate'))
     params, checkpoint = predictor.restore(workdir, config.eval.checkpoint)
+    if sharding.is_leader():
+        plot_learning_curves(workdir, pathlib.Path(workdir) / 'eval' / 'learning_curves.png')
     entries = []
     for split, slides in splits.items():
         evaluate_split(predictor, params, workdir, split, slides, checkpoint)

@@ -121,3 +121,27 @@ def test_plot_roc_overwrites_atomically(tmp_path):
     report.plot_roc(path, probabilities, labels, BINARY)
     assert_png(path)
     assert_no_temporaries(tmp_path)
+
+
+def test_learning_curves_read_both_logs_and_note_a_missing_one(tmp_path):
+    from pathjax.evaluate import learning_curves
+    from pathjax.runtime import metrics_log
+    feature_log = tmp_path / 'feature_net' / 'metrics.jsonl'
+    for epoch in (1, 2, 3):  # step lines and an epoch summary, as feature learning writes them
+        metrics_log.append(feature_log, {'epoch': epoch, 'step': 4 * epoch, 'loss': 9.0 - epoch})
+        metrics_log.append(feature_log, {'epoch': epoch, 'train_loss': 9.0 - epoch,
+                                         'val_accuracy': 0.5 + 0.1 * epoch})
+    records = metrics_log.read(feature_log)
+    assert learning_curves.epoch_series(records, 'train_loss') == ([1, 2, 3], [8.0, 7.0, 6.0])
+    assert learning_curves.epoch_series(records, 'val_accuracy')[1] == pytest.approx(
+        [0.6, 0.7, 0.8])
+    both, one = tmp_path / 'both.png', tmp_path / 'one.png'
+    learning_curves.plot_learning_curves(tmp_path, one)  # no slide_net log yet
+    metrics_log.append(tmp_path / 'slide_net' / 'metrics.jsonl',
+                       {'epoch': 1, 'train_loss': 0.7, 'val_loss': 0.69, 'val_auc': None})
+    learning_curves.plot_learning_curves(tmp_path, both)
+    pictures = [np.asarray(Image.open(p).convert('RGB')) for p in (one, both)]
+    assert pictures[0].shape == pictures[1].shape
+    right = pictures[0].shape[1] // 2
+    # The right panel changed from a note to the slide model's curves.
+    assert not np.array_equal(pictures[0][:, right:], pictures[1][:, right:])
