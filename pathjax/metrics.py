@@ -158,8 +158,10 @@ def per_case(case_ids: Sequence[str], probabilities: np.ndarray, labels: np.ndar
     sums = np.zeros((len(cases), probabilities.shape[1]))
     np.add.at(sums, rows, probabilities)
     counts = np.bincount(rows, minlength=len(cases))[:, None]
-    first = np.array([list(case_ids).index(c) for c in cases], np.int64)
-    return cases, sums / np.maximum(counts, 1), np.asarray(labels)[first]
+    first = {}
+    for row, case in enumerate(case_ids):
+        first.setdefault(case, row)
+    return cases, sums / np.maximum(counts, 1), np.asarray(labels)[[first[c] for c in cases]]
 
 
 def split_metrics(probabilities: np.ndarray, labels: np.ndarray, case_ids: Sequence[str],

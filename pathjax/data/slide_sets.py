@@ -16,10 +16,9 @@ from pathjax.runtime import sharding
 @dataclasses.dataclass
 class SlideSet:
     """The slides of one split that have features, without their features: slide and case ids,
-    labels int [S],
-    graph files [S] (see `features.slide_graph`), their node and edge counts int [S], the
-    level-0 (x, y) coordinates [n_s, 2] of each graph's nodes, and the feature size D (0 when
-    empty)."""
+    labels int [S], graph files [S] (see `features.slide_graph`), their node and edge counts
+    int [S], the level-0 (x, y) coordinates [n_s, 2] of each graph's nodes, and the feature size
+    D (0 when empty)."""
 
     slide_ids: list[str]
     case_ids: list[str]

@@ -82,10 +82,7 @@ class Checkpoints:
         if which == 'best' and not best:
             logging.warning('%s: no best checkpoint (no validation score); using the latest',
                             self.directory)
-        manager = self._best if best else self._latest
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f'no checkpoint in {manager.directory}')
+        manager, step = self._newest(best)
         restored = manager.restore(step, args=ocp.args.Composite(
             state=_tree_restore({'params': abstract_params}, partial=True),
             metadata=ocp.args.JsonRestore()))
@@ -94,15 +91,20 @@ class Checkpoints:
 
     def restore(self, abstract_state: Any, best: bool = False) -> tuple[Any, dict[str, Any]]:
         """(state, metadata) of the latest (or the best) checkpoint."""
+        manager, step = self._newest(best)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=_tree_restore(abstract_state), metadata=ocp.args.JsonRestore()))
+        return restored['state'], dict(restored['metadata'])
+
+    def _newest(self, best: bool) -> tuple[ocp.CheckpointManager, int]:
+        """The manager of the best (or latest) checkpoints and its newest step."""
         manager = self._best if best else self._latest
         if manager is None:
             raise ValueError('this run keeps no best checkpoint')
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f'no checkpoint in {manager.directory}')
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=_tree_restore(abstract_state), metadata=ocp.args.JsonRestore()))
-        return restored['state'], dict(restored['metadata'])
+        return manager, step
 
 
 def _tree_restore(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
