@@ -107,6 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.checkpoint = 'latest'  # 'latest' (where the method's stopping rule ended) or
     # 'best' (highest validation AUC, ties to the lower validation loss)
     config.eval.heatmaps = True
+    config.eval.top_patches = 4  # highest-scoring patches per slide saved at full resolution
+    config.predict = ml_collections.ConfigDict()
+    config.predict.manifest = ''  # CSV of new slides (label optional) for --stages predict
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # devices on the data axis; -1 = all

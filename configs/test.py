@@ -11,6 +11,7 @@ def get_config():
     config.data.synthetic.num_slides = 8
     config.data.synthetic.width = 2048
     config.data.synthetic.height = 1536
+    config.stain.method = 'histogram'  # the demo turns it off; the tests run it
     config.stain.fit_patches = 8
     config.compilation_cache = False
     config.learn.patches_per_slide = 32

@@ -6,6 +6,8 @@ Every bad row is reported with its line number before any work starts: an empty 
 an unknown label, a duplicate slide id, an unknown split or a case in two splits stops the run
 (`ManifestError`); a missing or unreadable slide file only skips that slide (`Cohort.skipped`).
 Without a split column, cases are split stratified by label and seeded, or by k-fold.
+A manifest of new slides to predict (`load_new_slides`) may leave `label` empty or out; its
+slides are in the split `PREDICT`.
 """
 
 import csv
@@ -19,6 +21,7 @@ import numpy as np
 REQUIRED_COLUMNS = ('slide_id', 'path', 'label')
 OPTIONAL_COLUMNS = ('case_id', 'split')
 SPLITS = ('train', 'val', 'test')
+PREDICT = 'predict'  # the split of the slides of a prediction manifest
 
 
 class ManifestError(Exception):
@@ -52,8 +55,10 @@ class Cohort:
         return tuple(s for s in self.slides if s.split == name)
 
 
-def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...]) -> list[SlideRecord]:
-    """Parses and validates every row; raises ManifestError listing all problems at once."""
+def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...],
+                  labels_required: bool = True) -> list[SlideRecord]:
+    """Parses and validates every row; raises ManifestError listing all problems at once.
+    With `labels_required` False the label column may be absent and a label empty ('')."""
     manifest = pathlib.Path(manifest)
     if not manifest.is_file():
         raise ManifestError(str(manifest), ['manifest file not found'])
@@ -65,7 +70,8 @@ def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...]) -> list
     if not rows:
         raise ManifestError(str(manifest), ['the manifest is empty'])
     header = [name.strip() for name in rows[0]]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    required = REQUIRED_COLUMNS if labels_required else ('slide_id', 'path')
+    missing = [c for c in required if c not in header]
     if missing:
         raise ManifestError(str(manifest), [f'line 1: missing column(s) {", ".join(missing)} '
                                             f'(found {", ".join(header)})'])
@@ -79,11 +85,12 @@ def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...]) -> list
             problems.append(f'line {line}: {len(row)} fields, the header has {len(header)}')
             continue
         value = {name: row[i].strip() for name, i in column.items()}
-        empty = [name for name in REQUIRED_COLUMNS if not value[name]]
+        value.setdefault('label', '')
+        empty = [name for name in required if not value[name]]
         if empty:
             problems.append(f'line {line}: empty {", ".join(empty)}')
             continue
-        if value['label'] not in classes:
+        if value['label'] not in classes and (labels_required or value['label']):
             problems.append(f'line {line}: slide {value["slide_id"]!r} has unknown label '
                             f'{value["label"]!r} (data.classes: {", ".join(classes)})')
         split = value.get('split', '')
@@ -206,6 +213,15 @@ def load_cohort(manifest: str | os.PathLike, classes: tuple[str, ...], *,
     """Reads, validates and splits a manifest; missing files are skipped, not fatal."""
     records = read_manifest(manifest, classes)
     records = assign_splits(records, fractions=fractions, folds=folds, fold=fold, seed=seed)
+    usable, skipped = check_files(records)
+    return Cohort(slides=tuple(usable), skipped=tuple(skipped))
+
+
+def load_new_slides(manifest: str | os.PathLike, classes: tuple[str, ...]) -> Cohort:
+    """The slides of a prediction manifest, all in split PREDICT, labels optional ('' when
+    unknown); a split column is checked but not used; missing files are skipped, not fatal."""
+    records = read_manifest(manifest, classes, labels_required=False)
+    records = [dataclasses.replace(r, split=PREDICT) for r in records]
     usable, skipped = check_files(records)
     return Cohort(slides=tuple(usable), skipped=tuple(skipped))
 

@@ -1,7 +1,8 @@
 """The stage list, its order, and the one place that walks the whole config.
 
 `run(config, workdir, stages)` checks the config, reads and validates the cohort (generating a
-synthetic one when `data.manifest` is empty), then runs the chosen stages in order. Each stage is
+synthetic one when `data.manifest` is empty), then runs the chosen stages in order; `predict`
+(new slides through a trained workdir, `predict_stage`) runs only when named, after the others. Each stage is
 `run(config, workdir, cohort) -> [SlideEntry]`; its report goes to `<workdir>/reports/<stage>.json`.
 """
 
@@ -19,7 +20,7 @@ from pathjax.data import patches
 from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
 from pathjax.slides import stain, synthetic, tile_stage
 from pathjax.slides.tissue import TissueRule
-from pathjax.evaluate import evaluate_stage
+from pathjax.evaluate import evaluate_stage, predict_stage
 from pathjax.train import extract, feature_learning, slide_training
 from pathjax.runtime import sharding
 
@@ -55,8 +56,11 @@ STAGES = (
 )
 
 
+PREDICT = 'predict'  # runs only when named: new slides through a trained workdir
+
+
 def stage_names() -> list[str]:
-    return [stage.name for stage in STAGES]
+    return [stage.name for stage in STAGES] + [PREDICT]
 
 
 def resolve_workers(workers: int) -> int:
@@ -176,6 +180,10 @@ def check_config(config) -> list[str]:
             f"extract.checkpoint must be 'best' or 'latest', got {config.extract.checkpoint!r}")
     require(config.eval.checkpoint in ('best', 'latest'),
             f"eval.checkpoint must be 'best' or 'latest', got {config.eval.checkpoint!r}")
+    require(not config.predict.manifest or os.path.isfile(config.predict.manifest),
+            f'predict.manifest: file not found: {config.predict.manifest}')
+    require(config.eval.top_patches >= 0,
+            f'eval.top_patches must be >= 0, got {config.eval.top_patches}')
     require(config.mesh.data == -1 or config.mesh.data >= 1,
             f'mesh.data must be -1 (all devices) or >= 1, got {config.mesh.data}')
     return problems
@@ -218,6 +226,13 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
     if unknown:
         problems.append(f'--stages: unknown stage(s) {", ".join(unknown)}; '
                         f'stages are {", ".join(stage_names())}')
+    predicting = PREDICT in (stages or [])
+    if predicting and not config.predict.manifest:
+        problems.append('--stages predict needs the new slides: '
+                        '--config.predict.manifest=<csv with slide_id, path[, label, case_id]>')
+    if predicting and cross_validation.is_cross_validation(config):
+        problems.append('--stages predict uses one trained model: run it on one fold '
+                        '(--workdir <workdir>/folds/<k> --config.data.fold=<k>)')
     if problems:
         raise UsageError('invalid configuration:\n  ' + '\n  '.join(problems))
     if config.deterministic:  # before any device use: XLA reads its flags when the backend starts
@@ -238,7 +253,11 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
         cross_validation.run(config, workdir, stages, manifest, cohort, run_stages,
                              [field for stage in STAGES for field in stage.settings])
     else:
-        run_stages(config, workdir, stages)
+        training = [s for s in stages or [] if s != PREDICT]
+        if training or not predicting:
+            run_stages(config, workdir, training)
+        if predicting:
+            run_predict(config, workdir)
     return 0
 
 
@@ -265,6 +284,28 @@ def run_stages(config, workdir: pathlib.Path, stages: list[str] | None) -> None:
             report = stage_report.write_report(workdir, stage.name, entries)
             if not any(e.status == stage_report.OK for e in entries):
                 failure = StageError(f'{stage.name}: no slide could be processed; see {report}')
+        sharding.raise_together(failure)
+
+
+def run_predict(config, workdir: pathlib.Path) -> None:
+    """The predict stage (`predict_stage`): its steps in `<workdir>/predict/`, each on every
+    process, stopping all processes together when one cannot go on."""
+    cohort, failure = _attempt(PREDICT, predict_stage.load_cohort, config)
+    sharding.raise_together(failure)
+    if sharding.is_leader():
+        settings = provenance.settings_of(
+            config, [field for stage in STAGES[:stage_names().index('train_slide') + 1]
+                     for field in stage.settings])
+        _, failure = _attempt(PREDICT, predict_stage.prepare_folder, config, workdir, settings)
+    sharding.raise_together(failure)
+    folder = predict_stage.predict_dir(workdir)
+    for name, step in predict_stage.steps(workdir):
+        logging.info('predict: %s', name)
+        entries, failure = _attempt(f'{PREDICT} {name}', step, config, folder, cohort)
+        if entries is not None and sharding.is_leader():
+            report = stage_report.write_report(folder, name, entries)
+            if not any(e.status == stage_report.OK for e in entries):
+                failure = StageError(f'{PREDICT} {name}: no slide could be processed; see {report}')
         sharding.raise_together(failure)
 
 

@@ -42,17 +42,25 @@ def settings_of(config, fields: list[str]) -> dict[str, Any]:
     return flat
 
 
+def check_matches(workdir, stage: str, settings: dict[str, Any], artifacts_hint: str) -> None:
+    """Raises UsageError if the stage ran in this workdir with other settings (nothing when it has
+    not run)."""
+    path = pathlib.Path(workdir) / 'settings' / f'{stage}.json'
+    if not path.exists():
+        return
+    recorded = json.loads(path.read_text())
+    changed = sorted(k for k in recorded.keys() | settings.keys()
+                     if recorded.get(k) != settings.get(k))
+    if changed:
+        details = ', '.join(f'{k} was {recorded.get(k)!r}, now {settings.get(k)!r}'
+                            for k in changed)
+        raise UsageError(f'{stage}: this workdir was made with other settings ({details}); '
+                         f'use a new --workdir, or delete {artifacts_hint} (and what later '
+                         f'stages made from it) to redo it')
+
+
 def check_and_record(workdir, stage: str, settings: dict[str, Any], artifacts_hint: str) -> None:
     """Raises UsageError if the stage ran in this workdir with other settings; else records them."""
+    check_matches(workdir, stage, settings, artifacts_hint)
     path = pathlib.Path(workdir) / 'settings' / f'{stage}.json'
-    if path.exists():
-        recorded = json.loads(path.read_text())
-        changed = sorted(k for k in recorded.keys() | settings.keys()
-                         if recorded.get(k) != settings.get(k))
-        if changed:
-            details = ', '.join(f'{k} was {recorded.get(k)!r}, now {settings.get(k)!r}'
-                                for k in changed)
-            raise UsageError(f'{stage}: this workdir was made with other settings ({details}); '
-                             f'use a new --workdir, or delete {artifacts_hint} (and what later '
-                             f'stages made from it) to redo it')
     artifacts.save_text(path, json.dumps(settings, indent=1, sort_keys=True) + '\n')

@@ -46,9 +46,11 @@ def make_config(name: str = 'test', **overrides):
 
 
 # A cohort big enough for the feature network to learn something: 16 slides, about 120
-# training and 160 validation patches.
+# training and 160 validation patches, without stain normalization (so that colour cannot carry
+# the label: see configs/demo.py).
 LEARNING_COHORT = {'data.synthetic.num_slides': 16, 'data.synthetic.width': 3072,
-                   'data.synthetic.height': 2048, 'learn.patches_per_slide': 64}
+                   'data.synthetic.height': 2048, 'learn.patches_per_slide': 64,
+                   'stain.method': 'none'}
 
 
 @pytest.fixture(scope='session')

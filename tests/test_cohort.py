@@ -126,3 +126,19 @@ def test_kfold_by_case():
 def test_manifest_split_column_wins(tmp_path):
     records = [cohort.SlideRecord('a', '/a', 'mutant', 'a', 'test', 2)]
     assert cohort.assign_splits(records, fractions=(1, 0, 0), folds=0, fold=0, seed=0) == records
+
+
+def test_new_slides_may_leave_labels_empty_or_out(tmp_path):
+    touch(tmp_path, 'a.svs', 'b.svs')
+    labelled = write(tmp_path, 'slide_id,path,label\na,a.svs,mutant\nb,b.svs,\nc,c.svs,\n')
+    new = cohort.load_new_slides(labelled, CLASSES)
+    assert [(r.slide_id, r.label, r.split) for r in new.slides] == [
+        ('a', 'mutant', cohort.PREDICT), ('b', '', cohort.PREDICT)]
+    assert [r.slide_id for r, _ in new.skipped] == ['c']
+    no_column = write(tmp_path, 'slide_id,path\na,a.svs\n', 'no_label.csv')
+    assert [r.label for r in cohort.load_new_slides(no_column, CLASSES).slides] == ['']
+    with pytest.raises(cohort.ManifestError, match="line 2: slide 'a' has unknown label 'KRAS'"):
+        cohort.load_new_slides(write(tmp_path, 'slide_id,path,label\na,a.svs,KRAS\n', 'x.csv'),
+                               CLASSES)
+    with pytest.raises(cohort.ManifestError, match='line 3: empty label'):
+        cohort.read_manifest(labelled, CLASSES)  # a training manifest needs every label

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from PIL import Image
+
 from tests.conftest import REPO
 
 
@@ -40,3 +42,46 @@ def test_every_stage_then_evaluation_from_the_checkpoint(tmp_path):
     result = launch(tmp_path, '--stages=evaluate')
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / 'eval' / 'test' / 'predictions.csv').read_text() == predictions
+
+    # New slides through the trained workdir: the test slides again (labelled, and unlabelled
+    # under other ids), a missing file and a file that is not a slide.
+    slides = {row['slide_id']: row for row in cohort}
+    not_a_slide = tmp_path / 'not_a_slide.svs'
+    not_a_slide.write_bytes(b'not a slide' * 100)
+    manifest = tmp_path / 'new_slides.csv'
+    lines = ['slide_id,path,label']
+    lines += [f'{i},{slides[i]["path"]},{slides[i]["label"]}' for i in test_ids]
+    lines += [f'new_{i},{slides[i]["path"]},' for i in test_ids]
+    lines += [f'missing,{tmp_path / "nope.svs"},', f'broken,{not_a_slide},']
+    manifest.write_text('\n'.join(lines) + '\n')
+    result = launch(tmp_path, '--stages=predict', f'--config.predict.manifest={manifest}')
+    assert result.returncode == 0, result.stderr[-4000:]
+    folder = tmp_path / 'predict'
+    predicted = {row['slide_id']: row for row in csv.DictReader((folder / 'predictions.csv').open())}
+    assert sorted(predicted) == sorted(test_ids + [f'new_{i}' for i in test_ids])
+    evaluated = {row['slide_id']: row for row in rows}
+    for slide_id in test_ids:  # the trained stain reference, network and model: same numbers
+        for new_id in (slide_id, f'new_{slide_id}'):
+            assert predicted[new_id]['prob_positive'] == evaluated[slide_id]['prob_positive']
+            assert predicted[new_id]['pred'] == evaluated[slide_id]['pred']
+        assert predicted[slide_id]['label'] == slides[slide_id]['label']
+        assert predicted[f'new_{slide_id}']['label'] == ''
+        assert (folder / 'heatmaps' / f'new_{slide_id}.png').stat().st_size > 5000
+        patches = sorted((folder / 'top_patches' / f'new_{slide_id}').glob('*.png'))
+        assert [p.name for p in patches] == ['1.png', '2.png', '3.png', '4.png']
+        assert Image.open(patches[0]).size == (64, 64)
+    predict_metrics = json.loads((folder / 'metrics.json').read_text())
+    assert predict_metrics['num_slides'] == len(test_ids)  # the labelled rows only
+    assert predict_metrics['unlabelled_slides'] == len(test_ids)
+    assert predict_metrics['auc'] == metrics['auc']
+    report = json.loads((folder / 'reports' / 'predict.json').read_text())
+    failed = {e['slide_id']: e['message'] for e in report['slides'] if e['status'] == 'error'}
+    assert sorted(failed) == ['broken', 'missing'] and 'file not found' in failed['missing']
+    assert 'broken' in json.dumps(json.loads((folder / 'reports' / 'tile.json').read_text()))
+
+    # A config other than the training one is refused, naming the field.
+    result = launch(tmp_path, '--stages=predict', f'--config.predict.manifest={manifest}',
+                    '--config.graph.k=3')
+    assert result.returncode == 2 and 'graph.k' in result.stderr, result.stderr[-2000:]
+    result = launch(tmp_path, '--stages=predict')
+    assert result.returncode == 2 and 'predict.manifest' in result.stderr, result.stderr[-2000:]

@@ -13,12 +13,15 @@ from pathjax.errors import StageError
 from pathjax.runtime import sharding
 
 
+UNLABELLED = -1  # the label of a slide to predict whose class is not known
+
+
 @dataclasses.dataclass
 class SlideSet:
     """The slides of one split that have features, without their features: slide and case ids,
-    labels int [S], graph files [S] (see `features.slide_graph`), their node and edge counts
-    int [S], the level-0 (x, y) coordinates [n_s, 2] of each graph's nodes, and the feature size
-    D (0 when empty)."""
+    labels int [S] (UNLABELLED for a new slide of unknown class), graph files [S] (see
+    `features.slide_graph`), their node and edge counts int [S], the level-0 (x, y) coordinates
+    [n_s, 2] of each graph's nodes, and the feature size D (0 when empty)."""
 
     slide_ids: list[str]
     case_ids: list[str]
@@ -45,7 +48,7 @@ def load_slides(workdir, records: list[SlideRecord], classes: tuple[str, ...],
             continue
         ids.append(record.slide_id)
         cases.append(record.case_id)
-        labels.append(classes.index(record.label))
+        labels.append(classes.index(record.label) if record.label else UNLABELLED)
         files.append(slide_graph(workdir, record.slide_id, settings))
     dims = sorted({f.feature_dim for f in files})
     if len(dims) > 1:

@@ -1,9 +1,10 @@
 """The `evaluate` stage: the slide model, restored from its checkpoint alone, on each split.
 
 Writes `eval/<split>/predictions.csv`, `metrics.json` (slide- and patient-level metrics with
-bootstrap 95% CIs of the AUC, and the checkpoint used), `roc.png` and `heatmaps/<slide_id>.png`
-(patch scores over the slide's thumbnail; see `heatmaps`), and `eval/learning_curves.png` (both
-training stages, per epoch).
+bootstrap 95% CIs of the AUC, and the checkpoint used), `roc.png`, `heatmaps/<slide_id>.png`
+(patch scores over the slide's thumbnail; see `heatmaps`) and `top_patches/<slide_id>/<rank>.png`
+(the highest-scoring patches at full resolution), and `eval/learning_curves.png` (both training
+stages, per epoch).
 """
 
 import pathlib
@@ -16,11 +17,13 @@ from tqdm import tqdm
 from pathjax import artifacts
 from pathjax.cohort import Cohort
 from pathjax.data.features import GraphSettings
-from pathjax.data.slide_sets import SlideSet, feature_dim, load_splits
+from pathjax.data.slide_sets import UNLABELLED, SlideSet, feature_dim, load_splits
 from pathjax.evaluate import heatmaps, report
+from pathjax.evaluate.top_patches import save_top_patches
 from pathjax.evaluate.learning_curves import plot_learning_curves
 from pathjax.metrics import split_metrics
 from pathjax.models.slide_predictor import SlidePredictor
+from pathjax.slides.reader import SlideError
 from pathjax.slides.tile_stage import thumbnail_path, tiles_path
 from pathjax.stage_report import ERROR, OK, SlideEntry
 from pathjax.runtime import sharding
@@ -44,10 +47,13 @@ def write_heatmap(workdir, folder: pathlib.Path, slide_id: str, coords: np.ndarr
     return True
 
 
-def write_heatmaps(predictor: SlidePredictor, params, workdir, split: str, slides: SlideSet,
-                   probabilities: np.ndarray, weights: list[np.ndarray]) -> None:
-    """One heatmap per slide (see `heatmaps`): gated-attention weights, or each patch's
-    contribution to the predicted class (computed on every process, drawn by the leader)."""
+def write_heatmaps(predictor: SlidePredictor, params, workdir, folder: pathlib.Path,
+                   slides: SlideSet, slide_paths: dict[str, str], probabilities: np.ndarray,
+                   weights: list[np.ndarray]) -> None:
+    """For each slide, its heatmap `<folder>/heatmaps/<slide_id>.png` (see `heatmaps`: gated-
+    attention weights, or each patch's contribution to the predicted class; computed on every
+    process, drawn by the leader) and its top patches in `<folder>/top_patches/` (see
+    `top_patches`). `workdir` holds the slides' thumbnails and tiles files."""
     classes = predictor.classes
     predicted = probabilities.argmax(axis=1)
     signed = predictor.config.slide_net.pooling != 'gated'
@@ -55,17 +61,26 @@ def write_heatmaps(predictor: SlidePredictor, params, workdir, split: str, slide
     if not sharding.is_leader():
         return
     what = 'contribution to' if signed else 'attention for'
-    for i, slide_id in enumerate(tqdm(slides.slide_ids, desc=f'heatmaps {split}', disable=None)):
+    for i, slide_id in enumerate(tqdm(slides.slide_ids, desc=f'heatmaps {folder.name}',
+                                      disable=None)):
+        label = classes[slides.labels[i]] if slides.labels[i] != UNLABELLED else 'unknown'
         title = (f'{slide_id}: {what} {classes[predicted[i]]} (p={probabilities[i].max():.2f}), '
-                 f'label {classes[slides.labels[i]]}')
-        if not write_heatmap(workdir, split_dir(workdir, split) / 'heatmaps', slide_id,
-                             slides.coords[i], scores[i], signed, title):
+                 f'label {label}')
+        if not write_heatmap(workdir, folder / 'heatmaps', slide_id, slides.coords[i], scores[i],
+                             signed, title):
             logging.warning('evaluate: no heatmap for slide %s (no thumbnail or tiles file)',
                             slide_id)
+            continue
+        try:
+            save_top_patches(folder / 'top_patches', slide_id, slide_paths[slide_id],
+                             artifacts.load_npz(tiles_path(workdir, slide_id)), slides.coords[i],
+                             scores[i], predictor.config.eval.top_patches)
+        except SlideError as error:
+            logging.warning('evaluate: no top patches for slide %s: %s', slide_id, error)
 
 
 def evaluate_split(predictor: SlidePredictor, params, workdir, split: str, slides: SlideSet,
-                   checkpoint: dict) -> dict:
+                   slide_paths: dict[str, str], checkpoint: dict) -> dict:
     classes = predictor.classes
     folder = split_dir(workdir, split)
     probabilities, weights = predictor.predict(params, slides)
@@ -77,7 +92,8 @@ def evaluate_split(predictor: SlidePredictor, params, workdir, split: str, slide
         report.write_metrics(folder / 'metrics.json', metrics)
         report.plot_roc(folder / 'roc.png', probabilities, slides.labels, classes)
     if predictor.config.eval.heatmaps and len(slides):
-        write_heatmaps(predictor, params, workdir, split, slides, probabilities, weights)
+        write_heatmaps(predictor, params, workdir, folder, slides, slide_paths, probabilities,
+                       weights)
     low, high = metrics['auc_ci95']
     logging.info('evaluate: %s split, %d slides, AUC %.3f (95%% CI %.3f-%.3f), accuracy %.3f; '
                  '%d cases, AUC %.3f', split, len(slides), metrics['auc'], low, high,
@@ -94,9 +110,10 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
     params, checkpoint = predictor.restore(workdir, config.eval.checkpoint)
     if sharding.is_leader():
         plot_learning_curves(workdir, pathlib.Path(workdir) / 'eval' / 'learning_curves.png')
+    slide_paths = {r.slide_id: r.path for r in cohort.slides}
     entries = []
     for split, slides in splits.items():
-        evaluate_split(predictor, params, workdir, split, slides, checkpoint)
+        evaluate_split(predictor, params, workdir, split, slides, slide_paths, checkpoint)
         done = set(slides.slide_ids)
         entries += [SlideEntry(r.slide_id, OK, details={'split': split}) if r.slide_id in done
                     else SlideEntry(r.slide_id, ERROR, message='no features (see the extract report)',

@@ -2,7 +2,8 @@
 atomically.
 
 predictions.csv has one row per slide, `slide_id,label,prob_<class>...,pred`, with label and
-pred as class names and probabilities to 6 decimals; `read_predictions` reads it back.
+pred as class names (label empty for a new slide of unknown class) and probabilities to 6
+decimals; `read_predictions` reads it back.
 """
 
 import csv
@@ -17,6 +18,7 @@ import numpy as np
 
 from pathjax import artifacts
 from pathjax import metrics as metrics_lib
+from pathjax.data.slide_sets import UNLABELLED
 
 
 def prediction_columns(class_names: Sequence[str]) -> list[str]:
@@ -31,26 +33,31 @@ def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels:
     Args:
         path: the CSV file.
         slide_ids: N slide ids.
-        labels: int [N], true class indices.
+        labels: int [N], true class indices, or UNLABELLED (written as an empty label).
         probabilities: float [N, C]; the predicted class is the argmax.
         class_names: C names, in class-index order.
     """
-    probabilities, labels = metrics_lib.check_predictions(probabilities, labels, class_names)
+    labels = np.asarray(labels).reshape(-1)
+    known = labels != UNLABELLED
+    probabilities, _ = metrics_lib.check_predictions(probabilities, np.where(known, labels, 0),
+                                                     class_names)
     if len(slide_ids) != len(labels):
         raise ValueError(f'{len(slide_ids)} slide ids for {len(labels)} predictions')
     text = io.StringIO()
     writer = csv.writer(text, lineterminator='\n')
     writer.writerow(prediction_columns(class_names))
     for slide_id, label, row in zip(slide_ids, labels, probabilities):
-        writer.writerow([slide_id, class_names[label], *(f'{p:.6f}' for p in row),
+        writer.writerow([slide_id, class_names[label] if label != UNLABELLED else '',
+                         *(f'{p:.6f}' for p in row),
                          class_names[int(row.argmax())]])
     artifacts.save_text(path, text.getvalue())
 
 
 def read_predictions(path: str | os.PathLike, class_names: Sequence[str]
                      ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Reads predictions.csv back: slide ids [N], labels int [N], probabilities float [N, C]."""
-    index = {name: c for c, name in enumerate(class_names)}
+    """Reads predictions.csv back: slide ids [N], labels int [N] (UNLABELLED where empty),
+    probabilities float [N, C]."""
+    index = {name: c for c, name in enumerate(class_names)} | {'': UNLABELLED}
     with open(path, newline='') as f:
         reader = csv.reader(f)
         header = next(reader, None)

@@ -5,7 +5,10 @@ The trunk is torchvision's `vgg16().features`: 13 3x3 convolutions with ReLU in 
 (64, 64 | 128, 128 | 256 x 3 | 512 x 3 | 512 x 3 channels), each block ending in a 2x2 max-pool;
 `width` scales every channel count (CPU configs). Inputs are RGB in [0, 255] (uint8 or float),
 normalized inside the model with ImageNet's mean and std, as torchvision's weights expect.
-Parameters are float32; `dtype` is the compute dtype.
+Parameters are float32; `dtype` is the compute dtype. Convolutions are initialized as
+torchvision's VGG is (Kaiming normal, fan_out, ReLU gain; zero bias): VGG-16 has no
+normalization layers, and trained from scratch under Flax's default LeCun init it stays at the
+majority class (DESIGN.md, known pitfalls).
 """
 
 from typing import Any
@@ -17,6 +20,8 @@ import jax.numpy as jnp
 BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's kaiming_normal_(mode='fan_out', nonlinearity='relu'): std = sqrt(2 / (9 * C_out)).
+CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def conv_names() -> list[str]:
@@ -90,7 +95,8 @@ class VGG16(nn.Module):
         for block in BLOCKS:
             for channels in block:
                 x = nn.Conv(scaled(channels, self.width), (3, 3), padding=1, dtype=self.dtype,
-                            param_dtype=jnp.float32, name=next(names))(x)
+                            param_dtype=jnp.float32, kernel_init=CONV_INIT,
+                            name=next(names))(x)
                 x = nn.relu(x)
             x = max_pool_2x2(x)
         features = x.astype(jnp.float32).mean(axis=(1, 2))  # [B, C]

@@ -4,8 +4,9 @@ A slide is rendered at level 0 from two stain density maps, hematoxylin (H) and 
 by Beer-Lambert: intensity = white * 10^-(H * h_vec + E * e_vec), each slide drawing its own stain
 vectors, intensities and white level. Tissue is one to three irregular blobs of fibrous pink
 stroma with scattered nuclei and, in places, normal glands (small round basal nuclei, goblets).
-Positive slides also carry a motif on 15-30% of their tissue: glands lined by crowded, enlarged,
-elongated dark nuclei around a pale lumen. Every other part is drawn from random streams that do
+Positive slides also carry a motif on 15-25% of their tissue: small glands (36-56 um across)
+lined by crowded, stratified, elongated dark nuclei 7-10 um long (normal ones: 5-7 um, basal)
+around a pale lumen. Every other part is drawn from random streams that do
 not depend on the class, so a positive slide equals the negative slide of the same seed outside
 its motif area, and patch labels inherited from the slide are noisy, as in mutation prediction.
 
@@ -86,8 +87,8 @@ _NORMAL_GLAND = _GlandStyle(
     nucleus_wid=(1.6, 2.1), density=(0.5, 0.75), spacing=1.7, ring=(0.78, 0.88), packing=1.5,
     goblets=True)
 _MOTIF_GLAND = _GlandStyle(
-    radius=(26, 40), lumen=(0.3, 0.5), wobble=0.12, nucleus_len=(5.5, 8.0),
-    nucleus_wid=(2.2, 3.0), density=(0.9, 1.3), spacing=0.85, ring=(0.3, 0.7), packing=1.0,
+    radius=(18, 28), lumen=(0.3, 0.5), wobble=0.12, nucleus_len=(3.5, 5.0),
+    nucleus_wid=(1.4, 1.9), density=(0.85, 1.2), spacing=0.85, ring=(0.3, 0.7), packing=1.0,
     goblets=False)
 
 
@@ -332,7 +333,7 @@ def _render(spec: SyntheticSlideSpec, streams, fill: bool):
         tissue_field = _tissue_field(r_tissue, *grid)
         tissue_g = _top_fraction(tissue_field, np.ones(grid, bool), r_tissue.uniform(0.34, 0.5))
     motif_field = _noise(r_regions, grid, cell(180))
-    motif_g = _top_fraction(motif_field, tissue_g, r_regions.uniform(0.18, 0.27) * spec.positive)
+    motif_g = _top_fraction(motif_field, tissue_g, r_regions.uniform(0.15, 0.25) * spec.positive)
     mucosa_g = _top_fraction(_noise(r_regions, grid, cell(200)), tissue_g,
                              r_regions.uniform(0.2, 0.4)) & ~motif_g
     pale = np.clip(0.8 + 0.35 * _noise(r_regions, grid, cell(120)), 0.25, 1.25)

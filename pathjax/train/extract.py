@@ -139,13 +139,14 @@ def extract_slide(extractor: Extractor, reader: PatchReader, record: SlideRecord
                       details={'feature_dim': int(features.shape[1])})
 
 
-def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
-    """The `extract` stage over this host's share of the cohort's slides."""
+def run(config, workdir, cohort: Cohort, network_workdir=None) -> list[SlideEntry]:
+    """The `extract` stage over this host's share of the cohort's slides, with the feature
+    network trained in `network_workdir` (default: `workdir`)."""
     mine = [r for i, r in enumerate(cohort.slides) if i % jax.process_count() == jax.process_index()]
     model = create_feature_net(config)
     # On every process, also one with nothing left to do: Orbax's checkpoint manager waits for
     # all of them when it opens, and the identity tells which finished slides are current.
-    params, network = extractor_params(config, workdir, model)
+    params, network = extractor_params(config, network_workdir or workdir, model)
     entries = {r.slide_id: _finished(workdir, r.slide_id, network) for r in mine}
     todo = [r for r in mine if entries[r.slide_id] is None]
     logging.info('extract: %d slides, %d already done', len(mine), len(mine) - len(todo))

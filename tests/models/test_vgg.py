@@ -74,3 +74,22 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
     assert np.isfinite(reference).all() and np.abs(reference).max() > 0
     error = np.abs(np.asarray(features) - reference).max() / np.abs(reference).max()
     assert error < 0.05, error
+
+
+def test_initialization_is_torchvisions_kaiming_fan_out():
+    """Each kernel ~ N(0, 2 / (9 * C_out)) (torch.nn.init.kaiming_normal_, mode='fan_out',
+    nonlinearity='relu'), biases zero: checked on the sample's std (a chi-square bound) and mean,
+    not Flax's LeCun default (std sqrt(1 / (9 * C_in)))."""
+    model = VGG16(width=0.25)
+    params = jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 32, 32, 3), jnp.uint8))['params']
+    for name in conv_names():
+        kernel = np.asarray(params[name]['kernel'], np.float64)
+        kh, kw, c_in, c_out = kernel.shape
+        expected = math.sqrt(2.0 / (kh * kw * c_out))
+        lecun = math.sqrt(1.0 / (kh * kw * c_in))
+        n = kernel.size
+        assert abs(kernel.std() / expected - 1) < 4 / math.sqrt(2 * n), (name, kernel.std(), expected)
+        if abs(lecun / expected - 1) > 8 / math.sqrt(2 * n):  # the two inits are told apart
+            assert abs(kernel.std() / lecun - 1) > 4 / math.sqrt(2 * n), name
+        assert abs(kernel.mean()) < 4 * expected / math.sqrt(n), name
+        np.testing.assert_array_equal(params[name]['bias'], 0)

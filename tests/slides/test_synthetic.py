@@ -96,7 +96,7 @@ def test_motif_only_on_positive_slides_and_only_in_its_region(seed):
     np.testing.assert_array_equal(tissue, tissue_neg)
     assert not motif_neg.any()
     assert not (motif & ~tissue).any()
-    assert 0.15 <= motif.sum() / tissue.sum() <= 0.30
+    assert 0.14 <= motif.sum() / tissue.sum() <= 0.26  # 15-25% on the 8-um grid
     # Outside the motif region (plus a gland's reach) the positive slide is the negative one.
     differs = (positive != negative).any(-1)
     assert not differs[~dilate(motif, int(60 / mpp))].any()

@@ -1,0 +1,42 @@
+"""The patches that scored highest in a slide's prediction, read back from the slide at full
+resolution, so a pathologist can see what the model looked at.
+
+A slide's scores are those of its heatmap (attention weights, or contributions to the predicted
+class). Its `count` highest-scoring patches are read at the tile stage's resolution, passed
+through the slide's stain lookup table (the pixels the feature network saw) and written as
+`<folder>/<slide_id>/<rank>.png` (rank 1 first), each image patch_size x patch_size.
+"""
+
+import pathlib
+
+import numpy as np
+
+from pathjax import artifacts
+from pathjax.slides import stain
+from pathjax.slides.reader import ReadPlan, Slide
+
+
+def top_indices(scores: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` highest scores [n], highest first (ties: lower index first)."""
+    order = np.argsort(-np.asarray(scores, np.float64), kind='stable')
+    return order[:max(count, 0)]
+
+
+def save_top_patches(folder: pathlib.Path, slide_id: str, slide_path: str, tiles: dict,
+                     coords: np.ndarray, scores: np.ndarray, count: int) -> list[pathlib.Path]:
+    """Writes the slide's top `count` patches (coords int [n, 2] level-0, scores [n]) and returns
+    their files, best first. `tiles`: the slide's tiles file (read plan and stain LUT).
+
+    Raises SlideError when the slide cannot be read.
+    """
+    plan = ReadPlan(level=int(tiles['level']), read_size=int(tiles['read_size']),
+                    patch_size=int(tiles['patch_size']), extent=float(tiles['extent']), mpp=None)
+    files = []
+    with Slide(slide_path) as slide:
+        for rank, index in enumerate(top_indices(scores, count), start=1):
+            x, y = (int(v) for v in coords[index])
+            patch = stain.apply_lut(slide.read_patch(x, y, plan)[None], tiles['stain_lut'])[0]
+            path = folder / slide_id / f'{rank}.png'
+            artifacts.save_png(path, patch)
+            files.append(path)
+    return files
