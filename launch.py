@@ -8,6 +8,7 @@ a stage could not go on (no usable slide), 2 for an invalid command line, config
 """
 
 import logging as python_logging
+import pathlib
 import sys
 import traceback
 
@@ -55,7 +56,11 @@ def main(argv: list[str]) -> int:
     except OSError as error:
         _fail(f'cannot load --config: {error}')
     try:
-        return pipeline.run(config, _WORKDIR.value, _STAGES.value)
+        status = pipeline.run(config, _WORKDIR.value, _STAGES.value)
+        page = pathlib.Path(_WORKDIR.value) / 'report.html'
+        if status == 0 and page.exists() and sharding.is_leader():
+            print(f'Report: {page.resolve()}')
+        return status
     except UsageError as error:
         logging.error('%s', error)
         return 2
@@ -68,6 +73,7 @@ if __name__ == '__main__':
     # The slide workers are spawned processes that import this file again (as '__mp_main__'):
     # only a real run loads the pipeline (jax, TFDS, every stage) and defines the flags.
     from pathjax import pipeline
+    from pathjax.runtime import sharding
     _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections).')
     _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for every artifact of the run.')
     _STAGES = flags.DEFINE_list('stages', None,

@@ -20,7 +20,7 @@ from pathjax.data import patches
 from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
 from pathjax.slides import stain, synthetic, tile_stage
 from pathjax.slides.tissue import TissueRule
-from pathjax.evaluate import evaluate_stage, predict_stage
+from pathjax.evaluate import evaluate_stage, predict_stage, report_page
 from pathjax.train import extract, feature_learning, slide_training
 from pathjax.runtime import sharding
 
@@ -252,6 +252,7 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
         cohort, manifest = prepare_cohort(config, workdir)
         cross_validation.run(config, workdir, stages, manifest, cohort, run_stages,
                              [field for stage in STAGES for field in stage.settings])
+        write_report_page(workdir)
     else:
         training = [s for s in stages or [] if s != PREDICT]
         if training or not predicting:
@@ -285,6 +286,13 @@ def run_stages(config, workdir: pathlib.Path, stages: list[str] | None) -> None:
             if not any(e.status == stage_report.OK for e in entries):
                 failure = StageError(f'{stage.name}: no slide could be processed; see {report}')
         sharding.raise_together(failure)
+    write_report_page(workdir)
+
+
+def write_report_page(workdir: pathlib.Path) -> None:
+    """(Process 0) `<workdir>/report.html` from what the run has made so far."""
+    if sharding.is_leader():
+        logging.info('report: %s', report_page.write(workdir))
 
 
 def run_predict(config, workdir: pathlib.Path) -> None:
@@ -307,6 +315,7 @@ def run_predict(config, workdir: pathlib.Path) -> None:
             if not any(e.status == stage_report.OK for e in entries):
                 failure = StageError(f'{PREDICT} {name}: no slide could be processed; see {report}')
         sharding.raise_together(failure)
+    write_report_page(workdir)
 
 
 def _attempt(stage: str, function: Callable, *args

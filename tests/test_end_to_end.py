@@ -1,11 +1,14 @@
-"""The whole method on a tiny synthetic cohort through launch.py, then evaluation again from the
-checkpoint alone, and a rerun that finds everything done."""
+"""The whole method on a tiny synthetic cohort through launch.py; evaluation again from the
+checkpoint alone; new slides through the trained workdir; the report page in a real browser."""
 
 import csv
 import json
 import subprocess
+import shutil
 import sys
 
+import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import REPO
@@ -17,9 +20,17 @@ def launch(workdir, *flags):
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
-def test_every_stage_then_evaluation_from_the_checkpoint(tmp_path):
-    result = launch(tmp_path)
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A workdir through every stage, and launch.py's result."""
+    workdir = tmp_path_factory.mktemp('trained')
+    return workdir, launch(workdir)
+
+
+def test_every_stage_then_evaluation_from_the_checkpoint(trained):
+    tmp_path, result = trained
     assert result.returncode == 0, result.stderr[-4000:]
+    assert f'Report: {tmp_path / "report.html"}' in result.stdout
     for stage in ('tile', 'patches', 'extract', 'evaluate'):
         counts = json.loads((tmp_path / 'reports' / f'{stage}.json').read_text())['counts']
         assert counts.get('error', 0) == 0, (stage, counts)
@@ -43,8 +54,17 @@ def test_every_stage_then_evaluation_from_the_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / 'eval' / 'test' / 'predictions.csv').read_text() == predictions
 
-    # New slides through the trained workdir: the test slides again (labelled, and unlabelled
-    # under other ids), a missing file and a file that is not a slide.
+
+
+def test_new_slides_get_predictions_heatmaps_and_metrics_of_labelled_rows(trained):
+    tmp_path, result = trained
+    assert result.returncode == 0, result.stderr[-4000:]
+    cohort = list(csv.DictReader((tmp_path / 'cohort.csv').open()))
+    test_ids = [row['slide_id'] for row in cohort if row['split'] == 'test']
+    rows = list(csv.DictReader((tmp_path / 'eval' / 'test' / 'predictions.csv').open()))
+    metrics = json.loads((tmp_path / 'eval' / 'test' / 'metrics.json').read_text())
+    # The test slides again (labelled, and unlabelled under other ids), a missing file and a
+    # file that is not a slide.
     slides = {row['slide_id']: row for row in cohort}
     not_a_slide = tmp_path / 'not_a_slide.svs'
     not_a_slide.write_bytes(b'not a slide' * 100)
@@ -85,3 +105,60 @@ def test_every_stage_then_evaluation_from_the_checkpoint(tmp_path):
     assert result.returncode == 2 and 'graph.k' in result.stderr, result.stderr[-2000:]
     result = launch(tmp_path, '--stages=predict')
     assert result.returncode == 2 and 'predict.manifest' in result.stderr, result.stderr[-2000:]
+
+
+# Run in the page after it loads: every image decoded, and any error or console.error, written
+# into the DOM that `chromium --dump-dom` prints.
+PAGE_CHECK = """<script>
+window.pageErrors = [];
+window.addEventListener('error', e => window.pageErrors.push(String(e.message || e.type)), true);
+const consoleError = console.error;
+console.error = (...args) => { window.pageErrors.push(args.join(' ')); consoleError(...args); };
+window.addEventListener('load', () => {
+  const images = [...document.images];
+  const result = {images: images.length, errors: window.pageErrors,
+                  broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt)};
+  const out = document.createElement('pre');
+  out.id = 'page-check';
+  out.textContent = JSON.stringify(result);
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def chromium(*args):
+    command = [shutil.which('chromium') or shutil.which('chromium-browser'), '--headless',
+               '--no-sandbox', '--disable-gpu', '--hide-scrollbars', *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_report_page_renders_in_chromium(trained):
+    """The page that the run wrote loads in headless Chromium with every image decoded and no
+    error; a screenshot of its top is written beside it (report.png) for a person to look at."""
+    if not (shutil.which('chromium') or shutil.which('chromium-browser')):
+        pytest.skip('headless Chromium not found: install it (apt-get install chromium) to '
+                    'check the report page in a browser')
+    tmp_path, result = trained
+    assert result.returncode == 0, result.stderr[-4000:]
+    page = tmp_path / 'report.html'
+    text = page.read_text()
+    assert 'src="http' not in text and 'src="file' not in text  # self-contained
+    for section in ('Results', 'Learning curves', 'Heatmaps', 'Cohort', 'Tile report',
+                    'QC pictures', 'Config'):
+        assert f'>{section}</h' in text, section
+    checked = tmp_path / 'report_checked.html'
+    checked.write_text(text.replace('<head>', '<head>' + PAGE_CHECK, 1))
+    dom = chromium('--virtual-time-budget=20000', '--dump-dom', checked.as_uri()).stdout
+    found = json.loads(dom.split('<pre id="page-check">', 1)[1].split('</pre>', 1)[0]
+                       .replace('&quot;', '"').replace('&amp;', '&'))
+    test_ids = [r['slide_id'] for r in csv.DictReader((tmp_path / 'cohort.csv').open())
+                if r['split'] == 'test']
+    # ROC, learning curves, per test slide a heatmap and its 4 top patches, QC pictures.
+    assert found['images'] >= 2 + 5 * len(test_ids), found
+    assert found['broken'] == [] and found['errors'] == [], found
+    screenshot = tmp_path / 'report.png'
+    chromium('--window-size=1280,2400', f'--screenshot={screenshot}', page.as_uri())
+    image = Image.open(screenshot)
+    assert image.size == (1280, 2400)
+    assert len(np.unique(np.asarray(image.convert('L').resize((64, 120))))) > 20  # not blank
+    print(f'report screenshot: {screenshot}')

@@ -1,0 +1,311 @@
+"""`<workdir>/report.html`: one self-contained page (every image inline) with what a pathologist
+and a principal investigator need to judge a run.
+
+Sections, each present when the run has made what it shows: the results (metrics with 95% CIs at
+slide and patient level, ROC curves and confusion matrices per evaluated split; the
+cross-validation table), learning curves of both training stages, heatmaps with each slide's
+top-scoring patches (full resolution), predictions for new slides, the cohort and its splits,
+the tile report (failures and warnings first) with QC pictures, and the config. Written by the
+pipeline at the end of every run from the files in the workdir, so it reflects the stages done.
+"""
+
+import base64
+import csv
+import datetime
+import html
+import io
+import json
+import pathlib
+from collections import Counter
+from typing import Iterable
+
+from PIL import Image
+
+from pathjax import artifacts
+
+PAGE = 'report.html'
+MAX_HEATMAP_SLIDES = 24  # per split; the rest are in eval/<split>/heatmaps/
+MAX_QC_PICTURES = 60  # failures and warnings first; the rest are in qc/
+SECTIONS = (('results', 'Results'), ('cv', 'Cross-validation'), ('learning', 'Learning curves'),
+            ('heatmaps', 'Heatmaps'), ('predict', 'New slides'), ('cohort', 'Cohort'),
+            ('tiles', 'Tile report'), ('config', 'Config'))  # (anchor, title) in page order
+HEATMAP_WIDTH = 720  # px of the inline heatmap picture
+QC_SIDE = 240  # px, long side of an inline QC picture
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.bad { background: #fdd; } .warn { background: #ffd; } .muted { color: #777; }
+.grid { display: flex; flex-wrap: wrap; gap: 10px; }
+.grid figure { margin: 0; font-size: 0.8em; max-width: 260px; }
+.row { display: flex; gap: 24px; align-items: flex-start; } .row > img { width: 420px; }
+.slide { margin-bottom: 1.5em; } .patches img { margin-right: 4px; border: 1px solid #999; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.8em; }
+"""
+
+
+def _image(data: bytes, mime: str, alt: str, width: int | None = None) -> str:
+    size = f' width="{width}"' if width else ''
+    return (f'<img alt="{html.escape(alt)}"{size} '
+            f'src="data:{mime};base64,{base64.b64encode(data).decode()}">')
+
+
+def png(path: pathlib.Path, alt: str) -> str:
+    """An <img> of a PNG file as it is."""
+    return _image(path.read_bytes(), 'image/png', alt)
+
+
+def jpeg(path: pathlib.Path, alt: str, max_side: int | None = None) -> str:
+    """An <img> of an image file as JPEG, shrunk to `max_side` px when larger (None: as is)."""
+    image = Image.open(path).convert('RGB')
+    if max_side:
+        image.thumbnail((max_side, max_side))
+    out = io.BytesIO()
+    image.save(out, format='JPEG', quality=90)
+    return _image(out.getvalue(), 'image/jpeg', alt)
+
+
+def table(header: Iterable[str], rows: list[list], classes: list[str] | None = None) -> str:
+    """An HTML table; `classes`: a CSS class per row ('' for none)."""
+    head = ''.join(f'<th>{html.escape(str(h))}</th>' for h in header)
+    body = []
+    for row, css in zip(rows, classes or [''] * len(rows)):
+        cells = ''.join(f'<td>{html.escape(str(c))}</td>' for c in row)
+        body.append(f'<tr class="{css}">{cells}</tr>' if css else f'<tr>{cells}</tr>')
+    return f'<table><tr>{head}</tr>{"".join(body)}</table>'
+
+
+def number(value, digits: int = 3) -> str:
+    return '–' if value is None else f'{value:.{digits}f}' if isinstance(value, float) else str(value)
+
+
+def ci(interval) -> str:
+    low, high = interval if interval else (None, None)
+    return '–' if low is None or high is None else f'{low:.3f}–{high:.3f}'
+
+
+def read_json(path: pathlib.Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_csv(path: pathlib.Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+# Sections -----------------------------------------------------------------------------------------
+
+
+def metrics_section(workdir: pathlib.Path) -> str:
+    splits = sorted((workdir / 'eval').glob('*/metrics.json'),
+                    key=lambda p: ('test', 'val', 'train').index(p.parent.name)
+                    if p.parent.name in ('test', 'val', 'train') else 9)
+    if not splits:
+        return ''
+    rows = []
+    for path in splits:
+        m = json.loads(path.read_text())
+        for level, values, count in (('slide', m, m['num_slides']),
+                                     ('patient', m['patient'], m['patient']['num_cases'])):
+            rows.append([m['split'], level, count, number(values['auc']), ci(values['auc_ci95']),
+                         number(values['accuracy']), number(values['balanced_accuracy']),
+                         number(values['f1'])])
+    out = ['<h2 id="results">Results</h2>',
+           '<p>AUC with a stratified bootstrap 95% confidence interval; patient level: the '
+           'slides of a case averaged. Test metrics come from the evaluate stage alone.</p>',
+           table(['split', 'level', 'n', 'AUC', '95% CI', 'accuracy', 'balanced accuracy', 'F1'],
+                 rows)]
+    for path in splits:
+        m = json.loads(path.read_text())
+        names = m['class_names']
+        confusion = table(['true \\ predicted', *names],
+                          [[name, *row] for name, row in zip(names, m['confusion_matrix'])])
+        per_class = table(['class', 'slides', 'recall', 'precision', 'AUC (one vs rest)'],
+                          [[name, v['support'], number(v['recall']), number(v['precision']),
+                            number(v.get('auc'))] for name, v in m['per_class'].items()])
+        checkpoint = m.get('checkpoint') or {}
+        roc = path.parent / 'roc.png'
+        out += [f'<h3>{html.escape(m["split"])} split ({m["num_slides"]} slides)</h3>',
+                '<div class="row">' + (png(roc, f'ROC {m["split"]}') if roc.exists() else '')
+                + '<div>',
+                '<p>Confusion matrix (slides)</p>', confusion, per_class,
+                f'<p class="muted">checkpoint: {html.escape(str(checkpoint.get("checkpoint")))}, '
+                f'epoch {html.escape(str(checkpoint.get("epoch")))}</p></div></div>']
+    return '\n'.join(out)
+
+
+def cross_validation_section(workdir: pathlib.Path) -> str:
+    summary = read_json(workdir / 'cv' / 'summary.json')
+    if not summary:
+        return ''
+    keys = ('auc', 'accuracy', 'balanced_accuracy', 'f1', 'patient_auc')
+    rows = [[f['fold'], f['num_slides'], *(number(f[k]) for k in keys), ci(f['auc_ci95'])]
+            for f in summary['folds']]
+    rows.append(['mean ± sd', '', *(f'{number(summary["mean"][k])} ± {number(summary["sd"][k])}'
+                                     for k in keys), ''])
+    pooled = summary['pooled']
+    rows.append(['pooled out-of-fold', summary['num_slides'],
+                 *(number(pooled[k]) for k in keys[:-1]), number(pooled['patient']['auc']),
+                 ci(summary['auc_ci95'])])
+    folds = sorted((workdir / 'folds').glob('*/report.html'))
+    links = ' '.join(f'<a href="{html.escape(str(p.relative_to(workdir)))}">fold '
+                     f'{html.escape(p.parent.name)}</a>' for p in folds)
+    return '\n'.join([
+        '<h2 id="cv">Cross-validation</h2>',
+        f'<p>Pooled out-of-fold AUC {number(summary["auc"])} (95% CI {ci(summary["auc_ci95"])}) '
+        f'over {summary["num_slides"]} test slides. Each fold\'s own report: {links}</p>',
+        table(['fold', 'test slides', 'AUC', 'accuracy', 'balanced accuracy', 'F1',
+               'patient AUC', 'AUC 95% CI'], rows)])
+
+
+def learning_curves_section(workdir: pathlib.Path) -> str:
+    path = workdir / 'eval' / 'learning_curves.png'
+    if not path.exists():
+        return ''
+    return ('<h2 id="learning">Learning curves</h2>'
+            '<p>Feature learning (patches) and slide training, per epoch.</p>'
+            + png(path, 'learning curves'))
+
+
+def slide_figures(folder: pathlib.Path, predictions: list[dict], title: str) -> str:
+    """Heatmaps of `folder/heatmaps` with the top patches of `folder/top_patches`, captioned by
+    their row of predictions.csv."""
+    if not (folder / 'heatmaps').is_dir():
+        return ''
+    out = [f'<h3>{html.escape(title)}</h3>']
+    shown = [row for row in predictions if (folder / 'heatmaps' / f'{row["slide_id"]}.png').exists()]
+    for row in shown[:MAX_HEATMAP_SLIDES]:
+        slide_id = row['slide_id']
+        probabilities = ', '.join(f'{k[5:]} {float(v):.2f}' for k, v in row.items()
+                                  if k.startswith('prob_'))
+        patches = sorted((folder / 'top_patches' / slide_id).glob('*.png'),
+                         key=lambda p: int(p.stem))
+        out.append(
+            f'<div class="slide"><p><b>{html.escape(slide_id)}</b>: predicted '
+            f'{html.escape(row["pred"])} ({html.escape(probabilities)}), label '
+            f'{html.escape(row["label"] or "unknown")}</p>'
+            + jpeg(folder / 'heatmaps' / f'{slide_id}.png', f'heatmap {slide_id}', HEATMAP_WIDTH)
+            + (f'<p>Top {len(patches)} patches (full resolution, as the network saw them):</p>'
+               f'<div class="patches">' + ''.join(jpeg(p, f'{slide_id} patch {p.stem}')
+                                                   for p in patches) + '</div>' if patches else '')
+            + '</div>')
+    if len(shown) > MAX_HEATMAP_SLIDES:
+        out.append(f'<p class="muted">{len(shown) - MAX_HEATMAP_SLIDES} more in '
+                   f'{html.escape(str(folder / "heatmaps"))}</p>')
+    return '\n'.join(out)
+
+
+def heatmaps_section(workdir: pathlib.Path) -> str:
+    parts = [slide_figures(workdir / 'eval' / split, read_csv(
+        workdir / 'eval' / split / 'predictions.csv'), f'{split} split')
+        for split in ('test', 'val', 'train')]
+    parts = [p for p in parts if p]
+    if not parts:
+        return ''
+    return ('<h2 id="heatmaps">Heatmaps</h2><p>Each patch coloured by its score (attention weight, '
+            'or contribution to the predicted class), and the slide\'s highest-scoring '
+            'patches.</p>' + '\n'.join(parts))
+
+
+def predict_section(workdir: pathlib.Path) -> str:
+    folder = workdir / 'predict'
+    predictions = read_csv(folder / 'predictions.csv')
+    if not predictions:
+        return ''
+    columns = list(predictions[0])
+    out = ['<h2 id="predict">New slides</h2>',
+           f'<p>{len(predictions)} slides of the prediction manifest (predict/predictions.csv).</p>',
+           table(columns, [[row[c] for c in columns] for row in predictions])]
+    metrics = read_json(folder / 'metrics.json')
+    if metrics:
+        out.append(f'<p>On the {metrics["num_slides"]} labelled slides: AUC '
+                   f'{number(metrics["auc"])} (95% CI {ci(metrics["auc_ci95"])}), accuracy '
+                   f'{number(metrics["accuracy"])}.</p>')
+    out.append(slide_figures(folder, predictions, 'Heatmaps of the new slides'))
+    return '\n'.join(out)
+
+
+def cohort_section(workdir: pathlib.Path) -> str:
+    cohort = read_csv(workdir / 'cohort.csv')
+    if not cohort:
+        return ''
+    counts = Counter((row['split'], row['label']) for row in cohort)
+    labels = sorted({row['label'] for row in cohort})
+    splits = [s for s in ('train', 'val', 'test') if any(k[0] == s for k in counts)]
+    cases = {s: len({r['case_id'] for r in cohort if r['split'] == s}) for s in splits}
+    rows = [[s, cases[s], *(counts[s, label] for label in labels),
+             sum(counts[s, label] for label in labels)] for s in splits]
+    note = ('<p class="muted">A cross-validation run: these are fold 0\'s splits; each fold\'s '
+            'report has its own.</p>' if (workdir / 'cv').is_dir() else '')
+    return '\n'.join([
+        '<h2 id="cohort">Cohort</h2>', note,
+        table(['split', 'cases', *labels, 'slides'], rows),
+        '<details><summary>Every slide</summary>',
+        table(['slide', 'case', 'label', 'split'],
+              [[r['slide_id'], r['case_id'], r['label'], r['split']] for r in cohort]),
+        '</details>'])
+
+
+def tile_section(workdir: pathlib.Path) -> str:
+    tile = read_json(workdir / 'reports' / 'tile.json')
+    if not tile:
+        return ''
+    entries = tile['slides']
+    rank = {'error': 0, 'no_tissue': 1}
+    entries = sorted(entries, key=lambda e: (rank.get(e['status'], 2 if e['message'] else 3),
+                                             e['slide_id']))
+    flagged = [e for e in entries if e['status'] != 'ok' or e['message']]
+    counts = ', '.join(f'{n} {status}' for status, n in sorted(tile['counts'].items()))
+    out = ['<h2 id="tiles">Tile report</h2>', f'<p>{html.escape(counts)}.</p>']
+    if flagged:
+        out.append(table(['slide', 'status', 'patches', 'message'],
+                         [[e['slide_id'], e['status'], e['patches'], e['message']] for e in flagged],
+                         ['bad' if e['status'] != 'ok' else 'warn' for e in flagged]))
+    pictures = [e for e in entries if (workdir / 'qc' / f'{e["slide_id"]}.png').exists()]
+    figures = [f'<figure class="{"" if e["status"] == "ok" and not e["message"] else "warn"}">'
+               + jpeg(workdir / 'qc' / f'{e["slide_id"]}.png', f'QC {e["slide_id"]}', QC_SIDE)
+               + f'<figcaption>{html.escape(e["slide_id"])}: {e["patches"]} patches'
+               f'{", " + html.escape(e["status"]) if e["status"] != "ok" else ""}</figcaption>'
+               '</figure>' for e in pictures[:MAX_QC_PICTURES]]
+    if figures:
+        out += ['<h3>QC pictures</h3><p>Kept patches outlined over each slide (flagged slides '
+                'first).</p>', '<div class="grid">' + ''.join(figures) + '</div>']
+    if len(pictures) > MAX_QC_PICTURES:
+        out.append(f'<p class="muted">{len(pictures) - MAX_QC_PICTURES} more in qc/</p>')
+    return '\n'.join(out)
+
+
+def config_section(workdir: pathlib.Path) -> str:
+    path = workdir / 'config.json'
+    if not path.exists():
+        return ''
+    return ('<h2 id="config">Config</h2><details><summary>config.json</summary><pre>'
+            + html.escape(path.read_text()) + '</pre></details>')
+
+
+def write(workdir) -> pathlib.Path:
+    """Writes `<workdir>/report.html` from the run's files and returns its path."""
+    workdir = pathlib.Path(workdir)
+    sections = [metrics_section(workdir), cross_validation_section(workdir),
+                learning_curves_section(workdir), heatmaps_section(workdir),
+                predict_section(workdir), cohort_section(workdir), tile_section(workdir),
+                config_section(workdir)]
+    sections = [s for s in sections if s]
+    contents = ' · '.join(f'<a href="#{anchor}">{html.escape(name)}</a>'
+                          for anchor, name in SECTIONS if any(f'id="{anchor}"' in s for s in sections))
+    when = datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')
+    page = '\n'.join([
+        '<!DOCTYPE html>', '<html lang="en"><head><meta charset="utf-8">',
+        f'<title>pathjax report: {html.escape(workdir.name)}</title>',
+        f'<style>{STYLE}</style></head><body>',
+        f'<h1>pathjax report: {html.escape(str(workdir))}</h1>',
+        f'<p class="muted">Written {html.escape(when)}.</p>', f'<p>{contents}</p>',
+        *sections, '</body></html>'])
+    path = workdir / PAGE
+    artifacts.save_text(path, page + '\n')
+    return path
