@@ -1,9 +1,13 @@
 """3-fold cross-validation of configs/test.py in one run: every fold's stages in its own folder
 on shared scans, nothing of a fold trained on its test slides, a summary with pooled
-out-of-fold metrics, and a resume after a run stopped inside a fold."""
+out-of-fold metrics, and a resume after a run killed (SIGKILL) inside a fold."""
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,8 +16,7 @@ import sklearn.metrics
 from pathjax import artifacts, cross_validation, pipeline
 from pathjax.data import patches
 from pathjax.errors import UsageError
-from pathjax.train import slide_training
-from tests.conftest import make_config
+from tests.conftest import REPO, make_config
 
 FOLDS = 3
 # Shorter training than configs/test.py: the protocol is under test, not the learning.
@@ -27,26 +30,31 @@ def fold_cohort(workdir, fold):
         return list(csv.DictReader(f))
 
 
-def test_every_fold_then_the_summary_and_a_resume(tmp_path, monkeypatch):
+def launch(workdir) -> subprocess.Popen:
+    overrides = [f'--config.{key}={value}' for key, value in SETTINGS.items()]
+    return subprocess.Popen([sys.executable, str(REPO / 'launch.py'), '--config',
+                             str(REPO / 'configs/test.py'), '--workdir', str(workdir), *overrides],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_every_fold_then_the_summary_and_a_resume_after_a_kill(tmp_path):
     config = make_config(**SETTINGS)
-    stop_in, stopping = cross_validation.fold_dir(tmp_path, 1), [True]
-    original = slide_training.run
-
-    def stops_in_fold_1(config, workdir, cohort):
-        if stopping[0] and workdir == stop_in:
-            raise KeyboardInterrupt('killed in fold 1, train_slide')
-        return original(config, workdir, cohort)
-
-    stages = list(pipeline.STAGES)
-    stages[4] = stages[4]._replace(run=stops_in_fold_1)
-    monkeypatch.setattr(pipeline, 'STAGES', tuple(stages))
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.run(config, tmp_path)
+    stop_in = cross_validation.fold_dir(tmp_path, 1)
+    run = launch(tmp_path)
+    started = stop_in / 'settings' / 'train_slide.json'  # recorded as fold 1's train_slide starts
+    deadline = time.monotonic() + 600
+    while not started.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    _, stderr = run.communicate()
+    assert run.returncode == -signal.SIGKILL, stderr[-3000:]
+    assert not (stop_in / 'done.json').exists()  # killed inside fold 1
     fold_0 = {p: p.stat().st_mtime_ns for p in cross_validation.fold_dir(tmp_path, 0).rglob('*')
               if p.is_file()}
     learned_1 = sorted((stop_in / 'feature_net' / 'latest').iterdir())
-    stopping[0] = False
-    assert pipeline.run(config, tmp_path) == 0
+    rerun = launch(tmp_path)
+    _, stderr = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, stderr[-3000:]
 
     # The resume skipped the finished fold and the finished stages of fold 1.
     assert {p: p.stat().st_mtime_ns for p in fold_0} == fold_0
@@ -102,6 +110,12 @@ def test_every_fold_then_the_summary_and_a_resume(tmp_path, monkeypatch):
     assert low <= summary['auc'] <= high
     rows = list(csv.reader((tmp_path / 'cv' / 'summary.csv').open()))
     assert [r[0] for r in rows[1:]] == ['0', '1', '2', 'mean', 'sd', 'pooled']
+    # The run's page has the CV table and links each fold's own page.
+    page = (tmp_path / 'report.html').read_text()
+    assert '>Cross-validation</h2>' in page and 'pooled out-of-fold' in page
+    for k in range(FOLDS):
+        assert f'href="folds/{k}/report.html"' in page
+        assert (cross_validation.fold_dir(tmp_path, k) / 'report.html').exists()
 
 
 def test_a_manifest_with_splits_cannot_cross_validate(tmp_path):

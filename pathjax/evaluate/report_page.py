@@ -42,7 +42,8 @@ th:first-child, td:first-child { text-align: left; }
 .grid { display: flex; flex-wrap: wrap; gap: 10px; }
 .grid figure { margin: 0; font-size: 0.8em; max-width: 260px; }
 .row { display: flex; gap: 24px; align-items: flex-start; } .row > img { width: 420px; }
-.slide { margin-bottom: 1.5em; } .patches img { margin-right: 4px; border: 1px solid #999; }
+.slide { margin-bottom: 1.5em; }
+.patches img { margin-right: 4px; border: 1px solid #999; min-width: 128px; image-rendering: pixelated; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.8em; }
 """
 
