@@ -10,7 +10,8 @@ once, in `<workdir>/scans/`, `qc/` and `thumbnails/`, which every fold's tile st
 whose stages have all finished with the same settings is skipped on a rerun
 (`folds/<k>/done.json`), so a killed run resumes at the fold and stage where it stopped.
 
-The summary (`cv/summary.json` and `cv/summary.csv`): each fold's test metrics, their mean and
+The root's cohort.csv names each slide's test fold. The summary (`cv/summary.json` and
+`cv/summary.csv`): each fold's test metrics, their mean and
 sample standard deviation over the folds, and the pooled out-of-fold metrics (every slide
 predicted by the fold that held it out; `cv/predictions.csv`) with a bootstrap 95% CI of the
 AUC, at slide and patient level.
@@ -27,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from pathjax import artifacts, provenance
-from pathjax.cohort import Cohort, read_manifest
+from pathjax.cohort import Cohort, kfold_by_case, read_manifest
 from pathjax.errors import UsageError
 from pathjax.evaluate import report
 from pathjax.metrics import split_metrics, to_json_safe
@@ -92,6 +93,9 @@ def run(config, workdir: pathlib.Path, stages: list[str] | None, manifest: pathl
             failure = error
     sharding.raise_together(failure)
     folds = config.data.folds
+    if sharding.is_leader():
+        artifacts.save_text(workdir / 'cohort.csv',
+                            folds_csv(cohort, folds, config.data.split_seed))
     for fold in range(folds):
         folder = fold_dir(workdir, fold)
         fold_settings = fold_config(config, fold, manifest)
@@ -120,6 +124,18 @@ def run(config, workdir: pathlib.Path, stages: list[str] | None, manifest: pathl
                  'out-of-fold AUC %.3f (95%% CI %.3f-%.3f); see %s', folds,
                  summary['mean']['auc'], summary['sd']['auc'], summary['auc'],
                  *summary['auc_ci95'], workdir / 'cv' / 'summary.json')
+
+
+def folds_csv(cohort: Cohort, folds: int, seed: int) -> str:
+    """The cohort with the fold that tests each slide (its case's), instead of one fold's
+    splits, as CSV text (the root's cohort.csv; each fold's has its splits)."""
+    fold_of = kfold_by_case(list(cohort.slides), folds, seed)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator='\n')
+    writer.writerow(('slide_id', 'path', 'label', 'case_id', 'test_fold', 'manifest_line'))
+    for s in cohort.slides:
+        writer.writerow((s.slide_id, s.path, s.label, s.case_id, fold_of[s.case_id], s.line))
+    return text.getvalue()
 
 
 def summarize(workdir: pathlib.Path, cohort: Cohort, classes: tuple[str, ...],

@@ -304,7 +304,8 @@ def run_predict(config, workdir: pathlib.Path) -> None:
         settings = provenance.settings_of(
             config, [field for stage in STAGES[:stage_names().index('train_slide') + 1]
                      for field in stage.settings])
-        _, failure = _attempt(PREDICT, predict_stage.prepare_folder, config, workdir, settings)
+        _, failure = _attempt(PREDICT, predict_stage.prepare_folder, config, workdir, cohort,
+                              settings)
     sharding.raise_together(failure)
     folder = predict_stage.predict_dir(workdir)
     for name, step in predict_stage.steps(workdir):

@@ -77,6 +77,11 @@ def test_every_fold_then_the_summary_and_a_resume_after_a_kill(tmp_path):
                      else source[i]['slide_id'] for i in range(len(source))}
         assert seen and not seen & test_ids[k], k
 
+    # The root's cohort.csv names each slide's test fold.
+    with open(tmp_path / 'cohort.csv', newline='') as f:
+        test_fold = {r['slide_id']: int(r['test_fold']) for r in csv.DictReader(f)}
+    assert test_fold == {i: k for k in range(FOLDS) for i in test_ids[k]}
+
     # One scan per slide, shared; each fold's stain reference comes from its own training slides.
     scans = sorted(p.stem for p in (tmp_path / 'scans').glob('*.npz'))
     assert scans == sorted(r['slide_id'] for r in cohorts[0])

@@ -99,6 +99,16 @@ def test_new_slides_get_predictions_heatmaps_and_metrics_of_labelled_rows(traine
     assert sorted(failed) == ['broken', 'missing'] and 'file not found' in failed['missing']
     assert 'broken' in json.dumps(json.loads((folder / 'reports' / 'tile.json').read_text()))
 
+    # A rerun with two ids now naming each other's files redoes them, not reuses them.
+    first, second = test_ids[:2]
+    manifest.write_text(f'slide_id,path,label\nnew_{first},{slides[second]["path"]},\n'
+                        f'new_{second},{slides[first]["path"]},\n')
+    result = launch(tmp_path, '--stages=predict', f'--config.predict.manifest={manifest}')
+    assert result.returncode == 0, result.stderr[-4000:]
+    swapped = {r['slide_id']: r for r in csv.DictReader((folder / 'predictions.csv').open())}
+    assert swapped[f'new_{first}']['prob_positive'] == evaluated[second]['prob_positive']
+    assert swapped[f'new_{second}']['prob_positive'] == evaluated[first]['prob_positive']
+
     # A config other than the training one is refused, naming the field.
     result = launch(tmp_path, '--stages=predict', f'--config.predict.manifest={manifest}',
                     '--config.graph.k=3')

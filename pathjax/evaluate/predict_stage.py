@@ -14,6 +14,7 @@ predict) and the rest go on. `pipeline` runs the steps (`prepare_folder`, then `
 
 import filecmp
 import functools
+import json
 import pathlib
 import shutil
 from typing import Callable
@@ -21,9 +22,9 @@ from typing import Callable
 import numpy as np
 from absl import logging
 
-from pathjax import provenance
+from pathjax import artifacts, provenance
 from pathjax.cohort import PREDICT, ManifestError, load_new_slides
-from pathjax.data.features import GraphSettings
+from pathjax.data.features import GraphSettings, features_path, graph_path
 from pathjax.data.slide_sets import UNLABELLED, load_splits
 from pathjax.errors import StageError, UsageError
 from pathjax.evaluate import report
@@ -77,8 +78,25 @@ def share_stain_reference(config, workdir, folder: pathlib.Path) -> None:
                      folder)
         for tiles in (folder / 'tiles').glob('*.npz'):
             tiles.unlink()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+    with artifacts.atomic_path(target) as temporary:
+        shutil.copyfile(source, temporary)
+
+
+def forget_changed_slides(folder: pathlib.Path, cohort) -> None:
+    """Removes what the folder holds of a slide id whose file is not the one it was made from
+    (another manifest reusing the id), and records each slide's file in `slides.json`."""
+    record = folder / 'slides.json'
+    made_from = json.loads(record.read_text()) if record.exists() else {}
+    now = {r.slide_id: r.path for r in cohort.slides}
+    for slide_id, path in now.items():
+        if made_from.get(slide_id, path) != path:
+            logging.info('predict: slide %s is now %s (was %s): redoing it', slide_id, path,
+                         made_from[slide_id])
+            for stale in (tile_stage.tiles_path(folder, slide_id),
+                          tile_stage.scan_path(folder, slide_id),
+                          features_path(folder, slide_id), graph_path(folder, slide_id)):
+                stale.unlink(missing_ok=True)
+    artifacts.save_json(record, {**made_from, **now})
 
 
 def load_cohort(config):
@@ -92,13 +110,14 @@ def load_cohort(config):
     return cohort
 
 
-def prepare_folder(config, workdir, settings: dict) -> None:
+def prepare_folder(config, workdir, cohort, settings: dict) -> None:
     """(Process 0) checks the trained workdir and readies `predict/` for the steps."""
     folder = predict_dir(workdir)
     check_trained(config, workdir, settings)
     provenance.check_and_record(folder, 'tile', provenance.settings_of(
         config, ['tile', 'tissue', 'stain']), str(folder))
     share_stain_reference(config, workdir, folder)
+    forget_changed_slides(folder, cohort)
 
 
 def steps(workdir) -> list[tuple[str, Callable[..., list[SlideEntry]]]]:

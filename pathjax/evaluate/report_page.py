@@ -235,20 +235,21 @@ def cohort_section(workdir: pathlib.Path) -> str:
     cohort = read_csv(workdir / 'cohort.csv')
     if not cohort:
         return ''
-    counts = Counter((row['split'], row['label']) for row in cohort)
+    group = 'test_fold' if 'test_fold' in cohort[0] else 'split'  # a cross-validation root
+    order = {'train': 0, 'val': 1, 'test': 2}
+    groups = sorted({row[group] for row in cohort}, key=lambda g: (order.get(g, 3), g))
     labels = sorted({row['label'] for row in cohort})
-    splits = [s for s in ('train', 'val', 'test') if any(k[0] == s for k in counts)]
-    cases = {s: len({r['case_id'] for r in cohort if r['split'] == s}) for s in splits}
-    rows = [[s, cases[s], *(counts[s, label] for label in labels),
-             sum(counts[s, label] for label in labels)] for s in splits]
-    note = ('<p class="muted">A cross-validation run: these are fold 0\'s splits; each fold\'s '
-            'report has its own.</p>' if (workdir / 'cv').is_dir() else '')
+    counts = Counter((row[group], row['label']) for row in cohort)
+    rows = [[g, len({r['case_id'] for r in cohort if r[group] == g}),
+             *(counts[g, label] for label in labels), sum(counts[g, label] for label in labels)]
+            for g in groups]
     return '\n'.join([
-        '<h2 id="cohort">Cohort</h2>', note,
-        table(['split', 'cases', *labels, 'slides'], rows),
+        '<h2 id="cohort">Cohort</h2>',
+        table(['test fold' if group == 'test_fold' else 'split', 'cases', *labels, 'slides'],
+              rows),
         '<details><summary>Every slide</summary>',
-        table(['slide', 'case', 'label', 'split'],
-              [[r['slide_id'], r['case_id'], r['label'], r['split']] for r in cohort]),
+        table(['slide', 'case', 'label', group.replace('_', ' ')],
+              [[r['slide_id'], r['case_id'], r['label'], r[group]] for r in cohort]),
         '</details>'])
 
 
