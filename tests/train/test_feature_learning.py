@@ -31,20 +31,20 @@ def trained_params(workdir, config):
 
 def test_training_lowers_the_loss_and_beats_chance(patch_workdir, tmp_path):
     workdir = workdir_with_patches(patch_workdir, tmp_path)
-    config = make_config(**LEARNING_COHORT, **{'learn.epochs': 12, 'mesh.data': 1,
+    config = make_config(**LEARNING_COHORT, **{'learn.epochs': 20, 'mesh.data': 1,
                                                'learn.lr_schedule': 'cosine'})
     summary = FeatureTrainer(config, workdir).fit()
     epochs = epochs_of(workdir)
-    assert len(epochs) == 12 and summary['epoch'] == 12
+    assert len(epochs) == 20 and summary['epoch'] == 20
     assert np.mean([e['train_loss'] for e in epochs[-3:]]) < 0.8 * epochs[0]['train_loss']
     # Chance on validation patches is the majority class's share. Colour cannot carry the label
     # (no stain normalization, stain drawn independently of the class) and only the motif's
     # 15-25% of a positive slide's tissue differs, so a perfect motif detector scores about
-    # chance + 0.3 * 0.25 here (0.3: the positive share of validation patches).
+    # chance + 0.3 * 0.25 here (0.3: the positive share of validation patches). At the demo's rate.
     builder = FeatureTrainer(config, workdir).val_source
     labels = np.array([builder[i]['label'] for i in range(len(builder))])
     chance = max(labels.mean(), 1 - labels.mean())
-    assert max(e['val_accuracy'] for e in epochs[-3:]) > chance + 0.05, (chance, epochs)
+    assert np.mean([e['val_accuracy'] for e in epochs[-3:]]) > chance + 0.05, (chance, epochs)
 
 
 def test_sharded_step_matches_one_device():
