@@ -153,7 +153,8 @@ def test_two_processes_tile_their_shares_into_one_process_files(tmp_path):
     rows.insert(1, f'broken,{broken},{classes[0]},broken')
     manifest.write_text('\n'.join([header, *rows]) + '\n')
     single, multi = tmp_path / 'single', tmp_path / 'multi'
-    tile = ('--stages=tile', f'--config.data.manifest={manifest}')
+    tile = ('--stages=tile', f'--config.data.manifest={manifest}',
+            '--config.stain.method=histogram')  # the stain reference is compared too
 
     def two_processes():
         coordinator = f'localhost:{free_port()}'
