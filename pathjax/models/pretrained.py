@@ -9,6 +9,8 @@ Convert once where torch is installed:
   python -m pathjax.models.pretrained vgg16-397923af.pth vgg16.npz
 """
 
+import json
+import mmap
 import os
 import pathlib
 from collections.abc import Mapping
@@ -21,8 +23,9 @@ from absl import app, logging
 from pathjax import artifacts
 from pathjax.models.vgg import BLOCKS, conv_names
 
-TORCH_SUFFIXES = ('.pth', '.pt')
+TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
 NPZ_SUFFIX = '.npz'
+SAFETENSORS_SUFFIX = '.safetensors'
 
 
 class PretrainedWeightsError(ValueError):
@@ -78,6 +81,40 @@ def _load_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
             for key, value in loaded.items() if isinstance(value, torch.Tensor)}
 
 
+SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': 'bfloat16',
+                      'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8,
+                      'U8': np.uint8, 'BOOL': np.bool_}
+
+
+def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every tensor of a .safetensors file (an 8-byte header size, a JSON header of dtype, shape
+    and byte offsets, then the raw little-endian data; no code is ever run), memory-mapped and
+    copied out one tensor at a time; bfloat16 and float16 become float32."""
+    import ml_dtypes  # pylint: disable=import-outside-toplevel  (installed with jax)
+    try:
+        with open(path, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            size = int.from_bytes(data[:8], 'little')
+            header = json.loads(bytes(data[8:8 + size]))
+            out = {}
+            for key, info in header.items():
+                if key == '__metadata__':
+                    continue
+                dtype = np.dtype(ml_dtypes.bfloat16 if info['dtype'] == 'BF16'
+                                 else SAFETENSORS_DTYPES[info['dtype']])
+                start, end = (8 + size + offset for offset in info['data_offsets'])
+                count = int(np.prod(info['shape'], dtype=np.int64))
+                if end > len(data) or end - start != count * dtype.itemsize:
+                    raise ValueError(f'tensor {key!r}: bytes {start}-{end} do not hold '
+                                     f'{info["shape"]} {info["dtype"]}')
+                array = np.frombuffer(data[start:end], dtype).reshape(info['shape'])
+                widen = info['dtype'] in ('BF16', 'F16')
+                out[key] = array.astype(np.float32) if widen else array
+            return out
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
+        raise PretrainedWeightsError(f'{path}: cannot read as .safetensors: '
+                                     f'{type(error).__name__}: {error}') from error
+
+
 def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         return artifacts.load_npz(path)  # allow_pickle=False
@@ -86,7 +123,8 @@ def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a state_dict from a `.pth`/`.pt` (needs torch) or `.npz` file.
+    """Reads a state_dict from a `.safetensors`, `.pth`/`.pt`/`.bin` (needs torch; read with
+    `weights_only=True`, never arbitrary pickle) or `.npz` file.
 
     A dict wrapped under 'state_dict' and a 'module.' key prefix are accepted.
 
@@ -105,10 +143,12 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         state_dict = _load_torch(path)
     elif suffix == NPZ_SUFFIX:
         state_dict = _load_npz(path)
+    elif suffix == SAFETENSORS_SUFFIX:
+        state_dict = _load_safetensors(path)
     else:
         raise PretrainedWeightsError(
             f'{path}: unknown pretrained weights format {suffix!r}; expected one of '
-            f'{", ".join((*TORCH_SUFFIXES, NPZ_SUFFIX))}')
+            f'{", ".join((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES, NPZ_SUFFIX))}')
     return _strip_prefix(state_dict)
 
 

@@ -1,0 +1,89 @@
+"""Patch encoders from named presets and local weight files: the public entry point.
+
+  encoder = load_encoder('vit_large_patch16_224', 'uni.safetensors')
+  features = encoder(images)  # uint8 [B, 224, 224, 3] -> float32 [B, 1024]
+
+The call normalizes with the preset's mean and std, runs the ViT (compiled once per batch
+shape) and applies the preset's output recipe. `identity` names the encoder and its weights (a
+hash of the file), so features made by another encoder are recognised.
+"""
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pathjax.models.vit import VisionTransformer
+from pathjax.models.vit_presets import ViTPreset, get_preset
+from pathjax.models.vit_weights import load_params
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """sha256 of a file's bytes (first 16 hex digits)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+    """uint8 (or float in [0, 255]) RGB [B, H, W, 3] -> float32 (x / 255 - mean) / std."""
+    return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
+
+
+class PresetEncoder:
+    """A preset's network applied to RGB patches in the encoder's input module."""
+
+    def __init__(self, preset: ViTPreset):
+        self.preset = preset
+
+    def __call__(self, params, images: jax.Array, dtype=jnp.float32) -> jax.Array:
+        """images uint8 [B, S, S, 3] (S: the preset's input size) -> features [B, D] float32."""
+        size = self.preset.input_size
+        if images.shape[1:] != (size, size, 3):
+            raise ValueError(f'{self.preset.name} takes [B, {size}, {size}, 3] images, got '
+                             f'{tuple(images.shape)}')
+        model = VisionTransformer(self.preset.arch, dtype=dtype)
+        return model.apply({'params': params},
+                           normalize(images, self.preset.mean, self.preset.std))
+
+
+@dataclasses.dataclass
+class Encoder:
+    """A loaded encoder: `encoder(images)` maps uint8 RGB [B, S, S, 3] to float32 [B, D]."""
+
+    preset: ViTPreset
+    params: Any
+    identity: str
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        network = PresetEncoder(self.preset)
+        self._apply = jax.jit(lambda params, images: network(params, images, self.dtype))
+
+    @property
+    def feature_dim(self) -> int:
+        return self.preset.arch.feature_dim
+
+    def __call__(self, images) -> jax.Array:
+        return self._apply(self.params, jnp.asarray(images))
+
+
+def load_encoder(name: str, weights: str | os.PathLike | None, dtype=jnp.float32) -> Encoder:
+    """The encoder of preset `name` with the weights of a local timm state_dict file
+    (.safetensors, .pth/.bin read with weights_only=True, or .npz); `weights` None gives
+    random weights (tests)."""
+    preset = get_preset(name)
+    if weights is None:
+        model = VisionTransformer(preset.arch)
+        size = preset.input_size
+        params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))['params']
+        return Encoder(preset, params, f'{name}:random', dtype)
+    path = pathlib.Path(weights)
+    params = jax.tree.map(jnp.asarray, load_params(preset, path))
+    return Encoder(preset, params, f'{name}:{path.name}:{file_digest(path)}', dtype)
