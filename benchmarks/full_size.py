@@ -88,7 +88,9 @@ def xla_memory(learn_batch: int, extract_batch: int) -> None:
     sys.path.insert(0, str(REPO))
     from configs import default
     from pathjax import cpu_devices
+    from pathjax.models.feature_net import resolve_tile_defaults
     config = default.get_config()
+    resolve_tile_defaults(config)
     config.learn.batch_size, config.extract.batch_size = learn_batch, extract_batch
     cpu_devices.expose(config)  # as the stage's process does, before JAX starts
     import jax

@@ -35,9 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.synthetic.seed = 0
 
     config.tile = ml_collections.ConfigDict()
-    config.tile.mpp = 0.5  # target microns per pixel of a patch (about 20x)
+    config.tile.mpp = 0.0  # microns per pixel of a patch; 0: the backbone's (0.5, about 20x)
     config.tile.level = 0  # pyramid level used when a slide has no usable mpp metadata
-    config.tile.patch_size = 512  # patch side in pixels at tile.mpp
+    config.tile.patch_size = 0  # patch side in pixels; 0: the backbone's (VGG-16: 512)
 
     config.tissue = ml_collections.ConfigDict()
     config.tissue.channel_rule = 'any'  # background if 'any' (or 'all') channel > threshold
@@ -53,7 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.feature_net = ml_collections.ConfigDict()
     config.feature_net.width = 1.0  # channel multiplier of VGG-16 (smaller for CPU configs)
     config.feature_net.embed_dim = 0  # > 0: a linear embedding after pooling
-    config.feature_net.pretrained = ''  # torchvision vgg16 state_dict (.pth or .npz), or ''
+    config.feature_net.backbone = 'vgg16'  # the method's VGG-16, or a ViT preset (README)
+    # Weights file: torchvision's vgg16 state_dict, or the preset's timm state_dict
+    # (.safetensors, .pth/.bin, .npz); '' = random initialisation.
+    config.feature_net.weights = ''
     config.feature_net.learn = True  # False: extract with the initial network (the baseline)
 
     config.am_softmax = ml_collections.ConfigDict()

@@ -18,6 +18,8 @@ from pathjax import (artifacts, cohort as cohort_lib, cpu_devices, cross_validat
 from pathjax.errors import StageError, UsageError
 from pathjax.data import patches
 from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
+from pathjax.models.feature_net import backbones, resolve_tile_defaults
+from pathjax.models.vit_presets import PRESETS
 from pathjax.slides import stain, synthetic, tile_stage
 from pathjax.slides.tissue import TissueRule
 from pathjax.evaluate import evaluate_stage, predict_stage, report_page
@@ -96,8 +98,10 @@ def check_config(config) -> list[str]:
                 'for a generated cohort)')
     require(config.workers == -1 or config.workers >= 1,
             f'workers must be -1 (all cores) or >= 1, got {config.workers}')
-    require(config.tile.mpp > 0, f'tile.mpp must be > 0, got {config.tile.mpp}')
-    require(config.tile.patch_size >= 8, f'tile.patch_size must be >= 8, got {config.tile.patch_size}')
+    require(config.tile.mpp > 0, f'tile.mpp must be > 0 (or 0: the backbone\'s), got '
+                                 f'{config.tile.mpp}')
+    require(config.tile.patch_size >= 8, f'tile.patch_size must be >= 8 (or 0: the backbone\'s), '
+                                         f'got {config.tile.patch_size}')
     require(config.tile.level >= 0, f'tile.level must be >= 0, got {config.tile.level}')
     try:
         TissueRule(**config.tissue)
@@ -130,8 +134,17 @@ def check_config(config) -> list[str]:
     require(config.feature_net.width > 0, f'feature_net.width must be > 0, got {config.feature_net.width}')
     require(config.feature_net.embed_dim >= 0,
             f'feature_net.embed_dim must be >= 0, got {config.feature_net.embed_dim}')
-    require(not config.feature_net.pretrained or os.path.isfile(config.feature_net.pretrained),
-            f'feature_net.pretrained: file not found: {config.feature_net.pretrained}')
+    net = config.feature_net
+    require(net.backbone in backbones(),
+            f'feature_net.backbone must be one of {", ".join(backbones())}, got {net.backbone!r}')
+    require(not net.weights or os.path.isfile(net.weights),
+            f'feature_net.weights: file not found: {net.weights}')
+    if net.backbone in PRESETS:
+        size = PRESETS[net.backbone].input_size
+        require(config.tile.patch_size == size,
+                f'feature_net.backbone={net.backbone} takes {size} px patches, but '
+                f'tile.patch_size={config.tile.patch_size}; set it to {size} or 0 (the '
+                f'backbone\'s)')
     require(config.am_softmax.s > 0 and 0 <= config.am_softmax.m < 1,
             f'am_softmax needs s > 0 and 0 <= m < 1, got s={config.am_softmax.s}, m={config.am_softmax.m}')
     learn = config.learn
@@ -221,6 +234,7 @@ def prepare_cohort(config, workdir: pathlib.Path) -> tuple[cohort_lib.Cohort, pa
 
 def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> int:
     """Runs the pipeline; returns the process exit status (0 = completed)."""
+    resolve_tile_defaults(config)
     problems = check_config(config)
     unknown = [s for s in stages or [] if s not in stage_names()]
     if unknown:

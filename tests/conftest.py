@@ -42,6 +42,8 @@ def make_config(name: str = 'test', **overrides):
         for parent in parents:
             holder = holder[parent]
         holder[field] = value
+    from pathjax.models.feature_net import resolve_tile_defaults
+    resolve_tile_defaults(config)  # as the pipeline does
     return config
 
 

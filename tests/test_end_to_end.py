@@ -172,3 +172,30 @@ def test_report_page_renders_in_chromium(trained):
     assert image.size == (1280, 2400)
     assert len(np.unique(np.asarray(image.convert('L').resize((64, 120))))) > 20  # not blank
     print(f'report screenshot: {screenshot}')
+
+
+def test_a_vit_encoder_from_a_weights_file_runs_the_whole_pipeline(tmp_path):
+    """A ViT preset with a timm state_dict file as the frozen patch encoder: its patch size is
+    the tile stage's (224 px), the patch dataset and feature learning are skipped, the features
+    are the preset's width and name the encoder."""
+    timm = pytest.importorskip('timm', reason='writing a timm weights file needs the test extra')
+    from safetensors.torch import save_file
+    model = timm.create_model('vit_small_patch16_224', pretrained=False, num_classes=0)
+    weights = tmp_path / 'vit_small.safetensors'
+    save_file(model.state_dict(), weights)
+    workdir = tmp_path / 'run'
+    result = launch(workdir, '--config.feature_net.backbone=vit_small_patch16_224',
+                    f'--config.feature_net.weights={weights}', '--config.feature_net.learn=False',
+                    '--config.tile.patch_size=0', '--config.tile.mpp=1.0')
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not (workdir / 'patches').exists() and not (workdir / 'feature_net').exists()
+    tiles = next((workdir / 'tiles').glob('*.npz'))
+    assert int(np.load(tiles)['patch_size']) == 224
+    features = np.load(next((workdir / 'features').glob('*.npz')))
+    assert features['features'].shape[1] == 384
+    identity = json.loads(str(features['network']))
+    assert identity['encoder'] == 'vit_small_patch16_224, weights vit_small.safetensors'
+    assert json.loads((workdir / 'eval' / 'test' / 'metrics.json').read_text())['num_slides'] >= 1
+    result = launch(workdir, '--config.feature_net.backbone=vit_small_patch16_224',
+                    '--config.feature_net.learn=False', '--config.tile.patch_size=64')
+    assert result.returncode == 2 and 'takes 224 px patches' in result.stderr

@@ -159,8 +159,12 @@ def load_builder(workdir, sampling: Sampling) -> SlidePatchesBuilder:
     return builder
 
 
-def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
-    """The `patches` stage: builds the dataset unless it exists with the same settings."""
+def run(config, workdir, cohort: Cohort) -> list[SlideEntry] | None:
+    """The `patches` stage: builds the dataset unless it exists with the same settings (nothing
+    when feature_net.learn is False: a frozen encoder learns nothing from patches)."""
+    if not config.feature_net.learn:
+        logging.info('patches: feature_net.learn is False; no patch dataset is needed')
+        return None
     sampling = Sampling.from_config(config)
     data_dir = str(dataset_dir(workdir))
     report_file = dataset_dir(workdir) / 'slides.json'

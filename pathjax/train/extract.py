@@ -13,6 +13,7 @@ With several hosts, each extracts its own share of the slides on its own devices
 import collections
 import hashlib
 import json
+import pathlib
 import zipfile
 
 import jax
@@ -30,7 +31,7 @@ from pathjax.slides.reader import SlideError
 from pathjax.slides.tile_stage import tiles_path
 from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
 from pathjax.runtime import sharding
-from pathjax.train.micro_batches import mapped, micro_batch_count, patch_buffer_bytes
+from pathjax.train.micro_batches import image_bytes, mapped, micro_batch_count
 from pathjax.runtime.checkpoint import Checkpoints
 from pathjax.train.xla_options import conv_compiler_options
 from pathjax.train.feature_learning import (abstract_state, create_optimizer, initial_params,
@@ -66,7 +67,10 @@ def network_identity(config, params, source: dict) -> str:
     for leaf in jax.tree.leaves(jax.device_get(params)):  # a fixed order: sorted module names
         digest.update(np.ascontiguousarray(leaf).tobytes())
     net = config.feature_net
-    encoder = f'vgg16 (width {net.width:g}, embed_dim {net.embed_dim})'
+    encoder = (f'vgg16 (width {net.width:g}, embed_dim {net.embed_dim})'
+               if net.backbone == 'vgg16' else net.backbone)
+    if net.weights:
+        encoder += f', weights {pathlib.Path(net.weights).name}'
     return json.dumps({'encoder': encoder, **source, 'parameters_blake2b': digest.hexdigest()},
                       sort_keys=True)
 
@@ -82,7 +86,7 @@ class Extractor:
         self.params = sharding.replicate(params, self.mesh)
         micro_batches = micro_batch_count(
             self.batch_size, self.mesh.devices.size, config.micro_batch, 'extract.batch_size',
-            patch_buffer_bytes(config.tile.patch_size, config.feature_net.width, training=False))
+            image_bytes(config, training=False))
         features = mapped(lambda p, images: model.apply({'params': p}, images,
                                                         method=FeatureNet.features), micro_batches)
         self.features = jax.jit(features,

@@ -24,7 +24,9 @@ from pathjax.data import patches
 from pathjax.data.augment import random_d4
 from pathjax.errors import StageError, UsageError
 from pathjax.models.am_softmax import am_softmax_loss
-from pathjax.models.feature_net import FeatureNet, create_feature_net
+from pathjax.models.feature_net import VGG16_BACKBONE, FeatureNet, create_feature_net
+from pathjax.models.vit_presets import get_preset
+from pathjax.models.vit_weights import load_params
 from pathjax.models.pretrained import PretrainedWeightsError, load_pretrained_trunk
 from pathjax.train import micro_batches as micro_batches_lib
 from pathjax.runtime import metrics_log, sharding, train_state
@@ -58,15 +60,20 @@ def create_optimizer(learn, steps_per_epoch: int) -> optax.GradientTransformatio
 
 
 def initial_params(model: FeatureNet, config, patch_size: int) -> dict:
-    """Random initialisation from config.seed, with the trunk's convolutions from
-    `feature_net.pretrained` (a torchvision VGG-16 state_dict file) when given."""
+    """Random initialisation from config.seed, with the trunk from `feature_net.weights` when
+    given (a torchvision VGG-16 state_dict, or the ViT preset's timm state_dict)."""
     images = jnp.zeros((1, patch_size, patch_size, 3), jnp.uint8)
     params = jax.jit(model.init)(jax.random.key(config.seed), images)['params']
-    if config.feature_net.pretrained:
+    net = config.feature_net
+    if net.weights:
         try:
-            trunk = load_pretrained_trunk(config.feature_net.pretrained, params['trunk'])
+            if net.backbone == VGG16_BACKBONE:
+                trunk = load_pretrained_trunk(net.weights, params['trunk'])
+            else:
+                vit = jax.tree.map(jnp.asarray, load_params(get_preset(net.backbone), net.weights))
+                trunk = {**params['trunk'], 'vit': vit}
         except (PretrainedWeightsError, ImportError) as error:
-            raise UsageError(f'feature_net.pretrained: {error}') from None
+            raise UsageError(f'feature_net.weights: {error}') from None
         params = {**params, 'trunk': trunk}
     return params
 
@@ -156,8 +163,7 @@ class FeatureTrainer:
         self.create_state = train_state.make_state_creator(self.model.apply, tx, replicated)
         micro_batches = micro_batches_lib.micro_batch_count(
             self.batch_size, self.mesh.devices.size, config.micro_batch, 'learn.batch_size',
-            micro_batches_lib.patch_buffer_bytes(config.tile.patch_size,
-                                                 config.feature_net.width, training=True))
+            micro_batches_lib.image_bytes(config, training=True))
         options = conv_compiler_options()
         self.train_step = compile_train_step(
             self.model, config.am_softmax.s, config.am_softmax.m, config.learn.augment == 'd4',
@@ -257,8 +263,10 @@ def run(config, workdir, cohort: Cohort) -> None:
     """The `learn_features` stage (skipped when feature_net.learn is False: baseline features)."""
     del cohort  # the stage reads the patch dataset
     if not config.feature_net.learn:
-        logging.info('learn_features: feature_net.learn is False; extraction uses the %s network',
-                     'ImageNet-initialised' if config.feature_net.pretrained else 'randomly initialised')
+        net = config.feature_net
+        logging.info('learn_features: feature_net.learn is False; extraction uses %s %s',
+                     net.backbone, f'with the weights of {net.weights}' if net.weights
+                     else 'randomly initialised')
         return None
     summary = FeatureTrainer(config, workdir).fit()
     if sharding.is_leader():

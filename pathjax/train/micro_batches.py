@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from pathjax.errors import UsageError
+from pathjax.models.feature_net import VGG16_BACKBONE
 from pathjax.models.vgg import scaled
+from pathjax.models.vit_presets import get_preset
 
 CPU_PASS_BYTES = 4.5 * 2 ** 30  # Eigen's patch buffers one pass may reserve on CPU
 
@@ -35,6 +37,19 @@ def patch_buffer_bytes(image_size: int, width: float, training: bool) -> float:
     """Eigen's image-patch buffer of one image in VGG-16's largest convolution (conv1_2: 3 x 3 x
     64 * width floats per pixel at full resolution), twice that with the weight gradient."""
     return image_size ** 2 * 9 * scaled(64, width) * 4 * (2 if training else 1)
+
+
+def image_bytes(config, training: bool) -> float:
+    """Host memory one image of a pass takes at its peak (sizes CPU micro-batches): VGG-16's
+    `patch_buffer_bytes`, or a ViT's widest layer (its MLP with the attention inputs, or the
+    attention logits), kept for every block when training."""
+    net = config.feature_net
+    if net.backbone == VGG16_BACKBONE:
+        return patch_buffer_bytes(config.tile.patch_size, net.width, training)
+    arch = get_preset(net.backbone).arch
+    tokens = arch.grid ** 2 + arch.prefix_tokens
+    widest = tokens * max(arch.mlp_hidden + 4 * arch.embed_dim, arch.num_heads * tokens) * 4
+    return widest * (3 * arch.depth if training else 1)
 
 
 def micro_batch_count(batch_size: int, devices: int, micro_batch: int, field: str,
