@@ -8,6 +8,9 @@ and a section that fails or hangs costs only itself), within one overall deadlin
   step (D4 augmentation on device, AM-softmax, Adam with clipping, state donated) and the extract
   forward, images/s and the fraction of the device's peak FLOP/s (convolution FLOPs counted as
   feature_net.py does: forward, or forward + weight and input gradients).
+- vit: the ViT encoders ViT-B/16 and ViT-L/16 (presets vit_base_patch16_224 and
+  vit_large_patch16_224), inference at 224 px in bfloat16 and float32, images/s and the fraction
+  of the peak (FLOPs counted as vit_encoders.py does).
 - knn: `knn_indices` (k = 8) of 50,000 x 512 features, against the float32 peak.
 - slide: the slide model's train step (`make_train_step` on `create_slide_model`, the default
   slide_net, 8 slides, D = 512, k = 8) at 1,024, 8,192 and 32,768 nodes with dense and graph
@@ -69,19 +72,26 @@ class Sizes:
     patch_mpp: tuple[int, float]  # extraction patch size, um/px
     extract_batch: int
     launch_overrides: tuple[str, ...]
+    vit: tuple[str, ...]  # ViT presets measured (inference, 224 px)
+    vit_depth: int  # 0: the preset's
+    vit_batch: int
     limits: dict  # seconds per section
 
 
 GPU = Sizes(image=512, net_width=1.0, train_batch=64, infer_batch=128, warmup=3, steps=10,
             nodes=(1024, 8192, 32768), slide_net={}, knn=(50_000, 512), slide=(16384, 12288),
             copies=8, patch_mpp=(512, 0.5), extract_batch=64, launch_overrides=(),
-            limits={'launch': 240, 'vgg': 180, 'knn': 60, 'slide': 90, 'extraction': 180})
+            vit=('vit_base_patch16_224', 'vit_large_patch16_224'), vit_depth=0, vit_batch=256,
+            limits={'launch': 240, 'vgg': 180, 'knn': 60, 'slide': 90, 'extraction': 180,
+                    'vit': 120})
 CPU = Sizes(image=64, net_width=0.125, train_batch=4, infer_batch=8, warmup=1, steps=2,
             nodes=(64,), slide_net={'slide_net.d_model': 32, 'slide_net.transformer_layers': 1,
                                     'slide_net.gcn_layers': 1},
             knn=(2000, 64), slide=(4096, 3072), copies=1, patch_mpp=(64, 2.0), extract_batch=8,
             launch_overrides=('--stages=tile', '--config.data.synthetic.num_slides=4'),
-            limits={'launch': 240, 'vgg': 120, 'knn': 60, 'slide': 180, 'extraction': 120})
+            vit=('vit_small_patch16_224',), vit_depth=1, vit_batch=2,
+            limits={'launch': 240, 'vgg': 120, 'knn': 60, 'slide': 180, 'extraction': 120,
+                    'vit': 120})
 
 
 def slide_rows(sizes: Sizes) -> list[dict]:
@@ -189,6 +199,37 @@ def section_vgg(sizes: Sizes, _) -> list[dict]:
                             peak / flops, f'images/s at the {peak_name}', True,
                             f'{images_per_s * flops / 1e12:.3g} TFLOP/s of convolutions',
                             compile_seconds=round(compile_seconds, 2)))
+    return rows
+
+
+def section_vit(sizes: Sizes, _) -> list[dict]:
+    """ViT encoders' inference at 224 px in bfloat16 and float32: images/s against the peak."""
+    import dataclasses as dc
+
+    import jax
+    import jax.numpy as jnp
+
+    from pathjax.models.vit import VisionTransformer
+    from pathjax.models.vit_presets import get_preset
+    from vit_encoders import vit_flops
+    rows = []
+    images = jax.random.normal(jax.random.key(0), (sizes.vit_batch, 224, 224, 3))
+    for name in sizes.vit:
+        arch = get_preset(name).arch
+        if sizes.vit_depth:
+            arch = dc.replace(arch, depth=sizes.vit_depth)
+        for dtype in ('bfloat16', 'float32'):
+            model = VisionTransformer(arch, dtype=jnp.dtype(dtype))
+            params = jax.jit(model.init)(jax.random.key(1), images[:1])
+            forward = jax.jit(model.apply)
+            peak, peak_name = peak_flops(dtype)
+            images_per_s = sizes.vit_batch * throughput(lambda: forward(params, images),
+                                                        sizes.warmup, sizes.steps)
+            flops = vit_flops(arch, 224)
+            rows.append(row('vit', f'{name}{f" (depth {arch.depth})" if sizes.vit_depth else ""}'
+                            f' inference, 224 px, {dtype}, batch {sizes.vit_batch}', 'images/s',
+                            images_per_s, peak / flops, f'images/s at the {peak_name}', True,
+                            f'{images_per_s * flops / 1e12:.3g} TFLOP/s'))
     return rows
 
 
@@ -334,8 +375,8 @@ def section_launch(sizes: Sizes, _) -> list[dict]:
                 returncode=done.returncode)]
 
 
-SECTIONS = {'launch': section_launch, 'vgg': section_vgg, 'knn': section_knn,
-            'slide': section_slide, 'extraction': section_extraction}
+SECTIONS = {'launch': section_launch, 'vgg': section_vgg, 'vit': section_vit,
+            'knn': section_knn, 'slide': section_slide, 'extraction': section_extraction}
 
 
 # ---- the orchestrator (no JAX) ----
@@ -344,7 +385,7 @@ def plan(sizes: Sizes, cpu: bool) -> list[tuple[str, list[dict]]]:
     """(section, its slide-model rows) in order; on GPU one process per slide-model row."""
     specs = slide_rows(sizes)
     slide = [('slide', specs)] if cpu else [('slide', [spec]) for spec in specs]
-    return [('launch', []), ('vgg', []), ('knn', [])] + slide + [('extraction', [])]
+    return [('launch', []), ('vgg', []), ('vit', []), ('knn', [])] + slide + [('extraction', [])]
 
 
 def run_section(name: str, specs: list[dict], cpu: bool, limit: float) -> tuple[list, dict]:
