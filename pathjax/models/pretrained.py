@@ -1,12 +1,15 @@
-"""ImageNet VGG-16 weights for the trunk, from a local file in torchvision's state_dict layout.
+"""Weight files: state_dicts from .safetensors, .pth/.pt/.bin (torch, weights_only) or .npz, and
+ImageNet VGG-16 weights for the trunk in torchvision's state_dict layout (ViT presets:
+`vit_weights`).
 
 Nothing is downloaded. The file is torchvision's `vgg16` state_dict: `features.{i}.weight`
 [out, in, 3, 3] and `features.{i}.bias` [out] for the 13 convolutions (i = 0, 2, 5, ..., 28; the
 ReLUs and max-pools in between have no parameters); `classifier.*` keys are ignored. It is read
 from a `.pth`/`.pt` file with torch (the optional `torch` extra) or from an `.npz` with numpy.
-Convert once where torch is installed:
+Convert once where torch is installed (a ViT file: name its preset; checked strictly first):
 
   python -m pathjax.models.pretrained vgg16-397923af.pth vgg16.npz
+  python -m pathjax.models.pretrained pytorch_model.bin uni.npz vit_large_patch16_224
 """
 
 import json
@@ -240,17 +243,31 @@ def save_npz(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
     artifacts.save_npz(path, **{key: np.asarray(state_dict[key]) for key in keys})
 
 
+def save_vit_npz(state_dict: Mapping[str, Any], preset_name: str, path) -> None:
+    """Writes a ViT preset's timm state_dict to `path` (.npz), after the strict check of
+    `vit_weights.convert` (every key used, every shape right)."""
+    from pathjax.models import vit_presets, vit_weights  # pylint: disable=import-outside-toplevel
+    preset = vit_presets.get_preset(preset_name)
+    vit_weights.convert(preset, dict(state_dict), f'state_dict to write to {path}')
+    artifacts.save_npz(path, **{key: np.asarray(value) for key, value in state_dict.items()})
+
+
 def main(argv: list[str]) -> int:
-    """python -m pathjax.models.pretrained input.pth output.npz; exit status 1 for a bad input."""
-    if len(argv) != 3:
-        raise app.UsageError('usage: python -m pathjax.models.pretrained input.pth output.npz')
-    source, target = argv[1:]
+    """python -m pathjax.models.pretrained input output.npz [vit_preset]; exit status 1 for a
+    bad input. Without a preset the input is torchvision's vgg16, with one a timm ViT."""
+    if len(argv) not in (3, 4):
+        raise app.UsageError('usage: python -m pathjax.models.pretrained input.(pth|bin|'
+                             'safetensors) output.npz [vit_preset]')
+    source, target = argv[1:3]
     try:
-        save_npz(load_state_dict(source), target)
-    except (PretrainedWeightsError, ImportError) as error:
+        if len(argv) == 4:
+            save_vit_npz(load_state_dict(source), argv[3], target)
+        else:
+            save_npz(load_state_dict(source), target)
+    except (PretrainedWeightsError, ImportError, ValueError) as error:
         logging.error('%s', error)
         return 1
-    logging.info('Wrote the VGG-16 trunk weights of %s to %s', source, target)
+    logging.info('Wrote the weights of %s to %s', source, target)
     return 0
 
 

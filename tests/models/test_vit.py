@@ -162,3 +162,20 @@ def test_a_wrong_file_is_refused_with_what_is_wrong_and_what_fits(tmp_path):
         encoders.load_encoder('vit_small_patch16_224', tmp_path / 'broken.safetensors')
     with pytest.raises(ValueError, match='unknown ViT preset'):
         encoders.load_encoder('vit_tiny', None)
+
+
+def test_converter_writes_a_torch_free_npz_of_a_checked_vit_file(tmp_path, monkeypatch):
+    from pathjax.models import pretrained
+    preset = vit_presets.PRESETS['vit_small_patch16_224']
+    monkeypatch.setitem(vit_presets.PRESETS, preset.name, small_preset(preset))
+    model = timm_model(small_preset(preset))
+    source, target = tmp_path / 'model.bin', tmp_path / 'model.npz'
+    torch.save(model.state_dict(), source)
+    assert pretrained.main(['pretrained', str(source), str(target), preset.name]) == 0
+    written = dict(np.load(target))
+    assert sorted(written) == sorted(model.state_dict())
+    np.testing.assert_array_equal(written['pos_embed'], model.state_dict()['pos_embed'].numpy())
+    # A file of another preset is refused and nothing is written.
+    assert pretrained.main(['pretrained', str(source), str(tmp_path / 'x.npz'),
+                            'vit_small_patch14_reg4_dinov2']) == 1
+    assert not (tmp_path / 'x.npz').exists()
