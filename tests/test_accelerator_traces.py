@@ -161,3 +161,44 @@ def _all_eqns(jaxpr):
         yield eqn
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             yield from _all_eqns(sub)
+
+
+def test_vit_encoder_on_gpu_uses_cudnn_attention_in_bfloat16(backend):
+    """A ViT preset as the feature network on a GPU (UNI's shape): extraction at the default
+    batch (64 patches of 224 px) and a fine-tuning train step (32) trace with cuDNN's fused
+    attention, bfloat16 matrix products, float32 parameters and loss."""
+    backend('gpu')
+    config = make_config('default', **{'feature_net.backbone': 'vit_large_patch16_224'})
+    assert config.tile.patch_size == 224 and compute_dtype.compute_dtype(config) == jnp.bfloat16
+    model = create_feature_net(config)
+    size = config.tile.patch_size
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3),
+                                                                            jnp.uint8))['params'])
+    images = jax.ShapeDtypeStruct((config.extract.batch_size, size, size, 3), jnp.uint8)
+    extract = jax.make_jaxpr(lambda p, x: model.apply({'params': p}, x,
+                                                      method=type(model).features))(params, images)
+    names = primitive_names(extract)
+    assert any('cudnn' in name or 'dot_product_attention' in name for name in names), names
+    products = [e for e in _all_eqns(extract.jaxpr) if e.primitive.name == 'dot_general']
+    assert products and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in products)
+    assert jax.eval_shape(lambda p, x: model.apply({'params': p}, x, method=type(model).features),
+                          params, images).dtype == jnp.float32
+    batch = {'image': jax.ShapeDtypeStruct((config.learn.batch_size, size, size, 3), jnp.uint8),
+             'label': jax.ShapeDtypeStruct((config.learn.batch_size,), jnp.int32)}
+    step = feature_learning.make_train_step(model, config.am_softmax.s, config.am_softmax.m,
+                                            augment=True)
+    names = step_primitives(model, step, lambda: params, batch)
+    assert any('cudnn' in name or 'dot_product_attention' in name for name in names), names
+
+
+def test_padded_vit_attention_equals_attention_on_the_tokens_alone():
+    """The cuDNN path's padding (197 tokens -> 256, padded keys masked by length), run with
+    XLA's kernel on CPU, against attention over the 197 tokens."""
+    from pathjax.models.vit import padded_attention
+    rng = np.random.default_rng(0)
+    query, key, value = (jnp.asarray(rng.normal(size=(2, 197, 4, 16)), jnp.float32)
+                         for _ in range(3))
+    expected = jax.nn.dot_product_attention(query, key, value, implementation='xla')
+    padded = padded_attention(query, key, value, implementation='xla')
+    assert padded.shape == expected.shape
+    np.testing.assert_allclose(np.asarray(padded), np.asarray(expected), rtol=1e-5, atol=1e-5)

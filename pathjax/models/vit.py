@@ -77,15 +77,32 @@ class ViTArchitecture:
         return 2 * self.embed_dim if self.output == 'class+mean' else self.embed_dim
 
 
+CUDNN_TOKEN_MULTIPLE = 64  # cuDNN's flash attention wants sequence lengths in multiples of 64
+
+
+def padded_attention(query, key, value, implementation: str = 'cudnn'):
+    """`jax.nn.dot_product_attention` [B, N, H, d] x 3 -> [B, N, H, d] on tokens padded to a
+    multiple of CUDNN_TOKEN_MULTIPLE (cuDNN refuses a ViT's 197 or 261 tokens as they are); the
+    padding is masked as keys through the sequence lengths and cut from the output."""
+    batch, tokens = query.shape[:2]
+    padded = -(-tokens // CUDNN_TOKEN_MULTIPLE) * CUDNN_TOKEN_MULTIPLE
+    pad = [(0, 0), (0, padded - tokens), (0, 0), (0, 0)]
+    lengths = jnp.full((batch,), tokens, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        *(jnp.pad(x, pad) for x in (query, key, value)), query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths, implementation=implementation)
+    return out[:, :tokens]
+
+
 def attention(query, key, value):
     """Softmax attention [B, N, H, d] x 3 -> [B, N, H, d]: cuDNN's fused kernel on a GPU in
     16-bit, else XLA's (logits and softmax in float32 either way)."""
     if fused_kernel_fits(query.dtype):
         try:
-            return jax.nn.dot_product_attention(query, key, value, implementation='cudnn')
+            return padded_attention(query, key, value)
         except (NotImplementedError, RuntimeError, TypeError, ValueError) as refusal:
-            logging.warning('cuDNN attention unavailable (%s: %s); using XLA attention',
-                            type(refusal).__name__, refusal)
+            logging.log_first_n(logging.WARNING, 'cuDNN attention unavailable (%s: %s); using '
+                                'XLA attention', 1, type(refusal).__name__, refusal)
     return jax.nn.dot_product_attention(query, key, value, implementation='xla')
 
 
