@@ -129,3 +129,43 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(patch_workdir, tmp_path):
         assert checkpoints.latest_step() == good_step
     params = trained_params(workdir, config)
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_a_vit_backbone_fine_tunes_from_its_weights_with_the_am_softmax_loss(tmp_path,
+                                                                            monkeypatch):
+    """feature_net.learn=True with a ViT preset: the network starts from the weights file (not
+    its random init) and the AM-softmax train step lowers the loss on a batch whose classes differ
+    in brightness. The preset is shrunk (depth 1, width 96) to keep the test fast."""
+    import dataclasses
+    import jax.numpy as jnp
+    from pathjax.models import vit_presets, vit_weights
+    name = 'vit_small_patch16_224'
+    preset = vit_presets.PRESETS[name]
+    small = dataclasses.replace(preset, arch=dataclasses.replace(
+        preset.arch, depth=1, embed_dim=96, num_heads=4))
+    monkeypatch.setitem(vit_presets.PRESETS, name, small)
+    rng = np.random.default_rng(0)
+    weights = {vit_weights.torch_key(tuple(k.key for k in path)):
+               rng.normal(0, 0.05, vit_weights.to_torch_shape(tuple(k.key for k in path),
+                                                              tuple(leaf.shape))).astype(np.float32)
+               for path, leaf in jax.tree_util.tree_flatten_with_path(
+                   vit_weights.abstract_params(small))[0]}
+    np.savez(tmp_path / 'vit.npz', **weights)
+    config = make_config(**{'feature_net.backbone': name, 'feature_net.weights':
+                            str(tmp_path / 'vit.npz'), 'tile.patch_size': 0, 'learn.lr': 1e-3})
+    model = feature_learning.create_feature_net(config)
+    params = feature_learning.initial_params(model, config, config.tile.patch_size)
+    np.testing.assert_array_equal(params['trunk']['vit']['pos_embed'], weights['pos_embed'])
+    labels = np.array([0, 1] * 4, np.int32)
+    images = np.where(labels[:, None, None, None] == 1, 200, 60).astype(np.uint8)
+    images = np.clip(images + rng.integers(-40, 40, (8, 224, 224, 3)), 0, 255).astype(np.uint8)
+    step = jax.jit(make_train_step(model, config.am_softmax.s, config.am_softmax.m,
+                                   augment=True))
+    state = TrainState.create(apply_fn=model.apply, params=params,
+                              tx=feature_learning.create_optimizer(config.learn, 10))
+    losses = []
+    for i in range(6):
+        state, metrics = step(state, {'image': jnp.asarray(images), 'label': labels},
+                              jax.random.key(i))
+        losses.append(float(metrics['loss']))
+    assert losses[-1] < 0.5 * losses[0], losses
