@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.stain.reference = 'cohort'  # 'cohort' (training slides) or a template image path
     config.stain.fit_patches = 32  # kept patches sampled per slide to fit its LUT
     config.feature_net = ml_collections.ConfigDict()
-    config.feature_net.width = 1.0  # channel multiplier of VGG-16 (smaller for CPU configs)
+    config.feature_net.width = 1.0  # VGG-16's channel multiplier (smaller for CPU configs)
     config.feature_net.embed_dim = 0  # > 0: a linear embedding after pooling
     config.feature_net.backbone = 'vgg16'  # the method's VGG-16, or a ViT preset (README)
     # Weights file: torchvision's vgg16 state_dict, or the preset's timm state_dict

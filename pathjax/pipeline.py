@@ -140,6 +140,8 @@ def check_config(config) -> list[str]:
     require(not net.weights or os.path.isfile(net.weights),
             f'feature_net.weights: file not found: {net.weights}')
     if net.backbone in PRESETS:
+        require(net.embed_dim == 0, f'feature_net.embed_dim adds a layer to VGG-16 only; with '
+                                    f'backbone={net.backbone} leave it at 0')
         size = PRESETS[net.backbone].input_size
         require(config.tile.patch_size == size,
                 f'feature_net.backbone={net.backbone} takes {size} px patches, but '

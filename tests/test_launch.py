@@ -88,3 +88,16 @@ def test_unreadable_stain_template_stops_before_any_work(tmp_path):
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert 'stain.reference' in result.stderr and 'template.png' in result.stderr
     assert not (tmp_path / 'work' / 'tiles').exists()
+
+
+def test_backbone_settings_are_checked_before_any_work(tmp_path):
+    result = launch('--config.feature_net.backbone=vit_tiny', workdir=tmp_path)
+    assert result.returncode == 2 and 'feature_net.backbone must be one of vgg16, ' in result.stderr
+    result = launch('--config.feature_net.backbone=vit_small_patch16_224',
+                    '--config.feature_net.embed_dim=16', '--config.feature_net.weights=nope.pth',
+                    workdir=tmp_path)
+    assert result.returncode == 2
+    for message in ('feature_net.embed_dim adds a layer to VGG-16 only',
+                    'feature_net.weights: file not found: nope.pth', 'takes 224 px patches'):
+        assert message in result.stderr, result.stderr
+    assert not (tmp_path / 'tiles').exists()

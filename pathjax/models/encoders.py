@@ -36,26 +36,10 @@ def normalize(images: jax.Array, mean, std) -> jax.Array:
     return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
 
 
-class PresetEncoder:
-    """A preset's network applied to RGB patches in the encoder's input module."""
-
-    def __init__(self, preset: ViTPreset):
-        self.preset = preset
-
-    def __call__(self, params, images: jax.Array, dtype=jnp.float32) -> jax.Array:
-        """images uint8 [B, S, S, 3] (S: the preset's input size) -> features [B, D] float32."""
-        size = self.preset.input_size
-        if images.shape[1:] != (size, size, 3):
-            raise ValueError(f'{self.preset.name} takes [B, {size}, {size}, 3] images, got '
-                             f'{tuple(images.shape)}')
-        model = VisionTransformer(self.preset.arch, dtype=dtype)
-        return model.apply({'params': params},
-                           normalize(images, self.preset.mean, self.preset.std))
-
-
 @dataclasses.dataclass
 class Encoder:
-    """A loaded encoder: `encoder(images)` maps uint8 RGB [B, S, S, 3] to float32 [B, D]."""
+    """A loaded encoder: `encoder(images)` maps uint8 RGB [B, S, S, 3] (S: the preset's input
+    size) to float32 features [B, D]."""
 
     preset: ViTPreset
     params: Any
@@ -63,14 +47,19 @@ class Encoder:
     dtype: Any = jnp.float32
 
     def __post_init__(self):
-        network = PresetEncoder(self.preset)
-        self._apply = jax.jit(lambda params, images: network(params, images, self.dtype))
+        model = VisionTransformer(self.preset.arch, dtype=self.dtype)
+        self._apply = jax.jit(lambda params, images: model.apply(
+            {'params': params}, normalize(images, self.preset.mean, self.preset.std)))
 
     @property
     def feature_dim(self) -> int:
         return self.preset.arch.feature_dim
 
     def __call__(self, images) -> jax.Array:
+        size = self.preset.input_size
+        if tuple(images.shape[1:]) != (size, size, 3):
+            raise ValueError(f'{self.preset.name} takes [B, {size}, {size}, 3] images, got '
+                             f'{tuple(images.shape)}')
         return self._apply(self.params, jnp.asarray(images))
 
 
