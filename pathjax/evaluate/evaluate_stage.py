@@ -33,18 +33,16 @@ def split_dir(workdir, split: str) -> pathlib.Path:
     return pathlib.Path(workdir) / 'eval' / split
 
 
-def write_heatmap(workdir, folder: pathlib.Path, slide_id: str, coords: np.ndarray,
-                  scores: np.ndarray, signed: bool, title: str) -> bool:
-    """Draws one slide's heatmap (coords [n, 2] level-0, scores [n]); False when the slide has no
-    thumbnail or tiles."""
-    thumbnail, tiles = thumbnail_path(workdir, slide_id), tiles_path(workdir, slide_id)
-    if not thumbnail.exists() or not tiles.exists():
-        return False
-    tile_info = artifacts.load_npz(tiles, ('slide_size', 'extent'))
-    heatmaps.draw_heatmap(folder / f'{slide_id}.png', np.asarray(Image.open(thumbnail).convert('RGB')),
-                          tuple(tile_info['slide_size']), coords, float(tile_info['extent']),
-                          scores, signed, title)
-    return True
+TILE_FIELDS = ('slide_size', 'extent', 'level', 'read_size', 'patch_size', 'stain_lut')
+
+
+def write_heatmap(thumbnail: pathlib.Path, tiles: dict, path: pathlib.Path, coords: np.ndarray,
+                  scores: np.ndarray, signed: bool, title: str) -> None:
+    """Draws one slide's heatmap (coords [n, 2] level-0, scores [n]) over its thumbnail; `tiles`:
+    its tiles file's TILE_FIELDS."""
+    heatmaps.draw_heatmap(path, np.asarray(Image.open(thumbnail).convert('RGB')),
+                          tuple(tiles['slide_size']), coords, float(tiles['extent']), scores,
+                          signed, title)
 
 
 def write_heatmaps(predictor: SlidePredictor, params, workdir, folder: pathlib.Path,
@@ -66,15 +64,17 @@ def write_heatmaps(predictor: SlidePredictor, params, workdir, folder: pathlib.P
         label = classes[slides.labels[i]] if slides.labels[i] != UNLABELLED else 'unknown'
         title = (f'{slide_id}: {what} {classes[predicted[i]]} (p={probabilities[i].max():.2f}), '
                  f'label {label}')
-        if not write_heatmap(workdir, folder / 'heatmaps', slide_id, slides.coords[i], scores[i],
-                             signed, title):
+        thumbnail, tiles_file = thumbnail_path(workdir, slide_id), tiles_path(workdir, slide_id)
+        if not thumbnail.exists() or not tiles_file.exists():
             logging.warning('evaluate: no heatmap for slide %s (no thumbnail or tiles file)',
                             slide_id)
             continue
+        tiles = artifacts.load_npz(tiles_file, TILE_FIELDS)
+        write_heatmap(thumbnail, tiles, folder / 'heatmaps' / f'{slide_id}.png',
+                      slides.coords[i], scores[i], signed, title)
         try:
-            save_top_patches(folder / 'top_patches', slide_id, slide_paths[slide_id],
-                             artifacts.load_npz(tiles_path(workdir, slide_id)), slides.coords[i],
-                             scores[i], predictor.config.eval.top_patches)
+            save_top_patches(folder / 'top_patches', slide_id, slide_paths[slide_id], tiles,
+                             slides.coords[i], scores[i], predictor.config.eval.top_patches)
         except SlideError as error:
             logging.warning('evaluate: no top patches for slide %s: %s', slide_id, error)
 

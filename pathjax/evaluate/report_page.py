@@ -108,9 +108,9 @@ def metrics_section(workdir: pathlib.Path) -> str:
                     if p.parent.name in ('test', 'val', 'train') else 9)
     if not splits:
         return ''
+    metrics = {path: json.loads(path.read_text()) for path in splits}
     rows = []
-    for path in splits:
-        m = json.loads(path.read_text())
+    for m in metrics.values():
         for level, values, count in (('slide', m, m['num_slides']),
                                      ('patient', m['patient'], m['patient']['num_cases'])):
             rows.append([m['split'], level, count, number(values['auc']), ci(values['auc_ci95']),
@@ -121,8 +121,7 @@ def metrics_section(workdir: pathlib.Path) -> str:
            'slides of a case averaged. Test metrics come from the evaluate stage alone.</p>',
            table(['split', 'level', 'n', 'AUC', '95% CI', 'accuracy', 'balanced accuracy', 'F1'],
                  rows)]
-    for path in splits:
-        m = json.loads(path.read_text())
+    for path, m in metrics.items():
         names = m['class_names']
         confusion = table(['true \\ predicted', *names],
                           [[name, *row] for name, row in zip(names, m['confusion_matrix'])])

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from absl import app, logging
 
@@ -84,7 +85,8 @@ def _load_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
             for key, value in loaded.items() if isinstance(value, torch.Tensor)}
 
 
-SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': 'bfloat16',
+SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+                      'BF16': ml_dtypes.bfloat16,
                       'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8,
                       'U8': np.uint8, 'BOOL': np.bool_}
 
@@ -93,7 +95,6 @@ def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     """Every tensor of a .safetensors file (an 8-byte header size, a JSON header of dtype, shape
     and byte offsets, then the raw little-endian data; no code is ever run), memory-mapped and
     copied out one tensor at a time; bfloat16 and float16 become float32."""
-    import ml_dtypes  # pylint: disable=import-outside-toplevel  (installed with jax)
     try:
         with open(path, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             size = int.from_bytes(data[:8], 'little')
@@ -102,8 +103,7 @@ def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
             for key, info in header.items():
                 if key == '__metadata__':
                     continue
-                dtype = np.dtype(ml_dtypes.bfloat16 if info['dtype'] == 'BF16'
-                                 else SAFETENSORS_DTYPES[info['dtype']])
+                dtype = np.dtype(SAFETENSORS_DTYPES[info['dtype']])
                 start, end = (8 + size + offset for offset in info['data_offsets'])
                 count = int(np.prod(info['shape'], dtype=np.int64))
                 if end > len(data) or end - start != count * dtype.itemsize:

@@ -68,10 +68,11 @@ def _pos_embed_fits(preset: ViTPreset, shape: tuple[int, ...]) -> bool:
             and int(round(grid ** 0.5)) ** 2 == grid)
 
 
-def problems(preset: ViTPreset, state_dict: dict[str, np.ndarray]) -> dict[str, list[str]]:
+def problems(preset: ViTPreset, state_dict: dict[str, np.ndarray], expected=None
+             ) -> dict[str, list[str]]:
     """{'missing', 'unexpected', 'mis-shaped'}: the keys that keep `state_dict` from being the
-    preset's (empty lists: it fits)."""
-    expected = expected_keys(preset)
+    preset's (empty lists: it fits); `expected`: its `expected_keys`, if already made."""
+    expected = expected or expected_keys(preset)
     wrong = []
     for key, (_, shape) in expected.items():
         if key not in state_dict:
@@ -99,7 +100,8 @@ def convert(preset: ViTPreset, state_dict: dict[str, np.ndarray], source: str) -
             that would fit.
     """
     state_dict = {k.removeprefix('module.'): v for k, v in state_dict.items()}
-    found = problems(preset, state_dict)
+    expected = expected_keys(preset)
+    found = problems(preset, state_dict, expected)
     if any(found.values()):
         lines = [f'{kind} ({len(keys)}): {", ".join(keys[:MAX_LISTED])}'
                  + (', ...' if len(keys) > MAX_LISTED else '')
@@ -110,7 +112,7 @@ def convert(preset: ViTPreset, state_dict: dict[str, np.ndarray], source: str) -
         raise PretrainedWeightsError(f'{source} is not a {preset.name} state_dict in timm\'s '
                                      f'layout: ' + '; '.join(lines) + f'; {hint}')
     params = {}
-    for key, (path, _) in expected_keys(preset).items():
+    for key, (path, _) in expected.items():
         value = np.asarray(state_dict[key], np.float32)
         if key == 'pos_embed':
             arch = preset.arch

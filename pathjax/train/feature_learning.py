@@ -61,21 +61,24 @@ def create_optimizer(learn, steps_per_epoch: int) -> optax.GradientTransformatio
 
 def initial_params(model: FeatureNet, config, patch_size: int) -> dict:
     """Random initialisation from config.seed, with the trunk from `feature_net.weights` when
-    given (a torchvision VGG-16 state_dict, or the ViT preset's timm state_dict)."""
-    images = jnp.zeros((1, patch_size, patch_size, 3), jnp.uint8)
-    params = jax.jit(model.init)(jax.random.key(config.seed), images)['params']
-    net = config.feature_net
-    if net.weights:
-        try:
-            if net.backbone == VGG16_BACKBONE:
-                trunk = load_pretrained_trunk(net.weights, params['trunk'])
-            else:
-                vit = jax.tree.map(jnp.asarray, load_params(get_preset(net.backbone), net.weights))
-                trunk = {**params['trunk'], 'vit': vit}
-        except (PretrainedWeightsError, ImportError) as error:
-            raise UsageError(f'feature_net.weights: {error}') from None
-        params = {**params, 'trunk': trunk}
-    return params
+    given (a torchvision VGG-16 state_dict, or the ViT preset's timm state_dict: then only the
+    head is initialised, not a random copy of a network of up to a billion parameters)."""
+    net, key = config.feature_net, jax.random.key(config.seed)
+    try:
+        if net.weights and net.backbone != VGG16_BACKBONE:
+            preset = get_preset(net.backbone)
+            vit = jax.tree.map(jnp.asarray, load_params(preset, net.weights))
+            features = jnp.zeros((1, preset.arch.feature_dim), jnp.float32)
+            head = jax.jit(lambda k, f: model.init(k, f, method=lambda m, x: m.head(x)))(
+                key, features)['params']
+            return {'trunk': {'vit': vit}, **head}
+        images = jnp.zeros((1, patch_size, patch_size, 3), jnp.uint8)
+        params = jax.jit(model.init)(key, images)['params']
+        if net.weights:
+            params = {**params, 'trunk': load_pretrained_trunk(net.weights, params['trunk'])}
+        return params
+    except (PretrainedWeightsError, ImportError) as error:
+        raise UsageError(f'feature_net.weights: {error}') from None
 
 
 def make_train_parts(model: FeatureNet, s: float, m: float, augment: bool):

@@ -156,6 +156,8 @@ def test_a_vit_backbone_fine_tunes_from_its_weights_with_the_am_softmax_loss(tmp
     model = feature_learning.create_feature_net(config)
     params = feature_learning.initial_params(model, config, config.tile.patch_size)
     np.testing.assert_array_equal(params['trunk']['vit']['pos_embed'], weights['pos_embed'])
+    whole = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3), jnp.uint8))
+    assert jax.tree.structure(params) == jax.tree.structure(whole['params'])
     labels = np.array([0, 1] * 4, np.int32)
     images = np.where(labels[:, None, None, None] == 1, 200, 60).astype(np.uint8)
     images = np.clip(images + rng.integers(-40, 40, (8, 224, 224, 3)), 0, 255).astype(np.uint8)
