@@ -3,7 +3,8 @@
 A manifest is a CSV with columns `slide_id, path, label` and optional `case_id` (defaults to the
 slide id) and `split` (train / val / test). Relative paths are relative to the manifest's folder.
 Every bad row is reported with its line number before any work starts: an empty required field,
-an unknown label, a duplicate slide id, an unknown split or a case in two splits stops the run
+an unknown label, a slide id that is not a safe file name (`slide_paths.RULE`), a duplicate slide
+id (or two that differ only in case), an unknown split or a case in two splits stops the run
 (`ManifestError`); a missing or unreadable slide file only skips that slide (`Cohort.skipped`).
 Without a split column, cases are split stratified by label and seeded, or by k-fold.
 A manifest of new slides to predict (`load_new_slides`) may leave `label` empty or out; its
@@ -18,10 +19,13 @@ import pathlib
 
 import numpy as np
 
+from pathjax import slide_paths
+
 REQUIRED_COLUMNS = ('slide_id', 'path', 'label')
 OPTIONAL_COLUMNS = ('case_id', 'split')
 SPLITS = ('train', 'val', 'test')
 PREDICT = 'predict'  # the split of the slides of a prediction manifest
+MAX_MANIFEST_BYTES = 256 << 20  # about a million rows; a larger file is refused before reading
 
 
 class ManifestError(Exception):
@@ -62,6 +66,9 @@ def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...],
     manifest = pathlib.Path(manifest)
     if not manifest.is_file():
         raise ManifestError(str(manifest), ['manifest file not found'])
+    if manifest.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(str(manifest), [f'the manifest has {manifest.stat().st_size} bytes, '
+                                            f'more than {MAX_MANIFEST_BYTES} (not a manifest?)'])
     try:
         with open(manifest, newline='', encoding='utf-8-sig') as f:
             rows = list(csv.reader(f))
@@ -77,7 +84,7 @@ def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...],
                                             f'(found {", ".join(header)})'])
     column = {name: header.index(name) for name in REQUIRED_COLUMNS + OPTIONAL_COLUMNS
               if name in header}
-    problems, records, first_line_of = [], [], {}
+    problems, records, first_of = [], [], {}
     for line, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue  # blank line
@@ -97,14 +104,24 @@ def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...],
         if 'split' in column and split not in SPLITS:
             problems.append(f'line {line}: slide {value["slide_id"]!r} has split {split!r}, '
                             f'expected one of {", ".join(SPLITS)}')
-        if value['slide_id'] in first_line_of:
-            problems.append(f'line {line}: duplicate slide_id {value["slide_id"]!r} '
-                            f'(first on line {first_line_of[value["slide_id"]]})')
+        id_problem = slide_paths.id_problem(value['slide_id'])
+        if id_problem:
+            problems.append(f'line {line}: {id_problem}')
             continue
-        first_line_of[value['slide_id']] = line
-        path = pathlib.Path(value['path']).expanduser()
-        if not path.is_absolute():
-            path = manifest.parent / path
+        key = slide_paths.collision_key(value['slide_id'])
+        if key in first_of:
+            first, first_line = first_of[key]
+            problems.append(
+                f'line {line}: duplicate slide_id {value["slide_id"]!r} (first on line '
+                f'{first_line})' if first == value['slide_id'] else
+                f'line {line}: slide_id {value["slide_id"]!r} and {first!r} (line {first_line}) '
+                f'differ only in case: one file on a case-insensitive file system')
+            continue
+        first_of[key] = value['slide_id'], line
+        path = _slide_path(value['path'], manifest.parent)
+        if isinstance(path, str):
+            problems.append(f'line {line}: slide {value["slide_id"]!r}: {path}')
+            continue
         records.append(SlideRecord(slide_id=value['slide_id'], path=str(path), label=value['label'],
                                    case_id=value.get('case_id') or value['slide_id'],
                                    split=split, line=line))
@@ -114,6 +131,18 @@ def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...],
     if problems:
         raise ManifestError(str(manifest), problems)
     return records
+
+
+def _slide_path(path: str, folder: pathlib.Path) -> pathlib.Path | str:
+    """A manifest's path, absolute (relative ones are relative to the manifest's `folder`), or
+    why it cannot be a path."""
+    if '\0' in path:
+        return 'the path holds a NUL character'
+    try:
+        resolved = pathlib.Path(path).expanduser()
+    except RuntimeError as error:  # ~user of an unknown user
+        return f'path {path!r}: {error}'
+    return resolved if resolved.is_absolute() else folder / resolved
 
 
 def _cases_in_two_splits(records: list[SlideRecord]) -> list[str]:

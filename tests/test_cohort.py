@@ -142,3 +142,32 @@ def test_new_slides_may_leave_labels_empty_or_out(tmp_path):
                                CLASSES)
     with pytest.raises(cohort.ManifestError, match='line 3: empty label'):
         cohort.read_manifest(labelled, CLASSES)  # a training manifest needs every label
+
+
+def test_ids_that_are_not_safe_file_names_are_refused_with_their_lines(tmp_path):
+    long_id = 'x' * 240
+    manifest = write(tmp_path, 'slide_id,path,label\n'
+                               'syn0_0001,a.svs,mutant\n'
+                               '../../escape,b.svs,mutant\n'
+                               '/some/dir/x,c.svs,mutant\n'
+                               './syn0_0001,d.svs,mutant\n'
+                               'nul\0byte,e.svs,mutant\n'
+                               f'{long_id},f.svs,mutant\n'
+                               'SYN0_0001,g.svs,mutant\n'
+                               '.hidden,h.svs,mutant\n'
+                               'ok_id,i\0.svs,mutant\n')
+    with pytest.raises(cohort.ManifestError) as caught:
+        cohort.read_manifest(manifest, CLASSES)
+    problems = caught.value.problems
+    assert len(problems) == 8, problems
+    for line, words in [(3, 'not a safe file name'), (4, 'not a safe file name'),
+                        (5, 'not a safe file name'), (6, 'not a safe file name'),
+                        (7, '240 characters'), (8, 'differ only in case'),
+                        (9, 'not a safe file name'), (10, 'NUL')]:
+        assert any(p.startswith(f'line {line}:') and words in p for p in problems), (line, problems)
+
+
+def test_a_prediction_manifest_follows_the_same_rule(tmp_path):
+    manifest = write(tmp_path, 'slide_id,path\n../x,a.svs\n')
+    with pytest.raises(cohort.ManifestError, match='line 2: .*not a safe file name'):
+        cohort.load_new_slides(manifest, CLASSES)

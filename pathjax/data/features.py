@@ -22,6 +22,7 @@ import numpy as np
 from pathjax import artifacts
 from pathjax.data import graphs
 from pathjax.sampling import seeded_subset
+from pathjax.slide_paths import slide_file
 
 GRAPH_FORMAT = 2  # bump when the graph file's contents change: older files are rebuilt
 _ZIP_LOCAL_HEADER = struct.Struct('<IHHHHHIIIHH')  # ... file name length, extra field length
@@ -71,7 +72,7 @@ class GraphFile:
 
 
 def features_path(workdir, slide_id: str) -> pathlib.Path:
-    return pathlib.Path(workdir) / 'features' / f'{slide_id}.npz'
+    return slide_file(workdir, 'features', slide_id, '.npz')
 
 
 def features_network(path) -> str:
@@ -81,7 +82,7 @@ def features_network(path) -> str:
 
 
 def graph_path(workdir, slide_id: str) -> pathlib.Path:
-    return pathlib.Path(workdir) / 'graphs' / f'{slide_id}.npz'
+    return slide_file(workdir, 'graphs', slide_id, '.npz')
 
 
 def load_bag(workdir, slide_id: str) -> SlideBag:

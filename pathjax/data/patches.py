@@ -28,6 +28,7 @@ from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
 from pathjax.errors import StageError
 from pathjax.sampling import seeded_subset
+from pathjax.slide_paths import slide_file
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
 from pathjax.slides.reader import SlideError
 from pathjax.slides.tile_stage import tiles_path
@@ -98,7 +99,7 @@ class SlidePatchesBuilder(tfds.core.GeneratorBasedBuilder):
 
 def staged_path(workdir, slide_id: str) -> pathlib.Path:
     """One slide's sampled patches, JPEG-encoded, until the dataset is built from them."""
-    return dataset_dir(workdir) / 'staged' / f'{slide_id}.npz'
+    return slide_file(dataset_dir(workdir), 'staged', slide_id, '.npz')
 
 
 def stage_slide(reader: PatchReader, record: SlideRecord, workdir, sampling: Sampling

@@ -28,6 +28,7 @@ from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
 from pathjax.errors import StageError
 from pathjax.sampling import seeded_subset
+from pathjax.slide_paths import slide_file
 from pathjax.slides import qc, stain
 from pathjax.slides.reader import Slide, SlideError
 from pathjax.slides.tiling import select_tiles
@@ -63,19 +64,19 @@ class TileSettings:
 
 
 def tiles_path(workdir, slide_id: str) -> pathlib.Path:
-    return pathlib.Path(workdir) / 'tiles' / f'{slide_id}.npz'
+    return slide_file(workdir, 'tiles', slide_id, '.npz')
 
 
 def scan_path(workdir, slide_id: str) -> pathlib.Path:
-    return pathlib.Path(workdir) / 'tiles' / '.scan' / f'{slide_id}.npz'
+    return slide_file(workdir, 'tiles/.scan', slide_id, '.npz')
 
 
 def qc_path(workdir, slide_id: str) -> pathlib.Path:
-    return pathlib.Path(workdir) / 'qc' / f'{slide_id}.png'
+    return slide_file(workdir, 'qc', slide_id, '.png')
 
 
 def thumbnail_path(workdir, slide_id: str) -> pathlib.Path:
-    return pathlib.Path(workdir) / 'thumbnails' / f'{slide_id}.png'
+    return slide_file(workdir, 'thumbnails', slide_id, '.png')
 
 
 def entries_path(workdir, process: int) -> pathlib.Path:
