@@ -15,7 +15,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pathjax.errors import StageError, UsageError
+from pathjax.errors import StageError, UsageError, describe_os_error
 
 
 def _fail(message: str) -> None:
@@ -66,6 +66,9 @@ def main(argv: list[str]) -> int:
         return 2
     except StageError as error:
         logging.error('%s', error)
+        return 1
+    except OSError as error:  # outside a stage: writing the cohort or the report, say
+        logging.error('%s', describe_os_error(error))
         return 1
 
 

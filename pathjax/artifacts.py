@@ -29,6 +29,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     try:
         yield pathlib.Path(temporary)
         os.replace(temporary, path)
+    except OSError as error:
+        if error.filename is None:  # a write's ENOSPC or EIO names no file: name the artifact
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        raise
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)

@@ -6,6 +6,7 @@ synthetic one when `data.manifest` is empty), then runs the chosen stages in ord
 `run(config, workdir, cohort) -> [SlideEntry]`; its report goes to `<workdir>/reports/<stage>.json`.
 """
 
+import contextlib
 import os
 import pathlib
 from typing import Any, Callable, NamedTuple
@@ -14,8 +15,8 @@ import jax
 from absl import logging
 
 from pathjax import (artifacts, cohort as cohort_lib, cpu_devices, cross_validation,
-                     determinism, provenance, stage_report)
-from pathjax.errors import StageError, UsageError
+                     determinism, provenance, stage_report, workdir_lock)
+from pathjax.errors import StageError, UsageError, describe_os_error
 from pathjax.data import patches
 from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
 from pathjax.models.feature_net import backbones, resolve_tile_defaults
@@ -258,12 +259,30 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
         logging.info('%d CPU device(s) per process (config.cpu_devices; used on CPU only)', count)
     config.workers = resolve_workers(config.workers)
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     sharding.initialize_distributed(**config.distributed)
-    if config.compilation_cache:
-        enable_compilation_cache(workdir / 'jax_cache')
-    if sharding.is_leader():
-        artifacts.save_text(workdir / 'config.json', config.to_json_best_effort(indent=2) + '\n')
+    with contextlib.ExitStack() as lock:
+        failure = None
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            lock.enter_context(workdir_lock.hold(workdir, jax.process_index()))
+            if sharding.is_leader():
+                artifacts.save_text(workdir / 'config.json',
+                                    config.to_json_best_effort(indent=2) + '\n')
+        except UsageError as error:
+            failure = error
+        except OSError as error:
+            failure = UsageError(f'cannot write to the workdir {workdir}: '
+                                 f'{describe_os_error(error)}')
+        sharding.raise_together(failure)
+        if config.compilation_cache:
+            enable_compilation_cache(workdir / 'jax_cache')
+        run_locked(config, workdir, stages)
+    return 0
+
+
+def run_locked(config, workdir: pathlib.Path, stages: list[str] | None) -> None:
+    """The run, in a workdir that this run holds (`workdir_lock`)."""
+    predicting = PREDICT in (stages or [])
     if cross_validation.is_cross_validation(config):
         cohort, manifest = prepare_cohort(config, workdir)
         cross_validation.run(config, workdir, stages, manifest, cohort, run_stages,
@@ -275,7 +294,6 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
             run_stages(config, workdir, training)
         if predicting:
             run_predict(config, workdir)
-    return 0
 
 
 def run_stages(config, workdir: pathlib.Path, stages: list[str] | None) -> None:
@@ -344,6 +362,10 @@ def _attempt(stage: str, function: Callable, *args
         return function(*args), None
     except (StageError, UsageError) as error:
         return None, error
+    except OSError as error:  # a full disk, a lost mount: the file and the reason say it all
+        logging.error('%s: %s', stage, describe_os_error(error))
+        return None, StageError(f'{stage}: {describe_os_error(error)} (on process '
+                                f'{jax.process_index()})')
     except Exception as error:  # noqa: BLE001 (reported, and the run stops on every process)
         logging.exception('%s: unexpected error (traceback below)', stage)
         return None, StageError(f'{stage}: unexpected {type(error).__name__} on process '

@@ -1,7 +1,10 @@
 """launch.py as a user meets it: exit statuses and one clear message per problem, no tracebacks."""
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -101,3 +104,72 @@ def test_backbone_settings_are_checked_before_any_work(tmp_path):
                     'feature_net.weights: file not found: nope.pth', 'takes 224 px patches'):
         assert message in result.stderr, result.stderr
     assert not (tmp_path / 'tiles').exists()
+
+
+def test_an_unsafe_slide_id_stops_before_any_work_and_writes_nothing_outside(tmp_path):
+    (tmp_path / 'a.svs').write_text('x')
+    manifest = tmp_path / 'manifest.csv'
+    manifest.write_text('slide_id,path,label\n'
+                        'syn0_0001,a.svs,positive\n'
+                        '../../escape,a.svs,negative\n'
+                        f'{tmp_path / "abs"},a.svs,negative\n'
+                        './syn0_0001,a.svs,negative\n')
+    result = launch(f'--config.data.manifest={manifest}', workdir=tmp_path / 'a' / 'work')
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    for line in (3, 4, 5):
+        assert f'line {line}: slide id' in result.stderr and 'not a safe file name' in result.stderr
+    assert sorted(p.name for p in tmp_path.rglob('*') if p.is_file()) == [
+        '.lock.0', 'a.svs', 'config.json', 'manifest.csv']
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """mount(size, read_only) -> a folder on a tmpfs of that size (skips where mount is not
+    permitted: tests run as root on the CI machines)."""
+    mounted = []
+
+    def mount(size: str, read_only: bool = False):
+        folder = tmp_path / f'fs{len(mounted)}'
+        folder.mkdir()
+        options = f'size={size}' + (',ro' if read_only else '')
+        result = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f'cannot mount a tmpfs here ({result.stderr.strip()})')
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(['umount', str(folder)], check=False)
+
+
+def test_an_unwritable_or_full_workdir_at_start_up_is_one_line_naming_it(tmp_path,
+                                                                          small_file_system):
+    (tmp_path / 'file').write_text('a file where a folder should be')
+    cases = [tmp_path / 'file' / 'work', small_file_system('64k', read_only=True) / 'work']
+    full = small_file_system('64k')
+    (full / 'work').mkdir()
+    filler = os.open(full / 'filler', os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(filler, b'\0' * 4096):  # until the disk is full
+            pass
+    except OSError:
+        pass
+    os.close(filler)
+    cases.append(full / 'work')
+    for workdir in cases:
+        result = launch(workdir=workdir)
+        assert result.returncode == 2, (workdir, result.stderr)
+        assert 'Traceback' not in result.stderr
+        assert f'cannot write to the workdir {workdir}' in result.stderr, result.stderr
+
+
+def test_a_full_disk_mid_run_names_the_file(tmp_path, small_file_system):
+    from pathjax.slides import synthetic
+    manifest = synthetic.make_cohort(tmp_path / 'slides', 2, ('negative', 'positive'),
+                                     width=1024, height=1024)
+    workdir = small_file_system('24k') / 'work'
+    result = launch(f'--config.data.manifest={manifest}', '--config.workers=1', workdir=workdir)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert f'tile: {workdir}' in result.stderr and 'No space left on device' in result.stderr
