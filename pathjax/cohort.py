@@ -13,13 +13,12 @@ slides are in the split `PREDICT`.
 
 import csv
 import dataclasses
-import io
 import os
 import pathlib
 
 import numpy as np
 
-from pathjax import slide_paths
+from pathjax import csv_cells, slide_paths
 
 REQUIRED_COLUMNS = ('slide_id', 'path', 'label')
 OPTIONAL_COLUMNS = ('case_id', 'split')
@@ -256,10 +255,8 @@ def load_new_slides(manifest: str | os.PathLike, classes: tuple[str, ...]) -> Co
 
 
 def cohort_csv(cohort: Cohort) -> str:
-    """The resolved cohort (absolute paths, splits) as CSV text, for the record."""
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator='\n')
-    writer.writerow(('slide_id', 'path', 'label', 'case_id', 'split', 'manifest_line'))
-    for s in cohort.slides:
-        writer.writerow((s.slide_id, s.path, s.label, s.case_id, s.split, s.line))
-    return text.getvalue()
+    """The resolved cohort (absolute paths, splits) as CSV text, for the record (`csv_cells`:
+    no cell runs as a spreadsheet formula; `csv_cells.read` reads it back)."""
+    return csv_cells.to_text([('slide_id', 'path', 'label', 'case_id', 'split', 'manifest_line'),
+                              *((s.slide_id, s.path, s.label, s.case_id, s.split, s.line)
+                                for s in cohort.slides)])

@@ -17,8 +17,7 @@ predicted by the fold that held it out; `cv/predictions.csv`) with a bootstrap 9
 AUC, at slide and patient level.
 """
 
-import csv
-import io
+import dataclasses
 import json
 import os
 import pathlib
@@ -27,15 +26,17 @@ from typing import Callable
 import numpy as np
 from absl import logging
 
-from pathjax import artifacts, provenance
-from pathjax.cohort import Cohort, kfold_by_case, read_manifest
+from pathjax import artifacts, csv_cells, provenance, split_check
+from pathjax.cohort import Cohort, assign_splits, kfold_by_case, read_manifest
 from pathjax.errors import UsageError
 from pathjax.evaluate import report
 from pathjax.metrics import split_metrics, to_json_safe
 from pathjax.runtime import sharding
+from pathjax.slide_paths import slide_file
 
 SHARED = {'tiles/.scan': 'scans', 'qc': 'qc', 'thumbnails': 'thumbnails'}  # fold path -> root
 SUMMARY_METRICS = ('auc', 'accuracy', 'balanced_accuracy', 'f1')
+TRAINING_STAGES = {'patches', 'learn_features', 'train_slide'}
 SCAN_FIELDS = ('data.synthetic', 'tile', 'tissue', 'stain.method', 'stain.fit_patches')
 
 
@@ -96,19 +97,24 @@ def run(config, workdir: pathlib.Path, stages: list[str] | None, manifest: pathl
     if sharding.is_leader():
         artifacts.save_text(workdir / 'cohort.csv',
                             folds_csv(cohort, folds, config.data.split_seed))
+    todo = []
     for fold in range(folds):
-        folder = fold_dir(workdir, fold)
-        fold_settings = fold_config(config, fold, manifest)
-        settings = provenance.settings_of(fold_settings, fields)
-        done = folder / 'done.json'
+        settings = provenance.settings_of(fold_config(config, fold, manifest), fields)
+        done = fold_dir(workdir, fold) / 'done.json'
         if not stages and done.exists() and json.loads(done.read_text()) == settings:
             logging.info('cross-validation: fold %d/%d finished earlier; skipped', fold + 1, folds)
-            continue
+        else:
+            todo.append((fold, settings))
+    if todo and (not stages or TRAINING_STAGES & set(stages)):
+        scan_then_check_folds(config, workdir, manifest, cohort, run_fold, first=todo[0][0])
+    for fold, settings in todo:
+        folder = fold_dir(workdir, fold)
         if sharding.is_leader():
             link_shared(workdir, fold)
         sharding.barrier(f'pathjax fold {fold} links')
         logging.info('cross-validation: fold %d/%d in %s', fold + 1, folds, folder)
-        run_fold(fold_settings, folder, stages)
+        run_fold(fold_config(config, fold, manifest), folder, stages)
+        done = folder / 'done.json'
         if not stages and sharding.is_leader():
             artifacts.save_json(done, settings)
     if not sharding.is_leader():
@@ -126,16 +132,41 @@ def run(config, workdir: pathlib.Path, stages: list[str] | None, manifest: pathl
                  *summary['auc_ci95'], workdir / 'cv' / 'summary.json')
 
 
+def scan_then_check_folds(config, workdir: pathlib.Path, manifest: pathlib.Path, cohort: Cohort,
+                          run_fold: Callable, first: int) -> None:
+    """Scans every slide (the tile stage of fold `first`, the first to run: the scans are
+    shared), then checks that every fold can train (`split_check`); raises UsageError naming
+    each fold that cannot, before any fold trains."""
+    if sharding.is_leader():
+        link_shared(workdir, first)
+    sharding.barrier(f'pathjax fold {first} links')
+    run_fold(fold_config(config, first, manifest), fold_dir(workdir, first), ['tile'])
+    counts = split_check.patch_counts(
+        {r.slide_id: slide_file(workdir, SHARED['tiles/.scan'], r.slide_id, '.npz')
+         for r in cohort.slides})
+    problems, unsplit = [], [dataclasses.replace(r, split='') for r in cohort.slides]
+    for fold in range(config.data.folds):
+        records = assign_splits(unsplit, fractions=tuple(config.data.split_fractions),
+                                folds=config.data.folds, fold=fold, seed=config.data.split_seed)
+        problems += [f'fold {fold}: {problem}' for problem in split_check.problems(
+            config, records, counts, every_class_everywhere=True)]
+    if problems:
+        raise UsageError(
+            f'cross-validation: {len(problems)} problem(s) found after the tile stage, before '
+            'any fold trains (the tiles are kept):\n  ' + '\n  '.join(problems)
+            + f'\n  Fewer folds (data.folds={config.data.folds}), another data.split_seed or '
+            'more slides give every fold what it needs.')
+
+
 def folds_csv(cohort: Cohort, folds: int, seed: int) -> str:
     """The cohort with the fold that tests each slide (its case's), instead of one fold's
-    splits, as CSV text (the root's cohort.csv; each fold's has its splits)."""
+    splits, as CSV text (the root's cohort.csv; each fold's has its splits), through
+    `csv_cells`."""
     fold_of = kfold_by_case(list(cohort.slides), folds, seed)
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator='\n')
-    writer.writerow(('slide_id', 'path', 'label', 'case_id', 'test_fold', 'manifest_line'))
-    for s in cohort.slides:
-        writer.writerow((s.slide_id, s.path, s.label, s.case_id, fold_of[s.case_id], s.line))
-    return text.getvalue()
+    return csv_cells.to_text([
+        ('slide_id', 'path', 'label', 'case_id', 'test_fold', 'manifest_line'),
+        *((s.slide_id, s.path, s.label, s.case_id, fold_of[s.case_id], s.line)
+          for s in cohort.slides)])
 
 
 def summarize(workdir: pathlib.Path, cohort: Cohort, classes: tuple[str, ...],
@@ -167,35 +198,30 @@ def summarize(workdir: pathlib.Path, cohort: Cohort, classes: tuple[str, ...],
     out = workdir / 'cv'
     artifacts.save_json(out / 'summary.json', summary)
     artifacts.save_text(out / 'summary.csv', _summary_csv(summary))
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator='\n')
-    writer.writerow(['fold', *report.prediction_columns(classes)])
-    for fold, slide_id, label, row in rows:
-        writer.writerow([fold, slide_id, classes[label], *(f'{p:.6f}' for p in row),
-                         classes[int(np.argmax(row))]])
-    artifacts.save_text(out / 'predictions.csv', text.getvalue())
+    artifacts.save_text(out / 'predictions.csv', csv_cells.to_text([
+        ['fold', *report.prediction_columns(classes)],
+        *([fold, slide_id, classes[label], *(f'{p:.6f}' for p in row),
+           classes[int(np.argmax(row))]] for fold, slide_id, label, row in rows)]))
     return summary
 
 
 def _summary_csv(summary: dict) -> str:
-    """One row per fold, then mean, sd and the pooled out-of-fold row."""
+    """One row per fold, then mean, sd and the pooled out-of-fold row (through `csv_cells`)."""
     columns = [*SUMMARY_METRICS, 'auc_ci95_low', 'auc_ci95_high', 'patient_auc', 'num_slides']
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator='\n')
-    writer.writerow(['fold', *columns])
 
     def cell(value):
         return '' if value is None else f'{value:.4f}' if isinstance(value, float) else value
 
+    rows = [['fold', *columns]]
     for fold in summary['folds']:
         low, high = fold['auc_ci95']
-        writer.writerow([fold['fold'], *(cell(fold[k]) for k in SUMMARY_METRICS), cell(low),
-                         cell(high), cell(fold['patient_auc']), fold['num_slides']])
+        rows.append([fold['fold'], *(cell(fold[k]) for k in SUMMARY_METRICS), cell(low),
+                     cell(high), cell(fold['patient_auc']), fold['num_slides']])
     for name in ('mean', 'sd'):
-        writer.writerow([name, *(cell(summary[name][k]) for k in SUMMARY_METRICS), '', '',
-                         cell(summary[name]['patient_auc']), ''])
+        rows.append([name, *(cell(summary[name][k]) for k in SUMMARY_METRICS), '', '',
+                     cell(summary[name]['patient_auc']), ''])
     pooled = summary['pooled']
-    writer.writerow(['pooled', *(cell(pooled[k]) for k in SUMMARY_METRICS),
-                     *(cell(x) for x in pooled['auc_ci95']), cell(pooled['patient']['auc']),
-                     summary['num_slides']])
-    return text.getvalue()
+    rows.append(['pooled', *(cell(pooled[k]) for k in SUMMARY_METRICS),
+                 *(cell(x) for x in pooled['auc_ci95']), cell(pooled['patient']['auc']),
+                 summary['num_slides']])
+    return csv_cells.to_text(rows)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import sklearn.metrics
 
-from pathjax import artifacts, cross_validation, pipeline
+from pathjax import artifacts, cohort, cross_validation, pipeline, split_check
 from pathjax.data import patches
 from pathjax.errors import UsageError
 from tests.conftest import REPO, make_config
@@ -132,3 +132,43 @@ def test_a_manifest_with_splits_cannot_cross_validate(tmp_path):
     config.data.manifest = str(manifest)
     with pytest.raises(UsageError, match='without a split column'):
         pipeline.run(config, tmp_path / 'cv')
+
+
+def test_a_fold_that_cannot_train_stops_the_run_before_any_fold_trains(tmp_path):
+    """configs/test.py in 3 folds: fold 2 has 29 training patches, fewer than one batch of 32.
+    Found after the shared tile stage, before fold 0 trains, naming the fold and the fix."""
+    config = make_config(**{'data.folds': 3, 'data.fold': -1})
+    with pytest.raises(UsageError) as caught:
+        pipeline.run(config, tmp_path)
+    message = str(caught.value)
+    assert 'fold 2: 29 training patches, fewer than one batch (learn.batch_size=32)' in message
+    assert 'fold 0: ' not in message and 'data.folds=3' in message
+    assert len(list((tmp_path / 'scans').glob('*.npz'))) == 8  # every slide was scanned
+    for fold in range(3):
+        folder = cross_validation.fold_dir(tmp_path, fold)
+        assert not (folder / 'patches').exists() and not (folder / 'feature_net').exists()
+    config.learn.batch_size = 16  # what the message suggests: every fold can now train
+    records = cohort.read_manifest(tmp_path / 'synthetic' / 'manifest.csv', config.data.classes)
+    counts = split_check.patch_counts({r.slide_id: tmp_path / 'scans' / f'{r.slide_id}.npz'
+                                       for r in records})
+    for fold in range(3):
+        split = cohort.assign_splits(records, fractions=(0.6, 0.2, 0.2), folds=3, fold=fold,
+                                     seed=config.data.split_seed)
+        assert split_check.problems(config, split, counts, every_class_everywhere=True) == []
+
+
+def test_the_fold_check_names_a_split_without_a_class():
+    config = make_config()
+    records = [cohort.SlideRecord(f's{i}', '', label, f's{i}', split, i + 2)
+               for i, (label, split) in enumerate([('negative', 'train'), ('positive', 'train'),
+                                                   ('negative', 'val'), ('positive', 'test')])]
+    counts = {r.slide_id: 100 for r in records}
+    assert split_check.problems(config, records, counts, every_class_everywhere=True) == [
+        "val has no slide with tissue of class(es) 'positive'",
+        "test has no slide with tissue of class(es) 'negative'"]
+    counts.update(s0=20, s1=0)  # 20 patches in one training slide, none in the other
+    assert split_check.problems(config, records, counts, every_class_everywhere=False) == [
+        '20 training patches, fewer than one batch (learn.batch_size=32): lower '
+        'learn.batch_size or raise learn.patches_per_slide (32)']
+    config.feature_net.learn = False  # a frozen encoder needs no patches
+    assert split_check.problems(config, records, counts, every_class_everywhere=False) == []

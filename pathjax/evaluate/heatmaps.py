@@ -6,10 +6,9 @@ positive where the patch pushes towards the predicted class).
 """
 
 import numpy as np
-from matplotlib import colormaps, figure
-from matplotlib.backends import backend_agg
+from matplotlib import colormaps
 
-from pathjax import artifacts
+from pathjax.evaluate import figures
 
 
 def draw_heatmap(path, thumbnail: np.ndarray, slide_size: tuple[int, int], coords: np.ndarray,
@@ -32,8 +31,7 @@ def draw_heatmap(path, thumbnail: np.ndarray, slide_size: tuple[int, int], coord
     limit = float(np.nanmax(np.abs(scores))) if len(scores) else 1.0
     limit = limit if limit > 0 else 1.0
     low, high, cmap = (-limit, limit, 'RdBu_r') if signed else (0.0, limit, 'inferno')
-    fig = figure.Figure(figsize=(8, 8 * height / max(width, 1) + 0.6), dpi=100)
-    backend_agg.FigureCanvasAgg(fig)
+    fig = figures.new(figsize=(8, 8 * height / max(width, 1) + 0.6), dpi=100)
     axes = fig.add_subplot()
     axes.imshow(thumbnail)
     shown = axes.imshow(np.ma.masked_invalid(grid), cmap=colormaps[cmap], vmin=low, vmax=high,
@@ -41,5 +39,4 @@ def draw_heatmap(path, thumbnail: np.ndarray, slide_size: tuple[int, int], coord
     axes.set_axis_off()
     axes.set_title(title, fontsize=9)
     fig.colorbar(shown, ax=axes, fraction=0.035, pad=0.02)
-    with artifacts.atomic_path(path) as temporary:
-        fig.savefig(temporary, format='png', bbox_inches='tight')
+    figures.save(fig, path, bbox_inches='tight')

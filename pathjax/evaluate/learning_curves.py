@@ -7,10 +7,7 @@ validation loss per epoch and the validation AUC. A stage without a log is drawn
 
 import pathlib
 
-from matplotlib import figure
-from matplotlib.backends import backend_agg
-
-from pathjax import artifacts
+from pathjax.evaluate import figures
 from pathjax.runtime import metrics_log
 
 # (log file under the workdir, title, losses plotted, score plotted on the right axis)
@@ -30,8 +27,7 @@ def epoch_series(records: list[dict], key: str) -> tuple[list[int], list[float]]
 
 def plot_learning_curves(workdir, path: pathlib.Path) -> None:
     """Writes the two panels as one PNG at `path`."""
-    fig = figure.Figure(figsize=(10, 3.8), dpi=110)
-    backend_agg.FigureCanvasAgg(fig)
+    fig = figures.new(figsize=(10, 3.8), dpi=110, layout='tight')
     for index, (log, title, losses, score) in enumerate(PANELS):
         axes = fig.add_subplot(1, 2, index + 1)
         records = metrics_log.read(pathlib.Path(workdir) / log)
@@ -53,6 +49,4 @@ def plot_learning_curves(workdir, path: pathlib.Path) -> None:
         lines = axes.get_legend_handles_labels()
         more = right.get_legend_handles_labels()
         axes.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc='best')
-    fig.tight_layout()
-    with artifacts.atomic_path(path) as temporary:
-        fig.savefig(temporary, format='png')
+    figures.save(fig, path)

@@ -3,22 +3,20 @@ atomically.
 
 predictions.csv has one row per slide, `slide_id,label,prob_<class>...,pred`, with label and
 pred as class names (label empty for a new slide of unknown class) and probabilities to 6
-decimals; `read_predictions` reads it back.
+decimals; `read_predictions` reads it back. Text cells are written with `csv_cells` (no cell a
+spreadsheet would run as a formula).
 """
 
-import csv
-import io
 import os
 from typing import Any, Sequence
 
 from absl import logging
-from matplotlib import figure
-from matplotlib.backends import backend_agg  # Agg canvas: no display, no pyplot global state
 import numpy as np
 
-from pathjax import artifacts
+from pathjax import artifacts, csv_cells
 from pathjax import metrics as metrics_lib
 from pathjax.data.slide_sets import UNLABELLED
+from pathjax.evaluate import figures
 
 
 def prediction_columns(class_names: Sequence[str]) -> list[str]:
@@ -43,14 +41,10 @@ def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels:
                                                      class_names)
     if len(slide_ids) != len(labels):
         raise ValueError(f'{len(slide_ids)} slide ids for {len(labels)} predictions')
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator='\n')
-    writer.writerow(prediction_columns(class_names))
-    for slide_id, label, row in zip(slide_ids, labels, probabilities):
-        writer.writerow([slide_id, class_names[label] if label != UNLABELLED else '',
-                         *(f'{p:.6f}' for p in row),
-                         class_names[int(row.argmax())]])
-    artifacts.save_text(path, text.getvalue())
+    rows = [[slide_id, class_names[label] if label != UNLABELLED else '',
+             *(f'{p:.6f}' for p in row), class_names[int(row.argmax())]]
+            for slide_id, label, row in zip(slide_ids, labels, probabilities)]
+    artifacts.save_text(path, csv_cells.to_text([prediction_columns(class_names), *rows]))
 
 
 def read_predictions(path: str | os.PathLike, class_names: Sequence[str]
@@ -58,12 +52,9 @@ def read_predictions(path: str | os.PathLike, class_names: Sequence[str]
     """Reads predictions.csv back: slide ids [N], labels int [N] (UNLABELLED where empty),
     probabilities float [N, C]."""
     index = {name: c for c, name in enumerate(class_names)} | {'': UNLABELLED}
-    with open(path, newline='') as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header != prediction_columns(class_names):
-            raise ValueError(f'{path}: header {header} does not match classes {list(class_names)}')
-        rows = list(reader)
+    header, *rows = csv_cells.read(path) or [None]
+    if header != prediction_columns(class_names):
+        raise ValueError(f'{path}: header {header} does not match classes {list(class_names)}')
     unknown = sorted({row[1] for row in rows} - index.keys())
     if unknown:
         raise ValueError(f'{path}: unknown labels {unknown}')
@@ -93,8 +84,7 @@ def plot_roc(path: str | os.PathLike, probabilities: np.ndarray, labels: np.ndar
         class_names: C names.
     """
     probabilities, labels = metrics_lib.check_predictions(probabilities, labels, class_names)
-    fig = figure.Figure(figsize=(5, 5), dpi=120)
-    backend_agg.FigureCanvasAgg(fig)
+    fig = figures.new(figsize=(5, 5), dpi=120, layout='tight')
     axes = fig.add_subplot()
     aucs = []
     for c, scores, positives in metrics_lib.one_vs_rest(probabilities, labels):
@@ -117,6 +107,4 @@ def plot_roc(path: str | os.PathLike, probabilities: np.ndarray, labels: np.ndar
                   ha='center', va='center', transform=axes.transAxes)
     axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel='False positive rate',
              ylabel='True positive rate', title=title, aspect='equal')
-    fig.tight_layout()
-    with artifacts.atomic_path(path) as temporary:
-        fig.savefig(temporary, format='png')
+    figures.save(fig, path)

@@ -7,10 +7,11 @@ cross-validation table), learning curves of both training stages, heatmaps with 
 top-scoring patches (full resolution), predictions for new slides, the cohort and its splits,
 the tile report (failures and warnings first) with QC pictures, and the config. Written by the
 pipeline at the end of every run from the files in the workdir, so it reflects the stages done.
+Every value read from those files (slide ids, class names, paths, numbers) is put in the page
+through `escape`: it shows as text, never as markup.
 """
 
 import base64
-import csv
 import datetime
 import html
 import io
@@ -21,7 +22,7 @@ from typing import Iterable
 
 from PIL import Image
 
-from pathjax import artifacts
+from pathjax import artifacts, csv_cells
 
 PAGE = 'report.html'
 MAX_HEATMAP_SLIDES = 24  # per split; the rest are in eval/<split>/heatmaps/
@@ -48,9 +49,14 @@ pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.8em; }
 """
 
 
+def escape(value) -> str:
+    """`value` as text for an HTML element or a quoted attribute value (& < > " ' escaped)."""
+    return html.escape(str(value), quote=True)
+
+
 def _image(data: bytes, mime: str, alt: str, width: int | None = None) -> str:
     size = f' width="{width}"' if width else ''
-    return (f'<img alt="{html.escape(alt)}"{size} '
+    return (f'<img alt="{escape(alt)}"{size} '
             f'src="data:{mime};base64,{base64.b64encode(data).decode()}">')
 
 
@@ -71,21 +77,26 @@ def jpeg(path: pathlib.Path, alt: str, max_side: int | None = None) -> str:
 
 def table(header: Iterable[str], rows: list[list], classes: list[str] | None = None) -> str:
     """An HTML table; `classes`: a CSS class per row ('' for none)."""
-    head = ''.join(f'<th>{html.escape(str(h))}</th>' for h in header)
+    head = ''.join(f'<th>{escape(h)}</th>' for h in header)
     body = []
     for row, css in zip(rows, classes or [''] * len(rows)):
-        cells = ''.join(f'<td>{html.escape(str(c))}</td>' for c in row)
-        body.append(f'<tr class="{css}">{cells}</tr>' if css else f'<tr>{cells}</tr>')
+        cells = ''.join(f'<td>{escape(c)}</td>' for c in row)
+        body.append(f'<tr class="{escape(css)}">{cells}</tr>' if css else f'<tr>{cells}</tr>')
     return f'<table><tr>{head}</tr>{"".join(body)}</table>'
 
 
 def number(value, digits: int = 3) -> str:
+    """A float rounded to `digits`, None as '–', anything else as it is (to be escaped)."""
     return '–' if value is None else f'{value:.{digits}f}' if isinstance(value, float) else str(value)
 
 
 def ci(interval) -> str:
-    low, high = interval if interval else (None, None)
-    return '–' if low is None or high is None else f'{low:.3f}–{high:.3f}'
+    """'low–high' of a [low, high] interval, '–' when either is unknown; anything else as it is
+    (to be escaped)."""
+    if not isinstance(interval, (list, tuple)) or len(interval) != 2:
+        return number(interval)
+    low, high = interval
+    return '–' if low is None or high is None else f'{number(low)}–{number(high)}'
 
 
 def read_json(path: pathlib.Path):
@@ -93,10 +104,7 @@ def read_json(path: pathlib.Path):
 
 
 def read_csv(path: pathlib.Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline='') as f:
-        return list(csv.DictReader(f))
+    return csv_cells.read_records(path) if path.exists() else []
 
 
 # Sections -----------------------------------------------------------------------------------------
@@ -130,12 +138,12 @@ def metrics_section(workdir: pathlib.Path) -> str:
                             number(v.get('auc'))] for name, v in m['per_class'].items()])
         checkpoint = m.get('checkpoint') or {}
         roc = path.parent / 'roc.png'
-        out += [f'<h3>{html.escape(m["split"])} split ({m["num_slides"]} slides)</h3>',
+        out += [f'<h3>{escape(m["split"])} split ({escape(m["num_slides"])} slides)</h3>',
                 '<div class="row">' + (png(roc, f'ROC {m["split"]}') if roc.exists() else '')
                 + '<div>',
                 '<p>Confusion matrix (slides)</p>', confusion, per_class,
-                f'<p class="muted">checkpoint: {html.escape(str(checkpoint.get("checkpoint")))}, '
-                f'epoch {html.escape(str(checkpoint.get("epoch")))}</p></div></div>']
+                f'<p class="muted">checkpoint: {escape(checkpoint.get("checkpoint"))}, '
+                f'epoch {escape(checkpoint.get("epoch"))}</p></div></div>']
     return '\n'.join(out)
 
 
@@ -153,12 +161,13 @@ def cross_validation_section(workdir: pathlib.Path) -> str:
                  *(number(pooled[k]) for k in keys[:-1]), number(pooled['patient']['auc']),
                  ci(summary['auc_ci95'])])
     folds = sorted((workdir / 'folds').glob('*/report.html'))
-    links = ' '.join(f'<a href="{html.escape(str(p.relative_to(workdir)))}">fold '
-                     f'{html.escape(p.parent.name)}</a>' for p in folds)
+    links = ' '.join(f'<a href="{escape(p.relative_to(workdir))}">fold '
+                     f'{escape(p.parent.name)}</a>' for p in folds)
     return '\n'.join([
         '<h2 id="cv">Cross-validation</h2>',
-        f'<p>Pooled out-of-fold AUC {number(summary["auc"])} (95% CI {ci(summary["auc_ci95"])}) '
-        f'over {summary["num_slides"]} test slides. Each fold\'s own report: {links}</p>',
+        f'<p>Pooled out-of-fold AUC {escape(number(summary["auc"]))} (95% CI '
+        f'{escape(ci(summary["auc_ci95"]))}) over {escape(summary["num_slides"])} test slides. '
+        f'Each fold\'s own report: {links}</p>',
         table(['fold', 'test slides', 'AUC', 'accuracy', 'balanced accuracy', 'F1',
                'patient AUC', 'AUC 95% CI'], rows)])
 
@@ -177,7 +186,7 @@ def slide_figures(folder: pathlib.Path, predictions: list[dict], title: str) -> 
     their row of predictions.csv."""
     if not (folder / 'heatmaps').is_dir():
         return ''
-    out = [f'<h3>{html.escape(title)}</h3>']
+    out = [f'<h3>{escape(title)}</h3>']
     shown = [row for row in predictions if (folder / 'heatmaps' / f'{row["slide_id"]}.png').exists()]
     for row in shown[:MAX_HEATMAP_SLIDES]:
         slide_id = row['slide_id']
@@ -186,9 +195,9 @@ def slide_figures(folder: pathlib.Path, predictions: list[dict], title: str) -> 
         patches = sorted((folder / 'top_patches' / slide_id).glob('*.png'),
                          key=lambda p: int(p.stem))
         out.append(
-            f'<div class="slide"><p><b>{html.escape(slide_id)}</b>: predicted '
-            f'{html.escape(row["pred"])} ({html.escape(probabilities)}), label '
-            f'{html.escape(row["label"] or "unknown")}</p>'
+            f'<div class="slide"><p><b>{escape(slide_id)}</b>: predicted '
+            f'{escape(row["pred"])} ({escape(probabilities)}), label '
+            f'{escape(row["label"] or "unknown")}</p>'
             + jpeg(folder / 'heatmaps' / f'{slide_id}.png', f'heatmap {slide_id}', HEATMAP_WIDTH)
             + (f'<p>Top {len(patches)} patches (full resolution, as the network saw them):</p>'
                f'<div class="patches">' + ''.join(jpeg(p, f'{slide_id} patch {p.stem}')
@@ -196,7 +205,7 @@ def slide_figures(folder: pathlib.Path, predictions: list[dict], title: str) -> 
             + '</div>')
     if len(shown) > MAX_HEATMAP_SLIDES:
         out.append(f'<p class="muted">{len(shown) - MAX_HEATMAP_SLIDES} more in '
-                   f'{html.escape(str(folder / "heatmaps"))}</p>')
+                   f'{escape(folder / "heatmaps")}</p>')
     return '\n'.join(out)
 
 
@@ -223,9 +232,9 @@ def predict_section(workdir: pathlib.Path) -> str:
            table(columns, [[row[c] for c in columns] for row in predictions])]
     metrics = read_json(folder / 'metrics.json')
     if metrics:
-        out.append(f'<p>On the {metrics["num_slides"]} labelled slides: AUC '
-                   f'{number(metrics["auc"])} (95% CI {ci(metrics["auc_ci95"])}), accuracy '
-                   f'{number(metrics["accuracy"])}.</p>')
+        out.append(f'<p>On the {escape(metrics["num_slides"])} labelled slides: AUC '
+                   f'{escape(number(metrics["auc"]))} (95% CI {escape(ci(metrics["auc_ci95"]))}),'
+                   f' accuracy {escape(number(metrics["accuracy"]))}.</p>')
     out.append(slide_figures(folder, predictions, 'Heatmaps of the new slides'))
     return '\n'.join(out)
 
@@ -262,7 +271,7 @@ def tile_section(workdir: pathlib.Path) -> str:
                                              e['slide_id']))
     flagged = [e for e in entries if e['status'] != 'ok' or e['message']]
     counts = ', '.join(f'{n} {status}' for status, n in sorted(tile['counts'].items()))
-    out = ['<h2 id="tiles">Tile report</h2>', f'<p>{html.escape(counts)}.</p>']
+    out = ['<h2 id="tiles">Tile report</h2>', f'<p>{escape(counts)}.</p>']
     if flagged:
         out.append(table(['slide', 'status', 'patches', 'message'],
                          [[e['slide_id'], e['status'], e['patches'], e['message']] for e in flagged],
@@ -270,8 +279,8 @@ def tile_section(workdir: pathlib.Path) -> str:
     pictures = [e for e in entries if (workdir / 'qc' / f'{e["slide_id"]}.png').exists()]
     figures = [f'<figure class="{"" if e["status"] == "ok" and not e["message"] else "warn"}">'
                + jpeg(workdir / 'qc' / f'{e["slide_id"]}.png', f'QC {e["slide_id"]}', QC_SIDE)
-               + f'<figcaption>{html.escape(e["slide_id"])}: {e["patches"]} patches'
-               f'{", " + html.escape(e["status"]) if e["status"] != "ok" else ""}</figcaption>'
+               + f'<figcaption>{escape(e["slide_id"])}: {escape(e["patches"])} patches'
+               f'{", " + escape(e["status"]) if e["status"] != "ok" else ""}</figcaption>'
                '</figure>' for e in pictures[:MAX_QC_PICTURES]]
     if figures:
         out += ['<h3>QC pictures</h3><p>Kept patches outlined over each slide (flagged slides '
@@ -286,7 +295,7 @@ def config_section(workdir: pathlib.Path) -> str:
     if not path.exists():
         return ''
     return ('<h2 id="config">Config</h2><details><summary>config.json</summary><pre>'
-            + html.escape(path.read_text()) + '</pre></details>')
+            + escape(path.read_text()) + '</pre></details>')
 
 
 def write(workdir) -> pathlib.Path:
@@ -297,15 +306,15 @@ def write(workdir) -> pathlib.Path:
                 predict_section(workdir), cohort_section(workdir), tile_section(workdir),
                 config_section(workdir)]
     sections = [s for s in sections if s]
-    contents = ' · '.join(f'<a href="#{anchor}">{html.escape(name)}</a>'
+    contents = ' · '.join(f'<a href="#{anchor}">{escape(name)}</a>'
                           for anchor, name in SECTIONS if any(f'id="{anchor}"' in s for s in sections))
     when = datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')
     page = '\n'.join([
         '<!DOCTYPE html>', '<html lang="en"><head><meta charset="utf-8">',
-        f'<title>pathjax report: {html.escape(workdir.name)}</title>',
+        f'<title>pathjax report: {escape(workdir.name)}</title>',
         f'<style>{STYLE}</style></head><body>',
-        f'<h1>pathjax report: {html.escape(str(workdir))}</h1>',
-        f'<p class="muted">Written {html.escape(when)}.</p>', f'<p>{contents}</p>',
+        f'<h1>pathjax report: {escape(workdir)}</h1>',
+        f'<p class="muted">Written {escape(when)}.</p>', f'<p>{contents}</p>',
         *sections, '</body></html>'])
     path = workdir / PAGE
     artifacts.save_text(path, page + '\n')

@@ -1,4 +1,5 @@
-"""Evaluation artifacts: predictions.csv round trip, metrics.json with nulls, ROC PNGs."""
+"""Evaluation artifacts: predictions.csv round trip, metrics.json with nulls, ROC PNGs; user
+strings are data (no spreadsheet formulas, no mathtext)."""
 
 import csv
 import json
@@ -7,8 +8,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from pathjax import metrics
-from pathjax.evaluate import report
+from pathjax import csv_cells, metrics
+from pathjax.evaluate import figures, heatmaps, report
 
 BINARY = ['wild_type', 'mutant']
 THREE = ['MSI', 'CIN', 'GS, other']  # a comma in a class name must survive the CSV
@@ -44,6 +45,20 @@ def test_predictions_round_trip(tmp_path, class_names):
     assert read_ids == slide_ids
     np.testing.assert_array_equal(read_labels, labels)
     np.testing.assert_allclose(read_probabilities, probabilities, atol=5e-7)
+
+
+def test_predictions_write_formulas_as_text_and_read_them_back(tmp_path):
+    class_names = ['=negative', '@positive']
+    slide_ids = ['=HYPERLINK("http://x.example","click")', '-2+3', "'quoted", '\t=1', 'plain']
+    probabilities, labels = random_predictions(5, len(slide_ids), 2)
+    path = tmp_path / 'predictions.csv'
+    report.write_predictions(path, slide_ids, labels, probabilities, class_names)
+    with open(path, newline='') as f:
+        cells = [text for row in csv.reader(f) for text in row]
+    assert not [c for c in cells if c.startswith(csv_cells.FORMULA_STARTS)]
+    read_ids, read_labels, _ = report.read_predictions(path, class_names)
+    assert read_ids == slide_ids
+    np.testing.assert_array_equal(read_labels, labels)
 
 
 def test_empty_predictions_round_trip(tmp_path):
@@ -145,3 +160,42 @@ def test_learning_curves_read_both_logs_and_note_a_missing_one(tmp_path):
     right = pictures[0].shape[1] // 2
     # The right panel changed from a note to the slide model's curves.
     assert not np.array_equal(pictures[0][:, right:], pictures[1][:, right:])
+
+
+MATH_LIKE = ['a$\\frac$b', 'price$1 and $2', 'a\\$b']  # mathtext would fail, set math, drop \
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The figures the evaluation saves (through `figures.save`), in order."""
+    saved, save = [], figures.save
+
+    def keep(fig, path, **kwargs):
+        save(fig, path, **kwargs)
+        saved.append(fig)
+
+    monkeypatch.setattr(figures, 'save', keep)
+    return saved
+
+
+def assert_literal(fig, strings):
+    """Each string is in a text of `fig`, and every written text is drawn without mathtext/TeX."""
+    texts = list(figures.written_texts(fig))
+    for string in strings:
+        assert any(string in t.get_text() for t in texts), (string, [t.get_text() for t in texts])
+    assert all(not t.get_parse_math() and not t.get_usetex() for t in texts)
+
+
+def test_user_strings_are_drawn_literally(tmp_path, saved_figures):
+    from pathjax.evaluate import learning_curves
+    probabilities, labels = random_predictions(6, 12, 3)
+    report.plot_roc(tmp_path / 'roc.png', probabilities, labels, MATH_LIKE)
+    title = ': '.join(MATH_LIKE)
+    heatmaps.draw_heatmap(tmp_path / 'heatmap.png', np.full((32, 32, 3), 200, np.uint8), (64, 64),
+                          np.array([[0, 0], [16, 32]]), 16.0, np.array([1.0, -0.5]), True, title)
+    learning_curves.plot_learning_curves(tmp_path, tmp_path / 'curves.png')
+    roc, heatmap, curves = saved_figures
+    assert_literal(roc, [f'{name} vs rest' for name in MATH_LIKE])
+    assert_literal(heatmap, [title])
+    assert_literal(curves, ['feature network (AM-softmax)'])
+    assert_png(tmp_path / 'roc.png')
