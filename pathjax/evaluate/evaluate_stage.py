@@ -70,10 +70,10 @@ def write_heatmaps(predictor: SlidePredictor, params, workdir, folder: pathlib.P
                             slide_id)
             continue
         tiles = artifacts.load_npz(tiles_file, TILE_FIELDS)
-        write_heatmap(thumbnail, tiles, folder / 'heatmaps' / f'{slide_id}.png',
+        write_heatmap(thumbnail, tiles, heatmaps.heatmap_path(folder, slide_id),
                       slides.coords[i], scores[i], signed, title)
         try:
-            save_top_patches(folder / 'top_patches', slide_id, slide_paths[slide_id], tiles,
+            save_top_patches(folder, slide_id, slide_paths[slide_id], tiles,
                              slides.coords[i], scores[i], predictor.config.eval.top_patches)
         except SlideError as error:
             logging.warning('evaluate: no top patches for slide %s: %s', slide_id, error)

@@ -5,10 +5,18 @@ the patch's contribution to the predicted class's logit (`SlidePredictor.contrib
 positive where the patch pushes towards the predicted class).
 """
 
+import pathlib
+
 import numpy as np
 from matplotlib import colormaps
 
 from pathjax.evaluate import figures
+from pathjax.slide_paths import slide_file
+
+
+def heatmap_path(folder, slide_id: str) -> pathlib.Path:
+    """`<folder>/heatmaps/<slide_id>.png` (folder: an evaluated split's, or predict/)."""
+    return slide_file(folder, 'heatmaps', slide_id, '.png')
 
 
 def draw_heatmap(path, thumbnail: np.ndarray, slide_size: tuple[int, int], coords: np.ndarray,

@@ -23,6 +23,10 @@ from typing import Iterable
 from PIL import Image
 
 from pathjax import artifacts, csv_cells
+from pathjax.evaluate.heatmaps import heatmap_path
+from pathjax.evaluate.top_patches import top_patches_dir
+from pathjax.slide_paths import SlideIdError
+from pathjax.slides.tile_stage import qc_path
 
 PAGE = 'report.html'
 MAX_HEATMAP_SLIDES = 24  # per split; the rest are in eval/<split>/heatmaps/
@@ -181,24 +185,34 @@ def learning_curves_section(workdir: pathlib.Path) -> str:
             + png(path, 'learning curves'))
 
 
+def existing(slide_path, folder: pathlib.Path, slide_id: str) -> bool:
+    """Whether `slide_path(folder, slide_id)` exists; False for an id read back from a file
+    that pathjax could not have written (not a safe file name: `slide_paths`)."""
+    try:
+        return slide_path(folder, slide_id).exists()
+    except SlideIdError:
+        return False
+
+
 def slide_figures(folder: pathlib.Path, predictions: list[dict], title: str) -> str:
     """Heatmaps of `folder/heatmaps` with the top patches of `folder/top_patches`, captioned by
     their row of predictions.csv."""
     if not (folder / 'heatmaps').is_dir():
         return ''
     out = [f'<h3>{escape(title)}</h3>']
-    shown = [row for row in predictions if (folder / 'heatmaps' / f'{row["slide_id"]}.png').exists()]
+    shown = [row for row in predictions
+             if existing(heatmap_path, folder, row['slide_id'])]
     for row in shown[:MAX_HEATMAP_SLIDES]:
         slide_id = row['slide_id']
         probabilities = ', '.join(f'{k[5:]} {float(v):.2f}' for k, v in row.items()
                                   if k.startswith('prob_'))
-        patches = sorted((folder / 'top_patches' / slide_id).glob('*.png'),
+        patches = sorted(top_patches_dir(folder, slide_id).glob('*.png'),
                          key=lambda p: int(p.stem))
         out.append(
             f'<div class="slide"><p><b>{escape(slide_id)}</b>: predicted '
             f'{escape(row["pred"])} ({escape(probabilities)}), label '
             f'{escape(row["label"] or "unknown")}</p>'
-            + jpeg(folder / 'heatmaps' / f'{slide_id}.png', f'heatmap {slide_id}', HEATMAP_WIDTH)
+            + jpeg(heatmap_path(folder, slide_id), f'heatmap {slide_id}', HEATMAP_WIDTH)
             + (f'<p>Top {len(patches)} patches (full resolution, as the network saw them):</p>'
                f'<div class="patches">' + ''.join(jpeg(p, f'{slide_id} patch {p.stem}')
                                                    for p in patches) + '</div>' if patches else '')
@@ -276,9 +290,9 @@ def tile_section(workdir: pathlib.Path) -> str:
         out.append(table(['slide', 'status', 'patches', 'message'],
                          [[e['slide_id'], e['status'], e['patches'], e['message']] for e in flagged],
                          ['bad' if e['status'] != 'ok' else 'warn' for e in flagged]))
-    pictures = [e for e in entries if (workdir / 'qc' / f'{e["slide_id"]}.png').exists()]
+    pictures = [e for e in entries if existing(qc_path, workdir, e['slide_id'])]
     figures = [f'<figure class="{"" if e["status"] == "ok" and not e["message"] else "warn"}">'
-               + jpeg(workdir / 'qc' / f'{e["slide_id"]}.png', f'QC {e["slide_id"]}', QC_SIDE)
+               + jpeg(qc_path(workdir, e['slide_id']), f'QC {e["slide_id"]}', QC_SIDE)
                + f'<figcaption>{escape(e["slide_id"])}: {escape(e["patches"])} patches'
                f'{", " + escape(e["status"]) if e["status"] != "ok" else ""}</figcaption>'
                '</figure>' for e in pictures[:MAX_QC_PICTURES]]

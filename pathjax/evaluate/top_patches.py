@@ -4,7 +4,8 @@ resolution, so a pathologist can see what the model looked at.
 A slide's scores are those of its heatmap (attention weights, or contributions to the predicted
 class). Its `count` highest-scoring patches are read at the tile stage's resolution, passed
 through the slide's stain lookup table (the pixels the feature network saw) and written as
-`<folder>/<slide_id>/<rank>.png` (rank 1 first), each image patch_size x patch_size.
+`<folder>/top_patches/<slide_id>/<rank>.png` (rank 1 first), each image patch_size x
+patch_size.
 """
 
 import pathlib
@@ -12,8 +13,14 @@ import pathlib
 import numpy as np
 
 from pathjax import artifacts
+from pathjax.slide_paths import slide_file
 from pathjax.slides import stain
 from pathjax.slides.reader import ReadPlan, Slide
+
+
+def top_patches_dir(folder, slide_id: str) -> pathlib.Path:
+    """`<folder>/top_patches/<slide_id>`: the slide's top patches, `<rank>.png`."""
+    return slide_file(folder, 'top_patches', slide_id)
 
 
 def top_indices(scores: np.ndarray, count: int) -> np.ndarray:
@@ -36,7 +43,7 @@ def save_top_patches(folder: pathlib.Path, slide_id: str, slide_path: str, tiles
         for rank, index in enumerate(top_indices(scores, count), start=1):
             x, y = (int(v) for v in coords[index])
             patch = stain.apply_lut(slide.read_patch(x, y, plan)[None], tiles['stain_lut'])[0]
-            path = folder / slide_id / f'{rank}.png'
+            path = top_patches_dir(folder, slide_id) / f'{rank}.png'
             artifacts.save_png(path, patch)
             files.append(path)
     return files
