@@ -9,6 +9,7 @@ synthetic one when `data.manifest` is empty), then runs the chosen stages in ord
 import contextlib
 import os
 import pathlib
+import shutil
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -33,28 +34,32 @@ class Stage(NamedTuple):
     that works on the cohort as a whole (and writes its own report). On several hosts, a stage
     runs on every process (`every_process`) or on process 0 alone while the others wait.
     `settings`: the config fields its artifacts depend on beyond those of earlier stages;
-    `artifacts`: what to delete to redo it."""
+    `artifacts`: what to delete to redo it; `redo`: the folders it makes from the training and
+    validation slides as a whole, deleted (so made again) when one of those slides changed
+    (`tile_stage.tiles_digest`: its file was replaced, or the stain reference refitted)."""
 
     name: str
     run: Callable[..., list[stage_report.SlideEntry] | None]
     every_process: bool
     settings: tuple[str, ...]
     artifacts: str
+    redo: tuple[str, ...] = ()
 
 
 STAGES = (
     Stage('tile', tile_stage.run, True,
           ('data.classes', 'data.split_fractions', 'data.folds', 'data.fold', 'data.split_seed',
            'data.synthetic', 'tile', 'tissue', 'stain'), 'tiles/, qc/, thumbnails/, stain/'),
-    Stage('patches', patches.run, False, ('seed', 'learn.patches_per_slide'), 'patches/'),
+    Stage('patches', patches.run, False, ('seed', 'learn.patches_per_slide'), 'patches/',
+          ('patches',)),
     Stage('learn_features', feature_learning.run, True,
           ('feature_net', 'am_softmax', 'learn.batch_size', 'learn.optimizer', 'learn.lr',
            'learn.lr_schedule', 'learn.momentum', 'learn.weight_decay', 'learn.grad_clip',
-           'learn.augment'), 'feature_net/'),
+           'learn.augment'), 'feature_net/', ('feature_net',)),
     Stage('extract', extract.run, True, ('extract.checkpoint',), 'features/'),
     Stage('train_slide', slide_training.run, True,
           ('graph', 'slide_net', 'train.batch_slides', 'train.optimizer', 'train.lr',
-           'train.weight_decay', 'train.class_weights'), 'graphs/, slide_net/'),
+           'train.weight_decay', 'train.class_weights'), 'graphs/, slide_net/', ('slide_net',)),
     Stage('evaluate', evaluate_stage.run, True, (), 'eval/'),
 )
 
@@ -310,6 +315,9 @@ def run_stages(config, workdir: pathlib.Path, stages: list[str] | None) -> None:
         if sharding.is_leader():
             _, failure = _attempt(stage.name, provenance.check_and_record, workdir, stage.name,
                                   provenance.settings_of(config, fields), stage.artifacts)
+            if not failure and stage.redo:
+                _, failure = _attempt(stage.name, forget_if_slides_changed, stage, workdir,
+                                      cohort)
         sharding.raise_together(failure)
         logging.info('stage %s', stage.name)
         entries = None
@@ -321,6 +329,21 @@ def run_stages(config, workdir: pathlib.Path, stages: list[str] | None) -> None:
                 failure = StageError(f'{stage.name}: no slide could be processed; see {report}')
         sharding.raise_together(failure)
     write_report_page(workdir)
+
+
+def forget_if_slides_changed(stage: Stage, workdir: pathlib.Path, cohort: cohort_lib.Cohort
+                             ) -> None:
+    """(Process 0) Deletes `stage.redo` when a training or validation slide changed since the
+    stage last started here, naming the slides; records the slides' digests."""
+    digests = {r.slide_id: tile_stage.tiles_digest(workdir, r.slide_id)
+               for r in cohort.slides if r.split in ('train', 'val')}
+    changed = provenance.changed_slides(workdir, stage.name, digests)
+    present = [folder for folder in stage.redo if (workdir / folder).exists()]
+    if changed and present:
+        logging.warning('%s: slide(s) %s changed since %s was made (see reports/tile.json); '
+                        'making it again', stage.name, ', '.join(changed), ', '.join(present))
+        for folder in present:
+            shutil.rmtree(workdir / folder)
 
 
 def write_report_page(workdir: pathlib.Path) -> None:

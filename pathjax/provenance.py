@@ -59,6 +59,19 @@ def check_matches(workdir, stage: str, settings: dict[str, Any], artifacts_hint:
                          f'stages made from it) to redo it')
 
 
+def changed_slides(workdir, stage: str, digests: dict[str, str]) -> list[str]:
+    """The slides whose digest (`tile_stage.tiles_digest`) differs from the one recorded when the
+    stage last started in this workdir; then records `digests`. A slide without tiles now ('')
+    is not a change: its absence is the tile report's, and finished work is kept."""
+    path = pathlib.Path(workdir) / 'settings' / f'{stage}.slides.json'
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    changed = sorted(s for s, digest in digests.items()
+                     if digest and s in recorded and recorded[s] != digest)
+    kept = {s: digest or recorded.get(s, '') for s, digest in digests.items()}
+    artifacts.save_text(path, json.dumps(kept, indent=1, sort_keys=True) + '\n')
+    return changed
+
+
 def check_and_record(workdir, stage: str, settings: dict[str, Any], artifacts_hint: str) -> None:
     """Raises UsageError if the stage ran in this workdir with other settings; else records them."""
     check_matches(workdir, stage, settings, artifacts_hint)

@@ -7,14 +7,14 @@ features/, reports/) tiles the slides, normalizes their stain to the trained wor
 feature network and runs the trained slide model (`eval.checkpoint`). It writes
 `predict/predictions.csv` (slide_id, label or empty, one probability per class, predicted class),
 `predict/heatmaps/` and `predict/top_patches/`, and, for the rows that have labels,
-`predict/metrics.json` and `predict/roc.png`. Finished slides are skipped on rerun; a slide that
+`predict/metrics.json` and `predict/roc.png`. Finished slides are skipped on rerun (a slide whose
+file changed, even under the same id, is redone: `tile_stage`); a slide that
 is missing, unreadable or without tissue is reported in `predict/reports/` (tile, extract,
 predict) and the rest go on. `pipeline` runs the steps (`prepare_folder`, then `steps`).
 """
 
 import filecmp
 import functools
-import json
 import pathlib
 import shutil
 from typing import Callable
@@ -24,7 +24,7 @@ from absl import logging
 
 from pathjax import artifacts, provenance
 from pathjax.cohort import PREDICT, ManifestError, load_new_slides
-from pathjax.data.features import GraphSettings, features_path, graph_path
+from pathjax.data.features import GraphSettings
 from pathjax.data.slide_sets import UNLABELLED, load_splits
 from pathjax.errors import StageError, UsageError
 from pathjax.evaluate import report
@@ -77,26 +77,9 @@ def share_stain_reference(config, workdir, folder: pathlib.Path) -> None:
         logging.info('predict: the trained stain reference changed; redoing the tiles of %s',
                      folder)
         for tiles in (folder / 'tiles').glob('*.npz'):
-            tiles.unlink()
+            tile_stage.forget_slide(folder, tiles.stem, keep_scan=True)
     with artifacts.atomic_path(target) as temporary:
         shutil.copyfile(source, temporary)
-
-
-def forget_changed_slides(folder: pathlib.Path, cohort) -> None:
-    """Removes what the folder holds of a slide id whose file is not the one it was made from
-    (another manifest reusing the id), and records each slide's file in `slides.json`."""
-    record = folder / 'slides.json'
-    made_from = json.loads(record.read_text()) if record.exists() else {}
-    now = {r.slide_id: r.path for r in cohort.slides}
-    for slide_id, path in now.items():
-        if made_from.get(slide_id, path) != path:
-            logging.info('predict: slide %s is now %s (was %s): redoing it', slide_id, path,
-                         made_from[slide_id])
-            for stale in (tile_stage.tiles_path(folder, slide_id),
-                          tile_stage.scan_path(folder, slide_id),
-                          features_path(folder, slide_id), graph_path(folder, slide_id)):
-                stale.unlink(missing_ok=True)
-    artifacts.save_json(record, {**made_from, **now})
 
 
 def load_cohort(config):
@@ -117,7 +100,6 @@ def prepare_folder(config, workdir, cohort, settings: dict) -> None:
     provenance.check_and_record(folder, 'tile', provenance.settings_of(
         config, ['tile', 'tissue', 'stain']), str(folder))
     share_stain_reference(config, workdir, folder)
-    forget_changed_slides(folder, cohort)
 
 
 def steps(workdir) -> list[tuple[str, Callable[..., list[SlideEntry]]]]:

@@ -22,6 +22,16 @@ PLAUSIBLE_MPP = (0.05, 50.0)
 # A level is used for a target resolution when it is at most this much coarser than the target,
 # and a read within this relative size of the patch is not resized (0.499 um/px reads as 0.5).
 RESOLUTION_TOLERANCE = 0.02
+# Bounds on reading a whole slide at low resolution (`Slide.read_overview`), whatever size it
+# declares: the overview holds at most OVERVIEW_PIXELS (64 Mpx, 192 MiB of RGB) and is read, in
+# blocks of bounded size, from a level of at most OVERVIEW_SOURCE_PIXELS (1 Gpx: about 10 s of
+# JPEG decoding on the direct tile path, a minute or two through OpenSlide), coarser than asked
+# where needed. A slide whose every level is larger (a huge level 0 without a pyramid) is refused.
+OVERVIEW_PIXELS = 1 << 26
+OVERVIEW_SOURCE_PIXELS = 1 << 30
+# A slide declaring larger tiles is refused: OpenSlide allocates a whole tile per read (4 bytes a
+# pixel, 256 MiB here) and aborts the process when that allocation fails.
+MAX_TILE_PIXELS = 1 << 26
 
 
 class SlideError(Exception):
@@ -69,8 +79,9 @@ class Slide:
             self.level_dimensions: tuple[tuple[int, int], ...] = self._slide.level_dimensions
             self.level_downsamples: tuple[float, ...] = self._slide.level_downsamples
             self.mpp, self.mpp_problem = _level0_mpp(self._slide.properties)
+            _check_tile_sizes(self._slide.properties, len(self.level_dimensions))
             self._tiles = TiffTiles.open(self.path, self._slide)
-        except (openslide.OpenSlideError, OSError) as error:
+        except (openslide.OpenSlideError, OSError, ValueError) as error:
             self._slide.close()
             raise SlideError(f'{self.path}: unreadable slide ({error})') from None
 
@@ -129,33 +140,84 @@ class Slide:
         region = self.read_region(x, y, plan.level, plan.read_size, plan.read_size)
         return resize(region, plan.patch_size)
 
-    def read_overview(self, downsample: float, strip_pixels: int = 1 << 24) -> tuple[np.ndarray, float]:
-        """The whole slide at about `downsample` x level 0, read from the best level in strips of
-        about `strip_pixels` level pixels so memory stays bounded (each strip is resized with its
-        exact source box, so strips join seamlessly).
+    def overview_downsample(self, wanted: float) -> float:
+        """The downsample from level 0 that `read_overview(wanted)` reads at: `wanted` (at least
+        1), or coarser so that the overview holds at most about OVERVIEW_PIXELS pixels and is
+        read from a level of at most OVERVIEW_SOURCE_PIXELS pixels.
+
+        Raises:
+          SlideError: every level has more than OVERVIEW_SOURCE_PIXELS pixels (a huge slide
+            without a pyramid).
+        """
+        return self._overview_level(wanted)[1]
+
+    def _overview_level(self, wanted: float) -> tuple[int, float]:
+        """(the level an overview at about `wanted` x level 0 is read from, its downsample)."""
+        width0, height0 = self.dimensions
+        downsample = max(wanted, 1.0, math.sqrt(width0 * height0 / OVERVIEW_PIXELS),
+                         max(width0, height0) / OVERVIEW_PIXELS)  # the latter: a thin slide
+        level = self._slide.get_best_level_for_downsample(downsample)
+        pixels = [width * height for width, height in self.level_dimensions]
+        if pixels[level] > OVERVIEW_SOURCE_PIXELS:
+            small = [i for i, n in enumerate(pixels) if n <= OVERVIEW_SOURCE_PIXELS]
+            if not small:
+                width, height = self.level_dimensions[-1]
+                raise SlideError(
+                    f'{self.path}: level 0 is {width0}x{height0} px and no level is small enough '
+                    f'for an overview (the tissue mask): the coarsest, level {len(pixels) - 1} '
+                    f'({width}x{height} px), would decode {pixels[-1] / 1e9:,.1f} Gpx '
+                    f'({3 * pixels[-1] / 2**30:,.1f} GiB of RGB), more than the '
+                    f'{OVERVIEW_SOURCE_PIXELS / 1e9:.2f} Gpx bound; a slide this large needs a '
+                    'pyramid')
+            level = max(small, key=lambda i: pixels[i])
+            downsample = max(downsample, self.level_downsamples[level])
+        return level, downsample
+
+    def read_overview(self, downsample: float, strip_pixels: int = 1 << 22) -> tuple[np.ndarray, float]:
+        """The whole slide at about `overview_downsample(downsample)` x level 0, read from the
+        finest level that allows, in blocks of about `strip_pixels` level pixels (whole rows
+        where they fit) so memory stays bounded; each block is resized with its exact source
+        box, so blocks join seamlessly.
 
         Returns:
-          (uint8 [H, W, 3], the actual downsample from level 0, averaged over both axes).
+          (uint8 [H, W, 3] with H x W <= about OVERVIEW_PIXELS, the actual downsample from
+          level 0, averaged over both axes).
+        Raises:
+          SlideError: as `overview_downsample`, or a read fails.
         """
+        level, downsample = self._overview_level(downsample)
         width0, height0 = self.dimensions
         out_width = max(1, int(round(width0 / downsample)))
         out_height = max(1, int(round(height0 / downsample)))
-        level = self._slide.get_best_level_for_downsample(max(downsample, 1.0))
         level_width, level_height = self.level_dimensions[level]
-        rows_per_out_row = level_height / out_height
-        out_rows_per_strip = max(1, int(strip_pixels / level_width / rows_per_out_row))
+        level_downsample = self.level_downsamples[level]
+        scale_x, scale_y = level_width / out_width, level_height / out_height  # level px per out px
+        if level_width * scale_y <= strip_pixels:  # whole rows
+            rows_per_block = max(1, int(strip_pixels / level_width / scale_y))
+            cols_per_block = out_width
+        else:
+            rows_per_block = 1
+            cols_per_block = max(1, int(strip_pixels / scale_x / scale_y))
         strips = []
-        for out_row in range(0, out_height, out_rows_per_strip):
-            out_rows = min(out_rows_per_strip, out_height - out_row)
-            top, bottom = out_row * rows_per_out_row, (out_row + out_rows) * rows_per_out_row
-            first, last = int(math.floor(top)), min(int(math.ceil(bottom)), level_height)
-            strip = self.read_region(0, int(round(first * self.level_downsamples[level])), level,
-                                     level_width, last - first)
-            strips.append(np.asarray(Image.fromarray(strip).resize(
-                (out_width, out_rows), Image.Resampling.BOX,
-                box=(0, top - first, level_width, bottom - first))))
+        for out_row in range(0, out_height, rows_per_block):
+            out_rows = min(rows_per_block, out_height - out_row)
+            top, bottom = out_row * scale_y, (out_row + out_rows) * scale_y
+            first_row, last_row = int(math.floor(top)), min(int(math.ceil(bottom)), level_height)
+            blocks = []
+            for out_col in range(0, out_width, cols_per_block):
+                out_cols = min(cols_per_block, out_width - out_col)
+                left, right = out_col * scale_x, (out_col + out_cols) * scale_x
+                first_col, last_col = int(math.floor(left)), min(int(math.ceil(right)), level_width)
+                block = self.read_region(int(round(first_col * level_downsample)),
+                                         int(round(first_row * level_downsample)), level,
+                                         last_col - first_col, last_row - first_row)
+                box = (left - first_col, top - first_row, right - first_col, bottom - first_row)
+                blocks.append(np.asarray(Image.fromarray(block).resize(
+                    (out_cols, out_rows), Image.Resampling.BOX, box=box)))
+            strips.append(np.concatenate(blocks, axis=1))
         overview = np.concatenate(strips)
         return overview, (width0 / overview.shape[1] + height0 / overview.shape[0]) / 2
+
 
 def _level0_mpp(properties) -> tuple[float | None, str]:
     """(mpp, '') from the slide's metadata, or (None, why it is unusable)."""
@@ -170,13 +232,28 @@ def _level0_mpp(properties) -> tuple[float | None, str]:
     return mpp, ''
 
 
+def _check_tile_sizes(properties, levels: int) -> None:
+    """Raises ValueError if a level declares tiles of more than MAX_TILE_PIXELS pixels."""
+    for level in range(levels):
+        width = int(properties.get(f'openslide.level[{level}].tile-width', 0))
+        height = int(properties.get(f'openslide.level[{level}].tile-height', 0))
+        if width * height > MAX_TILE_PIXELS:
+            raise ValueError(f'level {level} declares tiles of {width}x{height} px, more than '
+                             f'the {MAX_TILE_PIXELS / 2**20:.0f} Mpx a tile may have')
+
+
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 4] (not premultiplied) -> uint8 [H, W, 3] over a white background."""
+    """uint8 [H, W, 4] (not premultiplied) -> uint8 [H, W, 3] over a white background. Only
+    partly transparent pixels are blended: OpenSlide's are opaque, or transparent (unscanned)."""
     rgb, alpha = rgba[..., :3], rgba[..., 3:]
     if alpha.min() == 255:
         return np.ascontiguousarray(rgb)
-    blended = rgb.astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))
-    return ((blended + 127) // 255).astype(np.uint8)
+    out = np.where(alpha == 0, np.uint8(255), rgb)
+    partial = ((alpha != 0) & (alpha != 255))[..., 0]  # [H, W]
+    if partial.any():
+        weight = alpha[partial].astype(np.uint16)  # [P, 1]
+        out[partial] = (rgb[partial] * weight + 255 * (255 - weight) + 127) // 255
+    return out
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

@@ -4,8 +4,9 @@ For generic tiled TIFF, Aperio SVS and the other TIFF-based formats OpenSlide re
 region's tiles straight from the file (`os.pread` + tifffile's codecs, libjpeg-turbo for JPEG)
 skips OpenSlide's per-call compositing and colour conversion, which cost more than the JPEG
 decode itself. The fast path is used only when every OpenSlide level maps to one tiled RGB page
-and a decoded probe tile per level equals what OpenSlide returns; otherwise `open` returns None and
-the caller keeps reading through OpenSlide. Regions are read at integer level-pixel positions
+whose tile table matches its tags, and a decoded probe tile per level equals what OpenSlide
+returns; otherwise (or if the probe fails in any way) `open` returns None and the caller keeps
+reading through OpenSlide. Regions are read at integer level-pixel positions
 (OpenSlide's sub-pixel placement on levels with a non-integer downsample is not reproduced).
 """
 
@@ -13,11 +14,11 @@ import os
 import time
 
 import numpy as np
-import openslide
 import tifffile
 from absl import logging
 
 PROBE_TOLERANCE = 2.0  # mean absolute difference (grey levels) allowed against OpenSlide
+PROBE_SIDE = 512  # most pixels of a probe tile compared, per side
 WHITE = 255
 
 
@@ -58,9 +59,11 @@ class TiffTiles:
             return None
         try:
             agrees = tiles._agrees_with(openslide_handle)
-        except (CorruptTileError, openslide.OpenSlideError) as error:  # the probe tile is damaged
-            logging.debug('%s: probe tile unreadable (%s); using OpenSlide', path, error)
-            agrees = False
+        except Exception as error:  # a damaged probe tile, or tags that disagree with the tiles
+            logging.warning('%s: probing the direct tile path failed (%s: %s); reading the slide '
+                            'through OpenSlide', path, type(error).__name__, error)
+            tiles.close()
+            return None
         if not agrees:
             logging.debug('%s: decoded tiles differ from OpenSlide; using OpenSlide', path)
             tiles.close()
@@ -124,11 +127,13 @@ class TiffTiles:
                 time.sleep(RETRY_SECONDS * attempt)
 
     def _agrees_with(self, openslide_handle) -> bool:
-        """Decodes the centre tile of each level and compares it with OpenSlide: pixel by pixel
-        on level 0, by channel means on the others (OpenSlide places regions of levels with a
-        non-integer downsample at sub-pixel offsets, which moves pixels but not colours)."""
+        """Decodes the centre tile of each level (its top-left PROBE_SIDE pixels at most) and
+        compares it with OpenSlide: pixel by pixel on level 0, by channel means on the others
+        (OpenSlide places regions of levels with a non-integer downsample at sub-pixel offsets,
+        which moves pixels but not colours)."""
         for level, page in enumerate(self._pages):
-            width, height = min(page.tilewidth, page.imagewidth), min(page.tilelength, page.imagelength)
+            width = min(page.tilewidth, page.imagewidth, PROBE_SIDE)
+            height = min(page.tilelength, page.imagelength, PROBE_SIDE)
             x = min(page.imagewidth // 2 // page.tilewidth * page.tilewidth, page.imagewidth - width)
             y = min(page.imagelength // 2 // page.tilelength * page.tilelength,
                     page.imagelength - height)
@@ -146,5 +151,9 @@ class TiffTiles:
         return True
 
 def _usable(page) -> bool:
-    return (page.is_tiled and page.samplesperpixel in (3, 4) and page.dtype == np.uint8
-            and page.planarconfig == 1 and page.imagedepth == 1)
+    """A tiled RGB(A) uint8 page whose tile table holds one entry per tile of its grid."""
+    if not (page.is_tiled and page.samplesperpixel in (3, 4) and page.dtype == np.uint8
+            and page.planarconfig == 1 and page.imagedepth == 1):
+        return False
+    tiles = -(-page.imagewidth // page.tilewidth) * -(-page.imagelength // page.tilelength)
+    return len(page.dataoffsets) == len(page.databytecounts) == tiles

@@ -15,6 +15,7 @@ and differ only in their stain reference and lookup tables.
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import pathlib
@@ -29,7 +30,7 @@ from pathjax.cohort import Cohort, SlideRecord
 from pathjax.errors import StageError
 from pathjax.sampling import seeded_subset
 from pathjax.slide_paths import slide_file
-from pathjax.slides import qc, stain
+from pathjax.slides import qc, source_file, stain
 from pathjax.slides.reader import Slide, SlideError
 from pathjax.slides.tiling import select_tiles
 from pathjax.slides.tissue import TissueRule, background_mask, pixel_background
@@ -38,7 +39,8 @@ from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
 STAGE = 'tile'
 # The overview (mask and QC picture) is read at neighbourhood / MASK_WINDOW_PIXELS x level 0 (so
 # the neighbourhood window spans this many overview pixels), finer if a patch would span fewer
-# pixels or if the QC picture's long side would be shorter than QC_SIDE.
+# pixels or if the QC picture's long side would be shorter than QC_SIDE; coarser (with a warning)
+# where the reader's bounds require it (reader.OVERVIEW_PIXELS, reader.OVERVIEW_SOURCE_PIXELS).
 MASK_WINDOW_PIXELS = 8
 QC_SIDE = 1024
 STAIN_SAMPLE_SEED = 0  # the kept patches a slide's stain histogram is taken from: the same in
@@ -88,9 +90,10 @@ def scan_slide(record: SlideRecord, settings: TileSettings, workdir: str) -> Sli
     """Tiles one slide and writes its scan file and QC picture. Never raises for a bad slide."""
     start = time.perf_counter()
     try:
-        with Slide(record.path) as slide:
+        source = source_file.identity(record.path)  # before reading: a file replaced meanwhile
+        with Slide(record.path) as slide:           # is found on the next run
             scan, picture, thumbnail = _scan(slide, record.slide_id, settings)
-    except SlideError as error:
+    except (SlideError, OSError) as error:
         return SlideEntry(record.slide_id, ERROR, message=str(error))
     except Exception as error:  # a reader library failing on a corrupt file must not stop the run
         logging.exception('tile: unexpected failure on slide %s', record.slide_id)
@@ -98,7 +101,7 @@ def scan_slide(record: SlideRecord, settings: TileSettings, workdir: str) -> Sli
                           message=f'{record.path}: {type(error).__name__}: {error}')
     artifacts.save_png(qc_path(workdir, record.slide_id), picture)
     artifacts.save_png(thumbnail_path(workdir, record.slide_id), thumbnail)
-    artifacts.save_npz(scan_path(workdir, record.slide_id), **scan)
+    artifacts.save_npz(scan_path(workdir, record.slide_id), **scan, source=np.asarray(source))
     entry = entry_from_tiles(record.slide_id, scan)
     entry.details['seconds'] = round(time.perf_counter() - start, 2)
     return entry
@@ -108,12 +111,18 @@ def _scan(slide: Slide, slide_id: str, settings: TileSettings
           ) -> tuple[dict, np.ndarray, np.ndarray]:
     """(the scan arrays, the QC picture, a plain thumbnail) of one open slide."""
     plan = slide.plan(settings.mpp, settings.patch_size, settings.fallback_level)
-    overview_downsample = max(1.0, min(min(settings.rule.neighbourhood, plan.extent) / MASK_WINDOW_PIXELS,
-                                       max(slide.dimensions) / QC_SIDE))
+    mask_downsample = min(settings.rule.neighbourhood, plan.extent) / MASK_WINDOW_PIXELS
+    overview_downsample = slide.overview_downsample(  # coarser on very large slides
+        max(1.0, min(mask_downsample, max(slide.dimensions) / QC_SIDE)))
     overview, downsample = slide.read_overview(overview_downsample)
     background = background_mask(overview, downsample, settings.rule)
     tiles = select_tiles(~background, slide.dimensions, plan.extent, settings.rule.min_fraction)
     warnings = list(plan.warnings)
+    if overview_downsample > max(1.0, mask_downsample):
+        warnings.append(f'the tissue mask is at {downsample:.3g}x level 0, coarser than the '
+                        f'{mask_downsample:.3g}x that puts {MASK_WINDOW_PIXELS} mask pixels across '
+                        'the tissue.neighbourhood window (or a patch): a finer overview of this '
+                        "slide would exceed the reader's bounds")
     if not len(tiles):
         width, height = slide.dimensions
         if plan.extent > min(width, height):
@@ -217,13 +226,16 @@ def run(config, workdir: str, cohort: Cohort) -> list[SlideEntry]:
     settings = TileSettings.from_config(config)
     process, processes = jax.process_index(), jax.process_count()
     mine = [r for i, r in enumerate(cohort.slides) if i % processes == process]
+    redone = forget_changed_slides(workdir, mine)
     todo = [r for r in mine if not tiles_path(workdir, r.slide_id).exists()
             and not scan_path(workdir, r.slide_id).exists()]
-    logging.info('tile: %d slides on this process, %d already scanned', len(mine),
-                 len(mine) - len(todo))
+    logging.info('tile: %d slides on this process, %d already scanned, %d redone (their file '
+                 'changed)', len(mine), len(mine) - len(todo), len(redone))
     scanned = scan_all(todo, settings, workdir, config.workers)
-    for entry in scanned.values():
+    for slide_id, entry in scanned.items():
         entry.details['process'] = process
+        if slide_id in redone:
+            entry.details['redone'] = redone[slide_id]
     artifacts.save_json(entries_path(workdir, process),
                         [dataclasses.asdict(e) for e in scanned.values()])
     sharding.barrier('pathjax tile scans')  # every process's scan files are written
@@ -235,25 +247,78 @@ def run(config, workdir: str, cohort: Cohort) -> list[SlideEntry]:
         entries.update((e['slide_id'], SlideEntry(**e)) for e in json.loads(path.read_text()))
     for path in entries_path(workdir, 0).parent.glob('process-*.json'):  # also older runs'
         path.unlink()
-    _finish(config, workdir, cohort)
+    refitted = _finish(config, workdir, cohort)
     for record in cohort.slides:
         if record.slide_id not in entries:
             entries[record.slide_id] = entry_from_tiles(
                 record.slide_id, artifacts.load_npz(tiles_path(workdir, record.slide_id)))
+        if record.slide_id in refitted:
+            entries[record.slide_id].details.setdefault('redone', refitted[record.slide_id])
     for record, why in cohort.skipped:
         entries[record.slide_id] = SlideEntry(record.slide_id, ERROR, message=why)
     order = sorted(cohort.slides + tuple(r for r, _ in cohort.skipped), key=lambda r: r.line)
     return [entries[r.slide_id] for r in order]
 
 
-def _finish(config, workdir: str, cohort: Cohort) -> None:
-    """Fits each scanned slide's stain LUT and writes its final tiles file."""
+def recorded_source(path: pathlib.Path) -> str:
+    """The slide file identity a scan or tiles file records ('' if none: made before pathjax
+    recorded them)."""
+    with np.load(path, allow_pickle=False) as data:
+        return str(data['source']) if 'source' in data.files else ''
+
+
+def forget_slide(workdir, slide_id: str, keep_scan: bool = False) -> None:
+    """Deletes what the workdir holds of one slide, downstream first (a run killed meanwhile
+    finds the rest and deletes it then): graph, features, staged patches, tiles, scan."""
+    from pathjax.data.features import features_path, graph_path  # not in spawned workers
+    from pathjax.data.patches import staged_path
+    made = [graph_path(workdir, slide_id), features_path(workdir, slide_id),
+            staged_path(workdir, slide_id), tiles_path(workdir, slide_id)]
+    for path in made + ([] if keep_scan else [scan_path(workdir, slide_id)]):
+        path.unlink(missing_ok=True)
+
+
+def forget_changed_slides(workdir, records: list[SlideRecord]) -> dict[str, str]:
+    """Forgets every slide whose scan (or tiles file) was made from another file than its
+    manifest path holds now (`source_file`); returns {slide id: what changed}."""
+    changed = {}
+    for record in records:
+        made = [p for p in (scan_path(workdir, record.slide_id),
+                            tiles_path(workdir, record.slide_id)) if p.exists()]
+        why = made and source_file.change(recorded_source(made[0]), record.path)
+        if why:
+            logging.info('tile: redoing slide %s: %s', record.slide_id, why)
+            forget_slide(workdir, record.slide_id)
+            changed[record.slide_id] = why
+    return changed
+
+
+def _finish(config, workdir: str, cohort: Cohort) -> dict[str, str]:
+    """Fits each scanned slide's stain LUT and writes its final tiles file. Tiles made from an
+    older scan, or with a cohort stain reference made from training slides that changed since,
+    are made again (with what derives from them); returns {slide id: why} of those."""
+    refitted = {}
+    for record in cohort.slides:  # scanned again (by another fold or process) since
+        scan, tiles = scan_path(workdir, record.slide_id), tiles_path(workdir, record.slide_id)
+        if scan.exists() and tiles.exists() and recorded_source(scan) != recorded_source(tiles):
+            forget_slide(workdir, record.slide_id, keep_scan=True)
+            refitted[record.slide_id] = 'its slide file changed'
+    reference_file = pathlib.Path(workdir) / 'stain' / 'reference.npz'
+    training = reference_sources(config, workdir, cohort)
+    recorded = _recorded_sources(reference_file) if reference_file.exists() else ''
+    if training and recorded and recorded != training:
+        logging.info('tile: a training slide changed: refitting the stain reference and every '
+                     "slide's lookup table")
+        reference_file.unlink()
+        for record in cohort.slides:
+            if tiles_path(workdir, record.slide_id).exists():
+                forget_slide(workdir, record.slide_id, keep_scan=True)
+                refitted.setdefault(record.slide_id, 'the cohort stain reference changed')
     pending = {r.slide_id: artifacts.load_npz(scan_path(workdir, r.slide_id)) for r in cohort.slides
                if scan_path(workdir, r.slide_id).exists()
                and not tiles_path(workdir, r.slide_id).exists()}
     if not pending:
-        return
-    reference_file = pathlib.Path(workdir) / 'stain' / 'reference.npz'
+        return refitted
     if config.stain.method == 'none' or not any(len(s['coords']) for s in pending.values()):
         reference = None
     elif reference_file.exists():
@@ -262,7 +327,8 @@ def _finish(config, workdir: str, cohort: Cohort) -> None:
         finished = {r.slide_id: artifacts.load_npz(tiles_path(workdir, r.slide_id))
                     for r in cohort.slides if tiles_path(workdir, r.slide_id).exists()}
         reference, source = stain_reference(config, {**finished, **pending}, cohort)
-        artifacts.save_npz(reference_file, histograms=reference, source=np.asarray(source))
+        artifacts.save_npz(reference_file, histograms=reference, source=np.asarray(source),
+                           sources=np.asarray(training))
         logging.info('tile: stain reference from the %s', source)
     for slide_id, scan in pending.items():
         if reference is None or not scan['stain_histogram'].sum():  # no tissue pixel sampled
@@ -270,3 +336,32 @@ def _finish(config, workdir: str, cohort: Cohort) -> None:
         else:
             lut = stain.fit_lut(scan['stain_histogram'], reference)
         artifacts.save_npz(tiles_path(workdir, slide_id), **scan, stain_lut=lut)
+    return refitted
+
+
+def tiles_digest(workdir, slide_id: str) -> str:
+    """What a slide's tiles file is made from, as a short digest: its slide file and its stain
+    lookup table ('' when the slide has no tiles file)."""
+    path = tiles_path(workdir, slide_id)
+    if not path.exists():
+        return ''
+    digest = hashlib.blake2b(recorded_source(path).encode(), digest_size=16)
+    digest.update(artifacts.load_npz(path, ('stain_lut',))['stain_lut'].tobytes())
+    return digest.hexdigest()
+
+
+def reference_sources(config, workdir, cohort: Cohort) -> str:
+    """JSON of the slide files a cohort stain reference is made from ({training slide id: its
+    scan's recorded file}); '' for a template reference, which no slide shapes, and for a cohort
+    without training slides (new slides to predict: the trained reference is given)."""
+    if config.stain.reference != 'cohort' or not cohort.split('train'):
+        return ''
+    return json.dumps({r.slide_id: recorded_source(scan_path(workdir, r.slide_id))
+                       for r in cohort.split('train') if scan_path(workdir, r.slide_id).exists()},
+                      sort_keys=True)
+
+
+def _recorded_sources(reference_file: pathlib.Path) -> str:
+    with np.load(reference_file, allow_pickle=False) as data:
+        return str(data['sources']) if 'sources' in data.files else ''
+

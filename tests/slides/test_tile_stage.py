@@ -1,6 +1,8 @@
 """The tile stage end to end on synthetic and real slides: artifacts, report, resume, bad input."""
 
 import json
+import os
+import shutil
 import pathlib
 import signal
 import subprocess
@@ -10,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from pathjax import artifacts, pipeline
+from pathjax import artifacts, csv_cells, pipeline
 from pathjax.errors import StageError
 from pathjax.slides import stain, synthetic, tile_stage
 from pathjax.sampling import seeded_subset
@@ -240,3 +242,52 @@ def test_no_training_slide_with_tissue_is_an_error_naming_it(cohort_manifest, tm
     assert {r.split for r in cohort.slides} >= {'train', 'test'}
     with pytest.raises(StageError, match='no training slide has tissue'):
         tile_stage.stain_reference(config, scans, cohort)
+
+
+def test_a_changed_slide_file_redoes_its_tiles_and_what_was_made_from_them(tmp_path):
+    """A rerun where a slide id's file was replaced (another scan under the same path): its scan
+    and tiles are made again from the new file and its features and graph are deleted; a
+    training slide refits the cohort stain reference (every slide's LUT) and redoes the patch
+    dataset; the tile report says which slides were redone and why. A touched file is not a
+    change."""
+    config = load_config(**{'data.synthetic.num_slides': 6, 'data.synthetic.width': 1024,
+                            'data.synthetic.height': 1024, 'learn.batch_size': 8})
+    assert pipeline.run(config, tmp_path, ['tile', 'patches']) == 0
+    cohort = {r['slide_id']: r for r in csv_cells.read_records(tmp_path / 'cohort.csv')}
+    train = [s for s, r in cohort.items() if r['split'] == 'train']
+    test = [s for s, r in cohort.items() if r['split'] == 'test']
+    for slide_id in cohort:  # what later stages made of each slide
+        for folder in ('features', 'graphs'):
+            artifacts.save_npz(tmp_path / folder / f'{slide_id}.npz', x=np.zeros(1))
+    tiles_before = {s: artifacts.load_npz(tile_stage.tiles_path(tmp_path, s)) for s in cohort}
+    dataset_before = sorted(p.name for p in (tmp_path / 'patches').rglob('*.array_record*'))
+    os.utime(cohort[train[1]]['path'])  # touched only
+
+    # A test slide replaced by another slide's scan: only it is redone.
+    shutil.copy(cohort[train[0]]['path'], cohort[test[0]]['path'])
+    assert pipeline.run(config, tmp_path, ['tile', 'patches']) == 0
+    entries = report(tmp_path)
+    assert [s for s, e in entries.items() if 'redone' in e] == [test[0]], entries
+    assert 'the slide file changed' in entries[test[0]]['redone']
+    np.testing.assert_array_equal(artifacts.load_npz(tile_stage.tiles_path(tmp_path, test[0]))
+                                  ['coords'], tiles_before[train[0]]['coords'])  # the new file's
+    assert not (tmp_path / 'features' / f'{test[0]}.npz').exists()
+    assert not (tmp_path / 'graphs' / f'{test[0]}.npz').exists()
+    assert (tmp_path / 'features' / f'{train[0]}.npz').exists()
+    assert sorted(p.name for p in (tmp_path / 'patches').rglob('*.array_record*')) == \
+        dataset_before
+    dataset_mtime = max(p.stat().st_mtime_ns for p in (tmp_path / 'patches').rglob('*'))
+
+    # A training slide replaced: the cohort stain reference is refitted, so every slide's tiles
+    # are made again (the changed one rescanned) and the patch dataset is rebuilt.
+    shutil.copy(cohort[test[1]]['path'], cohort[train[0]]['path'])
+    assert pipeline.run(config, tmp_path, ['tile', 'patches']) == 0
+    entries = report(tmp_path)
+    assert 'the slide file changed' in entries[train[0]]['redone']
+    others = [s for s in cohort if s != train[0]]
+    assert all(entries[s]['redone'] == 'the cohort stain reference changed' for s in others)
+    assert not any((tmp_path / 'features' / f'{s}.npz').exists() for s in cohort)
+    assert min(p.stat().st_mtime_ns for p in (tmp_path / 'patches').rglob('*')
+               if p.is_file()) > dataset_mtime
+    reference = artifacts.load_npz(tmp_path / 'stain' / 'reference.npz')
+    assert train[0] in str(reference['sources'])
