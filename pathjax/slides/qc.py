@@ -7,6 +7,7 @@ from PIL import Image, ImageDraw
 MAX_SIDE = 2048
 BACKGROUND_TINT = np.array([70, 110, 200], np.float32)  # background shaded blue
 PATCH_OUTLINE = (0, 170, 60)
+SHADE_ROWS = 256  # overview rows shaded at once
 
 
 def thumbnail(overview: np.ndarray) -> np.ndarray:
@@ -29,9 +30,11 @@ def qc_picture(overview: np.ndarray, background: np.ndarray, slide_size: tuple[i
     Returns:
       uint8 [h', w', 3] with max(h', w') <= MAX_SIDE.
     """
-    shaded = overview.astype(np.float32)
-    shaded[background] = 0.6 * shaded[background] + 0.4 * BACKGROUND_TINT
-    image = Image.fromarray(thumbnail(shaded.astype(np.uint8)))
+    shaded = overview.copy()
+    for top in range(0, len(shaded), SHADE_ROWS):  # float32 temporaries of a band at a time
+        band, mask = shaded[top:top + SHADE_ROWS], background[top:top + SHADE_ROWS]
+        band[mask] = (0.6 * band[mask].astype(np.float32) + 0.4 * BACKGROUND_TINT).astype(np.uint8)
+    image = Image.fromarray(thumbnail(shaded))
     scale_x, scale_y = image.width / slide_size[0], image.height / slide_size[1]
     draw = ImageDraw.Draw(image)
     for x, y in coords:
