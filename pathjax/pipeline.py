@@ -20,7 +20,8 @@ from pathjax import (artifacts, cohort as cohort_lib, cpu_devices, cross_validat
 from pathjax.errors import StageError, UsageError, describe_os_error
 from pathjax.data import patches
 from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
-from pathjax.models.feature_net import backbones, resolve_tile_defaults
+from pathjax.models.feature_net import VGG16_BACKBONE, backbones, resolve_tile_defaults
+from pathjax.models.pretrained import check_weights_file
 from pathjax.models.vit_presets import PRESETS
 from pathjax.slides import stain, synthetic, tile_stage
 from pathjax.slides.tissue import TissueRule
@@ -145,6 +146,14 @@ def check_config(config) -> list[str]:
             f'feature_net.backbone must be one of {", ".join(backbones())}, got {net.backbone!r}')
     require(not net.weights or os.path.isfile(net.weights),
             f'feature_net.weights: file not found: {net.weights}')
+    if net.weights and os.path.isfile(net.weights) and net.backbone in backbones():
+        require(net.backbone != VGG16_BACKBONE or net.width == 1,
+                f'feature_net.weights are for the full VGG-16 (feature_net.width=1), got '
+                f'width={net.width}')
+        try:  # headers only: sizes, keys, shapes; no tensor is read
+            check_weights_file(net.weights, net.backbone)
+        except (ValueError, ImportError) as error:
+            problems.append(f'feature_net.weights: {error}')
     if net.backbone in PRESETS:
         require(net.embed_dim == 0, f'feature_net.embed_dim adds a layer to VGG-16 only; with '
                                     f'backbone={net.backbone} leave it at 0')

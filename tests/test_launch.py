@@ -173,3 +173,22 @@ def test_a_full_disk_mid_run_names_the_file(tmp_path, small_file_system):
     result = launch(f'--config.data.manifest={manifest}', '--config.workers=1', workdir=workdir)
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
     assert f'tile: {workdir}' in result.stderr and 'No space left on device' in result.stderr
+
+
+def test_a_hostile_weights_file_is_refused_before_the_first_stage(tmp_path):
+    """A 4 TiB tensor claimed by a few hundred bytes of .npz: checked from its headers in the
+    config check, one line naming the file, exit 2, no stage run."""
+    import io
+    import zipfile
+    import numpy as np
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {'descr': '<f4', 'fortran_order': False,
+                                                  'shape': (1 << 40,)})
+    weights = tmp_path / 'claims_4_tib.npz'
+    with zipfile.ZipFile(weights, 'w') as archive:
+        archive.writestr('pos_embed.npy', header.getvalue())
+    result = launch('--config.feature_net.backbone=vit_small_patch16_224',
+                    f'--config.feature_net.weights={weights}', workdir=tmp_path / 'work')
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+    assert f'feature_net.weights: {weights}' in result.stderr
+    assert not (tmp_path / 'work' / 'tiles').exists()

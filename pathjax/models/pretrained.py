@@ -1,39 +1,31 @@
-"""Weight files: state_dicts from .safetensors, .pth/.pt/.bin (torch, weights_only) or .npz, and
-ImageNet VGG-16 weights for the trunk in torchvision's state_dict layout (ViT presets:
+"""ImageNet VGG-16 weights for the trunk in torchvision's state_dict layout, the check of a weights
+file against a backbone, and the converter to .npz (reading files: `weight_files`; ViT presets:
 `vit_weights`).
 
 Nothing is downloaded. The file is torchvision's `vgg16` state_dict: `features.{i}.weight`
 [out, in, 3, 3] and `features.{i}.bias` [out] for the 13 convolutions (i = 0, 2, 5, ..., 28; the
-ReLUs and max-pools in between have no parameters); `classifier.*` keys are ignored. It is read
-from a `.pth`/`.pt` file with torch (the optional `torch` extra) or from an `.npz` with numpy.
+ReLUs and max-pools in between have no parameters); `classifier.*` keys are ignored (not read).
+It is read from a `.pth`/`.pt` file with torch (the optional `torch` extra), a `.safetensors` or
+an `.npz` file; shapes and dtypes are checked from the file's headers before any data is read.
 Convert once where torch is installed (a ViT file: name its preset; checked strictly first):
 
   python -m pathjax.models.pretrained vgg16-397923af.pth vgg16.npz
   python -m pathjax.models.pretrained pytorch_model.bin uni.npz vit_large_patch16_224
 """
 
-import json
-import mmap
 import os
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from absl import app, logging
 
 from pathjax import artifacts
+from pathjax.models import vit_presets, vit_weights
+from pathjax.models.feature_net import VGG16_BACKBONE
 from pathjax.models.vgg import BLOCKS, conv_names
-
-TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
-NPZ_SUFFIX = '.npz'
-SAFETENSORS_SUFFIX = '.safetensors'
-
-
-class PretrainedWeightsError(ValueError):
-    """A pretrained-weights file that is missing, unreadable or not VGG-16 in torchvision layout."""
+from pathjax.models.weight_files import PretrainedWeightsError, open_weights
 
 
 def torchvision_conv_indices() -> list[int]:
@@ -56,107 +48,14 @@ def _expected_shapes() -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]
             for i, name, c_in, c_out in layers}
 
 
-def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Drops the 'module.' prefix that (Distributed)DataParallel adds to every key."""
-    return {key.removeprefix('module.'): value for key, value in state_dict.items()}
+def vgg16_keys() -> list[str]:
+    """The 26 torchvision keys of the trunk's convolutions (weights and biases)."""
+    return [f'{prefix}.{kind}' for prefix in _expected_shapes() for kind in ('weight', 'bias')]
 
 
-def _load_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as error:
-        raise ImportError(
-            f'{path}: reading a {path.suffix} file needs PyTorch; install the torch extra '
-            f"(pip install -e '.[torch]') or convert the file to .npz where torch is installed "
-            f'(python -m pathjax.models.pretrained {path.name} {path.stem}.npz)') from error
-    try:
-        loaded = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # torch raises unpickling, zip and EOF errors of several types
-        raise PretrainedWeightsError(
-            f'{path}: cannot read as a PyTorch state_dict (torch.load, weights_only=True): '
-            f'{type(error).__name__}: {error}') from error
-    if isinstance(loaded, Mapping) and isinstance(loaded.get('state_dict'), Mapping):
-        loaded = loaded['state_dict']
-    if not isinstance(loaded, Mapping):
-        raise PretrainedWeightsError(
-            f'{path}: holds a {type(loaded).__name__}, not a state_dict (a dict of tensors)')
-    return {key: value.detach().cpu().float().numpy() if value.is_floating_point()
-            else value.detach().cpu().numpy()
-            for key, value in loaded.items() if isinstance(value, torch.Tensor)}
-
-
-SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
-                      'BF16': ml_dtypes.bfloat16,
-                      'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8,
-                      'U8': np.uint8, 'BOOL': np.bool_}
-
-
-def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """Every tensor of a .safetensors file (an 8-byte header size, a JSON header of dtype, shape
-    and byte offsets, then the raw little-endian data; no code is ever run), memory-mapped and
-    copied out one tensor at a time; bfloat16 and float16 become float32."""
-    try:
-        with open(path, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            size = int.from_bytes(data[:8], 'little')
-            header = json.loads(bytes(data[8:8 + size]))
-            out = {}
-            for key, info in header.items():
-                if key == '__metadata__':
-                    continue
-                dtype = np.dtype(SAFETENSORS_DTYPES[info['dtype']])
-                start, end = (8 + size + offset for offset in info['data_offsets'])
-                count = int(np.prod(info['shape'], dtype=np.int64))
-                if end > len(data) or end - start != count * dtype.itemsize:
-                    raise ValueError(f'tensor {key!r}: bytes {start}-{end} do not hold '
-                                     f'{info["shape"]} {info["dtype"]}')
-                array = np.frombuffer(data[start:end], dtype).reshape(info['shape'])
-                widen = info['dtype'] in ('BF16', 'F16')
-                out[key] = array.astype(np.float32) if widen else array
-            return out
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
-        raise PretrainedWeightsError(f'{path}: cannot read as .safetensors: '
-                                     f'{type(error).__name__}: {error}') from error
-
-
-def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
-    try:
-        return artifacts.load_npz(path)  # allow_pickle=False
-    except (OSError, ValueError, EOFError) as error:
-        raise PretrainedWeightsError(f'{path}: cannot read as .npz: {error}') from error
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a state_dict from a `.safetensors`, `.pth`/`.pt`/`.bin` (needs torch; read with
-    `weights_only=True`, never arbitrary pickle) or `.npz` file.
-
-    A dict wrapped under 'state_dict' and a 'module.' key prefix are accepted.
-
-    Returns:
-        Key -> array (floating torch tensors become float32; non-tensor entries are dropped).
-
-    Raises:
-        PretrainedWeightsError: missing or unreadable file, or an unknown suffix.
-        ImportError: a torch file where torch is not installed.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise PretrainedWeightsError(f'pretrained weights file not found: {path}')
-    suffix = path.suffix.lower()
-    if suffix in TORCH_SUFFIXES:
-        state_dict = _load_torch(path)
-    elif suffix == NPZ_SUFFIX:
-        state_dict = _load_npz(path)
-    elif suffix == SAFETENSORS_SUFFIX:
-        state_dict = _load_safetensors(path)
-    else:
-        raise PretrainedWeightsError(
-            f'{path}: unknown pretrained weights format {suffix!r}; expected one of '
-            f'{", ".join((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES, NPZ_SUFFIX))}')
-    return _strip_prefix(state_dict)
-
-
-def _checked(state_dict: Mapping[str, Any], key: str, layer: str, shape: tuple[int, ...],
-             source: str) -> np.ndarray:
+def _check_entry(state_dict: Mapping[str, Any], key: str, layer: str, shape: tuple[int, ...],
+                 source: str) -> None:
+    """Checks that state_dict[key] (an array, or a file's TensorHeader) has `shape`, floating."""
     if key not in state_dict:
         hint = ''
         if any(k.endswith('running_mean') for k in state_dict):
@@ -165,36 +64,58 @@ def _checked(state_dict: Mapping[str, Any], key: str, layer: str, shape: tuple[i
             hint = f' (it has no features.* keys; first keys: {", ".join(list(state_dict)[:5])})'
         raise PretrainedWeightsError(
             f"{source}: missing key '{key}' (layer {layer}) of torchvision's vgg16{hint}")
-    value = np.asarray(state_dict[key])
-    if value.shape != shape:
+    entry = state_dict[key]
+    if tuple(entry.shape) != shape:
+        raise PretrainedWeightsError(f"{source}: key '{key}' (layer {layer}) has shape "
+                                     f"{tuple(entry.shape)}, expected {shape}")
+    if not np.issubdtype(entry.dtype, np.floating):
         raise PretrainedWeightsError(
-            f"{source}: key '{key}' (layer {layer}) has shape {value.shape}, expected {shape}")
-    if not np.issubdtype(value.dtype, np.floating):
-        raise PretrainedWeightsError(
-            f"{source}: key '{key}' (layer {layer}) has dtype {value.dtype}, expected floating")
-    if not np.isfinite(value).all():
-        raise PretrainedWeightsError(f"{source}: key '{key}' (layer {layer}) has NaN or inf values")
-    return value.astype(np.float32)
+            f"{source}: key '{key}' (layer {layer}) has dtype {entry.dtype}, expected floating")
 
 
-def vgg16_trunk_params(state_dict: Mapping[str, Any], source: str = 'state_dict') -> dict:
+def check_vgg16(state_dict: Mapping[str, Any], source: str) -> None:
+    """Checks that `state_dict` (key -> array, or an open `WeightsFile`: its headers) has the
+    trunk's 26 tensors, each of its shape and floating; other keys are ignored.
+
+    Raises:
+        PretrainedWeightsError: naming `source`, the key and its layer.
+    """
+    for prefix, (layer, weight_shape, bias_shape) in _expected_shapes().items():
+        _check_entry(state_dict, f'{prefix}.weight', layer, weight_shape, source)
+        _check_entry(state_dict, f'{prefix}.bias', layer, bias_shape, source)
+
+
+def vgg16_trunk_params(state_dict: Mapping[str, np.ndarray], source: str = 'state_dict') -> dict:
     """torchvision vgg16 state_dict -> params of `VGG16(width=1.0)` (conv layers only), float32.
 
     Kernels become [kh, kw, in, out] (torch's [out, in, kh, kw] transposed); biases are unchanged.
 
     Args:
-        state_dict: key -> array, as `load_state_dict` returns it.
+        state_dict: key -> array, as `read_vgg16_state_dict` returns it.
         source: what to name in error messages (the file).
 
     Raises:
         PretrainedWeightsError: a key is missing or has the wrong shape or values.
     """
+    check_vgg16(state_dict, source)
     params = {}
-    for prefix, (layer, weight_shape, bias_shape) in _expected_shapes().items():
-        weight = _checked(state_dict, f'{prefix}.weight', layer, weight_shape, source)
-        bias = _checked(state_dict, f'{prefix}.bias', layer, bias_shape, source)
-        params[layer] = {'kernel': np.ascontiguousarray(weight.transpose(2, 3, 1, 0)), 'bias': bias}
+    for prefix, (layer, _, _) in _expected_shapes().items():
+        for key in (f'{prefix}.weight', f'{prefix}.bias'):
+            if not np.isfinite(state_dict[key]).all():
+                raise PretrainedWeightsError(
+                    f"{source}: key '{key}' (layer {layer}) has NaN or inf values")
+        kernel = state_dict[f'{prefix}.weight'].transpose(2, 3, 1, 0)
+        params[layer] = {'kernel': np.ascontiguousarray(kernel, np.float32),
+                         'bias': state_dict[f'{prefix}.bias'].astype(np.float32)}
     return params
+
+
+def read_vgg16_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The trunk's 26 tensors of a torchvision vgg16 weights file, checked from the file's
+    headers first (`check_vgg16`); other tensors are not read."""
+    with open_weights(path) as weights:
+        check_vgg16(weights, str(path))
+        return {key: weights.read(key) for key in vgg16_keys()}
 
 
 def load_pretrained_trunk(path: str | os.PathLike, trunk_params: Mapping[str, Any]) -> dict:
@@ -204,13 +125,14 @@ def load_pretrained_trunk(path: str | os.PathLike, trunk_params: Mapping[str, An
     width 1 (ImageNet's channel counts).
 
     Args:
-        path: `.pth`/`.pt` or `.npz` file in torchvision's vgg16 state_dict layout.
+        path: `.pth`/`.pt`, `.safetensors` or `.npz` file in torchvision's vgg16 state_dict
+            layout.
         trunk_params: params of an initialised `VGG16` (the 'trunk' entry of a FeatureNet).
 
     Raises:
         PretrainedWeightsError: bad file, or a layer whose shape differs from the file's.
     """
-    pretrained = vgg16_trunk_params(load_state_dict(path), source=str(path))
+    pretrained = vgg16_trunk_params(read_vgg16_state_dict(path), source=str(path))
     new_params = dict(trunk_params)
     for layer, weights in pretrained.items():
         if layer not in trunk_params:
@@ -232,6 +154,26 @@ def load_pretrained_trunk(path: str | os.PathLike, trunk_params: Mapping[str, An
     return new_params
 
 
+def check_weights_file(path: str | os.PathLike, backbone: str) -> None:
+    """Checks a weights file against a backbone from the file's headers, reading no tensor data:
+    'vgg16' (torchvision's vgg16 trunk keys; others ignored) or a ViT preset name (every key of
+    the preset and no other, each of its shape or, for pos_embed, resamplable to it).
+
+    Raises:
+        PretrainedWeightsError: naming the file and what is wrong with it.
+        ImportError: a .pth/.pt/.bin file where torch is not installed.
+        ValueError: an unknown backbone.
+    """
+    if backbone != VGG16_BACKBONE and backbone not in vit_presets.PRESETS:
+        raise ValueError(f'unknown backbone {backbone!r}; backbones: '
+                         f'{", ".join((VGG16_BACKBONE, *vit_presets.PRESETS))}')
+    with open_weights(path) as weights:
+        if backbone == VGG16_BACKBONE:
+            check_vgg16(weights, str(path))
+        else:
+            vit_weights.check(vit_presets.get_preset(backbone), weights, str(path))
+
+
 def save_npz(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Writes the trunk's keys (`features.*` of the 13 convs) of `state_dict` to `path` (.npz).
 
@@ -239,34 +181,34 @@ def save_npz(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
     of the file and pathjax never uses it). Written atomically.
     """
     vgg16_trunk_params(state_dict, source=f'state_dict to write to {path}')  # validates first
-    keys = [f'{prefix}.{kind}' for prefix in _expected_shapes() for kind in ('weight', 'bias')]
-    artifacts.save_npz(path, **{key: np.asarray(state_dict[key]) for key in keys})
+    artifacts.save_npz(path, **{key: np.asarray(state_dict[key]) for key in vgg16_keys()})
 
 
 def save_vit_npz(state_dict: Mapping[str, Any], preset_name: str, path) -> None:
     """Writes a ViT preset's timm state_dict to `path` (.npz), after the strict check of
     `vit_weights.convert` (every key used, every shape right)."""
-    from pathjax.models import vit_presets, vit_weights  # pylint: disable=import-outside-toplevel
     preset = vit_presets.get_preset(preset_name)
     vit_weights.convert(preset, dict(state_dict), f'state_dict to write to {path}')
     artifacts.save_npz(path, **{key: np.asarray(value) for key, value in state_dict.items()})
 
 
 def main(argv: list[str]) -> int:
-    """python -m pathjax.models.pretrained input output.npz [vit_preset]; exit status 1 for a
-    bad input. Without a preset the input is torchvision's vgg16, with one a timm ViT."""
+    """python -m pathjax.models.pretrained input output.npz [vit_preset]; a bad input: one line
+    naming the file and what is wrong, exit status 2. Without a preset the input is
+    torchvision's vgg16, with one a timm ViT."""
     if len(argv) not in (3, 4):
         raise app.UsageError('usage: python -m pathjax.models.pretrained input.(pth|bin|'
                              'safetensors) output.npz [vit_preset]')
     source, target = argv[1:3]
     try:
         if len(argv) == 4:
-            save_vit_npz(load_state_dict(source), argv[3], target)
+            preset = vit_presets.get_preset(argv[3])
+            save_vit_npz(vit_weights.read_state_dict(preset, source), preset.name, target)
         else:
-            save_npz(load_state_dict(source), target)
-    except (PretrainedWeightsError, ImportError, ValueError) as error:
-        logging.error('%s', error)
-        return 1
+            save_npz(read_vgg16_state_dict(source), target)
+    except (ImportError, ValueError) as error:  # PretrainedWeightsError is a ValueError
+        logging.error('%s', ' '.join(str(error).split()))
+        return 2
     logging.info('Wrote the weights of %s to %s', source, target)
     return 0
 

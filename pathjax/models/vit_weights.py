@@ -3,29 +3,39 @@
 Every parameter of the Flax model has one timm key (`torch_key`): `blocks_3/attn/qkv/kernel`
 is `blocks.3.attn.qkv.weight` transposed, `patch_embed/kernel` [p, p, 3, D] is
 `patch_embed.proj.weight` [D, 3, p, p], a LayerNorm's `scale` is its `weight`. Conversion uses
-every key of the file and checks every shape; position embeddings for another grid (DINOv2's
-518 px) are resampled to the preset's as timm does. Anything else stops with one error that
-lists the missing, unexpected and mis-shaped keys and names the presets the file would fit.
+every key of the file and checks every shape and dtype, from the file's headers before any data
+is read; position embeddings for another grid (DINOv2's 518 px; a side of at most
+MAX_POS_EMBED_GRID) are resampled to the preset's as timm does. Anything else stops with one error
+that lists the missing, unexpected, mis-shaped and non-floating keys and names the presets the
+file would fit.
 """
 
+import functools
+import math
+import os
 import re
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pathjax.models.pretrained import PretrainedWeightsError, load_state_dict
-from pathjax.models.vit import VisionTransformer, resample_pos_embed
+from pathjax.models.vit import ViTArchitecture, VisionTransformer, resample_pos_embed
 from pathjax.models.vit_presets import PRESETS, ViTPreset
+from pathjax.models.weight_files import PretrainedWeightsError, open_weights
 
 MAX_LISTED = 8  # keys named per kind of problem
+MAX_POS_EMBED_GRID = 128  # patches per side of a file's position embeddings (1792 px at 14 px)
 
 
 def abstract_params(preset: ViTPreset) -> dict:
     """The preset's parameter tree of ShapeDtypeStructs (nothing allocated)."""
-    model = VisionTransformer(preset.arch)
-    images = jax.ShapeDtypeStruct((1, preset.input_size, preset.input_size, 3), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.key(0), images)['params']
+    return _abstract_params(preset.arch)
+
+
+def _abstract_params(arch: ViTArchitecture) -> dict:
+    images = jax.ShapeDtypeStruct((1, arch.img_size, arch.img_size, 3), jnp.float32)
+    return jax.eval_shape(VisionTransformer(arch).init, jax.random.key(0), images)['params']
 
 
 def torch_key(path: tuple[str, ...]) -> str:
@@ -51,9 +61,15 @@ def to_flax(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
 
 def expected_keys(preset: ViTPreset) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     """timm key -> (Flax path, timm shape) of every parameter of the preset."""
-    leaves = jax.tree_util.tree_flatten_with_path(abstract_params(preset))[0]
+    return dict(_expected_keys(preset.arch))
+
+
+@functools.cache
+def _expected_keys(arch: ViTArchitecture) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """`expected_keys` of an architecture (its parameters depend on nothing else), computed once:
+    tracing a large ViT takes a second, and a refused file is compared with every preset."""
     out = {}
-    for key_path, leaf in leaves:
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(_abstract_params(arch))[0]:
         path = tuple(k.key for k in key_path)
         out[torch_key(path)] = (path, to_torch_shape(path, tuple(leaf.shape)))
     return out
@@ -64,43 +80,45 @@ def _pos_embed_fits(preset: ViTPreset, shape: tuple[int, ...]) -> bool:
     arch = preset.arch
     prefix = 0 if arch.no_embed_class else arch.prefix_tokens
     grid = shape[1] - prefix if len(shape) == 3 else -1
-    return (len(shape) == 3 and shape[0] == 1 and shape[2] == arch.embed_dim and grid > 0
-            and int(round(grid ** 0.5)) ** 2 == grid)
+    return (len(shape) == 3 and shape[0] == 1 and shape[2] == arch.embed_dim
+            and 0 < grid <= MAX_POS_EMBED_GRID ** 2 and math.isqrt(grid) ** 2 == grid)
 
 
-def problems(preset: ViTPreset, state_dict: dict[str, np.ndarray], expected=None
-             ) -> dict[str, list[str]]:
-    """{'missing', 'unexpected', 'mis-shaped'}: the keys that keep `state_dict` from being the
-    preset's (empty lists: it fits); `expected`: its `expected_keys`, if already made."""
+def problems(preset: ViTPreset, state_dict: Mapping, expected=None) -> dict[str, list[str]]:
+    """{'missing', 'unexpected', 'mis-shaped', 'not floating-point'}: the keys that keep
+    `state_dict` (key -> array, or an open `WeightsFile`: its headers) from being the preset's
+    (empty lists: it fits); `expected`: its `expected_keys`, if already made."""
     expected = expected or expected_keys(preset)
-    wrong = []
+    wrong, not_float = [], []
     for key, (_, shape) in expected.items():
         if key not in state_dict:
             continue
-        actual = tuple(np.shape(state_dict[key]))
+        entry = state_dict[key]
+        actual = tuple(np.shape(entry))
         fits = _pos_embed_fits(preset, actual) if key == 'pos_embed' else actual == shape
         if not fits:
             wrong.append(f'{key} {actual} (expected {shape})')
+        if not np.issubdtype(entry.dtype, np.floating):
+            not_float.append(f'{key} ({entry.dtype})')
     return {'missing': [k for k in expected if k not in state_dict],
             'unexpected': [k for k in state_dict if k not in expected],
-            'mis-shaped': wrong}
+            'mis-shaped': wrong, 'not floating-point': not_float}
 
 
-def fitting_presets(state_dict: dict[str, np.ndarray]) -> list[str]:
+def fitting_presets(state_dict: Mapping) -> list[str]:
     """The presets that `state_dict` fits."""
     return [name for name, preset in PRESETS.items()
             if not any(problems(preset, state_dict).values())]
 
 
-def convert(preset: ViTPreset, state_dict: dict[str, np.ndarray], source: str) -> dict:
-    """The Flax parameters of `preset` from a timm state_dict (float32 numpy arrays).
+def check(preset: ViTPreset, state_dict: Mapping, source: str, expected=None) -> None:
+    """Checks that `state_dict` (key -> array, or an open `WeightsFile`: its headers) is the
+    preset's: every key, no other, each of its shape and floating.
 
     Raises:
-        PretrainedWeightsError: listing missing, unexpected and mis-shaped keys and the presets
-            that would fit.
+        PretrainedWeightsError: listing missing, unexpected, mis-shaped and non-floating keys and
+            the presets that would fit.
     """
-    state_dict = {k.removeprefix('module.'): v for k, v in state_dict.items()}
-    expected = expected_keys(preset)
     found = problems(preset, state_dict, expected)
     if any(found.values()):
         lines = [f'{kind} ({len(keys)}): {", ".join(keys[:MAX_LISTED])}'
@@ -111,6 +129,17 @@ def convert(preset: ViTPreset, state_dict: dict[str, np.ndarray], source: str) -
                 'it fits no preset (presets: ' + ', '.join(PRESETS) + ')')
         raise PretrainedWeightsError(f'{source} is not a {preset.name} state_dict in timm\'s '
                                      f'layout: ' + '; '.join(lines) + f'; {hint}')
+
+
+def convert(preset: ViTPreset, state_dict: dict[str, np.ndarray], source: str) -> dict:
+    """The Flax parameters of `preset` from a timm state_dict (float32 numpy arrays).
+
+    Raises:
+        PretrainedWeightsError: as `check`, or NaN or inf values.
+    """
+    state_dict = {k.removeprefix('module.'): v for k, v in state_dict.items()}
+    expected = expected_keys(preset)
+    check(preset, state_dict, source, expected)
     params = {}
     for key, (path, _) in expected.items():
         value = np.asarray(state_dict[key], np.float32)
@@ -127,6 +156,15 @@ def convert(preset: ViTPreset, state_dict: dict[str, np.ndarray], source: str) -
     return params
 
 
-def load_params(preset: ViTPreset, path) -> dict:
+def read_state_dict(preset: ViTPreset, path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The preset's tensors from a weights file (.safetensors, .pth/.bin, .npz), checked from the
+    file's headers (`check`) before any data is read."""
+    with open_weights(path) as weights:  # a malformed file fails here, before any tracing
+        expected = expected_keys(preset)
+        check(preset, weights, str(path), expected)
+        return {key: weights.read(key) for key in expected}
+
+
+def load_params(preset: ViTPreset, path: str | os.PathLike) -> dict:
     """The preset's parameters from a local weights file (.safetensors, .pth/.bin, .npz)."""
-    return convert(preset, load_state_dict(path), str(path))
+    return convert(preset, read_state_dict(preset, path), str(path))

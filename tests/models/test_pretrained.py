@@ -1,16 +1,27 @@
-"""ImageNet VGG-16 weights in torchvision layout -> the Flax trunk, vs numpy and torch forwards."""
+"""ImageNet VGG-16 weights in torchvision layout -> the Flax trunk, vs numpy and torch forwards;
+hostile weight files, the check of a file against a backbone, the converter."""
 
+import contextlib
+import dataclasses
+import json
+import math
+import pathlib
+import struct
+import subprocess
 import sys
+import tracemalloc
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathjax.models import pretrained
+from pathjax.models import pretrained, vit_presets, vit_weights
 from pathjax.models.feature_net import FeatureNet
 from pathjax.models.pretrained import PretrainedWeightsError
 from pathjax.models.vgg import VGG16
+from pathjax.models.weight_files import open_weights
 
 # torchvision's vgg16 (config 'D'), written out here so the test does not trust pathjax's tables.
 CFG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M')
@@ -103,7 +114,7 @@ def test_conv_indices_match_torchvision():
 
 
 def test_npz_matches_numpy_reference(state_dict, npz_path, images):
-    params = pretrained.vgg16_trunk_params(pretrained.load_state_dict(npz_path))
+    params = pretrained.vgg16_trunk_params(pretrained.read_vgg16_state_dict(npz_path))
     assert sorted(params) == sorted(CONV_NAMES)
     assert params['conv1_1']['kernel'].shape == (3, 3, 3, 64)
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))
@@ -210,18 +221,18 @@ def test_unknown_suffix_and_unreadable_npz(tmp_path):
     path = tmp_path / 'weights.h5'
     path.write_bytes(b'x')
     with pytest.raises(PretrainedWeightsError, match=r"weights.h5.*'\.h5'"):
-        pretrained.load_state_dict(path)
+        pretrained.read_vgg16_state_dict(path)
     path = tmp_path / 'broken.npz'
     path.write_bytes(b'not a zip file')
     with pytest.raises(PretrainedWeightsError, match='broken.npz'):
-        pretrained.load_state_dict(path)
+        pretrained.read_vgg16_state_dict(path)
 
 
 def test_npz_with_pickled_objects_is_refused(tmp_path):
     path = tmp_path / 'objects.npz'
     np.savez(path, **{'features.0.weight': np.array([{'a': 1}], dtype=object)})
-    with pytest.raises(PretrainedWeightsError, match='objects.npz'):
-        pretrained.load_state_dict(path)
+    with pytest.raises(PretrainedWeightsError, match='objects.npz.*dtype object'):
+        pretrained.read_vgg16_state_dict(path)
 
 
 def test_pth_without_torch_says_what_to_install(tmp_path, monkeypatch):
@@ -229,7 +240,9 @@ def test_pth_without_torch_says_what_to_install(tmp_path, monkeypatch):
     path.write_bytes(b'x')
     monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` now raises ImportError
     with pytest.raises(ImportError, match=r"vgg16.pth.*pip install -e '\.\[torch\]'.*\.npz"):
-        pretrained.load_state_dict(path)
+        pretrained.read_vgg16_state_dict(path)
+    with pytest.raises(ImportError, match=r"vgg16.pth.*pip install"):
+        pretrained.check_weights_file(path, 'vgg16')
 
 
 # The PyTorch path: a hand-built torchvision-layout VGG-16, saved with torch.save.
@@ -281,7 +294,7 @@ def test_pth_matches_pytorch(torch_net, images, tmp_path):
     assert weight_keys == [f'features.{i}.weight' for i in CONV_INDICES]
     path = tmp_path / 'vgg16.pth'
     torch.save(state, path)
-    params = pretrained.vgg16_trunk_params(pretrained.load_state_dict(path))
+    params = pretrained.vgg16_trunk_params(pretrained.read_vgg16_state_dict(path))
     ours = _apply({'params': params}, images)
     with torch.no_grad():
         theirs = net(torch.from_numpy(images).permute(0, 3, 1, 2).float()).numpy()
@@ -297,9 +310,11 @@ def test_pth_wrapped_state_dict(torch_net, tmp_path, wrap):
              else {f'module.{k}': v for k, v in state.items()})
     path = tmp_path / 'wrapped.pt'
     torch.save(saved, path)
-    loaded = pretrained.load_state_dict(path)
-    assert set(loaded) == set(state)
-    np.testing.assert_array_equal(loaded['features.28.weight'], state['features.28.weight'].numpy())
+    with open_weights(path) as weights:
+        assert set(weights) == set(state)
+        assert weights['features.28.weight'].shape == (512, 512, 3, 3)
+        np.testing.assert_array_equal(weights.read('features.28.weight'),
+                                      state['features.28.weight'].numpy())
 
 
 def test_pth_to_npz_roundtrip(torch_net, tmp_path):
@@ -307,9 +322,9 @@ def test_pth_to_npz_roundtrip(torch_net, tmp_path):
     pth, npz = tmp_path / 'vgg16.pth', tmp_path / 'vgg16.npz'
     torch.save(net.state_dict(), pth)
     assert pretrained.main(['pretrained', str(pth), str(npz)]) == 0  # the CLI
-    assert pretrained.main(['pretrained', str(tmp_path / 'absent.pth'), str(npz)]) == 1
-    from_pth = pretrained.vgg16_trunk_params(pretrained.load_state_dict(pth))
-    from_npz = pretrained.vgg16_trunk_params(pretrained.load_state_dict(npz))
+    assert pretrained.main(['pretrained', str(tmp_path / 'absent.pth'), str(npz)]) == 2
+    from_pth = pretrained.vgg16_trunk_params(pretrained.read_vgg16_state_dict(pth))
+    from_npz = pretrained.vgg16_trunk_params(pretrained.read_vgg16_state_dict(npz))
     jax.tree.map(np.testing.assert_array_equal, from_pth, from_npz)
     with np.load(npz, allow_pickle=False) as data:
         assert sorted(data.files) == sorted(f'features.{i}.{kind}' for i in CONV_INDICES
@@ -320,4 +335,226 @@ def test_unreadable_pth(torch_net, tmp_path):
     path = tmp_path / 'broken.pth'
     path.write_bytes(b'not a torch file')
     with pytest.raises(PretrainedWeightsError, match='broken.pth'):
-        pretrained.load_state_dict(path)
+        pretrained.read_vgg16_state_dict(path)
+
+
+# Weight files are hostile input (issue 17): each file below was accepted, or raised something
+# other than PretrainedWeightsError, or allocated what it claimed, before the headers were
+# checked first. More in test_weights_fuzz.py.
+
+SMALL_VIT = dataclasses.replace(
+    vit_presets.PRESETS['vit_small_patch16_224'],
+    arch=dataclasses.replace(vit_presets.PRESETS['vit_small_patch16_224'].arch, depth=1,
+                             embed_dim=16, num_heads=2, img_size=32))
+
+
+@contextlib.contextmanager
+def allocates_at_most(limit: int):
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < limit, f'{peak} bytes allocated'
+
+
+def _npy_header(shape, descr='<f4') -> bytes:
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple(shape)!r}, }}\n"
+    return b'\x93NUMPY\x01\x00' + struct.pack('<H', len(text)) + text.encode('latin1')
+
+
+def _safetensors_header(shapes: dict[str, tuple[int, ...]]) -> tuple[dict, int]:
+    """A float32 .safetensors header of `shapes` and the size of its data section."""
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        end = offset + 4 * math.prod(shape)
+        header[key] = {'dtype': 'F32', 'shape': list(shape), 'data_offsets': [offset, end]}
+        offset = end
+    return header, offset
+
+
+def _write_safetensors(path, header: dict | bytes, data: bytes | int) -> pathlib.Path:
+    """`data`: the data section, or its size (a sparse file of zeros: nothing is written)."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    with open(path, 'wb') as f:
+        f.write(struct.pack('<Q', len(text)) + text)
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            f.truncate(8 + len(text) + data)
+    return path
+
+
+@pytest.fixture(scope='module')
+def small_vit_state():
+    rng = np.random.default_rng(5)
+    return {key: rng.normal(0, 0.05, shape).astype(np.float32)
+            for key, (_, shape) in vit_weights.expected_keys(SMALL_VIT).items()}
+
+
+def _small_vit_safetensors(state) -> tuple[dict, bytes]:
+    header, _ = _safetensors_header({key: value.shape for key, value in state.items()})
+    return header, b''.join(value.tobytes() for value in state.values())
+
+
+def test_npz_zip_bomb_is_refused_from_its_header(tmp_path):
+    """1 MB of deflated zeros under a trunk key whose .npy header says 128 MiB."""
+    path = tmp_path / 'bomb.npz'
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open('features.0.weight.npy', 'w', force_zip64=True) as member:
+            member.write(_npy_header((2**25,)))
+            for _ in range(32):
+                member.write(bytes(2**22))
+    assert path.stat().st_size < 2**20
+    expected = r"bomb.npz: key 'features.0.weight' \(layer conv1_1\) has shape \(33554432,\)"
+    with allocates_at_most(2**26), pytest.raises(PretrainedWeightsError, match=expected):
+        pretrained.load_pretrained_trunk(path, _width_one_params())
+    with allocates_at_most(2**22), pytest.raises(PretrainedWeightsError, match=expected):
+        pretrained.check_weights_file(path, 'vgg16')
+
+
+def test_npz_member_must_be_exactly_its_header_and_data(tmp_path):
+    path = tmp_path / 'claim.npz'  # 220 bytes whose header claims 4 TiB
+    with zipfile.ZipFile(path, 'w') as archive:
+        archive.writestr('features.0.weight.npy', _npy_header((2**40,)))
+    with pytest.raises(PretrainedWeightsError,
+                       match=r"claim.npz: cannot read as .npz: member 'features.0.weight.npy' "
+                             r"holds 80 bytes, but its 80-byte .npy header describes shape "
+                             r"\(1099511627776,\) float32 \(4398046511104 bytes\) after it"):
+        pretrained.load_pretrained_trunk(path, _width_one_params())
+    path = tmp_path / 'longer.npz'  # the right header, then more than it describes
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr('features.0.bias.npy', _npy_header((64,)) + bytes(4 * 64 + 1))
+    with open_weights(path) as weights, pytest.raises(PretrainedWeightsError,
+                                                      match='holds 326 bytes, but its 69-byte'):
+        weights['features.0.bias']  # pylint: disable=pointless-statement
+
+
+def _set(key, field, value):
+    def edit(header):
+        header[key][field] = value(header) if callable(value) else value
+        return json.dumps(header).encode()
+    return edit
+
+
+def _duplicate_norm_bias(header):
+    text = json.dumps(header)
+    return (text[:-1] + ', "norm.bias": ' + json.dumps(header['norm.weight']) + '}').encode()
+
+
+@pytest.mark.parametrize('edit, problem', [
+    (_set('norm.bias', 'data_offsets', [-64, 0]), r"'norm.bias': data_offsets \[-64, 0\] is not"),
+    (_set('norm.bias', 'data_offsets', lambda h: h['norm.weight']['data_offsets']),
+     r"tensors '(norm.weight|norm.bias)' and '(norm.weight|norm.bias)' overlap"),
+    (_set('norm.bias', 'shape', 16), r"'norm.bias': shape 16 is not a list"),
+    (_set('norm.bias', 'shape', [2**70]), r"'norm.bias': bytes \d+-\d+ do not hold shape"),
+    (_duplicate_norm_bias, r"key 'norm.bias' twice"),
+    (lambda header: b'[]', 'the JSON header is a list, not an object'),
+    (lambda header: b'[' * 100_000 + b']' * 100_000, 'RecursionError'),
+], ids=['negative offsets', 'overlap', 'scalar shape', '2**70 shape', 'duplicate key',
+        'not an object', 'deeply nested'])
+def test_safetensors_header_is_checked(tmp_path, small_vit_state, edit, problem):
+    header, data = _small_vit_safetensors(small_vit_state)
+    path = _write_safetensors(tmp_path / 'vit.safetensors', edit(header), data)
+    with pytest.raises(PretrainedWeightsError, match=r'vit.safetensors: cannot read as '
+                                                     r'.safetensors: .*' + problem):
+        vit_weights.load_params(SMALL_VIT, path)
+
+
+def test_safetensors_header_size_is_capped(tmp_path):
+    path = tmp_path / 'big.safetensors'  # a 101 MB header (sparse: nothing written)
+    with open(path, 'wb') as f:
+        f.write(struct.pack('<Q', 101_000_000))
+        f.truncate(8 + 101_000_000)
+    with allocates_at_most(2**26), pytest.raises(
+            PretrainedWeightsError, match=r'big.safetensors.*header of 101000000 bytes.*at most'):
+        pretrained.load_pretrained_trunk(path, _width_one_params())
+    path.write_bytes(struct.pack('<Q', 2**63) + b'{}')
+    with pytest.raises(PretrainedWeightsError, match=r'header of 9223372036854775808 bytes in '
+                                                     r'a file of 10 bytes'):
+        pretrained.load_pretrained_trunk(path, _width_one_params())
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'bit flip'])
+def test_damaged_npz(tmp_path, small_vit_state, damage):
+    path = tmp_path / 'vit.npz'
+    np.savez_compressed(path, **small_vit_state)
+    raw = bytearray(path.read_bytes())
+    if damage == 'truncated':
+        del raw[len(raw) // 2:]
+    else:  # in the middle of pos_embed's compressed data
+        info = zipfile.ZipFile(path).getinfo('pos_embed.npy')
+        name_length, extra_length = struct.unpack('<HH', raw[info.header_offset + 26:
+                                                             info.header_offset + 30])
+        raw[info.header_offset + 30 + name_length + extra_length + info.compress_size // 2] ^= 4
+    path.write_bytes(bytes(raw))
+    with pytest.raises(PretrainedWeightsError, match=r'vit.npz: cannot read as .npz: '
+                                                     r'(zipfile.BadZipFile|zlib.error)'):
+        vit_weights.load_params(SMALL_VIT, path)
+
+
+def test_check_weights_file_reads_headers_only(tmp_path, npz_path):
+    with allocates_at_most(2**22):  # the file holds 58 MB of weights
+        pretrained.check_weights_file(npz_path, 'vgg16')
+    large = vit_presets.PRESETS['vit_large_patch16_224']
+    shapes = {key: shape for key, (_, shape) in vit_weights.expected_keys(large).items()}
+    path = _write_safetensors(tmp_path / 'uni.safetensors', *_safetensors_header(shapes))
+    with allocates_at_most(2**24):  # 1.2 GB of (sparse) weights
+        pretrained.check_weights_file(path, large.name)
+    with pytest.raises(PretrainedWeightsError, match=r'uni.safetensors is not a '
+                                                     r'vit_base_patch16_224.*fits preset\(s\) '
+                                                     r'vit_large_patch16_224'):
+        pretrained.check_weights_file(path, 'vit_base_patch16_224')
+    del shapes['norm.bias']
+    path = _write_safetensors(tmp_path / 'uni.safetensors', *_safetensors_header(shapes))
+    with pytest.raises(PretrainedWeightsError, match=r'missing \(1\): norm.bias'):
+        pretrained.check_weights_file(path, large.name)
+    with pytest.raises(PretrainedWeightsError, match=r"uni.safetensors: missing key "
+                                                     r"'features.0.weight'"):
+        pretrained.check_weights_file(path, 'vgg16')
+    with pytest.raises(ValueError, match="unknown backbone 'vgg19'"):
+        pretrained.check_weights_file(path, 'vgg19')
+
+
+@pytest.mark.parametrize('tokens, fits', [(37 * 37, True), (37 * 37 + 1, False),
+                                          (129 * 129, False)])
+def test_check_weights_file_allows_resampled_position_embeddings(tmp_path, tokens, fits):
+    """DINOv2's 518 px files (37 x 37 patches) fit the preset made for 224 px."""
+    dinov2 = vit_presets.PRESETS['vit_small_patch14_reg4_dinov2']
+    shapes = {key: shape for key, (_, shape) in vit_weights.expected_keys(dinov2).items()}
+    shapes['pos_embed'] = (1, tokens, 384)
+    path = _write_safetensors(tmp_path / 'dinov2.safetensors', *_safetensors_header(shapes))
+    if fits:
+        pretrained.check_weights_file(path, dinov2.name)
+    else:
+        with pytest.raises(PretrainedWeightsError, match=rf'mis-shaped \(1\): pos_embed '
+                                                         rf'\(1, {tokens}, 384\)'):
+            pretrained.check_weights_file(path, dinov2.name)
+
+
+def test_check_weights_file_of_a_torch_file(torch_net, tmp_path, small_vit_state, monkeypatch):
+    torch, _ = torch_net
+    monkeypatch.setitem(vit_presets.PRESETS, SMALL_VIT.name, SMALL_VIT)
+    path = tmp_path / 'vit.bin'
+    torch.save({key: torch.from_numpy(value) for key, value in small_vit_state.items()}, path)
+    pretrained.check_weights_file(path, SMALL_VIT.name)
+    torch.save({'state_dict': {'module.norm.bias': torch.zeros(3, dtype=torch.int64)}}, path)
+    with pytest.raises(PretrainedWeightsError, match=r'vit.bin is not a vit_small_patch16_224.*'
+                                                     r'mis-shaped \(1\): norm.bias \(3,\).*'
+                                                     r'not floating-point \(1\): norm.bias'):
+        pretrained.check_weights_file(path, SMALL_VIT.name)
+
+
+@pytest.mark.parametrize('preset', [[], ['vit_small_patch16_224']], ids=['vgg16', 'vit'])
+def test_converter_reports_a_bad_file_in_one_line(tmp_path, preset):
+    source = tmp_path / 'broken.npz'
+    source.write_bytes(b'PK\x03\x04 not a whole zip file')
+    result = subprocess.run(
+        [sys.executable, '-m', 'pathjax.models.pretrained', str(source), str(tmp_path / 'out.npz'),
+         *preset], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert f'{source}: cannot read as .npz: zipfile.BadZipFile' in lines[0]
+    assert not (tmp_path / 'out.npz').exists()

@@ -177,5 +177,5 @@ def test_converter_writes_a_torch_free_npz_of_a_checked_vit_file(tmp_path, monke
     np.testing.assert_array_equal(written['pos_embed'], model.state_dict()['pos_embed'].numpy())
     # A file of another preset is refused and nothing is written.
     assert pretrained.main(['pretrained', str(source), str(tmp_path / 'x.npz'),
-                            'vit_small_patch14_reg4_dinov2']) == 1
+                            'vit_small_patch14_reg4_dinov2']) == 2
     assert not (tmp_path / 'x.npz').exists()
