@@ -1,19 +1,28 @@
 """Feature learning: it learns, shards like one device, resumes exactly, stops on NaN."""
 
+import csv
 import json
+import math
 
 import jax
 import numpy as np
 import optax
 import pytest
 
+from pathjax import artifacts
 from pathjax.errors import StageError
+from pathjax.metrics import roc_auc
 from pathjax.models.feature_net import FeatureNet
 from pathjax.train import feature_learning
 from pathjax.runtime import metrics_log, sharding
 from pathjax.runtime.checkpoint import Checkpoints
+from pathjax.slides import synthetic
+from pathjax.slides.patch_stream import PatchReader, SlidePatches
+from pathjax.slides.tile_stage import tiles_path
 from pathjax.train.feature_learning import FeatureTrainer, TrainState, make_train_step
 from tests.conftest import LEARNING_COHORT, make_config, workdir_with_patches
+
+EPOCHS = 12
 
 
 def epochs_of(workdir):
@@ -29,22 +38,81 @@ def trained_params(workdir, config):
     return state.params
 
 
-def test_training_lowers_the_loss_and_beats_chance(patch_workdir, tmp_path):
+def hanley_mcneil_se(auc, positives, negatives):
+    """The standard error of an AUC over that many positives and negatives (Hanley & McNeil)."""
+    q1, q2 = auc / (2 - auc), 2 * auc ** 2 / (1 + auc)
+    return math.sqrt((auc * (1 - auc) + (positives - 1) * (q1 - auc ** 2)
+                      + (negatives - 1) * (q2 - auc ** 2)) / (positives * negatives))
+
+
+def held_out_patches(workdir, config):
+    """Every tiled patch of the slides the network did not train on (validation and test), read
+    as the patches stage reads them: (images uint8 [N, P, P, 3], the share of each patch's area
+    inside the class motif [N] (from the generator's own motif mask), on a negative slide [N])."""
+    synth = config.data.synthetic
+    specs = {spec.slide_id: spec for spec in synthetic.cohort_specs(
+        synth.num_slides, tuple(config.data.classes), seed=synth.seed, width=synth.width,
+        height=synth.height)}
+    images, motif_shares, negative = [], [], []
+    with PatchReader(batch_size=32, workers=config.workers) as reader:
+        for row in csv.DictReader((workdir / 'cohort.csv').open()):
+            if row['split'] == 'train':
+                continue
+            spec = specs[row['slide_id']]
+            assert spec.label == row['label'], (spec, row)
+            tiles = artifacts.load_npz(tiles_path(workdir, spec.slide_id))
+            slide = SlidePatches.from_tiles(spec.slide_id, row['path'], tiles)
+            read = np.zeros((len(slide.coords), slide.patch_size, slide.patch_size, 3), np.uint8)
+            for batch in reader.batches(slide):
+                read[batch.indices] = batch.images
+            shares = np.zeros(len(slide.coords))
+            if spec.positive:  # the motif mask at level 0, where the coordinates are
+                _, _, motif = synthetic.render_slide(spec, return_masks=True)
+                extent = int(round(float(tiles['extent'])))
+                shares = np.array([motif[y:y + extent, x:x + extent].mean()
+                                   for x, y in slide.coords])
+            images.append(read)
+            motif_shares.append(shares)
+            negative.append(np.full(len(shares), not spec.positive))
+    return np.concatenate(images), np.concatenate(motif_shares), np.concatenate(negative)
+
+
+def test_training_lowers_the_loss_and_ranks_motif_patches_first(patch_workdir, tmp_path):
+    """The loss falls, and the trained network's positive-class cosine ranks the held-out patches
+    at least a quarter inside the class motif above the patches of held-out negative slides.
+
+    CPU floats differ between instruction sets (AVX-512 or not), so on another machine training
+    follows another trajectory: the asserts hold for any trajectory from this initialisation,
+    with margins of several standard errors. Validation accuracy is no such measure: only the
+    motif's 15-25% of a positive slide's tissue differs, so even a perfect motif detector beats
+    the majority class by ~0.07 on ~135 validation patches (standard error ~0.04), and a run can
+    sit at the majority class while it learns the motif. Measured on this cohort, 11 runs (7 data
+    orders, i.e. seeds of the shuffling and augmentation with the initialisation fixed; 4 with
+    XLA held to AVX2): AUC 0.992-0.999 over 31 motif and 157 negative patches (Hanley-McNeil SE
+    <= 0.012; 0.045 if the AUC were at the threshold 0.85, 3.2 SE below the lowest), the last
+    epochs' loss 0.39-0.50 of the first epoch's. An untrained network scores 0.42-0.74 (its
+    cosine follows how dark a patch is). The AUC peaks within ~12 epochs, then slowly falls
+    (0.95-0.997 after 20). Some other initialisations (seeds 5 and 6) stay on the plateau for 20
+    epochs (AUC 0.64, 0.79): a change to how the network is initialised can fail this test."""
     workdir = workdir_with_patches(patch_workdir, tmp_path)
-    config = make_config(**LEARNING_COHORT, **{'learn.epochs': 20, 'mesh.data': 1,
+    config = make_config(**LEARNING_COHORT, **{'learn.epochs': EPOCHS, 'mesh.data': 1,
                                                'learn.lr_schedule': 'cosine'})
-    summary = FeatureTrainer(config, workdir).fit()
+    trainer = FeatureTrainer(config, workdir)
+    summary = trainer.fit()
     epochs = epochs_of(workdir)
-    assert len(epochs) == 20 and summary['epoch'] == 20
-    assert np.mean([e['train_loss'] for e in epochs[-3:]]) < 0.8 * epochs[0]['train_loss']
-    # Chance on validation patches is the majority class's share. Colour cannot carry the label
-    # (no stain normalization, stain drawn independently of the class) and only the motif's
-    # 15-25% of a positive slide's tissue differs, so a perfect motif detector scores about
-    # chance + 0.3 * 0.25 here (0.3: the positive share of validation patches). At the demo's rate.
-    builder = FeatureTrainer(config, workdir).val_source
-    labels = np.array([builder[i]['label'] for i in range(len(builder))])
-    chance = max(labels.mean(), 1 - labels.mean())
-    assert np.mean([e['val_accuracy'] for e in epochs[-3:]]) > chance + 0.05, (chance, epochs)
+    assert len(epochs) == EPOCHS and summary['epoch'] == EPOCHS
+    assert np.mean([e['train_loss'] for e in epochs[-3:]]) < 0.8 * epochs[0]['train_loss'], epochs
+    images, motif_shares, negative = held_out_patches(workdir, config)
+    abstract = feature_learning.abstract_state(trainer.model, trainer.tx, config.tile.patch_size)
+    with Checkpoints(workdir / 'feature_net') as checkpoints:
+        params, _ = checkpoints.restore_params(abstract.params, 'latest')
+    cosines = np.asarray(jax.jit(trainer.model.apply)({'params': params}, images)[1])
+    motif = motif_shares >= 0.25
+    ranked = motif | negative
+    assert motif.sum() >= 20 and negative.sum() >= 100, (motif.sum(), negative.sum())
+    auc = roc_auc(cosines[ranked, 1], motif[ranked])
+    se = hanley_mcneil_se(auc, motif.sum(), negative.sum())
+    assert auc > 0.85, (auc, se, motif.sum(), negative.sum(), epochs)
 
 
 def test_sharded_step_matches_one_device():

@@ -31,18 +31,21 @@ CLASSES = ('negative', 'positive')
 SETTINGS = {'eval.splits': ('val', 'test'), 'mesh.data': 1}
 
 
-def bag_cohort(workdir, num_slides=100, seed=0, shuffle_training_labels=False):
-    """Synthetic bags written as features files; 50 train, 10 val, the rest test."""
-    bags = synthetic_bags.make_bags(num_slides, patches=(40, 120), seed=seed)  # buckets 64, 128
-    labels = np.array([b.label for b in bags])
-    if shuffle_training_labels:
-        labels[:60] = np.random.default_rng(seed + 1).permutation(labels[:60])
+def bag_cohort(workdir, num_slides=100, seed=0, signal=3.0, train=50):
+    """Synthetic bags written as features files; `train` train, 10 val, the rest test. `signal`: the
+    motif's shift (make_bags' default is 2.0: then whether a run of the tiny test network picks
+    the motif out or memorises the 50 bags depends on its trajectory, test AUC 0.72-0.99 over
+    seeds; at 3.0 it was 1.00 in each of 13 runs). 0 leaves nothing in the features that tells
+    the classes apart."""
+    bags = synthetic_bags.make_bags(num_slides, patches=(40, 120), seed=seed,
+                                    signal=signal)  # buckets 64, 128
     records = []
-    for i, (bag, label) in enumerate(zip(bags, labels)):
+    for i, bag in enumerate(bags):
         artifacts.save_npz(features_path(workdir, bag.slide_id), features=bag.features,
                            coords=bag.grid * 256, grid=bag.grid)
-        split = 'train' if i < 50 else 'val' if i < 60 else 'test'
-        records.append(SlideRecord(bag.slide_id, '', CLASSES[label], bag.slide_id, split, i + 2))
+        split = 'train' if i < train else 'val' if i < train + 10 else 'test'
+        records.append(SlideRecord(bag.slide_id, '', CLASSES[bag.label], bag.slide_id, split,
+                                   i + 2))
     return Cohort(tuple(records), ())
 
 
@@ -66,8 +69,11 @@ def trained(tmp_path_factory):
 
 
 def test_learns_a_signal_carried_by_a_minority_of_patches(trained):
+    """Test AUC over 20 + 20 slides: 1.00 in each of 13 runs (5 cohort seeds, 6 more training
+    seeds, XLA held to AVX2 for 2); 0.8 is 2.8 standard errors below that (Hanley-McNeil SE of
+    an AUC of 0.8 here: 0.071) and 3.3 above chance (SE 0.092)."""
     workdir, _, config, metrics = trained
-    assert metrics['test']['auc'] >= 0.9, metrics['test']
+    assert metrics['test']['auc'] >= 0.8, metrics['test']
     assert metrics['test']['num_slides'] == 40
     result = report_of(workdir)
     assert sorted(result['metrics']) == ['train', 'val']  # no test results before evaluate
@@ -77,13 +83,21 @@ def test_learns_a_signal_carried_by_a_minority_of_patches(trained):
         training['step'] >= config.train.max_steps
 
 
-def test_shuffled_labels_give_chance(tmp_path):
-    cohort = bag_cohort(tmp_path, num_slides=120, shuffle_training_labels=True)
+def test_features_without_the_signal_give_chance(tmp_path):
+    """Nothing but the features reaches a prediction: with no motif in them (signal 0), the
+    labels cannot be learnt, and whatever the network memorised of its 30 training bags, its
+    test AUC over 40 + 40 slides is a draw from the null (mean 0.5, SE 0.065), on any machine.
+    (Shuffled training labels would not do: they keep part of their correlation with the motif,
+    which a run then learns with either sign: test AUC 0.52-0.88 over cohort and training seeds.)
+    Measured 0.44-0.61 over 11 runs (6 cohort seeds, 4 training seeds, XLA held to AVX2 for 2);
+    0.25 is 3.8 SE."""
+    cohort = bag_cohort(tmp_path, num_slides=120, signal=0.0, train=30)
     config = make_config(**{**SETTINGS, 'eval.splits': ('test',), 'eval.heatmaps': False})
     slide_training.run(config, tmp_path, cohort)
     evaluate_stage.run(config, tmp_path, cohort)
-    auc = evaluated(tmp_path, 'test')['auc']
-    assert abs(auc - 0.5) <= 0.2, auc
+    metrics = evaluated(tmp_path, 'test')
+    assert metrics['num_slides'] == 80
+    assert abs(metrics['auc'] - 0.5) <= 0.25, metrics['auc']
 
 
 def test_fresh_process_evaluation_reproduces_the_training_metrics(trained):
