@@ -149,7 +149,7 @@ def scan_then_check_folds(config, workdir: pathlib.Path, manifest: pathlib.Path,
         records = assign_splits(unsplit, fractions=tuple(config.data.split_fractions),
                                 folds=config.data.folds, fold=fold, seed=config.data.split_seed)
         problems += [f'fold {fold}: {problem}' for problem in split_check.problems(
-            config, records, counts, every_class_everywhere=True)]
+            config, records, counts)]
     if problems:
         raise UsageError(
             f'cross-validation: {len(problems)} problem(s) found after the tile stage, before '

@@ -1,9 +1,10 @@
 """Whether a split can be trained, judged from the tile scans before any training starts.
 
 Training a split needs at least one full batch of training patches for the feature network
-(when it learns: `learn.patches_per_slide` sampled from each training slide with tissue), and,
-for cross-validation, every class among the slides with tissue of its training, validation and
-test sets (the slide model's training, its validation AUC and the fold's test metrics need them).
+(when it learns: `learn.patches_per_slide` sampled from each training slide with tissue), and
+every class among the slides with tissue of its training, validation and test sets (the slide
+model's training, its validation AUC and the test metrics need them). Cross-validation checks
+every fold this way.
 Found after the tile stage, a split that cannot be trained stops the run before hours of work on
 the splits that can.
 """
@@ -26,8 +27,7 @@ def patch_counts(tile_files: dict[str, object]) -> dict[str, int]:
     return counts
 
 
-def problems(config, records: Iterable[SlideRecord], counts: dict[str, int],
-             every_class_everywhere: bool) -> list[str]:
+def problems(config, records: Iterable[SlideRecord], counts: dict[str, int]) -> list[str]:
     """What stops this split from training, each with what would fix it ([] when it can)."""
     found = []
     with_tissue = [r for r in records if counts.get(r.slide_id, 0) > 0]
@@ -38,11 +38,10 @@ def problems(config, records: Iterable[SlideRecord], counts: dict[str, int],
             found.append(f'{patches} training patches, fewer than one batch '
                          f'(learn.batch_size={config.learn.batch_size}): lower learn.batch_size '
                          f'or raise learn.patches_per_slide ({per_slide})')
-    if every_class_everywhere:
-        for split in SPLITS:
-            present = {r.label for r in with_tissue if r.split == split}
-            missing = [c for c in config.data.classes if c not in present]
-            if missing:
-                found.append(f'{split} has no slide with tissue of class(es) '
-                             f'{", ".join(map(repr, missing))}')
+    for split in SPLITS:
+        present = {r.label for r in with_tissue if r.split == split}
+        missing = [c for c in config.data.classes if c not in present]
+        if missing:
+            found.append(f'{split} has no slide with tissue of class(es) '
+                         f'{", ".join(map(repr, missing))}')
     return found

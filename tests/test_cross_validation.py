@@ -154,21 +154,24 @@ def test_a_fold_that_cannot_train_stops_the_run_before_any_fold_trains(tmp_path)
     for fold in range(3):
         split = cohort.assign_splits(records, fractions=(0.6, 0.2, 0.2), folds=3, fold=fold,
                                      seed=config.data.split_seed)
-        assert split_check.problems(config, split, counts, every_class_everywhere=True) == []
+        assert split_check.problems(config, split, counts) == []
 
 
 def test_the_fold_check_names_a_split_without_a_class():
     config = make_config()
+    splits = [('negative', 'train'), ('positive', 'train'), ('negative', 'val'),
+              ('positive', 'test')]
     records = [cohort.SlideRecord(f's{i}', '', label, f's{i}', split, i + 2)
-               for i, (label, split) in enumerate([('negative', 'train'), ('positive', 'train'),
-                                                   ('negative', 'val'), ('positive', 'test')])]
+               for i, (label, split) in enumerate(splits)]
     counts = {r.slide_id: 100 for r in records}
-    assert split_check.problems(config, records, counts, every_class_everywhere=True) == [
+    assert split_check.problems(config, records, counts) == [
         "val has no slide with tissue of class(es) 'positive'",
         "test has no slide with tissue of class(es) 'negative'"]
-    counts.update(s0=20, s1=0)  # 20 patches in one training slide, none in the other
-    assert split_check.problems(config, records, counts, every_class_everywhere=False) == [
+    records += [cohort.SlideRecord(f's{i}', '', label, f's{i}', split, i + 2) for i, (label, split)
+                in enumerate([('positive', 'val'), ('negative', 'test')], start=len(records))]
+    counts.update(s0=10, s1=10, s4=100, s5=100)  # every class everywhere; 10 + 10 to train on
+    assert split_check.problems(config, records, counts) == [
         '20 training patches, fewer than one batch (learn.batch_size=32): lower '
         'learn.batch_size or raise learn.patches_per_slide (32)']
     config.feature_net.learn = False  # a frozen encoder needs no patches
-    assert split_check.problems(config, records, counts, every_class_everywhere=False) == []
+    assert split_check.problems(config, records, counts) == []

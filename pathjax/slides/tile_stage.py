@@ -260,11 +260,11 @@ def run(config, workdir: str, cohort: Cohort) -> list[SlideEntry]:
     return [entries[r.slide_id] for r in order]
 
 
-def recorded_source(path: pathlib.Path) -> str:
-    """The slide file identity a scan or tiles file records ('' if none: made before pathjax
-    recorded them)."""
+def recorded_text(path: pathlib.Path, key: str = 'source') -> str:
+    """A text field of an npz file ('' if absent: made before pathjax recorded it); by default
+    the slide file identity that a scan or tiles file records."""
     with np.load(path, allow_pickle=False) as data:
-        return str(data['source']) if 'source' in data.files else ''
+        return str(data[key]) if key in data.files else ''
 
 
 def forget_slide(workdir, slide_id: str, keep_scan: bool = False) -> None:
@@ -285,7 +285,7 @@ def forget_changed_slides(workdir, records: list[SlideRecord]) -> dict[str, str]
     for record in records:
         made = [p for p in (scan_path(workdir, record.slide_id),
                             tiles_path(workdir, record.slide_id)) if p.exists()]
-        why = made and source_file.change(recorded_source(made[0]), record.path)
+        why = made and source_file.change(recorded_text(made[0]), record.path)
         if why:
             logging.info('tile: redoing slide %s: %s', record.slide_id, why)
             forget_slide(workdir, record.slide_id)
@@ -300,12 +300,12 @@ def _finish(config, workdir: str, cohort: Cohort) -> dict[str, str]:
     refitted = {}
     for record in cohort.slides:  # scanned again (by another fold or process) since
         scan, tiles = scan_path(workdir, record.slide_id), tiles_path(workdir, record.slide_id)
-        if scan.exists() and tiles.exists() and recorded_source(scan) != recorded_source(tiles):
+        if scan.exists() and tiles.exists() and recorded_text(scan) != recorded_text(tiles):
             forget_slide(workdir, record.slide_id, keep_scan=True)
             refitted[record.slide_id] = 'its slide file changed'
     reference_file = pathlib.Path(workdir) / 'stain' / 'reference.npz'
     training = reference_sources(config, workdir, cohort)
-    recorded = _recorded_sources(reference_file) if reference_file.exists() else ''
+    recorded = recorded_text(reference_file, 'sources') if reference_file.exists() else ''
     if training and recorded and recorded != training:
         logging.info('tile: a training slide changed: refitting the stain reference and every '
                      "slide's lookup table")
@@ -345,8 +345,10 @@ def tiles_digest(workdir, slide_id: str) -> str:
     path = tiles_path(workdir, slide_id)
     if not path.exists():
         return ''
-    digest = hashlib.blake2b(recorded_source(path).encode(), digest_size=16)
-    digest.update(artifacts.load_npz(path, ('stain_lut',))['stain_lut'].tobytes())
+    with np.load(path, allow_pickle=False) as data:
+        source = str(data['source']) if 'source' in data.files else ''
+        digest = hashlib.blake2b(source.encode(), digest_size=16)
+        digest.update(data['stain_lut'].tobytes())
     return digest.hexdigest()
 
 
@@ -356,12 +358,7 @@ def reference_sources(config, workdir, cohort: Cohort) -> str:
     without training slides (new slides to predict: the trained reference is given)."""
     if config.stain.reference != 'cohort' or not cohort.split('train'):
         return ''
-    return json.dumps({r.slide_id: recorded_source(scan_path(workdir, r.slide_id))
+    return json.dumps({r.slide_id: recorded_text(scan_path(workdir, r.slide_id))
                        for r in cohort.split('train') if scan_path(workdir, r.slide_id).exists()},
                       sort_keys=True)
-
-
-def _recorded_sources(reference_file: pathlib.Path) -> str:
-    with np.load(reference_file, allow_pickle=False) as data:
-        return str(data['sources']) if 'sources' in data.files else ''
 
