@@ -43,7 +43,7 @@ PATCH_SIZE, TARGET_MPP, FIT_PATCHES = 512, 0.5, 32
 RULE = TissueRule()  # the method's settings: any channel > 200, 200 px at 90%, keep >= 25%
 SETTINGS = tile_stage.TileSettings(mpp=TARGET_MPP, patch_size=PATCH_SIZE, fallback_level=0,
                                    rule=RULE, stain_method='histogram',
-                                   stain_fit_patches=FIT_PATCHES, seed=0)
+                                   stain_fit_patches=FIT_PATCHES)
 
 
 # ---- reference ----
