@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import pathlib
 import struct
+import threading
 import zipfile
 
 import numpy as np
@@ -24,6 +25,12 @@ from pathjax.data import graphs
 from pathjax.sampling import seeded_subset
 from pathjax.slide_paths import slide_file
 
+# An .npy header is parsed with `ast.literal_eval`, and CPython 3.11's AST constructor keeps its
+# recursion depth in state shared by every thread: when a garbage collection run during parsing
+# lets another thread parse too, one of them raises "SystemError: AST constructor recursion depth
+# mismatch" (cpython#106905). Graph files are read by a pool of threads, so headers are parsed
+# one at a time.
+_HEADER_LOCK = threading.Lock()
 GRAPH_FORMAT = 2  # bump when the graph file's contents change: older files are rebuilt
 _ZIP_LOCAL_HEADER = struct.Struct('<IHHHHHIIIHH')  # ... file name length, extra field length
 
@@ -113,7 +120,8 @@ def stored_arrays(path) -> dict[str, StoredArray]:
             version = np.lib.format.read_magic(raw)
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                            else np.lib.format.read_array_header_2_0)
-            shape, fortran_order, dtype = read_header(raw)
+            with _HEADER_LOCK:
+                shape, fortran_order, dtype = read_header(raw)
             if fortran_order:
                 raise ValueError(f'{path}: {info.filename} is in Fortran order')
             stored[info.filename.removesuffix('.npy')] = StoredArray(raw.tell(), shape, dtype)

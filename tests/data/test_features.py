@@ -10,7 +10,8 @@ import pytest
 
 from pathjax import artifacts
 from pathjax.data import features as feature_store
-from pathjax.data.features import GraphSettings, features_path, graph_path, slide_graph
+from pathjax.data.features import (GraphSettings, features_path, graph_path, slide_graph,
+                                   stored_arrays)
 
 SETTINGS = GraphSettings(k=4, max_patches=60, seed=3)
 
@@ -115,3 +116,48 @@ def test_stored_arrays_locate_each_array(tmp_path):
     np.savez_compressed(tmp_path / 'y.npz', **arrays)
     with pytest.raises(ValueError, match='compressed'):
         feature_store.stored_arrays(tmp_path / 'y.npz')
+
+
+def test_headers_read_by_many_threads_at_once(tmp_path):
+    """Graph files are read by a pool of threads. CPython 3.11 parses .npy headers with shared
+    AST state: with garbage collections running finalizers during parsing (as JAX's objects do),
+    four threads reading headers at once failed within seconds with 'SystemError: AST
+    constructor recursion depth mismatch' until the parsing was serialized."""
+    import gc
+    import sys
+    import threading
+    path = tmp_path / 'graph.npz'
+    artifacts.save_npz(path, features=np.zeros((5, 8), np.float32), senders=np.zeros(9, np.int32))
+
+    class Cycle:  # garbage only a collection frees, with a finalizer that runs Python code
+        def __init__(self):
+            self.me = self
+
+        def __del__(self):
+            sum(range(50))
+
+    errors, shapes = [], []
+
+    def read_headers():
+        for _ in range(3000):
+            Cycle()
+            try:
+                shapes.append(stored_arrays(path)['features'].shape)
+            except Exception as error:  # noqa: BLE001 (collected for the assert)
+                errors.append(error)
+                return
+
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(50, 1, 1)
+    try:
+        threads = [threading.Thread(target=read_headers) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+        gc.set_threshold(*thresholds)
+    assert not errors, errors
+    assert shapes == [(5, 8)] * 12000
