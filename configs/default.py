@@ -58,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
     # (.safetensors, .pth/.bin, .npz); '' = random initialisation.
     config.feature_net.weights = ''
     config.feature_net.learn = True  # False: extract with the initial network (the baseline)
+    # A ViT weights file's own input normalization (RGB in [0, 1]), e.g. (0.485, 0.456, 0.406)
+    # and (0.229, 0.224, 0.225) for UNI; () = the preset's (README: Foundation models)
+    config.feature_net.mean = ()
+    config.feature_net.std = ()
 
     config.am_softmax = ml_collections.ConfigDict()
     config.am_softmax.s = 30.0  # scale
@@ -76,6 +80,15 @@ def get_config() -> ml_collections.ConfigDict:
     # makes early gradients large; without clipping, VGG-16 trained from scratch stalls)
     config.learn.augment = 'd4'  # the 8 rotations/flips, per patch, on device; or 'none'
     config.learn.log_every = 50  # steps between metric lines
+
+    # Patch features made by another tool (TRIDENT, CLAM, STAMP): one <slide_id>.h5 per slide in
+    # import_dir; tile, patches, learn_features and extract are then skipped (README: Interop).
+    config.features = ml_collections.ConfigDict()
+    config.features.import_dir = ''
+    config.features.format = 'auto'  # 'auto', 'trident', 'clam' or 'stamp'
+    config.features.patch_size_level0 = 0  # CLAM files: a patch's side in level-0 pixels
+    config.features.export = ''  # 'h5': extract and predict also write features_h5/<id>.h5
+    # (TRIDENT's layout)
 
     config.extract = ml_collections.ConfigDict()
     config.extract.batch_size = 64  # patches per device batch (over this host's devices)
@@ -113,6 +126,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.top_patches = 4  # highest-scoring patches per slide saved at full resolution
     config.predict = ml_collections.ConfigDict()
     config.predict.manifest = ''  # CSV of new slides (label optional) for --stages predict
+    config.predict.import_dir = ''  # with features.import_dir: the new slides' h5 files, if
+    # not in features.import_dir
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # devices on the data axis; -1 = all

@@ -1,11 +1,17 @@
 """The cohort manifest: reading, validation, and splits by case (patient).
 
 A manifest is a CSV with columns `slide_id, path, label` and optional `case_id` (defaults to the
-slide id) and `split` (train / val / test). Relative paths are relative to the manifest's folder.
+slide id), `split` (train / val / test), `mpp` (microns per level-0 pixel, overriding the slide's
+metadata: scanners that write none or a wrong one) and `roi` (a GeoJSON file of polygons, e.g. a
+QuPath export: only patches inside them are tiled). Relative paths (slide and roi) are relative
+to the manifest's folder. With features imported from another tool the slide path may be empty
+(`paths_required` False): the slide file then only draws heatmaps, and one that is missing is
+noted, not skipped.
 Every bad row is reported with its line number before any work starts: an empty required field,
 an unknown label, a slide id that is not a safe file name (`slide_paths.RULE`), a duplicate slide
 id (or two that differ only in case), an unknown split or a case in two splits stops the run
-(`ManifestError`); a missing or unreadable slide file only skips that slide (`Cohort.skipped`).
+(`ManifestError`); a missing or unreadable slide file, an `mpp` that is not a positive number or
+a missing `roi` file only skips that slide (`Cohort.skipped`).
 Without a split column, cases are split stratified by label and seeded, or by k-fold.
 A manifest of new slides to predict (`load_new_slides`) may leave `label` empty or out; its
 slides are in the split `PREDICT`.
@@ -13,6 +19,7 @@ slides are in the split `PREDICT`.
 
 import csv
 import dataclasses
+import math
 import os
 import pathlib
 
@@ -21,7 +28,7 @@ import numpy as np
 from pathjax import csv_cells, slide_paths
 
 REQUIRED_COLUMNS = ('slide_id', 'path', 'label')
-OPTIONAL_COLUMNS = ('case_id', 'split')
+OPTIONAL_COLUMNS = ('case_id', 'split', 'mpp', 'roi')
 SPLITS = ('train', 'val', 'test')
 PREDICT = 'predict'  # the split of the slides of a prediction manifest
 MAX_MANIFEST_BYTES = 256 << 20  # about a million rows; a larger file is refused before reading
@@ -37,7 +44,9 @@ class ManifestError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class SlideRecord:
-    """One manifest row. `line` is its 1-based line number in the CSV (the header is line 1)."""
+    """One manifest row. `line` is its 1-based line number in the CSV (the header is line 1);
+    `path` and `roi` are absolute ('' when not given); `mpp` is the manifest's text ('' when not
+    given; `check_files` skips a slide whose mpp is not a positive number)."""
 
     slide_id: str
     path: str
@@ -45,6 +54,13 @@ class SlideRecord:
     case_id: str
     split: str
     line: int
+    mpp: str = ''
+    roi: str = ''
+
+    @property
+    def level0_mpp(self) -> float | None:
+        """The manifest's microns per level-0 pixel, or None (the slide's metadata decides)."""
+        return float(self.mpp) if self.mpp else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +69,17 @@ class Cohort:
 
     slides: tuple[SlideRecord, ...]
     skipped: tuple[tuple[SlideRecord, str], ...]
+    notes: tuple[str, ...] = ()  # what the caller should warn about (a missing optional file)
 
     def split(self, name: str) -> tuple[SlideRecord, ...]:
         return tuple(s for s in self.slides if s.split == name)
 
 
 def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...],
-                  labels_required: bool = True) -> list[SlideRecord]:
+                  labels_required: bool = True, paths_required: bool = True) -> list[SlideRecord]:
     """Parses and validates every row; raises ManifestError listing all problems at once.
-    With `labels_required` False the label column may be absent and a label empty ('')."""
+    With `labels_required` False the label column may be absent and a label empty (''); with
+    `paths_required` False, likewise the path."""
     manifest = pathlib.Path(manifest)
     if not manifest.is_file():
         raise ManifestError(str(manifest), ['manifest file not found'])
@@ -76,7 +94,8 @@ def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...],
     if not rows:
         raise ManifestError(str(manifest), ['the manifest is empty'])
     header = [name.strip() for name in rows[0]]
-    required = REQUIRED_COLUMNS if labels_required else ('slide_id', 'path')
+    required = tuple(c for c in REQUIRED_COLUMNS if (c != 'label' or labels_required)
+                     and (c != 'path' or paths_required))
     missing = [c for c in required if c not in header]
     if missing:
         raise ManifestError(str(manifest), [f'line 1: missing column(s) {", ".join(missing)} '
@@ -91,7 +110,8 @@ def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...],
             problems.append(f'line {line}: {len(row)} fields, the header has {len(header)}')
             continue
         value = {name: row[i].strip() for name, i in column.items()}
-        value.setdefault('label', '')
+        for name in ('label', 'path', 'mpp', 'roi'):
+            value.setdefault(name, '')
         empty = [name for name in required if not value[name]]
         if empty:
             problems.append(f'line {line}: empty {", ".join(empty)}')
@@ -117,13 +137,15 @@ def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...],
                 f'differ only in case: one file on a case-insensitive file system')
             continue
         first_of[key] = value['slide_id'], line
-        path = _slide_path(value['path'], manifest.parent)
-        if isinstance(path, str):
-            problems.append(f'line {line}: slide {value["slide_id"]!r}: {path}')
+        path, roi = (_slide_path(value[name], manifest.parent) if value[name] else ''
+                     for name in ('path', 'roi'))
+        bad = [why for why in (path, roi) if why and not isinstance(why, pathlib.Path)]
+        if bad:
+            problems.append(f'line {line}: slide {value["slide_id"]!r}: {bad[0]}')
             continue
         records.append(SlideRecord(slide_id=value['slide_id'], path=str(path), label=value['label'],
                                    case_id=value.get('case_id') or value['slide_id'],
-                                   split=split, line=line))
+                                   split=split, line=line, mpp=value['mpp'], roi=str(roi)))
     problems += _cases_in_two_splits(records)
     if not records and not problems:
         problems.append('the manifest has no slides')
@@ -157,19 +179,47 @@ def _cases_in_two_splits(records: list[SlideRecord]) -> list[str]:
     return problems
 
 
-def check_files(records: list[SlideRecord]) -> tuple[list[SlideRecord], list[tuple[SlideRecord, str]]]:
-    """Splits records into (readable files, [(record, why skipped)])."""
-    usable, skipped = [], []
+def mpp_problem(text: str) -> str:
+    """Why a manifest's mpp cell is not a usable microns per pixel ('' when it is, or empty)."""
+    if not text:
+        return ''
+    try:
+        value = float(text)
+    except ValueError:
+        return f'mpp {text!r} is not a number'
+    return '' if math.isfinite(value) and value > 0 else f'mpp {text!r} is not a positive number'
+
+
+def file_problem(path: str, what: str) -> str:
+    """Why `path` is not a readable file ('' when it is); `what` names it in the message."""
+    if not os.path.isfile(path):
+        return f'{what} not found: {path}'
+    if not os.access(path, os.R_OK):
+        return f'{what} not readable: {path}'
+    return ''
+
+
+def check_files(records: list[SlideRecord], slides_required: bool = True
+                ) -> tuple[list[SlideRecord], list[tuple[SlideRecord, str]], list[str]]:
+    """Splits records into (usable, [(record, why skipped)], notes). A slide is skipped when its
+    file (with `slides_required`), its roi file or its mpp is unusable; without `slides_required`
+    a slide file that is missing is left out of the record (its path '') and noted instead."""
+    usable, skipped, notes = [], [], []
     for record in records:
-        if not os.path.isfile(record.path):
-            skipped.append((record, f'line {record.line}: slide {record.slide_id!r}: file not found: '
-                                    f'{record.path}'))
-        elif not os.access(record.path, os.R_OK):
-            skipped.append((record, f'line {record.line}: slide {record.slide_id!r}: file not '
-                                    f'readable: {record.path}'))
+        where = f'line {record.line}: slide {record.slide_id!r}'
+        slide = file_problem(record.path, 'file') if record.path else ''
+        if slide and not slides_required:
+            notes.append(f'{where}: slide {slide}; its heatmaps are drawn on a map of its patches')
+            record, slide = dataclasses.replace(record, path=''), ''
+        if not record.path and slides_required:
+            slide = 'no slide file'
+        why = (slide or mpp_problem(record.mpp)
+               or (file_problem(record.roi, 'roi file') if record.roi else ''))
+        if why:
+            skipped.append((record, f'{where}: {why}'))
         else:
             usable.append(record)
-    return usable, skipped
+    return usable, skipped, notes
 
 
 def _case_labels(records: list[SlideRecord]) -> dict[str, str]:
@@ -237,26 +287,31 @@ def assign_splits(records: list[SlideRecord], *, fractions: tuple[float, float, 
 
 
 def load_cohort(manifest: str | os.PathLike, classes: tuple[str, ...], *,
-                fractions: tuple[float, float, float], folds: int, fold: int, seed: int) -> Cohort:
-    """Reads, validates and splits a manifest; missing files are skipped, not fatal."""
-    records = read_manifest(manifest, classes)
+                fractions: tuple[float, float, float], folds: int, fold: int, seed: int,
+                slides_required: bool = True) -> Cohort:
+    """Reads, validates and splits a manifest; missing files are skipped, not fatal. Without
+    `slides_required` (imported features) a slide's path may be empty or missing."""
+    records = read_manifest(manifest, classes, paths_required=slides_required)
     records = assign_splits(records, fractions=fractions, folds=folds, fold=fold, seed=seed)
-    usable, skipped = check_files(records)
-    return Cohort(slides=tuple(usable), skipped=tuple(skipped))
+    usable, skipped, notes = check_files(records, slides_required)
+    return Cohort(slides=tuple(usable), skipped=tuple(skipped), notes=tuple(notes))
 
 
-def load_new_slides(manifest: str | os.PathLike, classes: tuple[str, ...]) -> Cohort:
+def load_new_slides(manifest: str | os.PathLike, classes: tuple[str, ...],
+                    slides_required: bool = True) -> Cohort:
     """The slides of a prediction manifest, all in split PREDICT, labels optional ('' when
     unknown); a split column is checked but not used; missing files are skipped, not fatal."""
-    records = read_manifest(manifest, classes, labels_required=False)
+    records = read_manifest(manifest, classes, labels_required=False,
+                            paths_required=slides_required)
     records = [dataclasses.replace(r, split=PREDICT) for r in records]
-    usable, skipped = check_files(records)
-    return Cohort(slides=tuple(usable), skipped=tuple(skipped))
+    usable, skipped, notes = check_files(records, slides_required)
+    return Cohort(slides=tuple(usable), skipped=tuple(skipped), notes=tuple(notes))
 
 
 def cohort_csv(cohort: Cohort) -> str:
     """The resolved cohort (absolute paths, splits) as CSV text, for the record (`csv_cells`:
     no cell runs as a spreadsheet formula; `csv_cells.read` reads it back)."""
-    return csv_cells.to_text([('slide_id', 'path', 'label', 'case_id', 'split', 'manifest_line'),
-                              *((s.slide_id, s.path, s.label, s.case_id, s.split, s.line)
-                                for s in cohort.slides)])
+    return csv_cells.to_text([('slide_id', 'path', 'label', 'case_id', 'split', 'manifest_line',
+                               'mpp', 'roi'),
+                              *((s.slide_id, s.path, s.label, s.case_id, s.split, s.line, s.mpp,
+                                 s.roi) for s in cohort.slides)])

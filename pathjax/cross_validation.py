@@ -28,6 +28,7 @@ from absl import logging
 
 from pathjax import artifacts, csv_cells, provenance, split_check
 from pathjax.cohort import Cohort, assign_splits, kfold_by_case, read_manifest
+from pathjax.data import feature_sources
 from pathjax.errors import UsageError
 from pathjax.evaluate import report
 from pathjax.metrics import split_metrics, to_json_safe
@@ -36,7 +37,7 @@ from pathjax.slide_paths import slide_file
 
 SHARED = {'tiles/.scan': 'scans', 'qc': 'qc', 'thumbnails': 'thumbnails'}  # fold path -> root
 SUMMARY_METRICS = ('auc', 'accuracy', 'balanced_accuracy', 'f1')
-TRAINING_STAGES = {'patches', 'learn_features', 'train_slide'}
+TRAINING_STAGES = {'patches', 'learn_features', 'import', 'train_slide'}
 SCAN_FIELDS = ('data.synthetic', 'tile', 'tissue', 'stain.method', 'stain.fit_patches')
 
 
@@ -82,7 +83,8 @@ def run(config, workdir: pathlib.Path, stages: list[str] | None, manifest: pathl
         manifest: the cohort's manifest (given or generated); cohort: it, loaded once, for the
             summary's labels and cases; fields: every stage's settings, recorded per fold.
     """
-    if any(r.split for r in read_manifest(manifest, tuple(config.data.classes))):
+    if any(r.split for r in read_manifest(manifest, tuple(config.data.classes), paths_required=
+                                          not feature_sources.importing(config))):
         raise UsageError('data.fold=-1 (every fold) needs a manifest without a split column: '
                          'its splits would be the same in every fold')
     failure = None
@@ -135,15 +137,20 @@ def run(config, workdir: pathlib.Path, stages: list[str] | None, manifest: pathl
 def scan_then_check_folds(config, workdir: pathlib.Path, manifest: pathlib.Path, cohort: Cohort,
                           run_fold: Callable, first: int) -> None:
     """Scans every slide (the tile stage of fold `first`, the first to run: the scans are
-    shared), then checks that every fold can train (`split_check`); raises UsageError naming
-    each fold that cannot, before any fold trains."""
-    if sharding.is_leader():
-        link_shared(workdir, first)
-    sharding.barrier(f'pathjax fold {first} links')
-    run_fold(fold_config(config, first, manifest), fold_dir(workdir, first), ['tile'])
-    counts = split_check.patch_counts(
-        {r.slide_id: slide_file(workdir, SHARED['tiles/.scan'], r.slide_id, '.npz')
-         for r in cohort.slides})
+    shared; with imported features, the headers of their files), then checks that every fold can
+    train (`split_check`); raises UsageError naming each fold that cannot, before any fold
+    trains."""
+    if feature_sources.importing(config):
+        counts = split_check.imported_patch_counts(
+            feature_sources.Sources.from_config(config, workdir), cohort.slides)
+    else:
+        if sharding.is_leader():
+            link_shared(workdir, first)
+        sharding.barrier(f'pathjax fold {first} links')
+        run_fold(fold_config(config, first, manifest), fold_dir(workdir, first), ['tile'])
+        counts = split_check.patch_counts(
+            {r.slide_id: slide_file(workdir, SHARED['tiles/.scan'], r.slide_id, '.npz')
+             for r in cohort.slides})
     problems, unsplit = [], [dataclasses.replace(r, split='') for r in cohort.slides]
     for fold in range(config.data.folds):
         records = assign_splits(unsplit, fractions=tuple(config.data.split_fractions),

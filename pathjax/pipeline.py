@@ -18,9 +18,11 @@ from absl import logging
 from pathjax import (artifacts, cohort as cohort_lib, cpu_devices, cross_validation,
                      determinism, provenance, stage_report, workdir_lock)
 from pathjax.errors import StageError, UsageError, describe_os_error
-from pathjax.data import patches
+from pathjax.data import feature_sources, import_stage, patches
+from pathjax.interop import h5_features
 from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
-from pathjax.models.feature_net import VGG16_BACKBONE, backbones, resolve_tile_defaults
+from pathjax.models.feature_net import (VGG16_BACKBONE, backbones, normalization_problem,
+                                       resolve_tile_defaults)
 from pathjax.models.pretrained import check_weights_file
 from pathjax.models.vit_presets import PRESETS
 from pathjax.slides import stain, synthetic, tile_stage
@@ -47,10 +49,12 @@ class Stage(NamedTuple):
     redo: tuple[str, ...] = ()
 
 
+SPLIT_FIELDS = ('data.classes', 'data.split_fractions', 'data.folds', 'data.fold',
+                'data.split_seed')
 STAGES = (
     Stage('tile', tile_stage.run, True,
-          ('data.classes', 'data.split_fractions', 'data.folds', 'data.fold', 'data.split_seed',
-           'data.synthetic', 'tile', 'tissue', 'stain'), 'tiles/, qc/, thumbnails/, stain/'),
+          SPLIT_FIELDS + ('data.synthetic', 'tile', 'tissue', 'stain'),
+          'tiles/, qc/, thumbnails/, stain/'),
     Stage('patches', patches.run, False, ('seed', 'learn.patches_per_slide'), 'patches/',
           ('patches',)),
     Stage('learn_features', feature_learning.run, True,
@@ -58,6 +62,9 @@ STAGES = (
            'learn.lr_schedule', 'learn.momentum', 'learn.weight_decay', 'learn.grad_clip',
            'learn.augment'), 'feature_net/', ('feature_net',)),
     Stage('extract', extract.run, True, ('extract.checkpoint',), 'features/'),
+    Stage('import', import_stage.run, False,
+          SPLIT_FIELDS + ('features.import_dir', 'features.format', 'features.patch_size_level0'),
+          'imported/, graphs/, thumbnails/'),
     Stage('train_slide', slide_training.run, True,
           ('graph', 'slide_net', 'train.batch_slides', 'train.optimizer', 'train.lr',
            'train.weight_decay', 'train.class_weights'), 'graphs/, slide_net/', ('slide_net',)),
@@ -66,6 +73,25 @@ STAGES = (
 
 
 PREDICT = 'predict'  # runs only when named: new slides through a trained workdir
+NATIVE_ONLY = ('tile', 'patches', 'learn_features', 'extract')  # skipped with imported features
+
+
+def stages_of(config) -> tuple[Stage, ...]:
+    """The stages of a run, in order: with features imported from another tool
+    (`features.import_dir`), `import` instead of tile ... extract; otherwise all but `import`."""
+    if feature_sources.importing(config):
+        return tuple(s for s in STAGES if s.name not in NATIVE_ONLY)
+    return tuple(s for s in STAGES if s.name != 'import')
+
+
+def settings_fields(config, last: str | None = None) -> list[str]:
+    """The config fields that the run's stages up to `last` (default: all) depend on."""
+    fields = []
+    for stage in stages_of(config):
+        fields += stage.settings
+        if stage.name == last:
+            break
+    return fields
 
 
 def stage_names() -> list[str]:
@@ -154,6 +180,8 @@ def check_config(config) -> list[str]:
             check_weights_file(net.weights, net.backbone)
         except (ValueError, ImportError) as error:
             problems.append(f'feature_net.weights: {error}')
+    problem = normalization_problem(config)
+    require(not problem, problem)
     if net.backbone in PRESETS:
         require(net.embed_dim == 0, f'feature_net.embed_dim adds a layer to VGG-16 only; with '
                                     f'backbone={net.backbone} leave it at 0')
@@ -176,6 +204,27 @@ def check_config(config) -> list[str]:
     require(learn.augment in ('d4', 'none'), f"learn.augment must be 'd4' or 'none', got {learn.augment!r}")
     require(learn.grad_clip >= 0, f'learn.grad_clip must be >= 0, got {learn.grad_clip}')
     require(learn.log_every >= 1, f'learn.log_every must be >= 1, got {learn.log_every}')
+    features = config.features
+    require(features.format in h5_features.FORMATS,
+            f'features.format must be one of {", ".join(h5_features.FORMATS)}, got '
+            f'{features.format!r}')
+    for field, folder in (('features.import_dir', features.import_dir),
+                          ('predict.import_dir', config.predict.import_dir)):
+        require(not folder or os.path.isdir(folder), f'{field}: folder not found: {folder}')
+    require(not config.predict.import_dir or features.import_dir,
+            'predict.import_dir is for a workdir trained on imported features '
+            '(features.import_dir)')
+    require(features.patch_size_level0 >= 0,
+            f'features.patch_size_level0 must be >= 0, got {features.patch_size_level0}')
+    require(features.format != 'clam' or features.patch_size_level0 > 0,
+            "features.format='clam': CLAM files do not record the patch size; set "
+            'features.patch_size_level0 (a patch\'s side in level-0 pixels, e.g. 512 for 256 px '
+            'at 20x on a 40x slide)')
+    require(features.export in ('', 'h5'),
+            f"features.export must be '' or 'h5', got {features.export!r}")
+    require(not (features.export and features.import_dir),
+            'features.export writes the extract stage\'s features; with features.import_dir '
+            'they are already files of another tool')
     require(config.extract.batch_size >= 1,
             f'extract.batch_size must be >= 1, got {config.extract.batch_size}')
     require(config.graph.k >= 1, f'graph.k must be >= 1, got {config.graph.k}')
@@ -236,11 +285,14 @@ def prepare_cohort(config, workdir: pathlib.Path) -> tuple[cohort_lib.Cohort, pa
         cohort = cohort_lib.load_cohort(manifest, tuple(config.data.classes),
                                         fractions=tuple(config.data.split_fractions),
                                         folds=config.data.folds, fold=max(config.data.fold, 0),
-                                        seed=config.data.split_seed)
+                                        seed=config.data.split_seed,
+                                        slides_required=not feature_sources.importing(config))
     except cohort_lib.ManifestError as error:
         raise UsageError(str(error)) from None
     for _, why in cohort.skipped:
         logging.warning('skipping %s', why)
+    for note in cohort.notes:
+        logging.warning('%s', note)
     if sharding.is_leader():
         artifacts.save_text(workdir / 'cohort.csv', cohort_lib.cohort_csv(cohort))
     counts = {name: len(cohort.split(name)) for name in cohort_lib.SPLITS}
@@ -257,6 +309,13 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
     if unknown:
         problems.append(f'--stages: unknown stage(s) {", ".join(unknown)}; '
                         f'stages are {", ".join(stage_names())}')
+    names = [s.name for s in stages_of(config)] + [PREDICT]
+    other = [s for s in stages or [] if s not in names and s not in unknown]
+    if other:
+        problems.append(f'--stages: {", ".join(other)} do(es) not run '
+                        + ('with features.import_dir (features from another tool)'
+                           if feature_sources.importing(config) else
+                           'without features.import_dir') + f'; the stages are {", ".join(names)}')
     predicting = PREDICT in (stages or [])
     if predicting and not config.predict.manifest:
         problems.append('--stages predict needs the new slides: '
@@ -300,7 +359,7 @@ def run_locked(config, workdir: pathlib.Path, stages: list[str] | None) -> None:
     if cross_validation.is_cross_validation(config):
         cohort, manifest = prepare_cohort(config, workdir)
         cross_validation.run(config, workdir, stages, manifest, cohort, run_stages,
-                             [field for stage in STAGES for field in stage.settings])
+                             settings_fields(config))
         write_report_page(workdir)
     else:
         training = [s for s in stages or [] if s != PREDICT]
@@ -315,7 +374,7 @@ def run_stages(config, workdir: pathlib.Path, stages: list[str] | None) -> None:
     raises StageError or UsageError (on every process) when one cannot go on."""
     cohort, _ = prepare_cohort(config, workdir)
     fields = []
-    for stage in STAGES:
+    for stage in stages_of(config):
         fields += stage.settings
         if stages and stage.name not in stages:
             continue
@@ -367,14 +426,12 @@ def run_predict(config, workdir: pathlib.Path) -> None:
     cohort, failure = _attempt(PREDICT, predict_stage.load_cohort, config)
     sharding.raise_together(failure)
     if sharding.is_leader():
-        settings = provenance.settings_of(
-            config, [field for stage in STAGES[:stage_names().index('train_slide') + 1]
-                     for field in stage.settings])
+        settings = provenance.settings_of(config, settings_fields(config, 'train_slide'))
         _, failure = _attempt(PREDICT, predict_stage.prepare_folder, config, workdir, cohort,
                               settings)
     sharding.raise_together(failure)
     folder = predict_stage.predict_dir(workdir)
-    for name, step in predict_stage.steps(workdir):
+    for name, step in predict_stage.steps(config, workdir):
         logging.info('predict: %s', name)
         entries, failure = _attempt(f'{PREDICT} {name}', step, config, folder, cohort)
         if entries is not None and sharding.is_leader():

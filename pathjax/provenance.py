@@ -31,7 +31,7 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
         for key, item in value.items():
             flat.update(_flatten(f'{prefix}.{key}', item))
         return flat
-    return {prefix: value}
+    return {prefix: list(value) if isinstance(value, tuple) else value}  # as JSON reads it back
 
 
 def settings_of(config, fields: list[str]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Whether a split can be trained, judged from the tile scans before any training starts.
 
 Training a split needs at least one full batch of training patches for the feature network
-(when it learns: `learn.patches_per_slide` sampled from each training slide with tissue), and
+(when it learns: `learn.patches_per_slide` sampled from each training slide with tissue; not
+with imported features), and
 every class among the slides with tissue of its training, validation and test sets (the slide
 model's training, its validation AUC and the test metrics need them). Cross-validation checks
 every fold this way.
@@ -12,7 +13,9 @@ the splits that can.
 from typing import Iterable
 
 from pathjax.cohort import SPLITS, SlideRecord
+from pathjax.data.feature_sources import Sources, importing
 from pathjax.data.features import stored_arrays
+from pathjax.interop.h5_features import FeatureFileError
 
 
 def patch_counts(tile_files: dict[str, object]) -> dict[str, int]:
@@ -27,11 +30,23 @@ def patch_counts(tile_files: dict[str, object]) -> dict[str, int]:
     return counts
 
 
+def imported_patch_counts(sources: Sources, records: Iterable[SlideRecord]) -> dict[str, int]:
+    """{slide id: patches} from the headers of imported features files; a slide whose file is
+    missing or unusable counts 0 (the import stage reports why)."""
+    counts = {}
+    for record in records:
+        try:
+            counts[record.slide_id] = sources.of(record).inspect().num_patches
+        except (FeatureFileError, OSError):
+            counts[record.slide_id] = 0
+    return counts
+
+
 def problems(config, records: Iterable[SlideRecord], counts: dict[str, int]) -> list[str]:
     """What stops this split from training, each with what would fix it ([] when it can)."""
     found = []
     with_tissue = [r for r in records if counts.get(r.slide_id, 0) > 0]
-    if config.feature_net.learn:
+    if config.feature_net.learn and not importing(config):
         per_slide = config.learn.patches_per_slide
         patches = sum(min(per_slide, counts[r.slide_id]) for r in with_tissue if r.split == 'train')
         if patches < config.learn.batch_size:

@@ -9,9 +9,16 @@ import sys
 
 import numpy as np
 import pytest
+import shapely
 from PIL import Image
+from shapely.geometry import box, shape
 
+from pathjax import artifacts
+from pathjax.evaluate import report
+from pathjax.interop import h5_features
 from tests.conftest import REPO
+
+CLASSES = ('negative', 'positive')
 
 
 def launch(workdir, *flags):
@@ -22,9 +29,10 @@ def launch(workdir, *flags):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    """A workdir through every stage, and launch.py's result."""
+    """A workdir through every stage (features also exported in TRIDENT's layout), and
+    launch.py's result."""
     workdir = tmp_path_factory.mktemp('trained')
-    return workdir, launch(workdir)
+    return workdir, launch(workdir, '--config.features.export=h5')
 
 
 def test_every_stage_then_evaluation_from_the_checkpoint(trained):
@@ -55,6 +63,55 @@ def test_every_stage_then_evaluation_from_the_checkpoint(trained):
     assert (tmp_path / 'eval' / 'test' / 'predictions.csv').read_text() == predictions
 
 
+def test_exported_features_imported_into_a_new_workdir_give_the_same_predictions(trained,
+                                                                                  tmp_path):
+    workdir, result = trained
+    assert result.returncode == 0, result.stderr[-4000:]
+    exported = workdir / 'features_h5'
+    for row in csv.DictReader((workdir / 'cohort.csv').open()):
+        info = h5_features.inspect(exported / f'{row["slide_id"]}.h5')
+        tiles = artifacts.load_npz(workdir / 'tiles' / f'{row["slide_id"]}.npz')
+        assert info.format == 'trident' and info.encoder.startswith('vgg16')
+        assert info.num_patches == len(tiles['coords']) and info.slide_size == tuple(
+            tiles['slide_size'])
+        assert info.patch_size_level0 == round(float(tiles['extent']))
+        assert info.mpp == pytest.approx(float(tiles['mpp']) * 64 / float(tiles['extent']))
+    imported = tmp_path / 'imported'
+    result = launch(imported, f'--config.data.manifest={workdir / "synthetic" / "manifest.csv"}',
+                    f'--config.features.import_dir={exported}')
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not (imported / 'tiles').exists() and not (imported / 'features').exists()
+    native = report.read_predictions(workdir / 'eval' / 'test' / 'predictions.csv', CLASSES)
+    again = report.read_predictions(imported / 'eval' / 'test' / 'predictions.csv', CLASSES)
+    assert again[0] == native[0] and again[1].tolist() == native[1].tolist()
+    np.testing.assert_allclose(again[2], native[2], atol=1e-5)
+
+
+def test_geojson_holds_the_scored_patches_and_the_tissue(trained):
+    workdir, result = trained
+    assert result.returncode == 0, result.stderr[-4000:]
+    for path in sorted((workdir / 'eval' / 'test' / 'geojson').glob('*.geojson')):
+        tiles = artifacts.load_npz(workdir / 'tiles' / path.name.replace('.geojson', '.npz'))
+        slide = box(0, 0, *tiles['slide_size'])
+        collection = json.loads(path.read_text())
+        assert collection['type'] == 'FeatureCollection'
+        kinds = [f['properties']['objectType'] for f in collection['features']]
+        graph = artifacts.load_npz(workdir / 'graphs' / path.name.replace('.geojson', '.npz'))
+        assert kinds.count('detection') == len(graph['kept']) and 'annotation' in kinds
+        for feature in collection['features']:
+            geometry = shape(feature['geometry'])
+            assert geometry.is_valid and slide.buffer(1e-6).contains(geometry)
+            if feature['properties']['objectType'] == 'detection':
+                measurements = feature['properties']['measurements']
+                assert {'contribution', 'probability positive'} <= set(measurements)
+        tissue = shapely.union_all([shape(f['geometry']) for f in collection['features']
+                                    if f['properties']['objectType'] == 'annotation'])
+        patches = shapely.union_all([shape(f['geometry']) for f in collection['features']
+                                     if f['properties']['objectType'] == 'detection'])
+        # Kept patches are mostly tissue (tissue.min_fraction), so the region covers most of them.
+        assert tissue.intersection(patches).area > 0.5 * patches.area
+    assert len(list((workdir / 'eval' / 'test' / 'geojson').glob('*.geojson'))) >= 2
+
 
 def test_new_slides_get_predictions_heatmaps_and_metrics_of_labelled_rows(trained):
     tmp_path, result = trained
@@ -74,7 +131,8 @@ def test_new_slides_get_predictions_heatmaps_and_metrics_of_labelled_rows(traine
     lines += [f'new_{i},{slides[i]["path"]},' for i in test_ids]
     lines += [f'missing,{tmp_path / "nope.svs"},', f'broken,{not_a_slide},']
     manifest.write_text('\n'.join(lines) + '\n')
-    result = launch(tmp_path, '--stages=predict', f'--config.predict.manifest={manifest}')
+    result = launch(tmp_path, '--stages=predict', f'--config.predict.manifest={manifest}',
+                    '--config.features.export=h5')
     assert result.returncode == 0, result.stderr[-4000:]
     folder = tmp_path / 'predict'
     predicted = {row['slide_id']: row for row in csv.DictReader((folder / 'predictions.csv').open())}
@@ -87,6 +145,8 @@ def test_new_slides_get_predictions_heatmaps_and_metrics_of_labelled_rows(traine
         assert predicted[slide_id]['label'] == slides[slide_id]['label']
         assert predicted[f'new_{slide_id}']['label'] == ''
         assert (folder / 'heatmaps' / f'new_{slide_id}.png').stat().st_size > 5000
+        assert (folder / 'geojson' / f'new_{slide_id}.geojson').exists()
+        assert (folder / 'features_h5' / f'new_{slide_id}.h5').exists()
         patches = sorted((folder / 'top_patches' / f'new_{slide_id}').glob('*.png'))
         assert [p.name for p in patches] == ['1.png', '2.png', '3.png', '4.png']
         assert Image.open(patches[0]).size == (64, 64)

@@ -1,4 +1,4 @@
-"""The feature store: each slide's patch features from the extract stage, and its graph file.
+"""The feature store: each slide's patch features, and its graph file.
 
 `features/<slide_id>.npz` holds features float [N, D], coords int [N, 2] (level-0 x, y), grid
 int [N, 2] (row, col) and `network`, the identity of the feature network that made them (JSON).
@@ -6,9 +6,12 @@ int [N, 2] (row, col) and `network`, the identity of the feature network that ma
 for given (k, max_patches, seed) (the kept patch indices `kept` [n], `senders` and `receivers` int32
 [E]) and the kept patches' `features` float32 [n, D], `grid` int32 [n, 2] and `coords` [n, 2]. A
 training step reads one graph file per slide, never the features file; a rerun or the evaluation
-does not search neighbours again. The graph file is keyed by the settings and by the features file
-it came from: its size, mtime and inode, and when those differ (a copied workdir) the BLAKE2 digest
-of its bytes, so rebuilt features always get a new graph.
+does not search neighbours again. A slide's features come from a `FeatureSource`: its features
+file from the extract stage (`NativeFeatures`), or another tool's file
+(`feature_sources.ImportedFeatures`). The graph file is keyed by the settings, by how the source
+is read (`FeatureSource.reading`) and by the source file: its size, mtime and inode, and when those
+differ (a copied workdir) its digest (`FeatureSource.digest`), so rebuilt or replaced features
+always get a new graph.
 """
 
 import dataclasses
@@ -17,6 +20,7 @@ import pathlib
 import struct
 import threading
 import zipfile
+from typing import Protocol
 
 import numpy as np
 
@@ -31,7 +35,7 @@ from pathjax.slide_paths import slide_file
 # mismatch" (cpython#106905). Graph files are read by a pool of threads, so headers are parsed
 # one at a time.
 _HEADER_LOCK = threading.Lock()
-GRAPH_FORMAT = 2  # bump when the graph file's contents change: older files are rebuilt
+GRAPH_FORMAT = 3  # bump when the graph file's contents change: older files are rebuilt
 _ZIP_LOCAL_HEADER = struct.Struct('<IHHHHHIIIHH')  # ... file name length, extra field length
 
 
@@ -76,6 +80,58 @@ class GraphFile:
     num_edges: int
     feature_dim: int
     coords: np.ndarray
+
+
+class FeatureSource(Protocol):
+    """Where one slide's patch features come from."""
+
+    slide_id: str
+    path: pathlib.Path  # the file the features are read from
+
+    def available(self) -> bool:
+        """True when the slide's features can be used (its file exists and passed its checks)."""
+
+    def reading(self) -> str:
+        """How the file is read (settings beyond the file's bytes), '' for none."""
+
+    def digest(self) -> np.ndarray:
+        """uint8 [n]: a digest of the file's contents."""
+
+    def load(self) -> SlideBag:
+        """The slide's features, coords and grid."""
+
+    def network(self) -> str:
+        """The identity of the network that made the features ('' if not recorded)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeFeatures:
+    """A slide's features file from the extract stage (`features/<slide_id>.npz`)."""
+
+    workdir: pathlib.Path
+    slide_id: str
+    redo_hint = 'rerun the extract stage'
+
+    @property
+    def path(self) -> pathlib.Path:
+        return features_path(self.workdir, self.slide_id)
+
+    def available(self) -> bool:
+        return self.path.exists()
+
+    def reading(self) -> str:
+        return ''
+
+    def digest(self) -> np.ndarray:
+        """The BLAKE2b digest of the whole file."""
+        with open(self.path, 'rb') as f:
+            return np.frombuffer(hashlib.file_digest(f, 'blake2b').digest(), np.uint8)
+
+    def load(self) -> SlideBag:
+        return load_bag(self.workdir, self.slide_id)
+
+    def network(self) -> str:
+        return features_network(self.path)
 
 
 def features_path(workdir, slide_id: str) -> pathlib.Path:
@@ -134,12 +190,6 @@ def _source_stat(path: pathlib.Path) -> np.ndarray:
     return np.asarray([stat.st_size, stat.st_mtime_ns, stat.st_ino], np.int64)
 
 
-def _source_digest(path: pathlib.Path) -> np.ndarray:
-    """uint8 [64]: the BLAKE2b digest of the features file's bytes."""
-    with open(path, 'rb') as f:
-        return np.frombuffer(hashlib.file_digest(f, 'blake2b').digest(), np.uint8)
-
-
 def _cached_key(path: pathlib.Path) -> dict[str, np.ndarray] | None:
     """The key arrays of a graph file; None when there is none or it is of an older format."""
     if not path.exists():
@@ -157,21 +207,31 @@ def _graph_file(path: pathlib.Path) -> GraphFile:
                      artifacts.load_npz(path, ('coords',))['coords'])
 
 
-def slide_graph(workdir, slide_id: str, settings: GraphSettings) -> GraphFile:
+def _reading_key(reading: str) -> int:
+    """A source's `reading` as one int64 of the graph key (0 for '')."""
+    if not reading:
+        return 0
+    digest = hashlib.blake2b(reading.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little', signed=True)
+
+
+def slide_graph(workdir, source: FeatureSource, settings: GraphSettings) -> GraphFile:
     """The slide's graph file, built (one slide in memory at a time) unless the cached one was
-    built with the same settings from the same features file."""
-    path, source = graph_path(workdir, slide_id), features_path(workdir, slide_id)
-    key = np.asarray([GRAPH_FORMAT, settings.k, settings.max_patches, settings.seed], np.int64)
-    stat = _source_stat(source)
+    built with the same settings from the same source file, read the same way."""
+    slide_id = source.slide_id
+    path = graph_path(workdir, slide_id)
+    key = np.asarray([GRAPH_FORMAT, settings.k, settings.max_patches, settings.seed,
+                      _reading_key(source.reading())], np.int64)
+    stat = _source_stat(source.path)
     cached = _cached_key(path)
     same_settings = cached is not None and np.array_equal(cached['settings'], key)
     if same_settings and np.array_equal(cached['source'], stat):
         return _graph_file(path)
-    digest = _source_digest(source)
+    digest = source.digest()
     if same_settings and np.array_equal(cached['digest'], digest):  # same features, copied
         artifacts.save_npz(path, **{**artifacts.load_npz(path), 'source': stat})
         return _graph_file(path)
-    bag = load_bag(workdir, slide_id)
+    bag = source.load()
     kept, senders, receivers = build_graph(bag, settings)
     artifacts.save_npz(path, kept=kept, senders=senders, receivers=receivers,
                        features=bag.features[kept], grid=bag.grid[kept].astype(np.int32),

@@ -2,9 +2,10 @@
 
 Writes `eval/<split>/predictions.csv`, `metrics.json` (slide- and patient-level metrics with
 bootstrap 95% CIs of the AUC, and the checkpoint used), `roc.png`, `heatmaps/<slide_id>.png`
-(patch scores over the slide's thumbnail; see `heatmaps`) and `top_patches/<slide_id>/<rank>.png`
-(the highest-scoring patches at full resolution), and `eval/learning_curves.png` (both training
-stages, per epoch).
+(patch scores over the slide's thumbnail; see `heatmaps`), `geojson/<slide_id>.geojson` (the
+scored patches as QuPath detections and the tissue region as annotations, level-0 pixels; see
+`interop.geojson`) and `top_patches/<slide_id>/<rank>.png` (the highest-scoring patches at full
+resolution), and `eval/learning_curves.png` (both training stages, per epoch).
 """
 
 import pathlib
@@ -14,15 +15,17 @@ from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
-from pathjax import artifacts
 from pathjax.cohort import Cohort
+from pathjax.data.feature_sources import Sources, layout_path
 from pathjax.data.features import GraphSettings
 from pathjax.data.slide_sets import UNLABELLED, SlideSet, feature_dim, load_splits
 from pathjax.evaluate import heatmaps, report
 from pathjax.evaluate.top_patches import save_top_patches
 from pathjax.evaluate.learning_curves import plot_learning_curves
+from pathjax.interop import geojson
 from pathjax.metrics import split_metrics
 from pathjax.models.slide_predictor import SlidePredictor
+from pathjax.slide_paths import slide_file
 from pathjax.slides.reader import SlideError
 from pathjax.slides.tile_stage import thumbnail_path, tiles_path
 from pathjax.stage_report import ERROR, OK, SlideEntry
@@ -36,13 +39,43 @@ def split_dir(workdir, split: str) -> pathlib.Path:
 TILE_FIELDS = ('slide_size', 'extent', 'level', 'read_size', 'patch_size', 'stain_lut')
 
 
+def geojson_path(folder, slide_id: str) -> pathlib.Path:
+    """`<folder>/geojson/<slide_id>.geojson` (folder: an evaluated split's, or predict/)."""
+    return slide_file(folder, 'geojson', slide_id, '.geojson')
+
+
+def slide_layout(workdir, slide_id: str) -> dict[str, np.ndarray] | None:
+    """What pictures of a slide are drawn with: the TILE_FIELDS (and `tissue_mask`, when the
+    tile stage kept it) of its tiles file, or of the import stage's layout file; None without
+    either."""
+    for path in (tiles_path(workdir, slide_id), layout_path(workdir, slide_id)):
+        if path.exists():
+            with np.load(path, allow_pickle=False) as data:
+                return {key: data[key] for key in TILE_FIELDS + ('tissue_mask',)
+                        if key in data.files}
+    return None
+
+
 def write_heatmap(thumbnail: pathlib.Path, tiles: dict, path: pathlib.Path, coords: np.ndarray,
                   scores: np.ndarray, signed: bool, title: str) -> None:
     """Draws one slide's heatmap (coords [n, 2] level-0, scores [n]) over its thumbnail; `tiles`:
-    its tiles file's TILE_FIELDS."""
+    its `slide_layout`."""
     heatmaps.draw_heatmap(path, np.asarray(Image.open(thumbnail).convert('RGB')),
                           tuple(tiles['slide_size']), coords, float(tiles['extent']), scores,
                           signed, title)
+
+
+def write_geojson(path: pathlib.Path, slide_id: str, layout: dict, coords: np.ndarray,
+                  scores: np.ndarray, score_name: str, probabilities: dict[str, float],
+                  predicted: str) -> None:
+    """One slide's QuPath GeoJSON: its scored patches (coords [n, 2] level-0, scores [n]) and,
+    when its layout holds the tissue mask, the tissue region."""
+    size = tuple(int(v) for v in layout['slide_size'])
+    tissue = (geojson.tissue_polygons(layout['tissue_mask'], size)
+              if 'tissue_mask' in layout else None)
+    geojson.write(path, geojson.slide_features(slide_id, coords, float(layout['extent']), scores,
+                                               score_name, probabilities, predicted, tissue,
+                                               size))
 
 
 def write_heatmaps(predictor: SlidePredictor, params, workdir, folder: pathlib.Path,
@@ -50,8 +83,9 @@ def write_heatmaps(predictor: SlidePredictor, params, workdir, folder: pathlib.P
                    weights: list[np.ndarray]) -> None:
     """For each slide, its heatmap `<folder>/heatmaps/<slide_id>.png` (see `heatmaps`: gated-
     attention weights, or each patch's contribution to the predicted class; computed on every
-    process, drawn by the leader) and its top patches in `<folder>/top_patches/` (see
-    `top_patches`). `workdir` holds the slides' thumbnails and tiles files."""
+    process, drawn by the leader), its GeoJSON `<folder>/geojson/<slide_id>.geojson` and, when
+    its slide file is known, its top patches in `<folder>/top_patches/` (see `top_patches`).
+    `workdir` holds the slides' thumbnails and tiles (or imported layout) files."""
     classes = predictor.classes
     predicted = probabilities.argmax(axis=1)
     signed = predictor.config.slide_net.pooling != 'gated'
@@ -64,14 +98,18 @@ def write_heatmaps(predictor: SlidePredictor, params, workdir, folder: pathlib.P
         label = classes[slides.labels[i]] if slides.labels[i] != UNLABELLED else 'unknown'
         title = (f'{slide_id}: {what} {classes[predicted[i]]} (p={probabilities[i].max():.2f}), '
                  f'label {label}')
-        thumbnail, tiles_file = thumbnail_path(workdir, slide_id), tiles_path(workdir, slide_id)
-        if not thumbnail.exists() or not tiles_file.exists():
+        thumbnail, tiles = thumbnail_path(workdir, slide_id), slide_layout(workdir, slide_id)
+        if not thumbnail.exists() or tiles is None:
             logging.warning('evaluate: no heatmap for slide %s (no thumbnail or tiles file)',
                             slide_id)
             continue
-        tiles = artifacts.load_npz(tiles_file, TILE_FIELDS)
         write_heatmap(thumbnail, tiles, heatmaps.heatmap_path(folder, slide_id),
                       slides.coords[i], scores[i], signed, title)
+        write_geojson(geojson_path(folder, slide_id), slide_id, tiles, slides.coords[i],
+                      scores[i], 'contribution' if signed else 'attention',
+                      dict(zip(classes, map(float, probabilities[i]))), classes[predicted[i]])
+        if not slide_paths[slide_id]:  # imported features without the slide file
+            continue
         try:
             save_top_patches(folder, slide_id, slide_paths[slide_id], tiles,
                              slides.coords[i], scores[i], predictor.config.eval.top_patches)
@@ -105,7 +143,8 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
     """The `evaluate` stage over config.eval.splits; one report entry per slide evaluated."""
     settings = GraphSettings.from_config(config)
     classes = tuple(config.data.classes)
-    splits = load_splits(workdir, cohort, config.eval.splits, classes, settings, 'evaluate')
+    splits = load_splits(workdir, cohort, config.eval.splits, classes, settings, 'evaluate',
+                         Sources.from_config(config, workdir))
     predictor = SlidePredictor(config, feature_dim(list(splits.values()), 'evaluate'))
     params, checkpoint = predictor.restore(workdir, config.eval.checkpoint)
     if sharding.is_leader():

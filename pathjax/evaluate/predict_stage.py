@@ -6,8 +6,10 @@ features/, reports/) tiles the slides, normalizes their stain to the trained wor
 (`stain/reference.npz`, never refitted on new slides), extracts their features with the trained
 feature network and runs the trained slide model (`eval.checkpoint`). It writes
 `predict/predictions.csv` (slide_id, label or empty, one probability per class, predicted class),
-`predict/heatmaps/` and `predict/top_patches/`, and, for the rows that have labels,
-`predict/metrics.json` and `predict/roc.png`. Finished slides are skipped on rerun (a slide whose
+`predict/heatmaps/`, `predict/geojson/` and `predict/top_patches/`, and, for the rows that have
+labels, `predict/metrics.json` and `predict/roc.png`. With features imported from another tool
+(`features.import_dir`) the new slides' files are read from `predict.import_dir` (or the same
+folder) by the import stage instead of tiling and extracting. Finished slides are skipped on rerun (a slide whose
 file changed, even under the same id, is redone: `tile_stage`); a slide that
 is missing, unreadable or without tissue is reported in `predict/reports/` (tile, extract,
 predict) and the rest go on. `pipeline` runs the steps (`prepare_folder`, then `steps`).
@@ -24,6 +26,8 @@ from absl import logging
 
 from pathjax import artifacts, provenance
 from pathjax.cohort import PREDICT, ManifestError, load_new_slides
+from pathjax.data import import_stage
+from pathjax.data.feature_sources import Sources, importing
 from pathjax.data.features import GraphSettings
 from pathjax.data.slide_sets import UNLABELLED, load_splits
 from pathjax.errors import StageError, UsageError
@@ -59,7 +63,8 @@ def check_trained(config, workdir, settings: dict) -> None:
     except UsageError as error:
         raise UsageError(f'predict: run it with the config the workdir was trained with; '
                          f'{error}') from None
-    if config.stain.method == 'histogram' and not reference_file(workdir).exists():
+    if (config.stain.method == 'histogram' and not importing(config)
+            and not reference_file(workdir).exists()):
         raise UsageError(f'predict: {workdir} has no stain reference ({reference_file(workdir)}); '
                          'rerun its tile stage')
 
@@ -85,11 +90,14 @@ def share_stain_reference(config, workdir, folder: pathlib.Path) -> None:
 def load_cohort(config):
     """The prediction manifest's slides (split PREDICT); UsageError naming every bad row."""
     try:
-        cohort = load_new_slides(config.predict.manifest, tuple(config.data.classes))
+        cohort = load_new_slides(config.predict.manifest, tuple(config.data.classes),
+                                 slides_required=not importing(config))
     except ManifestError as error:
         raise UsageError(f'predict.manifest: {error}') from None
     for _, why in cohort.skipped:
         logging.warning('predict: skipping %s', why)
+    for note in cohort.notes:
+        logging.warning('predict: %s', note)
     return cohort
 
 
@@ -97,19 +105,24 @@ def prepare_folder(config, workdir, cohort, settings: dict) -> None:
     """(Process 0) checks the trained workdir and readies `predict/` for the steps."""
     folder = predict_dir(workdir)
     check_trained(config, workdir, settings)
+    if importing(config):
+        return
     provenance.check_and_record(folder, 'tile', provenance.settings_of(
         config, ['tile', 'tissue', 'stain']), str(folder))
     share_stain_reference(config, workdir, folder)
 
 
-def steps(workdir) -> list[tuple[str, Callable[..., list[SlideEntry]]]]:
+def steps(config, workdir) -> list[tuple[str, Callable[..., list[SlideEntry]]]]:
     """(name, run(config, folder, cohort) -> report entries) of the stage's steps, in order, all
     run on every process in the prediction folder: tiling (with the trained stain reference
-    already there), extraction with the trained feature network, and prediction."""
+    already there), extraction with the trained feature network, and prediction; with imported
+    features, their import instead of tiling and extraction."""
     workdir = pathlib.Path(workdir)
+    predict = ('predict', functools.partial(predict_slides, workdir=workdir))
+    if importing(config):
+        return [('import', functools.partial(import_stage.run, predicting=True)), predict]
     return [('tile', tile_stage.run),
-            ('extract', functools.partial(extract.run, network_workdir=workdir)),
-            ('predict', functools.partial(predict_slides, workdir=workdir))]
+            ('extract', functools.partial(extract.run, network_workdir=workdir)), predict]
 
 
 def predict_slides(config, folder: pathlib.Path, cohort, workdir: pathlib.Path
@@ -118,7 +131,7 @@ def predict_slides(config, folder: pathlib.Path, cohort, workdir: pathlib.Path
     `workdir`'s slide model; one report entry per manifest row."""
     classes = tuple(config.data.classes)
     slides = load_splits(folder, cohort, [PREDICT], classes, GraphSettings.from_config(config),
-                         STAGE)[PREDICT]
+                         STAGE, Sources.from_config(config, folder, predicting=True))[PREDICT]
     if not len(slides):
         raise StageError(f'predict: no slide could be tiled and extracted; see '
                          f'{folder / "reports"}')

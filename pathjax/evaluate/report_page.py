@@ -33,7 +33,7 @@ MAX_HEATMAP_SLIDES = 24  # per split; the rest are in eval/<split>/heatmaps/
 MAX_QC_PICTURES = 60  # failures and warnings first; the rest are in qc/
 SECTIONS = (('results', 'Results'), ('cv', 'Cross-validation'), ('learning', 'Learning curves'),
             ('heatmaps', 'Heatmaps'), ('predict', 'New slides'), ('cohort', 'Cohort'),
-            ('tiles', 'Tile report'), ('config', 'Config'))  # (anchor, title) in page order
+            ('features', 'Features'), ('tiles', 'Tile report'), ('config', 'Config'))  # (anchor, title) in page order
 HEATMAP_WIDTH = 720  # px of the inline heatmap picture
 QC_SIDE = 240  # px, long side of an inline QC picture
 
@@ -304,6 +304,28 @@ def tile_section(workdir: pathlib.Path) -> str:
     return '\n'.join(out)
 
 
+def import_section(workdir: pathlib.Path) -> str:
+    """Where imported features came from (the import report): folder, format, encoder, size,
+    and the slides whose files could not be used."""
+    report = read_json(workdir / 'reports' / 'import.json')
+    if not report:
+        return ''
+    entries = report['slides']
+    used = Counter((str(pathlib.Path(e['file']).parent), e['format'], e['encoder'] or 'not recorded',
+                    e['feature_dim']) for e in entries if e['status'] == 'ok')
+    failed = [e for e in entries if e['status'] != 'ok']
+    out = ['<h2 id="features">Features</h2>',
+           '<p>Imported from files written by another tool (the tile, patches, learn_features and '
+           'extract stages did not run).</p>',
+           table(['folder', 'format', 'encoder', 'feature size', 'slides'],
+                 [[*key, n] for key, n in sorted(used.items())])]
+    if failed:
+        out += ['<h3>Not imported</h3>',
+                table(['slide', 'message'], [[e['slide_id'], e['message']] for e in failed],
+                      ['bad'] * len(failed))]
+    return '\n'.join(out)
+
+
 def config_section(workdir: pathlib.Path) -> str:
     path = workdir / 'config.json'
     if not path.exists():
@@ -317,7 +339,8 @@ def write(workdir) -> pathlib.Path:
     workdir = pathlib.Path(workdir)
     sections = [metrics_section(workdir), cross_validation_section(workdir),
                 learning_curves_section(workdir), heatmaps_section(workdir),
-                predict_section(workdir), cohort_section(workdir), tile_section(workdir),
+                predict_section(workdir), cohort_section(workdir), import_section(workdir),
+                tile_section(workdir),
                 config_section(workdir)]
     sections = [s for s in sections if s]
     contents = ' · '.join(f'<a href="#{anchor}">{escape(name)}</a>'

@@ -5,6 +5,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 MAX_SIDE = 2048
+MASK_SIDE = 1024
 BACKGROUND_TINT = np.array([70, 110, 200], np.float32)  # background shaded blue
 PATCH_OUTLINE = (0, 170, 60)
 SHADE_ROWS = 256  # overview rows shaded at once
@@ -15,6 +16,16 @@ def thumbnail(overview: np.ndarray) -> np.ndarray:
     image = Image.fromarray(overview)
     image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX)
     return np.asarray(image)
+
+
+def shrink_mask(mask: np.ndarray) -> np.ndarray:
+    """A bool mask [h, w] shrunk (area average, then >= half) so its long side is at most
+    MASK_SIDE: the tissue region kept in a slide's tiles file, for its GeoJSON annotation."""
+    if max(mask.shape) <= MASK_SIDE:
+        return mask
+    image = Image.fromarray(mask.astype(np.uint8) * 255)
+    image.thumbnail((MASK_SIDE, MASK_SIDE), Image.Resampling.BOX)
+    return np.asarray(image) >= 128
 
 
 def qc_picture(overview: np.ndarray, background: np.ndarray, slide_size: tuple[int, int],

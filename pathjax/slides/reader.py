@@ -61,9 +61,10 @@ class ReadPlan:
 
 
 class Slide:
-    """An open whole-slide image. Use as a context manager, or call `close()`."""
+    """An open whole-slide image. Use as a context manager, or call `close()`. `mpp` (microns
+    per level-0 pixel, e.g. a manifest's) overrides the slide's metadata."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None):
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise SlideError(f'{self.path}: file not found')
@@ -78,7 +79,7 @@ class Slide:
             self.dimensions: tuple[int, int] = self._slide.dimensions  # level-0 (width, height)
             self.level_dimensions: tuple[tuple[int, int], ...] = self._slide.level_dimensions
             self.level_downsamples: tuple[float, ...] = self._slide.level_downsamples
-            self.mpp, self.mpp_problem = _level0_mpp(self._slide.properties)
+            self.mpp, self.mpp_problem = (mpp, '') if mpp else _level0_mpp(self._slide.properties)
             _check_tile_sizes(self._slide.properties, len(self.level_dimensions))
             self._tiles = TiffTiles.open(self.path, self._slide)
         except (openslide.OpenSlideError, OSError, ValueError) as error:

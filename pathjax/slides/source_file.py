@@ -6,7 +6,8 @@ header and directories, most formats' metadata). A rerun stats the file: the sam
 modification time mean the same file; otherwise the fingerprint decides, so a file that was
 copied or touched (same bytes, a new time) is not redone, while one replaced by another scan is,
 even under the same name. The file's path alone does not decide: a cohort moved to another disk
-keeps its work.
+keeps its work. What a manifest row adds to the slide (`mpp`, a `roi` file) is part of a scan's
+source too (`scan_source`, `scan_change`): changing either redoes the slide.
 """
 
 import hashlib
@@ -54,3 +55,31 @@ def change(recorded: str, path: str | os.PathLike) -> str:
     if fingerprint(path) != was.get('fingerprint'):
         return f'the slide file changed: same size, other contents ({path})'
     return ''
+
+
+def scan_source(path: str, mpp: float | None, roi: str) -> str:
+    """JSON of what a scan is made from: the slide file's identity, and the manifest's mpp and
+    roi file's identity when given."""
+    source = json.loads(identity(path))
+    if mpp:
+        source['mpp'] = mpp
+    if roi:
+        source['roi'] = json.loads(identity(roi))
+    return json.dumps(source, sort_keys=True)
+
+
+def scan_change(recorded: str, path: str, mpp: float | None, roi: str) -> str:
+    """How a slide's sources differ from the `recorded` `scan_source` ('' when they do not)."""
+    why = change(recorded, path)
+    try:
+        was = json.loads(recorded)
+    except ValueError:
+        return why
+    if why or not isinstance(was, dict):
+        return why
+    if was.get('mpp') != mpp:
+        return f"the manifest's mpp changed from {was.get('mpp')} to {mpp}"
+    if bool(roi) != ('roi' in was):
+        return 'a roi file was added' if roi else 'the roi file was removed'
+    why = roi and change(json.dumps(was['roi']), roi)
+    return why.replace('slide file', 'roi file') if why else ''

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
 from pathjax.errors import StageError
+from pathjax.interop import geojson
 from pathjax.sampling import seeded_subset
 from pathjax.slide_paths import slide_file
 from pathjax.slides import qc, source_file, stain
@@ -90,10 +91,12 @@ def scan_slide(record: SlideRecord, settings: TileSettings, workdir: str) -> Sli
     """Tiles one slide and writes its scan file and QC picture. Never raises for a bad slide."""
     start = time.perf_counter()
     try:
-        source = source_file.identity(record.path)  # before reading: a file replaced meanwhile
-        with Slide(record.path) as slide:           # is found on the next run
-            scan, picture, thumbnail = _scan(slide, record.slide_id, settings)
-    except (SlideError, OSError) as error:
+        # Before reading: a file replaced meanwhile is found on the next run.
+        source = source_file.scan_source(record.path, record.level0_mpp, record.roi)
+        roi = geojson.read_roi(record.roi) if record.roi else None
+        with Slide(record.path, mpp=record.level0_mpp) as slide:
+            scan, picture, thumbnail = _scan(slide, record.slide_id, settings, roi, record.roi)
+    except (SlideError, OSError, geojson.RoiError) as error:
         return SlideEntry(record.slide_id, ERROR, message=str(error))
     except Exception as error:  # a reader library failing on a corrupt file must not stop the run
         logging.exception('tile: unexpected failure on slide %s', record.slide_id)
@@ -107,15 +110,18 @@ def scan_slide(record: SlideRecord, settings: TileSettings, workdir: str) -> Sli
     return entry
 
 
-def _scan(slide: Slide, slide_id: str, settings: TileSettings
+def _scan(slide: Slide, slide_id: str, settings: TileSettings, roi=None, roi_file: str = ''
           ) -> tuple[dict, np.ndarray, np.ndarray]:
-    """(the scan arrays, the QC picture, a plain thumbnail) of one open slide."""
+    """(the scan arrays, the QC picture, a plain thumbnail) of one open slide; outside the `roi`
+    (level-0 polygons read from `roi_file`, `geojson.read_roi`) is background."""
     plan = slide.plan(settings.mpp, settings.patch_size, settings.fallback_level)
     mask_downsample = min(settings.rule.neighbourhood, plan.extent) / MASK_WINDOW_PIXELS
     overview_downsample = slide.overview_downsample(  # coarser on very large slides
         max(1.0, min(mask_downsample, max(slide.dimensions) / QC_SIDE)))
     overview, downsample = slide.read_overview(overview_downsample)
     background = background_mask(overview, downsample, settings.rule)
+    if roi is not None:
+        background |= ~geojson.roi_mask(roi, background.shape, slide.dimensions)
     tiles = select_tiles(~background, slide.dimensions, plan.extent, settings.rule.min_fraction)
     warnings = list(plan.warnings)
     if overview_downsample > max(1.0, mask_downsample):
@@ -125,7 +131,9 @@ def _scan(slide: Slide, slide_id: str, settings: TileSettings
                         "slide would exceed the reader's bounds")
     if not len(tiles):
         width, height = slide.dimensions
-        if plan.extent > min(width, height):
+        if roi is not None:
+            warnings.append(f'the roi {roi_file} misses every tissue patch')
+        elif plan.extent > min(width, height):
             warnings.append(f'the slide ({width}x{height} level-0 px) is smaller than one patch '
                             f'({plan.extent:.0f} level-0 px)')
         else:
@@ -141,6 +149,7 @@ def _scan(slide: Slide, slide_id: str, settings: TileSettings
                 extent=plan.extent, mpp=np.nan if plan.mpp is None else plan.mpp,
                 slide_size=np.asarray(slide.dimensions, np.int64),
                 slide_tissue_fraction=np.float32(1.0 - background.mean()),
+                tissue_mask=qc.shrink_mask(~background),
                 stain_histogram=histogram, warnings=np.asarray(warnings, dtype=str))
     picture = qc.qc_picture(overview, background, slide.dimensions, tiles.coords, plan.extent)
     return scan, picture, qc.thumbnail(overview)
@@ -285,7 +294,8 @@ def forget_changed_slides(workdir, records: list[SlideRecord]) -> dict[str, str]
     for record in records:
         made = [p for p in (scan_path(workdir, record.slide_id),
                             tiles_path(workdir, record.slide_id)) if p.exists()]
-        why = made and source_file.change(recorded_text(made[0]), record.path)
+        why = made and source_file.scan_change(recorded_text(made[0]), record.path,
+                                               record.level0_mpp, record.roi)
         if why:
             logging.info('tile: redoing slide %s: %s', record.slide_id, why)
             forget_slide(workdir, record.slide_id)

@@ -7,6 +7,8 @@ is asynchronous), with at most a few batches on the device at once. Batches have
 Each slide's features are written atomically to `features/<slide_id>.npz` with the identity of the
 network that made them (`network_identity`); on rerun, slides made by the current network are
 skipped and the others (made before the feature network was retrained or trained on) redone.
+With `features.export='h5'` each slide's features also go to `features_h5/<slide_id>.h5` in
+TRIDENT's layout (`export_features`), for the tools that read it.
 With several hosts, each extracts its own share of the slides on its own devices.
 """
 
@@ -25,7 +27,9 @@ from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
 from pathjax.data.features import features_network, features_path
 from pathjax.errors import StageError
+from pathjax.interop import h5_features
 from pathjax.models.feature_net import FeatureNet, create_feature_net
+from pathjax.slide_paths import slide_file
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
 from pathjax.slides.reader import SlideError
 from pathjax.slides.tile_stage import tiles_path
@@ -60,9 +64,10 @@ def extractor_params(config, workdir, model: FeatureNet) -> tuple[dict, str]:
 
 
 def network_identity(config, params, source: dict) -> str:
-    """JSON naming the network that makes features: the encoder, where its parameters came from
-    (`source`), and a BLAKE2 hash of the parameters. Stored in every features file; a slide whose
-    file holds another identity is extracted again."""
+    """JSON naming the network that makes features: the encoder (with a ViT preset, the mean
+    and std its input is normalized with), where its parameters came from (`source`), and a
+    BLAKE2 hash of the parameters. Stored in every features file; a slide whose file holds
+    another identity is extracted again."""
     digest = hashlib.blake2b(digest_size=16)
     for leaf in jax.tree.leaves(jax.device_get(params)):  # a fixed order: sorted module names
         digest.update(np.ascontiguousarray(leaf).tobytes())
@@ -71,7 +76,12 @@ def network_identity(config, params, source: dict) -> str:
                if net.backbone == 'vgg16' else net.backbone)
     if net.weights:
         encoder += f', weights {pathlib.Path(net.weights).name}'
-    return json.dumps({'encoder': encoder, **source, 'parameters_blake2b': digest.hexdigest()},
+    described = {'encoder': encoder}
+    if net.backbone != 'vgg16':  # VGG-16's normalization is fixed (ImageNet's)
+        from pathjax.models import feature_net  # pylint: disable=import-outside-toplevel
+        mean, std = feature_net.normalization(config)
+        described['normalization'] = {'mean': list(mean), 'std': list(std)}
+    return json.dumps({**described, **source, 'parameters_blake2b': digest.hexdigest()},
                       sort_keys=True)
 
 
@@ -163,6 +173,10 @@ def run(config, workdir, cohort: Cohort, network_workdir=None) -> list[SlideEntr
                 entries[record.slide_id] = extract_slide(extractor, reader, record, workdir,
                                                          progress, network)
         progress.close()
+    if config.features.export == 'h5':
+        for record in mine:
+            if entries[record.slide_id].status == OK:
+                export_features(workdir, record.slide_id)
     sharding.barrier('pathjax extract')  # the other hosts' slides are done too
     for record in cohort.slides:
         if record.slide_id not in entries:  # another host's slide: its log has any error
@@ -170,6 +184,32 @@ def run(config, workdir, cohort: Cohort, network_workdir=None) -> list[SlideEntr
                 record.slide_id, ERROR, message='not extracted; see the log of its host')
     skipped = [SlideEntry(r.slide_id, ERROR, message=why) for r, why in cohort.skipped]
     return [entries[r.slide_id] for r in cohort.slides] + skipped
+
+
+def exported_path(workdir, slide_id: str) -> pathlib.Path:
+    return slide_file(workdir, 'features_h5', slide_id, '.h5')
+
+
+def export_features(workdir, slide_id: str) -> None:
+    """Writes `features_h5/<slide_id>.h5` (TRIDENT's layout: the features, level-0 coords, the
+    encoder's name, patch sizes, magnifications and level-0 mpp) from the slide's features and
+    tiles files, unless the one there is newer than the features file."""
+    target, source = exported_path(workdir, slide_id), features_path(workdir, slide_id)
+    if target.exists() and target.stat().st_mtime_ns >= source.stat().st_mtime_ns:
+        return
+    features = artifacts.load_npz(source, ('features', 'coords', 'network'))
+    tiles = artifacts.load_npz(tiles_path(workdir, slide_id),
+                               ('slide_size', 'extent', 'patch_size', 'mpp'))
+    patch_mpp, extent = float(tiles['mpp']), float(tiles['extent'])
+    level0_mpp = 0.0 if np.isnan(patch_mpp) else patch_mpp * int(tiles['patch_size']) / extent
+    width, height = (int(v) for v in tiles['slide_size'])
+    h5_features.write_trident(
+        target, features['features'], features['coords'],
+        encoder=json.loads(str(features['network']))['encoder'],
+        patch_size=int(tiles['patch_size']), patch_size_level0=int(round(extent)),
+        level0_magnification=10.0 / level0_mpp if level0_mpp else 0.0,
+        target_magnification=0.0 if np.isnan(patch_mpp) else 10.0 / patch_mpp,
+        level0_width=width, level0_height=height, mpp=level0_mpp)
 
 
 def _finished(workdir, slide_id: str, network: str) -> SlideEntry | None:

@@ -22,6 +22,7 @@ from absl import logging
 
 from pathjax import stage_report
 from pathjax.cohort import Cohort
+from pathjax.data.feature_sources import Sources
 from pathjax.data.features import GraphSettings
 from pathjax.data.graph_batches import Prefetch
 from pathjax.data.slide_sets import SlideSet, feature_dim, load_splits
@@ -178,7 +179,8 @@ def run(config, workdir, cohort: Cohort) -> None:
     `evaluate` stage, so that nothing chosen here has seen test results."""
     settings = GraphSettings.from_config(config)
     classes = tuple(config.data.classes)
-    splits = load_splits(workdir, cohort, ('train', 'val'), classes, settings, 'train_slide')
+    splits = load_splits(workdir, cohort, ('train', 'val'), classes, settings, 'train_slide',
+                         Sources.from_config(config, workdir))
     logging.info('train_slide: %s slides with features', ', '.join(
         f'{len(s)} {name}' for name, s in splits.items()))
     trainer = SlideTrainer(config, workdir, feature_dim(list(splits.values()), 'train_slide'))

@@ -10,8 +10,8 @@ import pytest
 
 from pathjax import artifacts
 from pathjax.data import features as feature_store
-from pathjax.data.features import (GraphSettings, features_path, graph_path, slide_graph,
-                                   stored_arrays)
+from pathjax.data.features import (GraphSettings, NativeFeatures, features_path, graph_path,
+                                   slide_graph, stored_arrays)
 
 SETTINGS = GraphSettings(k=4, max_patches=60, seed=3)
 
@@ -50,7 +50,7 @@ def assert_graph_of(workdir, values, slide_id='s'):
 
 def test_graph_file_holds_what_the_model_reads(tmp_path):
     values = write_features(tmp_path, seed=0)
-    found = slide_graph(tmp_path, 's', SETTINGS)
+    found = slide_graph(tmp_path, NativeFeatures(tmp_path, 's'), SETTINGS)
     assert_graph_of(tmp_path, values)
     assert (found.path, found.num_nodes, found.feature_dim) == (graph_path(tmp_path, 's'), 60, 5)
     assert found.num_edges == len(artifacts.load_npz(found.path, ('senders',))['senders'])
@@ -60,18 +60,18 @@ def test_graph_file_holds_what_the_model_reads(tmp_path):
 
 def test_rebuilt_features_get_a_new_graph(tmp_path):
     write_features(tmp_path, seed=0)
-    slide_graph(tmp_path, 's', SETTINGS)
+    slide_graph(tmp_path, NativeFeatures(tmp_path, 's'), SETTINGS)
     size = features_path(tmp_path, 's').stat().st_size
     rebuilt = write_features(tmp_path, seed=1)  # the same patch count and size, other values
     assert features_path(tmp_path, 's').stat().st_size == size
-    slide_graph(tmp_path, 's', SETTINGS)
+    slide_graph(tmp_path, NativeFeatures(tmp_path, 's'), SETTINGS)
     assert_graph_of(tmp_path, rebuilt)
 
 
 def test_other_settings_get_a_new_graph(tmp_path):
     values = write_features(tmp_path, seed=0)
-    slide_graph(tmp_path, 's', SETTINGS)
-    slide_graph(tmp_path, 's', GraphSettings(k=2, max_patches=0, seed=3))
+    slide_graph(tmp_path, NativeFeatures(tmp_path, 's'), SETTINGS)
+    slide_graph(tmp_path, NativeFeatures(tmp_path, 's'), GraphSettings(k=2, max_patches=0, seed=3))
     stored = artifacts.load_npz(graph_path(tmp_path, 's'))
     np.testing.assert_array_equal(stored['features'], values['features'])
     senders, _ = reference_edges(values['features'], 2)
@@ -80,7 +80,7 @@ def test_other_settings_get_a_new_graph(tmp_path):
 
 def test_copied_features_keep_their_graph(tmp_path, monkeypatch):
     values = write_features(tmp_path / 'a', seed=0)
-    slide_graph(tmp_path / 'a', 's', SETTINGS)
+    slide_graph(tmp_path / 'a', NativeFeatures(tmp_path / 'a', 's'), SETTINGS)
     shutil.copytree(tmp_path / 'a', tmp_path / 'b')  # new inodes and times, the same bytes
     source = features_path(tmp_path / 'b', 's')
     os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
@@ -89,10 +89,10 @@ def test_copied_features_keep_their_graph(tmp_path, monkeypatch):
         raise AssertionError('the graph was rebuilt')
 
     monkeypatch.setattr(feature_store, 'build_graph', no_build)
-    slide_graph(tmp_path / 'b', 's', SETTINGS)
+    slide_graph(tmp_path / 'b', NativeFeatures(tmp_path / 'b', 's'), SETTINGS)
     assert_graph_of(tmp_path / 'b', values)
-    monkeypatch.setattr(feature_store, '_source_digest', no_build)  # now known by its stat
-    assert slide_graph(tmp_path / 'b', 's', SETTINGS).num_nodes == 60
+    monkeypatch.setattr(NativeFeatures, 'digest', no_build)  # now known by its stat
+    assert slide_graph(tmp_path / 'b', NativeFeatures(tmp_path / 'b', 's'), SETTINGS).num_nodes == 60
 
 
 def test_a_graph_file_of_the_older_format_is_rebuilt(tmp_path):
@@ -100,7 +100,7 @@ def test_a_graph_file_of_the_older_format_is_rebuilt(tmp_path):
     kept = np.sort(np.random.default_rng(0).choice(90, 60, replace=False))
     artifacts.save_npz(graph_path(tmp_path, 's'), kept=kept, senders=np.zeros(4, np.int32),
                        receivers=np.zeros(4, np.int32), signature=np.array([4, 60, 3, 90]))
-    slide_graph(tmp_path, 's', SETTINGS)
+    slide_graph(tmp_path, NativeFeatures(tmp_path, 's'), SETTINGS)
     assert_graph_of(tmp_path, values)
 
 

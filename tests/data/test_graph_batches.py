@@ -11,7 +11,7 @@ import pytest
 
 from pathjax import artifacts
 from pathjax.data import graphs
-from pathjax.data.features import GraphSettings, features_path, slide_graph
+from pathjax.data.features import GraphSettings, NativeFeatures, features_path, slide_graph
 from pathjax.data.graph_batches import GraphBatches
 from pathjax.errors import StageError
 
@@ -30,7 +30,7 @@ def write_slides(workdir, counts=COUNTS, seed=0):
         grid = rng.integers(0, 50, (count, 2))
         artifacts.save_npz(features_path(workdir, slide_id), features=features, coords=grid * 256,
                            grid=grid)
-        files.append(slide_graph(workdir, slide_id, GraphSettings(K, 0, 0)))
+        files.append(slide_graph(workdir, NativeFeatures(workdir, slide_id), GraphSettings(K, 0, 0)))
         edges = artifacts.load_npz(files[-1].path, ('senders', 'receivers'))
         unpadded.append({'features': features, 'grid': grid, 'senders': edges['senders'],
                          'receivers': edges['receivers']})

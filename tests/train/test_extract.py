@@ -11,6 +11,7 @@ import pytest
 
 from pathjax import artifacts, pipeline
 from pathjax.data import slide_sets
+from pathjax.data.features import NativeFeatures
 from pathjax.errors import StageError
 from pathjax.models.feature_net import FeatureNet, create_feature_net
 from pathjax.slides import stain
@@ -113,7 +114,7 @@ def test_extraction_uses_the_trained_network_and_survives_a_lost_slide(patch_wor
     stale_id = next(iter(first))
     artifacts.save_npz(extract.features_path(workdir, stale_id), **first[stale_id])
     with pytest.raises(StageError, match='2 different feature networks'):
-        slide_sets.check_one_network(workdir, list(first), 'train_slide')
+        slide_sets.check_one_network([NativeFeatures(workdir, i) for i in first], 'train_slide')
 
 
 class RecordingOutput:

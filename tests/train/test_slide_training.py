@@ -22,6 +22,7 @@ from pathjax.evaluate import evaluate_stage, report
 from pathjax.train import slide_training
 from pathjax.runtime import sharding
 from pathjax.runtime.checkpoint import Checkpoints
+from pathjax.data.feature_sources import Sources
 from pathjax.data.slide_sets import load_slides
 from pathjax.runtime import metrics_log
 from pathjax.train.slide_training import SlideTrainer, TrainState
@@ -129,7 +130,7 @@ def test_sharded_step_matches_one_device(trained):
     workdir, cohort, _, _ = trained
     config = make_config(**{**SETTINGS, 'mesh.data': -1})
     slides = load_slides(workdir, list(cohort.split('train'))[:8], CLASSES,
-                         GraphSettings.from_config(config), 'test')
+                         GraphSettings.from_config(config), 'test', Sources(workdir))
     results = []
     for devices in (1, 8):
         config.mesh.data = devices
@@ -206,12 +207,12 @@ def test_loading_a_split_holds_one_slide_at_a_time(tmp_path):
                            features=rng.normal(size=(count, dim)).astype(np.float32))
         records.append(SlideRecord(f's{i}', '', CLASSES[i % 2], f's{i}', 'train', i + 2))
     settings = GraphSettings(k=8, max_patches=0, seed=0)
-    load_slides(tmp_path, records[:1], CLASSES, settings, 'test')  # compiles the neighbour search
+    load_slides(tmp_path, records[:1], CLASSES, settings, 'test', Sources(tmp_path))  # compiles the neighbour search
 
     def peak(records):
         """Peak traced host memory while loading the records, in slides' features."""
         tracemalloc.start()
-        slides = load_slides(tmp_path, records, CLASSES, settings, 'test')
+        slides = load_slides(tmp_path, records, CLASSES, settings, 'test', Sources(tmp_path))
         used = tracemalloc.get_traced_memory()[1] / slide_bytes
         tracemalloc.stop()
         return used, slides
