@@ -3,6 +3,7 @@ evaluate (no slide file, no tiling, no extraction); bad files are reported by na
 go on; a replaced file redoes its graph."""
 
 import csv
+import dataclasses
 import json
 
 import h5py
@@ -14,8 +15,12 @@ from pathjax import artifacts, pipeline
 from pathjax.data.features import graph_path
 from pathjax.data.synthetic_bags import make_bags
 from pathjax.errors import StageError, UsageError
+from pathjax.evaluate import report
 from pathjax.interop import h5_features
 from tests.conftest import make_config
+from tests.interop.test_h5_features import write_clam_style, write_stamp_style
+
+CLASSES = ('negative', 'positive')
 
 STEP = 448  # a patch's side in level-0 pixels (224 px at 20x on a 40x slide)
 ORIGIN = (96, 160)  # TRIDENT's grid starts at the tissue's bounding box, not at (0, 0)
@@ -170,3 +175,65 @@ def test_import_settings_are_checked_before_any_work(tmp_path):
         pipeline.run(import_config(manifest, folder), tmp_path / 'w', ['extract'])
     assert not (tmp_path / 'w').exists()
 
+
+
+@pytest.mark.parametrize('tool', ['clam', 'stamp'])
+def test_clam_and_stamp_files_import_with_their_patch_size_and_mpp(tmp_path, tool):
+    """CLAM files (no attrs: the patch size from features.patch_size_level0) and STAMP files
+    (micrometres: pixels through the manifest's mpp), written as those tools write them."""
+    folder = tmp_path / 'features'
+    folder.mkdir()
+    cohort = bags()[:4]
+    for bag in cohort:
+        coords = bag.grid[:, ::-1] * STEP + np.asarray(ORIGIN)
+        if tool == 'clam':
+            write_clam_style(folder / f'{bag.slide_id}.h5', bag.features, coords)
+        else:
+            write_stamp_style(folder / f'{bag.slide_id}.h5', bag.features, coords * 0.25,
+                              tile_size_um=STEP * 0.25)
+    manifest = tmp_path / 'cohort.csv'
+    manifest.write_text('slide_id,path,label,split,mpp\n' + ''.join(
+        f'{b.slide_id},,{("negative", "positive")[b.label]},train,0.25\n' for b in cohort))
+    config = import_config(manifest, folder, **{'features.format': tool,
+                                                'features.patch_size_level0': STEP})
+    assert pipeline.run(config, tmp_path / 'workdir', ['import']) == 0
+    for bag in cohort:
+        graph = artifacts.load_npz(graph_path(tmp_path / 'workdir', bag.slide_id))
+        coords = bag.grid[:, ::-1] * STEP + np.asarray(ORIGIN)
+        np.testing.assert_array_equal(graph['coords'], coords[graph['kept']])
+        np.testing.assert_array_equal(graph['grid'], np.rint(coords[graph['kept']][:, ::-1]
+                                                             / STEP))
+        features = bag.features if tool == 'clam' else bag.features.astype(np.float16)
+        np.testing.assert_array_equal(graph['features'], features[graph['kept']])
+
+
+def test_new_slides_predict_from_their_own_import_folder(imported, tmp_path):
+    workdir, folder, manifest, cohort = imported
+    new = tmp_path / 'new'
+    new.mkdir()
+    tests = [b for b, s in zip(cohort, SPLITS) if s == 'test']
+    renamed = [dataclasses.replace(b, slide_id=f'new_{b.slide_id}') for b in tests]
+    predict_manifest = write_cohort(new, renamed, splits=['test'] * len(renamed))
+    config = import_config(manifest, folder, **{'predict.manifest': str(predict_manifest),
+                                                'predict.import_dir': str(new)})
+    assert pipeline.run(config, workdir, ['predict']) == 0
+    predicted = report.read_predictions(workdir / 'predict' / 'predictions.csv', CLASSES)
+    evaluated = report.read_predictions(workdir / 'eval' / 'test' / 'predictions.csv', CLASSES)
+    assert predicted[0] == [b.slide_id for b in renamed]
+    np.testing.assert_allclose(predicted[2], evaluated[2], atol=1e-6)
+    assert all((workdir / 'predict' / 'geojson' / f'{b.slide_id}.geojson').exists()
+               for b in renamed)
+
+
+def test_cross_validation_on_imported_features(tmp_path):
+    folder = tmp_path / 'features'
+    folder.mkdir()
+    cohort = bags()
+    manifest = write_cohort(folder, cohort)
+    manifest.write_text('\n'.join(','.join(line.split(',')[:3])
+                                  for line in manifest.read_text().splitlines()) + '\n')
+    config = import_config(manifest, folder, **{'data.folds': 3, 'data.fold': -1,
+                                                'train.max_steps': 10})
+    assert pipeline.run(config, tmp_path / 'cv') == 0
+    summary = json.loads((tmp_path / 'cv' / 'cv' / 'summary.json').read_text())
+    assert summary['num_slides'] == len(cohort) and len(summary['folds']) == 3
