@@ -106,10 +106,13 @@ def test_geojson_holds_the_scored_patches_and_the_tissue(trained):
                 assert {'contribution', 'probability positive'} <= set(measurements)
         tissue = shapely.union_all([shape(f['geometry']) for f in collection['features']
                                     if f['properties']['objectType'] == 'annotation'])
-        patches = shapely.union_all([shape(f['geometry']) for f in collection['features']
-                                     if f['properties']['objectType'] == 'detection'])
-        # Kept patches are mostly tissue (tissue.min_fraction), so the region covers most of them.
-        assert tissue.intersection(patches).area > 0.5 * patches.area
+        patches = [shape(f['geometry']) for f in collection['features']
+                   if f['properties']['objectType'] == 'detection']
+        # The region is the tile stage's mask (less specks), so kept patches hold on average at
+        # least tissue.min_fraction (0.25) of it, and its area is the mask's.
+        shares = [tissue.intersection(patch).area / patch.area for patch in patches]
+        assert np.mean(shares) >= 0.25, shares
+        assert tissue.area == pytest.approx(tiles['tissue_mask'].mean() * slide.area, rel=0.2)
     assert len(list((workdir / 'eval' / 'test' / 'geojson').glob('*.geojson'))) >= 2
 
 

@@ -69,11 +69,13 @@ def write_geojson(path: pathlib.Path, slide_id: str, layout: dict, coords: np.nd
                   scores: np.ndarray, score_name: str, probabilities: dict[str, float],
                   predicted: str) -> None:
     """One slide's QuPath GeoJSON: its scored patches (coords [n, 2] level-0, scores [n]) and,
-    when its layout holds the tissue mask, the tissue region."""
+    when its layout holds the tissue mask, the tissue region, without islands and holes smaller
+    than a quarter of a patch (none could hold tissue.min_fraction of a patch by itself)."""
     size = tuple(int(v) for v in layout['slide_size'])
-    tissue = (geojson.tissue_polygons(layout['tissue_mask'], size)
+    extent = float(layout['extent'])
+    tissue = (geojson.tissue_polygons(layout['tissue_mask'], size, min_area=extent ** 2 / 4)
               if 'tissue_mask' in layout else None)
-    geojson.write(path, geojson.slide_features(slide_id, coords, float(layout['extent']), scores,
+    geojson.write(path, geojson.slide_features(slide_id, coords, extent, scores,
                                                score_name, probabilities, predicted, tissue,
                                                size))
 

@@ -58,7 +58,7 @@ class RoiError(ValueError):
 
 
 def tissue_polygons(mask: np.ndarray, slide_size: tuple[int, int],
-                    tolerance_pixels: float = 1.0) -> shapely.MultiPolygon:
+                    tolerance_pixels: float = 1.0, min_area: float = 0.0) -> shapely.MultiPolygon:
     """The tissue region of a slide as polygons in level-0 pixels.
 
     Bounded cost: a mask whose long side exceeds MAX_MASK_SIDE, or which holds more than
@@ -76,6 +76,8 @@ def tissue_polygons(mask: np.ndarray, slide_size: tuple[int, int],
       slide_size: (W, H) level-0 size.
       tolerance_pixels: simplification tolerance in pixels of the (reduced) mask; 0 keeps the
         exact pixel outline.
+      min_area: islands and holes of less area (level-0 pixels squared) are left out: specks
+        that hold no patch are noise on a pathologist's screen.
 
     Returns:
       A valid MultiPolygon (holes kept), empty when the mask holds no True pixel.
@@ -100,7 +102,13 @@ def tissue_polygons(mask: np.ndarray, slide_size: tuple[int, int],
     region = _polygons(shapely.make_valid(shapely.MultiPolygon(list(parts))))
     scale = np.array([factor * width / columns, factor * height / rows])
     region = shapely.transform(region, lambda xy: xy * scale)
-    return _polygons(shapely.intersection(region, shapely.box(0, 0, width, height)))
+    region = _polygons(shapely.intersection(region, shapely.box(0, 0, width, height)))
+    if min_area > 0:  # dropping a hole or a whole polygon keeps the rest valid
+        region = shapely.MultiPolygon([
+            shapely.Polygon(p.exterior, [r for r in p.interiors
+                                         if shapely.Polygon(r).area >= min_area])
+            for p in region.geoms if p.area >= min_area])
+    return region
 
 
 def slide_features(slide_id: str, coords: np.ndarray, extent: float, scores: np.ndarray,

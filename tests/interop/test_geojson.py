@@ -314,3 +314,16 @@ def test_read_roi_ignores_qupath_detections(tmp_path):
         {'type': 'Feature', 'geometry': shapely.geometry.mapping(cell),
          'properties': {'objectType': 'cell'}}]}))
     assert geojson.read_roi(path).equals(region)
+
+
+def test_tissue_polygons_leave_out_islands_and_holes_below_min_area():
+    mask = np.zeros((100, 100), bool)
+    mask[10:60, 10:60] = True
+    mask[30:32, 30:32] = False  # a 4-pixel hole
+    mask[20:40, 20:22] = False  # a 40-pixel hole
+    mask[80, 80] = True  # a speck
+    region = geojson.tissue_polygons(mask, (100, 100), tolerance_pixels=0, min_area=10)
+    assert len(region.geoms) == 1 and region.is_valid
+    holes = sorted(shapely.Polygon(r).area for r in region.geoms[0].interiors)
+    assert holes == [40.0]
+    assert region.area == 2500 - 40
