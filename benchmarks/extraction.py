@@ -40,7 +40,7 @@ from memory import run_measured
 from pathjax import artifacts, cpu_devices
 from pathjax.cohort import Cohort
 from pathjax.data.features import features_path
-from pathjax.models.feature_net import create_feature_net
+from pathjax.models.patch.feature_net import create_feature_net
 from pathjax.slides import stain, tile_stage
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
 from pathjax.slides.reader import resize, rgba_to_rgb

@@ -33,9 +33,9 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from pathjax.models.am_softmax import am_softmax_loss
-from pathjax.models.feature_net import FeatureNet
-from pathjax.models.vgg import BLOCKS, scaled
+from pathjax.models.patch.am_softmax import am_softmax_loss
+from pathjax.models.patch.feature_net import FeatureNet
+from pathjax.models.patch.vgg import BLOCKS, scaled
 from pathjax.train.xla_options import CPU_CONVOLUTIONS_ON_EIGEN
 from machine_info import cpu_model
 from rows import row

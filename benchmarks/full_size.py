@@ -88,7 +88,7 @@ def xla_memory(learn_batch: int, extract_batch: int) -> None:
     sys.path.insert(0, str(REPO))
     from configs import default
     from pathjax import cpu_devices
-    from pathjax.models.feature_net import resolve_tile_defaults
+    from pathjax.models.patch.feature_net import resolve_tile_defaults
     config = default.get_config()
     resolve_tile_defaults(config)
     config.learn.batch_size, config.extract.batch_size = learn_batch, extract_batch
@@ -97,7 +97,7 @@ def xla_memory(learn_batch: int, extract_batch: int) -> None:
     import jax.numpy as jnp
     import jraph
     from pathjax.data import graphs
-    from pathjax.models.feature_net import FeatureNet, create_feature_net
+    from pathjax.models.patch.feature_net import FeatureNet, create_feature_net
     from pathjax.train import feature_learning, slide_training
     from pathjax.runtime import sharding
     from pathjax.train.micro_batches import mapped, micro_batch_count, patch_buffer_bytes

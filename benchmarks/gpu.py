@@ -155,7 +155,7 @@ def section_vgg(sizes: Sizes, _) -> list[dict]:
 
     import slide_files
     from feature_net import model_flops, random_params
-    from pathjax.models.feature_net import FeatureNet, create_feature_net
+    from pathjax.models.patch.feature_net import FeatureNet, create_feature_net
     from pathjax.train import feature_learning
     from pathjax.runtime import train_state
     from pathjax.train.xla_options import conv_compiler_options
@@ -209,8 +209,8 @@ def section_vit(sizes: Sizes, _) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from pathjax.models.vit import VisionTransformer
-    from pathjax.models.vit_presets import get_preset
+    from pathjax.models.patch.vit import VisionTransformer
+    from pathjax.models.patch.vit_presets import get_preset
     from vit_encoders import vit_flops
     rows = []
     images = jax.random.normal(jax.random.key(0), (sizes.vit_batch, 224, 224, 3))
@@ -279,7 +279,7 @@ def slide_row(sizes: Sizes, spec: dict) -> dict:
 
     import slide_files
     from feature_net import random_params
-    from pathjax.models.slide_transformer import create_slide_model
+    from pathjax.models.slide.graph_transformer import create_slide_model
     from pathjax.train import slide_training
     from pathjax.runtime import train_state
     nodes, attention, dtype = spec['nodes'], spec['attention'], spec['dtype']

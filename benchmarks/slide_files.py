@@ -68,6 +68,6 @@ def config(**overrides):
         for parent in parents:
             holder = holder[parent]
         holder[field] = value
-    from pathjax.models.feature_net import resolve_tile_defaults
+    from pathjax.models.patch.feature_net import resolve_tile_defaults
     resolve_tile_defaults(result)  # as the pipeline does
     return result

@@ -62,9 +62,9 @@ from feature_net import compiled, flax_train_runner, interleaved, pin_threads
 from machine_info import cpu_model
 from pathjax import cpu_devices
 from pathjax.data import graphs
-from pathjax.models.blocked_attention import blocked_attention
-from pathjax.models.encoding import BASE
-from pathjax.models.slide_transformer import BatchedSlideTransformer
+from pathjax.models.slide.blocked_attention import blocked_attention
+from pathjax.models.slide.encoding import BASE
+from pathjax.models.slide.graph_transformer import BatchedSlideTransformer
 from pathjax.runtime import sharding
 from pathjax.train.slide_training import TrainState, create_optimizer, make_train_step
 from rows import row
@@ -133,7 +133,7 @@ def flax_logits(model, params, batch) -> np.ndarray:
 # ---- reference (PyTorch) ----
 
 def torch_grid_encoding(grid: torch.Tensor, d_model: int) -> torch.Tensor:
-    """grid int [B, N, 2] -> [B, N, d_model]: pathjax.models.encoding.grid_encoding's formula."""
+    """grid int [B, N, 2] -> [B, N, d_model]: pathjax.models.slide.encoding.grid_encoding's formula."""
     dims = d_model // 2
     i = torch.arange(dims // 2, dtype=torch.float32)
     frequencies = 1.0 / BASE ** (2.0 * i / dims)

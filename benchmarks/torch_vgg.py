@@ -8,7 +8,7 @@ CUDA to match the Flax side there.
 import numpy as np
 import torch
 
-from pathjax.models.vgg import BLOCKS, IMAGENET_MEAN, IMAGENET_STD, scaled
+from pathjax.models.patch.vgg import BLOCKS, IMAGENET_MEAN, IMAGENET_STD, scaled
 
 class TorchVGG16(torch.nn.Module):
     """torchvision's VGG-16 trunk + global average pool + linear head; uint8 NCHW in."""

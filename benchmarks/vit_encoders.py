@@ -19,8 +19,8 @@ import jax
 import numpy as np
 
 from feature_net import interleaved, pin_threads, rate
-from pathjax.models import vit_presets, vit_weights
-from pathjax.models.vit import VisionTransformer
+from pathjax.models.patch import vit_presets, vit_weights
+from pathjax.models.patch.vit import VisionTransformer
 from rows import print_table, row
 
 PRESETS = ('vit_base_patch16_224', 'vit_large_patch16_224')

@@ -21,10 +21,10 @@ from pathjax.errors import StageError, UsageError, describe_os_error
 from pathjax.data import feature_sources, import_stage, patches
 from pathjax.interop import h5_features
 from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
-from pathjax.models.feature_net import (VGG16_BACKBONE, backbones, normalization_problem,
+from pathjax.models.patch.feature_net import (VGG16_BACKBONE, backbones, normalization_problem,
                                        resolve_tile_defaults)
-from pathjax.models.pretrained import check_weights_file
-from pathjax.models.vit_presets import PRESETS
+from pathjax.models.patch.pretrained import check_weights_file
+from pathjax.models.patch.vit_presets import PRESETS
 from pathjax.slides import stain, synthetic, tile_stage
 from pathjax.slides.tissue import TissueRule
 from pathjax.evaluate import evaluate_stage, predict_stage, report_page

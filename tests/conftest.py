@@ -42,7 +42,7 @@ def make_config(name: str = 'test', **overrides):
         for parent in parents:
             holder = holder[parent]
         holder[field] = value
-    from pathjax.models.feature_net import resolve_tile_defaults
+    from pathjax.models.patch.feature_net import resolve_tile_defaults
     resolve_tile_defaults(config)  # as the pipeline does
     return config
 

@@ -15,9 +15,10 @@ import pytest
 from jax._src.cudnn import fused_attention_stablehlo
 
 from pathjax.data import graphs
-from pathjax.models import blocked_attention, compute_dtype
-from pathjax.models.feature_net import create_feature_net
-from pathjax.models.slide_transformer import create_slide_model
+from pathjax.models import compute_dtype
+from pathjax.models.slide import blocked_attention
+from pathjax.models.patch.feature_net import create_feature_net
+from pathjax.models.slide.graph_transformer import create_slide_model
 from pathjax.train import feature_learning, slide_training
 from pathjax.runtime.train_state import TrainState
 from pathjax.train.xla_options import conv_compiler_options
@@ -194,7 +195,7 @@ def test_vit_encoder_on_gpu_uses_cudnn_attention_in_bfloat16(backend):
 def test_padded_vit_attention_equals_attention_on_the_tokens_alone():
     """The cuDNN path's padding (197 tokens -> 256, padded keys masked by length), run with
     XLA's kernel on CPU, against attention over the 197 tokens."""
-    from pathjax.models.vit import padded_attention
+    from pathjax.models.patch.vit import padded_attention
     rng = np.random.default_rng(0)
     query, key, value = (jnp.asarray(rng.normal(size=(2, 197, 4, 16)), jnp.float32)
                          for _ in range(3))

@@ -24,7 +24,7 @@ from pathjax.evaluate.top_patches import save_top_patches
 from pathjax.evaluate.learning_curves import plot_learning_curves
 from pathjax.interop import geojson
 from pathjax.metrics import split_metrics
-from pathjax.models.slide_predictor import SlidePredictor
+from pathjax.slide_predictor import SlidePredictor
 from pathjax.slide_paths import slide_file
 from pathjax.slides.reader import SlideError
 from pathjax.slides.tile_stage import thumbnail_path, tiles_path

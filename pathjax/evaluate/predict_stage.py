@@ -34,7 +34,7 @@ from pathjax.errors import StageError, UsageError
 from pathjax.evaluate import report
 from pathjax.evaluate.evaluate_stage import write_heatmaps
 from pathjax.metrics import split_metrics
-from pathjax.models.slide_predictor import SlidePredictor
+from pathjax.slide_predictor import SlidePredictor
 from pathjax.runtime import sharding
 from pathjax.slides import tile_stage
 from pathjax.stage_report import ERROR, OK, SlideEntry

@@ -28,7 +28,7 @@ from pathjax.cohort import Cohort, SlideRecord
 from pathjax.data.features import features_network, features_path
 from pathjax.errors import StageError
 from pathjax.interop import h5_features
-from pathjax.models.feature_net import FeatureNet, create_feature_net
+from pathjax.models.patch.feature_net import FeatureNet, create_feature_net
 from pathjax.slide_paths import slide_file
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
 from pathjax.slides.reader import SlideError
@@ -78,7 +78,7 @@ def network_identity(config, params, source: dict) -> str:
         encoder += f', weights {pathlib.Path(net.weights).name}'
     described = {'encoder': encoder}
     if net.backbone != 'vgg16':  # VGG-16's normalization is fixed (ImageNet's)
-        from pathjax.models import feature_net  # pylint: disable=import-outside-toplevel
+        from pathjax.models.patch import feature_net  # pylint: disable=import-outside-toplevel
         mean, std = feature_net.normalization(config)
         described['normalization'] = {'mean': list(mean), 'std': list(std)}
     return json.dumps({**described, **source, 'parameters_blake2b': digest.hexdigest()},

@@ -23,11 +23,11 @@ from pathjax.cohort import Cohort
 from pathjax.data import patches
 from pathjax.data.augment import random_d4
 from pathjax.errors import StageError, UsageError
-from pathjax.models.am_softmax import am_softmax_loss
-from pathjax.models.feature_net import VGG16_BACKBONE, FeatureNet, create_feature_net
-from pathjax.models.vit_presets import get_preset
-from pathjax.models.vit_weights import load_params
-from pathjax.models.pretrained import PretrainedWeightsError, load_pretrained_trunk
+from pathjax.models.patch.am_softmax import am_softmax_loss
+from pathjax.models.patch.feature_net import VGG16_BACKBONE, FeatureNet, create_feature_net
+from pathjax.models.patch.vit_presets import get_preset
+from pathjax.models.patch.vit_weights import load_params
+from pathjax.models.patch.pretrained import PretrainedWeightsError, load_pretrained_trunk
 from pathjax.train import micro_batches as micro_batches_lib
 from pathjax.runtime import metrics_log, sharding, train_state
 from pathjax.runtime.checkpoint import Checkpoints

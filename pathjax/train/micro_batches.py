@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from pathjax.errors import UsageError
-from pathjax.models.feature_net import VGG16_BACKBONE
-from pathjax.models.vgg import scaled
-from pathjax.models.vit_presets import get_preset
+from pathjax.models.patch.feature_net import VGG16_BACKBONE
+from pathjax.models.patch.vgg import scaled
+from pathjax.models.patch.vit_presets import get_preset
 
 CPU_PASS_BYTES = 4.5 * 2 ** 30  # Eigen's patch buffers one pass may reserve on CPU
 

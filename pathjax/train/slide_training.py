@@ -28,7 +28,7 @@ from pathjax.data.graph_batches import Prefetch
 from pathjax.data.slide_sets import SlideSet, feature_dim, load_splits
 from pathjax.errors import StageError
 from pathjax.metrics import slide_metrics, to_json_safe
-from pathjax.models.slide_predictor import SlidePredictor, checkpoint_dir
+from pathjax.slide_predictor import SlidePredictor, checkpoint_dir
 from pathjax.runtime import metrics_log, sharding, train_state
 from pathjax.runtime.checkpoint import Checkpoints
 from pathjax.runtime.train_state import TrainState

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathjax.models.am_softmax import AMSoftmaxHead, am_softmax_logits, am_softmax_loss
+from pathjax.models.patch.am_softmax import AMSoftmaxHead, am_softmax_logits, am_softmax_loss
 
 S, M = 30.0, 0.35
 

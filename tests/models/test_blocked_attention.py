@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathjax.models.blocked_attention import Blocks, blocked_attention
+from pathjax.models.slide.blocked_attention import Blocks, blocked_attention
 
 
 def numpy_attention(query, key, value, valid, out_grad):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from pathjax.data import graphs
-from pathjax.models.attention import MultiHeadAttention, fused_attention
-from pathjax.models.blocked_attention import blocked_attention
-from pathjax.models.encoding import grid_encoding
-from pathjax.models.gcn import GCNLayer, normalized_adjacency_apply
+from pathjax.models.slide.attention import MultiHeadAttention, fused_attention
+from pathjax.models.slide.blocked_attention import blocked_attention
+from pathjax.models.slide.encoding import grid_encoding
+from pathjax.models.slide.gcn import GCNLayer, normalized_adjacency_apply
 
 
 def random_graph(count=20, padded=32, dim=8, seed=0):

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from pathjax.models import encoders, vit_presets
-from pathjax.models.feature_net import (FeatureNet, create_feature_net, normalization,
+from pathjax.models.patch import encoders, vit_presets
+from pathjax.models.patch.feature_net import (FeatureNet, create_feature_net, normalization,
                                         normalization_problem)
 from pathjax.train import extract
 from pathjax.train.feature_learning import initial_params

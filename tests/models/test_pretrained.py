@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathjax.models import pretrained, vit_presets, vit_weights
-from pathjax.models.feature_net import FeatureNet
-from pathjax.models.pretrained import PretrainedWeightsError
-from pathjax.models.vgg import VGG16
-from pathjax.models.weight_files import open_weights
+from pathjax.models.patch import pretrained, vit_presets, vit_weights
+from pathjax.models.patch.feature_net import FeatureNet
+from pathjax.models.patch.pretrained import PretrainedWeightsError
+from pathjax.models.patch.vgg import VGG16
+from pathjax.models.patch.weight_files import open_weights
 
 # torchvision's vgg16 (config 'D'), written out here so the test does not trust pathjax's tables.
 CFG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M')
@@ -551,7 +551,7 @@ def test_converter_reports_a_bad_file_in_one_line(tmp_path, preset):
     source = tmp_path / 'broken.npz'
     source.write_bytes(b'PK\x03\x04 not a whole zip file')
     result = subprocess.run(
-        [sys.executable, '-m', 'pathjax.models.pretrained', str(source), str(tmp_path / 'out.npz'),
+        [sys.executable, '-m', 'pathjax.models.patch.pretrained', str(source), str(tmp_path / 'out.npz'),
          *preset], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

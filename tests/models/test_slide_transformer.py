@@ -8,7 +8,7 @@ import pytest
 
 from pathjax.data import graphs
 from pathjax.models.compute_dtype import compute_dtype
-from pathjax.models.slide_transformer import BatchedSlideTransformer
+from pathjax.models.slide.graph_transformer import BatchedSlideTransformer
 
 
 def slide(count=40, dim=24, seed=0):

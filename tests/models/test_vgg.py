@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathjax.models.vgg import VGG16, conv_names
+from pathjax.models.patch.vgg import VGG16, conv_names
 
 # sum(p.numel() for p in torchvision.models.vgg16().features.parameters())
 TORCHVISION_VGG16_FEATURES_PARAMS = 14_714_688

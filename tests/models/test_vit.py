@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathjax.models import encoders, vit_presets, vit_weights
-from pathjax.models.pretrained import PretrainedWeightsError
-from pathjax.models.vit import VisionTransformer, resample_pos_embed
+from pathjax.models.patch import encoders, vit_presets, vit_weights
+from pathjax.models.patch.pretrained import PretrainedWeightsError
+from pathjax.models.patch.vit import VisionTransformer, resample_pos_embed
 
 torch = pytest.importorskip('torch', reason='the timm parity tests need the test extra (torch)')
 timm = pytest.importorskip('timm', reason='the timm parity tests need the test extra (timm)')
@@ -165,7 +165,7 @@ def test_a_wrong_file_is_refused_with_what_is_wrong_and_what_fits(tmp_path):
 
 
 def test_converter_writes_a_torch_free_npz_of_a_checked_vit_file(tmp_path, monkeypatch):
-    from pathjax.models import pretrained
+    from pathjax.models.patch import pretrained
     preset = vit_presets.PRESETS['vit_small_patch16_224']
     monkeypatch.setitem(vit_presets.PRESETS, preset.name, small_preset(preset))
     model = timm_model(small_preset(preset))

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pathjax.models import vit_presets, vit_weights
-from pathjax.models.weight_files import PretrainedWeightsError, open_weights
+from pathjax.models.patch import vit_presets, vit_weights
+from pathjax.models.patch.weight_files import PretrainedWeightsError, open_weights
 
 PEAK_BYTES = 64 * 2**20
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,

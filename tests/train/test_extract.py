@@ -13,7 +13,7 @@ from pathjax import artifacts, pipeline
 from pathjax.data import slide_sets
 from pathjax.data.features import NativeFeatures
 from pathjax.errors import StageError
-from pathjax.models.feature_net import FeatureNet, create_feature_net
+from pathjax.models.patch.feature_net import FeatureNet, create_feature_net
 from pathjax.slides import stain
 from pathjax.slides.patch_stream import PatchBatch
 from pathjax.slides.reader import Slide

@@ -12,7 +12,7 @@ import pytest
 from pathjax import artifacts
 from pathjax.errors import StageError
 from pathjax.metrics import roc_auc
-from pathjax.models.feature_net import FeatureNet
+from pathjax.models.patch.feature_net import FeatureNet
 from pathjax.train import feature_learning
 from pathjax.runtime import metrics_log, sharding
 from pathjax.runtime.checkpoint import Checkpoints
@@ -206,7 +206,7 @@ def test_a_vit_backbone_fine_tunes_from_its_weights_with_the_am_softmax_loss(tmp
     in brightness. The preset is shrunk (depth 1, width 96) to keep the test fast."""
     import dataclasses
     import jax.numpy as jnp
-    from pathjax.models import vit_presets, vit_weights
+    from pathjax.models.patch import vit_presets, vit_weights
     name = 'vit_small_patch16_224'
     preset = vit_presets.PRESETS[name]
     small = dataclasses.replace(preset, arch=dataclasses.replace(

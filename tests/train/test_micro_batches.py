@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from pathjax.errors import UsageError
-from pathjax.models.feature_net import FeatureNet
+from pathjax.models.patch.feature_net import FeatureNet
 from pathjax.train import micro_batches
 from pathjax.runtime import sharding
 from pathjax.train.feature_learning import (TrainState, compile_train_step, make_eval_step,

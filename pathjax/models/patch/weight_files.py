@@ -377,7 +377,7 @@ def _import_torch(path: pathlib.Path):
         raise ImportError(
             f'{path}: reading a {path.suffix} file needs PyTorch; install the torch extra '
             f"(pip install -e '.[torch]') or convert the file to .npz where torch is installed "
-            f'(python -m pathjax.models.pretrained {path.name} {path.stem}.npz)') from error
+            f'(python -m pathjax.models.patch.pretrained {path.name} {path.stem}.npz)') from error
     return torch
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from pathjax.models.attention import fused_kernel_fits
+from pathjax.models.slide.attention import fused_kernel_fits
 
 OUTPUTS = ('class', 'class+mean', 'mean')
 MLPS = ('gelu', 'swiglu_packed')

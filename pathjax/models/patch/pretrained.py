@@ -9,8 +9,8 @@ It is read from a `.pth`/`.pt` file with torch (the optional `torch` extra), a `
 an `.npz` file; shapes and dtypes are checked from the file's headers before any data is read.
 Convert once where torch is installed (a ViT file: name its preset; checked strictly first):
 
-  python -m pathjax.models.pretrained vgg16-397923af.pth vgg16.npz
-  python -m pathjax.models.pretrained pytorch_model.bin uni.npz vit_large_patch16_224
+  python -m pathjax.models.patch.pretrained vgg16-397923af.pth vgg16.npz
+  python -m pathjax.models.patch.pretrained pytorch_model.bin uni.npz vit_large_patch16_224
 """
 
 import os
@@ -22,10 +22,10 @@ import numpy as np
 from absl import app, logging
 
 from pathjax import artifacts
-from pathjax.models import vit_presets, vit_weights
-from pathjax.models.feature_net import VGG16_BACKBONE
-from pathjax.models.vgg import BLOCKS, conv_names
-from pathjax.models.weight_files import PretrainedWeightsError, open_weights
+from pathjax.models.patch import vit_presets, vit_weights
+from pathjax.models.patch.feature_net import VGG16_BACKBONE
+from pathjax.models.patch.vgg import BLOCKS, conv_names
+from pathjax.models.patch.weight_files import PretrainedWeightsError, open_weights
 
 
 def torchvision_conv_indices() -> list[int]:
@@ -193,11 +193,11 @@ def save_vit_npz(state_dict: Mapping[str, Any], preset_name: str, path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """python -m pathjax.models.pretrained input output.npz [vit_preset]; a bad input: one line
+    """python -m pathjax.models.patch.pretrained input output.npz [vit_preset]; a bad input: one line
     naming the file and what is wrong, exit status 2. Without a preset the input is
     torchvision's vgg16, with one a timm ViT."""
     if len(argv) not in (3, 4):
-        raise app.UsageError('usage: python -m pathjax.models.pretrained input.(pth|bin|'
+        raise app.UsageError('usage: python -m pathjax.models.patch.pretrained input.(pth|bin|'
                              'safetensors) output.npz [vit_preset]')
     source, target = argv[1:3]
     try:

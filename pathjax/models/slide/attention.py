@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import jraph
 from absl import logging
 
-from pathjax.models.blocked_attention import blocked_attention
+from pathjax.models.slide.blocked_attention import blocked_attention
 
 
 def segment_softmax(logits: jax.Array, mask: jax.Array, segments: jax.Array,

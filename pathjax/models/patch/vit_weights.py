@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pathjax.models.vit import ViTArchitecture, VisionTransformer, resample_pos_embed
-from pathjax.models.vit_presets import PRESETS, ViTPreset
-from pathjax.models.weight_files import PretrainedWeightsError, open_weights
+from pathjax.models.patch.vit import ViTArchitecture, VisionTransformer, resample_pos_embed
+from pathjax.models.patch.vit_presets import PRESETS, ViTPreset
+from pathjax.models.patch.weight_files import PretrainedWeightsError, open_weights
 
 MAX_LISTED = 8  # keys named per kind of problem
 MAX_POS_EMBED_GRID = 128  # patches per side of a file's position embeddings (1792 px at 14 px)

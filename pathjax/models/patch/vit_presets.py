@@ -15,7 +15,7 @@ test dependency only); tests/models/test_normalization.py checks them against ti
 import dataclasses
 from typing import Any
 
-from pathjax.models.vit import ViTArchitecture
+from pathjax.models.patch.vit import ViTArchitecture
 
 # timm.data's IMAGENET_DEFAULT_MEAN/STD (torchvision's ImageNet statistics).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import jraph
 
-from pathjax.models.attention import MultiHeadAttention
+from pathjax.models.slide.attention import MultiHeadAttention
 from pathjax.models.compute_dtype import compute_dtype
-from pathjax.models.encoding import grid_encoding
-from pathjax.models.gcn import GCNLayer
+from pathjax.models.slide.encoding import grid_encoding
+from pathjax.models.slide.gcn import GCNLayer
 
 
 class TransformerBlock(nn.Module):

@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pathjax.models.vit import VisionTransformer
-from pathjax.models.vit_presets import ViTPreset, get_preset
-from pathjax.models.vit_weights import load_params
+from pathjax.models.patch.vit import VisionTransformer
+from pathjax.models.patch.vit_presets import ViTPreset, get_preset
+from pathjax.models.patch.vit_weights import load_params
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 24) -> str:

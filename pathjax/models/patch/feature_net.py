@@ -14,12 +14,12 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from pathjax.models.am_softmax import AMSoftmaxHead
+from pathjax.models.patch.am_softmax import AMSoftmaxHead
 from pathjax.models.compute_dtype import compute_dtype
-from pathjax.models.encoders import normalize
-from pathjax.models.vgg import IMAGENET_MEAN as VGG16_MEAN, IMAGENET_STD as VGG16_STD, VGG16
-from pathjax.models.vit import VisionTransformer
-from pathjax.models.vit_presets import PRESETS, get_preset
+from pathjax.models.patch.encoders import normalize
+from pathjax.models.patch.vgg import IMAGENET_MEAN as VGG16_MEAN, IMAGENET_STD as VGG16_STD, VGG16
+from pathjax.models.patch.vit import VisionTransformer
+from pathjax.models.patch.vit_presets import PRESETS, get_preset
 
 VGG16_BACKBONE = 'vgg16'
 VGG16_PATCH_SIZE, VGG16_MPP = 512, 0.5  # the method's patches

@@ -20,7 +20,7 @@ from pathjax.data import graphs
 from pathjax.data.graph_batches import GraphBatches, Prefetch
 from pathjax.data.slide_sets import SlideSet, node_rows
 from pathjax.errors import StageError
-from pathjax.models.slide_transformer import create_slide_model
+from pathjax.models.slide.graph_transformer import create_slide_model
 from pathjax.runtime import sharding
 from pathjax.runtime.checkpoint import Checkpoints
 

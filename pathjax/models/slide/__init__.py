@@ -1,0 +1,2 @@
+"""Slide models: patch features of one slide (a padded graph) in, class logits and per-patch scores
+out."""
