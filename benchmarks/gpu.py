@@ -279,7 +279,7 @@ def slide_row(sizes: Sizes, spec: dict) -> dict:
 
     import slide_files
     from feature_net import random_params
-    from pathjax.models.slide.graph_transformer import create_slide_model
+    from pathjax.models.slide.factory import create_slide_model
     from pathjax.train import slide_training
     from pathjax.runtime import train_state
     nodes, attention, dtype = spec['nodes'], spec['attention'], spec['dtype']
@@ -288,7 +288,7 @@ def slide_row(sizes: Sizes, spec: dict) -> dict:
     model = create_slide_model(config, num_classes=2)
     slides, k = config.train.batch_slides, config.graph.k
     batch = jax.device_put(slide_batch(slides, nodes, 512, k))
-    params = random_params(lambda key, graph: model.init(key, graph, True), batch['graph'])
+    params = random_params(lambda key, graph: model.init(key, graph, True, None), batch['graph'])
     state = train_state.TrainState.create(apply_fn=model.apply, params=params,
                                           tx=slide_training.create_optimizer(config.train))
     step = slide_training.make_train_step(model, np.ones(2, np.float32))

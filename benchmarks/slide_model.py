@@ -4,7 +4,7 @@ scikit-learn.
 
 Part 1, train steps/s. One batch of `--slides` synthetic slide graphs (random features [n, D],
 random grid positions, the kNN graph of `knn_indices` + `symmetric_edges`), padded to each
-`--nodes` budget as the stage's batches are. pathjax: `BatchedSlideTransformer` (dense attention,
+`--nodes` budget as the stage's batches are. pathjax: the batched `SlideTransformer` (dense attention,
 and the 'graph' attention mode), the `make_train_step` step with `create_optimizer`'s AdamW,
 jitted with the state donated; compile time measured on its own. Reference: the same architecture
 written with torch.nn, eager: Linear projection, the same 2-D sinusoidal encoding, post-norm
@@ -64,7 +64,8 @@ from pathjax import cpu_devices
 from pathjax.data import graphs
 from pathjax.models.slide.blocked_attention import blocked_attention
 from pathjax.models.slide.encoding import BASE
-from pathjax.models.slide.graph_transformer import BatchedSlideTransformer
+from pathjax.models.slide.factory import batched
+from pathjax.models.slide.graph_transformer import SlideTransformer
 from pathjax.runtime import sharding
 from pathjax.train.slide_training import TrainState, create_optimizer, make_train_step
 from rows import row
@@ -114,8 +115,8 @@ def synthetic_batch(args, nodes: int, seed: int) -> dict:
 
 # ---- pathjax (Flax) ----
 
-def flax_model(args, attention: str) -> BatchedSlideTransformer:
-    return BatchedSlideTransformer(
+def flax_model(args, attention: str):
+    return batched(SlideTransformer)(
         num_classes=NUM_CLASSES, d_model=args.d_model, num_heads=args.heads,
         transformer_layers=args.transformer_layers, gcn_layers=args.gcn_layers,
         attention=attention, mlp_hidden=MLP_HIDDEN, dropout=0.0, dtype=jnp.float32)
@@ -127,7 +128,7 @@ def flax_state(model, params) -> TrainState:
 
 
 def flax_logits(model, params, batch) -> np.ndarray:
-    return np.asarray(model.apply({'params': params}, batch['graph'], True)[0])
+    return np.asarray(model.apply({'params': params}, batch['graph'], True, None)[0])
 
 
 # ---- reference (PyTorch) ----
@@ -285,8 +286,8 @@ def measure_model(args, nodes: int) -> dict:
     mesh = sharding.make_mesh()
     batch, rng = sharding.global_batch(host_batch, mesh), jax.random.key(0)
     models = {'flax': flax_model(args, 'dense'), 'flax graph': flax_model(args, 'graph')}
-    params = jax.jit(models['flax'].init, static_argnums=2)(
-        jax.random.key(0), jax.device_put(host_batch['graph']), True)['params']
+    params = jax.jit(models['flax'].init, static_argnums=(2, 3))(
+        jax.random.key(0), jax.device_put(host_batch['graph']), True, None)['params']
     torch.manual_seed(0)
     reference = TorchSlideTransformer(args.feature_dim, args.d_model, args.heads,
                                       args.transformer_layers, args.gcn_layers)

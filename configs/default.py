@@ -27,12 +27,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.fold = 0  # with folds > 1: the test fold (the next fold is validation); -1:
     # every fold in one run, each in <workdir>/folds/<k>/, summarized in <workdir>/cv/
     config.data.split_seed = 0  # deals cases to splits or folds; `seed` (training) leaves them
+    config.data.fold_by = 'case'  # folds of cases, or 'site': every site (manifest column) in one
+    # fold (site-preserved cross-validation, where the site follows the label as in TCGA)
     # A generated cohort, used when data.manifest is empty (demo, tests, benchmarks).
     config.data.synthetic = ml_collections.ConfigDict()
     config.data.synthetic.num_slides = 0
     config.data.synthetic.width = 4096
     config.data.synthetic.height = 3072
     config.data.synthetic.seed = 0
+    config.data.synthetic.motif_fraction = (0.15, 0.25)  # a positive slide's motif: this share
+    # of its tissue (uniform in the range); lower is a harder cohort
 
     config.tile = ml_collections.ConfigDict()
     config.tile.mpp = 0.0  # microns per pixel of a patch; 0: the backbone's (0.5, about 20x)
@@ -99,14 +103,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.graph.max_patches = 8192  # > 0: seeded sample of at most this many patches per slide
 
     config.slide_net = ml_collections.ConfigDict()
-    config.slide_net.d_model = 128
+    # 'graph_transformer' (the method), or a baseline on the same features and splits: 'abmil'
+    # (Ilse 2018), 'transmil' (Shao 2021), 'clam_sb' (Lu 2021), 'mean' (mean pooling + MLP)
+    config.slide_net.model = 'graph_transformer'
+    config.slide_net.d_model = 128  # the patch embedding's width (every model but 'mean')
     config.slide_net.heads = 4
     config.slide_net.transformer_layers = 2
     config.slide_net.gcn_layers = 2
     config.slide_net.attention = 'dense'  # 'dense' (all patches) or 'graph' (along kNN edges)
     config.slide_net.pooling = 'mean'  # 'mean' or 'gated' (attention; weights are heatmaps)
-    config.slide_net.mlp_hidden = 64
+    config.slide_net.mlp_hidden = 64  # also the gated attention's width (abmil, clam_sb)
     config.slide_net.dropout = 0.1
+    config.slide_net.position_encoding = True  # graph_transformer: add the grid encoding
+    config.slide_net.bag_weight = 0.7  # clam_sb: slide loss weight (1 - it: instance loss)
+    config.slide_net.instance_k = 8  # clam_sb: top and bottom patches of the instance loss
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_slides = 8  # slides per step (global)
@@ -128,6 +138,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.predict.manifest = ''  # CSV of new slides (label optional) for --stages predict
     config.predict.import_dir = ''  # with features.import_dir: the new slides' h5 files, if
     # not in features.import_dir
+
+    # Slide models compared on the same features and folds (with data.folds=K, data.fold=-1):
+    # e.g. ('graph_transformer', 'abmil', 'transmil', 'clam_sb', 'mean',
+    # 'graph_transformer:gcn_layers=0'); the first is the reference of the paired tests
+    config.compare = ml_collections.ConfigDict()
+    config.compare.models = ()
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # devices on the data axis; -1 = all

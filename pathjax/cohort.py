@@ -3,7 +3,8 @@
 A manifest is a CSV with columns `slide_id, path, label` and optional `case_id` (defaults to the
 slide id), `split` (train / val / test), `mpp` (microns per level-0 pixel, overriding the slide's
 metadata: scanners that write none or a wrong one) and `roi` (a GeoJSON file of polygons, e.g. a
-QuPath export: only patches inside them are tiled). Relative paths (slide and roi) are relative
+QuPath export: only patches inside them are tiled) and `site` (the submitting site or scanner:
+`fold_by='site'` keeps each site within one fold). Relative paths (slide and roi) are relative
 to the manifest's folder. With features imported from another tool the slide path may be empty
 (`paths_required` False): the slide file then only draws heatmaps, and one that is missing is
 noted, not skipped.
@@ -17,6 +18,7 @@ A manifest of new slides to predict (`load_new_slides`) may leave `label` empty 
 slides are in the split `PREDICT`.
 """
 
+import collections
 import csv
 import dataclasses
 import math
@@ -28,7 +30,7 @@ import numpy as np
 from pathjax import csv_cells, slide_paths
 
 REQUIRED_COLUMNS = ('slide_id', 'path', 'label')
-OPTIONAL_COLUMNS = ('case_id', 'split', 'mpp', 'roi')
+OPTIONAL_COLUMNS = ('case_id', 'split', 'mpp', 'roi', 'site')
 SPLITS = ('train', 'val', 'test')
 PREDICT = 'predict'  # the split of the slides of a prediction manifest
 MAX_MANIFEST_BYTES = 256 << 20  # about a million rows; a larger file is refused before reading
@@ -56,6 +58,7 @@ class SlideRecord:
     line: int
     mpp: str = ''
     roi: str = ''
+    site: str = ''
 
     @property
     def level0_mpp(self) -> float | None:
@@ -110,7 +113,7 @@ def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...],
             problems.append(f'line {line}: {len(row)} fields, the header has {len(header)}')
             continue
         value = {name: row[i].strip() for name, i in column.items()}
-        for name in ('label', 'path', 'mpp', 'roi'):
+        for name in ('label', 'path', 'mpp', 'roi', 'site'):
             value.setdefault(name, '')
         empty = [name for name in required if not value[name]]
         if empty:
@@ -145,7 +148,8 @@ def read_manifest(manifest: str | os.PathLike, classes: tuple[str, ...],
             continue
         records.append(SlideRecord(slide_id=value['slide_id'], path=str(path), label=value['label'],
                                    case_id=value.get('case_id') or value['slide_id'],
-                                   split=split, line=line, mpp=value['mpp'], roi=str(roi)))
+                                   split=split, line=line, mpp=value['mpp'], roi=str(roi),
+                                   site=value['site']))
     problems += _cases_in_two_splits(records)
     if not records and not problems:
         problems.append('the manifest has no slides')
@@ -269,15 +273,51 @@ def kfold_by_case(records: list[SlideRecord], folds: int, seed: int) -> dict[str
     return assignment
 
 
+def kfold_by_site(records: list[SlideRecord], folds: int, seed: int) -> dict[str, int]:
+    """Case id -> fold in [0, folds) such that every site lies within one fold (slideflow's
+    site-preserved cross-validation: where the submitting site follows the label, as in TCGA, a
+    model cannot score by recognising the site). Sites are dealt, largest first (ties in a
+    seeded order), each to the fold with the fewest slides so far.
+
+    Raises:
+      ManifestError: a slide without a site, a case at two sites, or fewer sites than folds.
+    """
+    problems, site_of = [], {}
+    for record in records:
+        if not record.site:
+            problems.append(f'line {record.line}: slide {record.slide_id!r} has no site '
+                            "(data.fold_by='site' needs a site column for every slide)")
+            continue
+        first = site_of.setdefault(record.case_id, record.site)
+        if first != record.site:
+            problems.append(f'line {record.line}: case {record.case_id!r} is at site '
+                            f'{record.site!r} and at {first!r}')
+    sizes = collections.Counter(r.site for r in records if r.site)
+    if not problems and len(sizes) < folds:
+        problems.append(f'{len(sizes)} site(s) ({", ".join(sorted(sizes))}) for data.folds='
+                        f'{folds}: every fold needs a site of its own; lower data.folds or use '
+                        "data.fold_by='case'")
+    if problems:
+        raise ManifestError('site-preserved folds', problems)
+    rng = np.random.default_rng(seed)
+    order = sorted(sizes, key=lambda s: (-sizes[s], rng.random()))
+    load, fold_of_site = [0] * folds, {}
+    for site in order:
+        fold_of_site[site] = int(np.argmin(load))
+        load[fold_of_site[site]] += sizes[site]
+    return {case: fold_of_site[site] for case, site in site_of.items()}
+
+
 def assign_splits(records: list[SlideRecord], *, fractions: tuple[float, float, float],
-                  folds: int, fold: int, seed: int) -> list[SlideRecord]:
+                  folds: int, fold: int, seed: int, fold_by: str = 'case') -> list[SlideRecord]:
     """Records with their split set. The manifest's own split column wins; otherwise with
     `folds` > 1, fold `fold` is the test set, the next fold the validation set and the rest
-    training; otherwise cases are split by `fractions` (train, val, test)."""
+    training (folds of cases, or with `fold_by` 'site' of whole sites: `kfold_by_site`);
+    otherwise cases are split by `fractions` (train, val, test)."""
     if all(r.split for r in records):
         return records
     if folds > 1:
-        fold_of = kfold_by_case(records, folds, seed)
+        fold_of = (kfold_by_site if fold_by == 'site' else kfold_by_case)(records, folds, seed)
         name_of = {}
         for case, f in fold_of.items():
             name_of[case] = 'test' if f == fold else 'val' if f == (fold + 1) % folds else 'train'
@@ -288,11 +328,12 @@ def assign_splits(records: list[SlideRecord], *, fractions: tuple[float, float, 
 
 def load_cohort(manifest: str | os.PathLike, classes: tuple[str, ...], *,
                 fractions: tuple[float, float, float], folds: int, fold: int, seed: int,
-                slides_required: bool = True) -> Cohort:
+                fold_by: str = 'case', slides_required: bool = True) -> Cohort:
     """Reads, validates and splits a manifest; missing files are skipped, not fatal. Without
     `slides_required` (imported features) a slide's path may be empty or missing."""
     records = read_manifest(manifest, classes, paths_required=slides_required)
-    records = assign_splits(records, fractions=fractions, folds=folds, fold=fold, seed=seed)
+    records = assign_splits(records, fractions=fractions, folds=folds, fold=fold, seed=seed,
+                            fold_by=fold_by)
     usable, skipped, notes = check_files(records, slides_required)
     return Cohort(slides=tuple(usable), skipped=tuple(skipped), notes=tuple(notes))
 
@@ -312,6 +353,6 @@ def cohort_csv(cohort: Cohort) -> str:
     """The resolved cohort (absolute paths, splits) as CSV text, for the record (`csv_cells`:
     no cell runs as a spreadsheet formula; `csv_cells.read` reads it back)."""
     return csv_cells.to_text([('slide_id', 'path', 'label', 'case_id', 'split', 'manifest_line',
-                               'mpp', 'roi'),
+                               'mpp', 'roi', 'site'),
                               *((s.slide_id, s.path, s.label, s.case_id, s.split, s.line, s.mpp,
-                                 s.roi) for s in cohort.slides)])
+                                 s.roi, s.site) for s in cohort.slides)])

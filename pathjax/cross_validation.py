@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from pathjax import artifacts, csv_cells, provenance, split_check
-from pathjax.cohort import Cohort, assign_splits, kfold_by_case, read_manifest
+from pathjax.cohort import Cohort, assign_splits, kfold_by_case, kfold_by_site, read_manifest
 from pathjax.data import feature_sources
 from pathjax.errors import UsageError
 from pathjax.evaluate import report
@@ -63,16 +63,21 @@ def link_shared(workdir: pathlib.Path, fold: int) -> None:
     links, so the workdir can move)."""
     folder = fold_dir(workdir, fold)
     for inside, shared in SHARED.items():
-        (workdir / shared).mkdir(parents=True, exist_ok=True)
-        link = folder / inside
-        link.parent.mkdir(parents=True, exist_ok=True)
-        target = os.path.relpath(workdir / shared, link.parent)
-        if link.is_symlink() and os.readlink(link) == target:
-            continue
-        if link.exists() or link.is_symlink():
-            raise UsageError(f'{link} exists and is not the link to {workdir / shared} that '
-                             'cross-validation shares between folds; remove it')
-        link.symlink_to(target, target_is_directory=True)
+        link_folder(folder / inside, workdir / shared, 'cross-validation shares between folds')
+
+
+def link_folder(link: pathlib.Path, target: pathlib.Path, sharing: str) -> None:
+    """Makes `link` a relative link to the folder `target` (made if missing), unless it is one;
+    raises UsageError when something else is there (`sharing`: who shares it, for the message)."""
+    target.mkdir(parents=True, exist_ok=True)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    relative = os.path.relpath(target, link.parent)
+    if link.is_symlink() and os.readlink(link) == relative:
+        return
+    if link.exists() or link.is_symlink():
+        raise UsageError(f'{link} exists and is not the link to {target} that {sharing}; '
+                         'remove it')
+    link.symlink_to(relative, target_is_directory=True)
 
 
 def run(config, workdir: pathlib.Path, stages: list[str] | None, manifest: pathlib.Path,
@@ -98,7 +103,8 @@ def run(config, workdir: pathlib.Path, stages: list[str] | None, manifest: pathl
     folds = config.data.folds
     if sharding.is_leader():
         artifacts.save_text(workdir / 'cohort.csv',
-                            folds_csv(cohort, folds, config.data.split_seed))
+                            folds_csv(cohort, folds, config.data.split_seed,
+                                      config.data.fold_by))
     todo = []
     for fold in range(folds):
         settings = provenance.settings_of(fold_config(config, fold, manifest), fields)
@@ -154,7 +160,8 @@ def scan_then_check_folds(config, workdir: pathlib.Path, manifest: pathlib.Path,
     problems, unsplit = [], [dataclasses.replace(r, split='') for r in cohort.slides]
     for fold in range(config.data.folds):
         records = assign_splits(unsplit, fractions=tuple(config.data.split_fractions),
-                                folds=config.data.folds, fold=fold, seed=config.data.split_seed)
+                                folds=config.data.folds, fold=fold, seed=config.data.split_seed,
+                                fold_by=config.data.fold_by)
         problems += [f'fold {fold}: {problem}' for problem in split_check.problems(
             config, records, counts)]
     if problems:
@@ -165,11 +172,12 @@ def scan_then_check_folds(config, workdir: pathlib.Path, manifest: pathlib.Path,
             'more slides give every fold what it needs.')
 
 
-def folds_csv(cohort: Cohort, folds: int, seed: int) -> str:
+def folds_csv(cohort: Cohort, folds: int, seed: int, fold_by: str = 'case') -> str:
     """The cohort with the fold that tests each slide (its case's), instead of one fold's
     splits, as CSV text (the root's cohort.csv; each fold's has its splits), through
     `csv_cells`."""
-    fold_of = kfold_by_case(list(cohort.slides), folds, seed)
+    fold_of = (kfold_by_site if fold_by == 'site' else kfold_by_case)(list(cohort.slides), folds,
+                                                                       seed)
     return csv_cells.to_text([
         ('slide_id', 'path', 'label', 'case_id', 'test_fold', 'manifest_line'),
         *((s.slide_id, s.path, s.label, s.case_id, fold_of[s.case_id], s.line)

@@ -1,5 +1,6 @@
 """Slide-level classification metrics (numpy only): ROC curve and AUC, accuracy, balanced
-accuracy, F1, confusion matrix.
+accuracy, F1, confusion matrix; and clinical ones: average precision, Brier score, Youden's
+threshold, sensitivity/specificity/PPV/NPV at a threshold, calibration bins and ECE.
 
 Definitions follow scikit-learn, with undefined values made explicit instead of warned about:
 an AUC needs both classes (NaN otherwise), a ratio with a zero denominator (precision of a class
@@ -26,14 +27,8 @@ def roc_curve(scores: np.ndarray, positives: np.ndarray
         with threshold +inf and ends at (1, 1); point i counts `scores >= thresholds[i]` as
         positive. fpr (tpr) is NaN when there are no negatives (positives).
     """
-    scores, positives = _as_vectors(scores, positives)
-    order = np.argsort(-scores, kind='stable')
-    scores, positives = scores[order], positives[order]
-    # The last index of each run of equal scores: one curve point per distinct threshold.
-    last = np.flatnonzero(np.diff(scores, append=-np.inf) != 0)
-    true_positives = np.concatenate([[0], np.cumsum(positives)[last]])
-    false_positives = np.concatenate([[0], last + 1 - true_positives[1:]])
-    thresholds = np.concatenate([[np.inf], scores[last]])
+    true_positives, false_positives, thresholds = _threshold_counts(
+        *_as_vectors(scores, positives))
     return (_ratio(false_positives, false_positives[-1]),
             _ratio(true_positives, true_positives[-1]), thresholds)
 
@@ -139,6 +134,169 @@ def auc_ci95(probabilities: np.ndarray, labels: np.ndarray, resamples: int = 100
     return float(low), float(high)
 
 
+def auprc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the precision-recall curve as average precision (scikit-learn's
+    `average_precision_score`): sum over the distinct scores t, highest first, of
+    (R(t) - R(t_prev)) P(t), with precision P and recall R counting `scores >= t` as positive
+    (tied scores move together; R of the first step's predecessor is 0).
+
+    Args:
+        scores: float [N], higher means more likely positive.
+        labels: bool or 0/1 [N], true (1) for the positives.
+
+    Returns:
+        The average precision; NaN unless both classes occur.
+    """
+    true_positives, false_positives, _ = _threshold_counts(*_as_vectors(scores, labels))
+    if not true_positives[-1] or not false_positives[-1]:
+        return math.nan
+    precision = true_positives[1:] / (true_positives[1:] + false_positives[1:])
+    return float(np.sum(np.diff(true_positives) * precision) / true_positives[-1])
+
+
+def brier(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Brier score, as scikit-learn's `brier_score_loss` (0 is perfect).
+
+    Binary (C == 2): the usual binary score mean((p_1 - y)^2) over slides, y = [label == 1], in
+    [0, 1]. More classes: the multi-class form, the mean over slides of
+    sum_c (p_c - [label == c])^2, in [0, 2] (for C == 2 this sum would be twice the binary score).
+
+    Args:
+        probabilities: float [N, C]; labels: int [N], class indices.
+
+    Returns:
+        The score; NaN when there are no slides.
+    """
+    probabilities = np.asarray(probabilities, np.float64)
+    probabilities, labels = check_predictions(probabilities, labels,
+                                              range(probabilities.shape[-1]))
+    if not len(labels):
+        return math.nan
+    if probabilities.shape[1] == 2:
+        return float(np.mean((probabilities[:, 1] - (labels == 1)) ** 2))
+    one_hot = np.eye(probabilities.shape[1])[labels]
+    return float(np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)))
+
+
+def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The threshold maximizing Youden's J = sensitivity + specificity - 1, where a slide is
+    called positive when `score >= threshold`.
+
+    The candidates are the distinct scores (the ROC points but its +inf start, so the result is
+    always a score; the lowest score, calling every slide positive, has J = 0). J is compared
+    exactly (as the integer tp * negatives - fp * positives), and of tied candidates the largest
+    threshold, the one with the highest specificity, is returned.
+
+    Args:
+        scores: float [N], higher means more likely positive.
+        labels: bool or 0/1 [N], true (1) for the positives.
+
+    Returns:
+        The threshold; NaN unless both classes occur.
+    """
+    true_positives, false_positives, thresholds = _threshold_counts(
+        *_as_vectors(scores, labels))
+    num_positives, num_negatives = true_positives[-1], false_positives[-1]
+    if not num_positives or not num_negatives:
+        return math.nan
+    scaled_j = true_positives[1:] * num_negatives - false_positives[1:] * num_positives
+    return float(thresholds[1:][np.argmax(scaled_j)])  # the first maximum: the largest threshold
+
+
+def operating_point(scores: np.ndarray, labels: np.ndarray, threshold: float
+                    ) -> dict[str, float | int]:
+    """The confusion counts and rates when slides with `score >= threshold` are called positive.
+
+    Args:
+        scores: float [N], higher means more likely positive.
+        labels: bool or 0/1 [N], true (1) for the positives.
+        threshold: the decision threshold; NaN (no threshold could be chosen) makes every value
+            NaN.
+
+    Returns:
+        `threshold`, `sensitivity` tp / (tp + fn), `specificity` tn / (tn + fp), `ppv`
+        tp / (tp + fp), `npv` tn / (tn + fn) (each NaN when its denominator is 0), and the counts
+        `tp`, `fp`, `tn`, `fn` (ints).
+    """
+    scores, positives = _as_vectors(scores, labels)
+    keys = ('sensitivity', 'specificity', 'ppv', 'npv', 'tp', 'fp', 'tn', 'fn')
+    if math.isnan(threshold):
+        return {'threshold': math.nan, **dict.fromkeys(keys, math.nan)}
+    called = scores >= threshold
+    tp, fp = int(np.sum(called & positives)), int(np.sum(called & ~positives))
+    fn, tn = int(np.sum(~called & positives)), int(np.sum(~called & ~positives))
+    rates = _ratio([tp, tn, tp, tn], [tp + fn, tn + fp, tp + fp, tn + fn])
+    return {'threshold': float(threshold), **dict(zip(keys, [*map(float, rates), tp, fp, tn, fn]))}
+
+
+def calibration_bins(probabilities_positive: np.ndarray, labels: np.ndarray, bins: int = 10
+                     ) -> dict[str, Any]:
+    """Reliability of predicted probabilities over `bins` equal-width bins of [0, 1].
+
+    Bin i holds the probabilities p with i / bins <= p < (i + 1) / bins; the last bin also holds
+    p = 1 (and values outside [0, 1] fall in the end bins).
+
+    Args:
+        probabilities_positive: float [N], the predicted probability of the positive class.
+        labels: bool or 0/1 [N], true (1) for the positives.
+        bins: the number of bins.
+
+    Returns:
+        `bins`: one dict per non-empty bin, in order: `lower`, `upper` (its edges), `count`,
+        `mean_predicted` (mean probability) and `observed` (fraction of positives); and `ece`,
+        the expected calibration error sum over bins of count / N |observed - mean_predicted|
+        (NaN when there are no slides).
+    """
+    probabilities, positives = _as_vectors(probabilities_positive, labels)
+    edges = np.arange(bins + 1) / bins
+    index = np.clip(np.searchsorted(edges, probabilities, side='right') - 1, 0, bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    mean_predicted = _ratio(np.bincount(index, probabilities, minlength=bins), counts)
+    observed = _ratio(np.bincount(index, positives, minlength=bins), counts)
+    filled = np.flatnonzero(counts)
+    gaps = counts[filled] * np.abs(observed[filled] - mean_predicted[filled])
+    return {
+        'bins': [{'lower': float(edges[i]), 'upper': float(edges[i + 1]),
+                  'count': int(counts[i]), 'mean_predicted': float(mean_predicted[i]),
+                  'observed': float(observed[i])} for i in filled],
+        'ece': float(gaps.sum() / len(positives)) if len(positives) else math.nan,
+    }
+
+
+def clinical_metrics(probabilities: np.ndarray, labels: np.ndarray,
+                     class_names: Sequence[str], threshold: float | None = None
+                     ) -> dict[str, Any]:
+    """Clinical metrics of slide predictions.
+
+    Args:
+        probabilities: float [N, C], C = len(class_names).
+        labels: int [N], true class indices in [0, C).
+        class_names: C names, in class-index order.
+        threshold: binary only, a decision threshold on probabilities[:, 1] chosen elsewhere
+            (e.g. `youden_threshold` on the validation split), or None.
+
+    Returns:
+        Binary (the positive class is index 1, its score probabilities[:, 1]): `auprc`, `brier`,
+        `at_0.5` (`operating_point` at 0.5: a slide at exactly 0.5 is called positive, whereas
+        the argmax of `slide_metrics` calls it class 0), `at_threshold` (`operating_point` at
+        `threshold`, only when it is given) and `calibration` (`calibration_bins`, 10 bins).
+        More classes: `brier` (multi-class form) and `auprc`, class name -> one-vs-rest average
+        precision.
+    """
+    probabilities, labels = check_predictions(probabilities, labels, class_names)
+    if len(class_names) > 2:
+        return {'brier': brier(probabilities, labels),
+                'auprc': {name: auprc(probabilities[:, c], labels == c)
+                          for c, name in enumerate(class_names)}}
+    scores, positives = probabilities[:, 1], labels == 1
+    result = {'auprc': auprc(scores, positives), 'brier': brier(probabilities, labels),
+              'at_0.5': operating_point(scores, positives, 0.5)}
+    if threshold is not None:
+        result['at_threshold'] = operating_point(scores, positives, threshold)
+    result['calibration'] = calibration_bins(scores, positives)
+    return result
+
+
 def per_case(case_ids: Sequence[str], probabilities: np.ndarray, labels: np.ndarray
              ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Patient-level predictions: each case's slides aggregated by the mean of their
@@ -165,14 +323,19 @@ def per_case(case_ids: Sequence[str], probabilities: np.ndarray, labels: np.ndar
 
 
 def split_metrics(probabilities: np.ndarray, labels: np.ndarray, case_ids: Sequence[str],
-                  class_names: Sequence[str], seed: int = 0) -> dict[str, Any]:
-    """What a paper reports for one split: `slide_metrics` with `auc_ci95`, and the same under
-    'patient' for the cases (slides of a case aggregated by `per_case`)."""
+                  class_names: Sequence[str], seed: int = 0, threshold: float | None = None
+                  ) -> dict[str, Any]:
+    """What a paper reports for one split: `slide_metrics` with `auc_ci95` and `clinical`
+    (`clinical_metrics` at `threshold`), and the same under 'patient' for the cases (slides of a
+    case aggregated by `per_case`; the same threshold applies to their mean probabilities)."""
     result = {**slide_metrics(probabilities, labels, class_names),
-              'auc_ci95': list(auc_ci95(probabilities, labels, seed=seed))}
+              'auc_ci95': list(auc_ci95(probabilities, labels, seed=seed)),
+              'clinical': clinical_metrics(probabilities, labels, class_names, threshold)}
     _, case_probabilities, case_labels = per_case(case_ids, probabilities, labels)
     result['patient'] = {**slide_metrics(case_probabilities, case_labels, class_names),
-                         'auc_ci95': list(auc_ci95(case_probabilities, case_labels, seed=seed))}
+                         'auc_ci95': list(auc_ci95(case_probabilities, case_labels, seed=seed)),
+                         'clinical': clinical_metrics(case_probabilities, case_labels,
+                                                      class_names, threshold)}
     result['patient']['num_cases'] = result['patient'].pop('num_slides')
     return result
 
@@ -224,6 +387,20 @@ def _as_vectors(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, 
     if np.isnan(scores).any():
         raise ValueError(f'{np.isnan(scores).sum()} scores are NaN')
     return scores, positives
+
+
+def _threshold_counts(scores: np.ndarray, positives: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counts at each distinct threshold, highest first, after a +inf start: true positives
+    [K], false positives [K] (ints, of `scores >= threshold`) and thresholds [K], K = distinct
+    scores + 1."""
+    order = np.argsort(-scores, kind='stable')
+    scores, positives = scores[order], positives[order]
+    # The last index of each run of equal scores: one point per distinct threshold.
+    last = np.flatnonzero(np.diff(scores, append=-np.inf) != 0)
+    true_positives = np.concatenate([[0], np.cumsum(positives)[last]])
+    false_positives = np.concatenate([[0], last + 1 - true_positives[1:]])
+    return true_positives, false_positives, np.concatenate([[np.inf], scores[last]])
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray | int,

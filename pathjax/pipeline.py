@@ -15,12 +15,13 @@ from typing import Any, Callable, NamedTuple
 import jax
 from absl import logging
 
-from pathjax import (artifacts, cohort as cohort_lib, cpu_devices, cross_validation,
-                     determinism, provenance, stage_report, workdir_lock)
+from pathjax import (artifacts, cohort as cohort_lib, comparison, cpu_devices,
+                     cross_validation, determinism, provenance, stage_report, workdir_lock)
 from pathjax.errors import StageError, UsageError, describe_os_error
 from pathjax.data import feature_sources, import_stage, patches
 from pathjax.interop import h5_features
 from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
+from pathjax.models.slide.factory import MODELS as SLIDE_MODELS
 from pathjax.models.patch.feature_net import (VGG16_BACKBONE, backbones, normalization_problem,
                                        resolve_tile_defaults)
 from pathjax.models.patch.pretrained import check_weights_file
@@ -50,7 +51,7 @@ class Stage(NamedTuple):
 
 
 SPLIT_FIELDS = ('data.classes', 'data.split_fractions', 'data.folds', 'data.fold',
-                'data.split_seed')
+                'data.split_seed', 'data.fold_by')
 STAGES = (
     Stage('tile', tile_stage.run, True,
           SPLIT_FIELDS + ('data.synthetic', 'tile', 'tissue', 'stain'),
@@ -118,6 +119,10 @@ def check_config(config) -> list[str]:
     require(len(fractions) == 3 and min(fractions) >= 0 and fractions[0] > 0,
             f'data.split_fractions must be (train, val, test) >= 0 with train > 0, got {fractions}')
     require(config.data.folds >= 0, f'data.folds must be >= 0, got {config.data.folds}')
+    require(config.data.fold_by in ('case', 'site'),
+            f"data.fold_by must be 'case' or 'site', got {config.data.fold_by!r}")
+    require(config.data.fold_by == 'case' or config.data.folds > 1,
+            "data.fold_by='site' makes folds: set data.folds > 1")
     if config.data.folds > 1:
         require(-1 <= config.data.fold < config.data.folds,
                 f'data.fold must be in [0, {config.data.folds}) or -1 (every fold), got '
@@ -126,6 +131,10 @@ def check_config(config) -> list[str]:
         require(os.path.isfile(config.data.manifest),
                 f'data.manifest: file not found: {config.data.manifest}')
     else:
+        low, high = (tuple(config.data.synthetic.motif_fraction) + (None, None))[:2]
+        require(len(config.data.synthetic.motif_fraction) == 2 and 0 <= low <= high <= 1,
+                f'data.synthetic.motif_fraction must be (low, high) with 0 <= low <= high <= 1, '
+                f'got {tuple(config.data.synthetic.motif_fraction)}')
         require(config.data.synthetic.num_slides >= 2,
                 'data.manifest is empty: give a manifest CSV (or data.synthetic.num_slides >= 2 '
                 'for a generated cohort)')
@@ -230,6 +239,11 @@ def check_config(config) -> list[str]:
     require(config.graph.k >= 1, f'graph.k must be >= 1, got {config.graph.k}')
     require(config.graph.max_patches >= 0, f'graph.max_patches must be >= 0, got {config.graph.max_patches}')
     net = config.slide_net
+    require(net.model in SLIDE_MODELS,
+            f'slide_net.model must be one of {", ".join(SLIDE_MODELS)}, got {net.model!r}')
+    require(0 <= net.bag_weight <= 1, f'slide_net.bag_weight must be in [0, 1], got '
+                                      f'{net.bag_weight}')
+    require(net.instance_k >= 1, f'slide_net.instance_k must be >= 1, got {net.instance_k}')
     require(net.d_model >= 4 and net.d_model % 4 == 0,
             f'slide_net.d_model must be a positive multiple of 4, got {net.d_model}')
     require(net.heads >= 1 and net.d_model % max(net.heads, 1) == 0,
@@ -263,6 +277,7 @@ def check_config(config) -> list[str]:
             f'predict.manifest: file not found: {config.predict.manifest}')
     require(config.eval.top_patches >= 0,
             f'eval.top_patches must be >= 0, got {config.eval.top_patches}')
+    problems += comparison.problems(config)
     require(config.mesh.data == -1 or config.mesh.data >= 1,
             f'mesh.data must be -1 (all devices) or >= 1, got {config.mesh.data}')
     return problems
@@ -279,13 +294,15 @@ def prepare_cohort(config, workdir: pathlib.Path) -> tuple[cohort_lib.Cohort, pa
             logging.info('data.manifest is empty: generating %d synthetic slides', spec.num_slides)
             synthetic.make_cohort(manifest.parent, spec.num_slides, tuple(config.data.classes),
                                   seed=spec.seed, width=spec.width, height=spec.height,
-                                  workers=config.workers)
+                                  workers=config.workers,
+                                  motif_fraction=tuple(spec.motif_fraction))
         sharding.barrier('pathjax synthetic cohort')
     try:
         cohort = cohort_lib.load_cohort(manifest, tuple(config.data.classes),
                                         fractions=tuple(config.data.split_fractions),
                                         folds=config.data.folds, fold=max(config.data.fold, 0),
                                         seed=config.data.split_seed,
+                                        fold_by=config.data.fold_by,
                                         slides_required=not feature_sources.importing(config))
     except cohort_lib.ManifestError as error:
         raise UsageError(str(error)) from None
@@ -358,8 +375,12 @@ def run_locked(config, workdir: pathlib.Path, stages: list[str] | None) -> None:
     predicting = PREDICT in (stages or [])
     if cross_validation.is_cross_validation(config):
         cohort, manifest = prepare_cohort(config, workdir)
-        cross_validation.run(config, workdir, stages, manifest, cohort, run_stages,
-                             settings_fields(config))
+        comparing = bool(config.compare.models)
+        cross_validation.run(config, workdir, stages, manifest, cohort,
+                             comparison.fold_runner(config, run_stages) if comparing
+                             else run_stages, settings_fields(config) + ['compare'])
+        if comparing and sharding.is_leader():
+            comparison.summarize(workdir, cohort, config)
         write_report_page(workdir)
     else:
         training = [s for s in stages or [] if s != PREDICT]

@@ -20,7 +20,7 @@ from pathjax.data import graphs
 from pathjax.data.graph_batches import GraphBatches, Prefetch
 from pathjax.data.slide_sets import SlideSet, node_rows
 from pathjax.errors import StageError
-from pathjax.models.slide.graph_transformer import create_slide_model
+from pathjax.models.slide.factory import create_slide_model
 from pathjax.runtime import sharding
 from pathjax.runtime.checkpoint import Checkpoints
 
@@ -34,7 +34,7 @@ def make_predict_step(model):
     """(params, batch) -> (probabilities [B, C], per-patch pooling weights [B, N])."""
 
     def predict_step(params, batch):
-        logits, node_weights = model.apply({'params': params}, batch['graph'], True)
+        logits, node_weights = model.apply({'params': params}, batch['graph'], True, None)
         return jax.nn.softmax(logits), node_weights
 
     return predict_step
@@ -44,12 +44,14 @@ def make_contribution_fn(model):
     """(params, graph batch [B, ...], classes int [B]) -> contributions [B, N] (to be jitted)."""
 
     def contributions(params, graph, classes):
-        (_, _), captured = model.apply({'params': params}, graph, True, mutable=['intermediates'])
+        (_, _), captured = model.apply({'params': params}, graph, True, None,
+                                       mutable=['intermediates'])
         nodes = captured['intermediates']['pooling_input'][0]  # [B, N, D]
 
         def logit_sum(perturbation):
             logits, _ = model.apply({'params': params,
-                                     'perturbations': {'pooling_input': perturbation}}, graph, True)
+                                     'perturbations': {'pooling_input': perturbation}}, graph, True,
+                                    None)
             return jnp.take_along_axis(logits, classes[:, None], axis=1).sum()
 
         gradients = jax.grad(logit_sum)(jnp.zeros_like(nodes))
@@ -90,8 +92,8 @@ class SlidePredictor:
             empty, nodes, graphs.edge_budget(nodes, self.config.graph.k))])
 
     def initial_params(self):
-        return jax.jit(self.model.init, static_argnums=2)(
-            jax.random.key(self.config.seed), self.example_graph(), True)['params']
+        return jax.jit(self.model.init, static_argnums=(2, 3))(
+            jax.random.key(self.config.seed), self.example_graph(), True, None)['params']
 
     def abstract_params(self):
         """The parameters' shapes and dtypes, replicated over the mesh (nothing computed)."""

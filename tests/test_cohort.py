@@ -171,3 +171,48 @@ def test_a_prediction_manifest_follows_the_same_rule(tmp_path):
     manifest = write(tmp_path, 'slide_id,path\n../x,a.svs\n')
     with pytest.raises(cohort.ManifestError, match='line 2: .*not a safe file name'):
         cohort.load_new_slides(manifest, CLASSES)
+
+
+def site_records(sites, slides_per_case=2):
+    """Records of cases at the given sites (one entry per case), two slides per case."""
+    records = []
+    for case, site in enumerate(sites):
+        for slide in range(slides_per_case):
+            records.append(cohort.SlideRecord(f'c{case}s{slide}', f'/x/{case}_{slide}.svs',
+                                              CLASSES[case % 2], f'c{case}', '',
+                                              len(records) + 2, site=site))
+    return records
+
+
+def test_site_preserved_folds_keep_every_site_in_one_fold():
+    sites = ['A'] * 7 + ['B'] * 5 + ['C'] * 4 + ['D'] * 3 + ['E'] * 2 + ['F']
+    records = site_records(sites)
+    fold_of = cohort.kfold_by_site(records, 3, seed=0)
+    folds_of_site = collections.defaultdict(set)
+    for record in records:
+        folds_of_site[record.site].add(fold_of[record.case_id])
+    assert all(len(folds) == 1 for folds in folds_of_site.values())
+    sizes = collections.Counter(fold_of[r.case_id] for r in records)
+    assert sorted(sizes) == [0, 1, 2]
+    # Greedy dealing, largest site first: 14 | 10 + 6 | 8 + 4 + 2 slides: within a site's size.
+    assert max(sizes.values()) - min(sizes.values()) <= 2 * 7
+    for fold in range(3):
+        splits = cohort.assign_splits(records, fractions=(1, 0, 0), folds=3, fold=fold, seed=0,
+                                      fold_by='site')
+        by_split = collections.defaultdict(set)
+        for record in splits:
+            by_split[record.split].add(record.site)
+        assert not by_split['test'] & (by_split['train'] | by_split['val'])
+        assert not by_split['val'] & by_split['train']
+
+
+def test_site_preserved_folds_refuse_what_cannot_be_kept_apart():
+    with pytest.raises(cohort.ManifestError, match=r"2 site\(s\) \(A, B\) for data.folds=3"):
+        cohort.kfold_by_site(site_records(['A', 'A', 'B']), 3, seed=0)
+    missing = site_records(['A', '', 'B', 'C'])
+    with pytest.raises(cohort.ManifestError, match="slide 'c1s0' has no site"):
+        cohort.kfold_by_site(missing, 3, seed=0)
+    two_sites = site_records(['A', 'B', 'C'])
+    two_sites[1] = cohort.SlideRecord(**{**two_sites[1].__dict__, 'site': 'C'})
+    with pytest.raises(cohort.ManifestError, match="case 'c0' is at site 'C' and at 'A'"):
+        cohort.kfold_by_site(two_sites, 3, seed=0)

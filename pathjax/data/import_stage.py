@@ -12,8 +12,6 @@ file, or whose file is unusable, is reported and left out; the rest go on. Featu
 or from two encoders stop the run with a message naming two slides.
 """
 
-import pathlib
-
 import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw

@@ -23,7 +23,8 @@ from pathjax.evaluate import heatmaps, report
 from pathjax.evaluate.top_patches import save_top_patches
 from pathjax.evaluate.learning_curves import plot_learning_curves
 from pathjax.interop import geojson
-from pathjax.metrics import split_metrics
+from pathjax.models.slide.factory import scores_are_attention
+from pathjax.metrics import split_metrics, youden_threshold
 from pathjax.slide_predictor import SlidePredictor
 from pathjax.slide_paths import slide_file
 from pathjax.slides.reader import SlideError
@@ -90,7 +91,7 @@ def write_heatmaps(predictor: SlidePredictor, params, workdir, folder: pathlib.P
     `workdir` holds the slides' thumbnails and tiles (or imported layout) files."""
     classes = predictor.classes
     predicted = probabilities.argmax(axis=1)
-    signed = predictor.config.slide_net.pooling != 'gated'
+    signed = not scores_are_attention(predictor.config.slide_net)
     scores = predictor.contributions(params, slides, predicted) if signed else weights
     if not sharding.is_leader():
         return
@@ -119,18 +120,34 @@ def write_heatmaps(predictor: SlidePredictor, params, workdir, folder: pathlib.P
             logging.warning('evaluate: no top patches for slide %s: %s', slide_id, error)
 
 
+def validation_threshold(predictor: SlidePredictor, params, slides: SlideSet) -> float | None:
+    """The positive-class threshold chosen on the validation slides (Youden's J; binary tasks),
+    for the test metrics' operating point; None without validation slides or classes."""
+    if len(predictor.classes) != 2 or not len(slides):
+        return None
+    probabilities, _ = predictor.predict(params, slides)
+    threshold = youden_threshold(probabilities[:, 1], slides.labels == 1)
+    return None if np.isnan(threshold) else float(threshold)
+
+
 def evaluate_split(predictor: SlidePredictor, params, workdir, split: str, slides: SlideSet,
-                   slide_paths: dict[str, str], checkpoint: dict) -> dict:
+                   slide_paths: dict[str, str], checkpoint: dict,
+                   threshold: float | None = None) -> dict:
+    """Predictions, metrics (operating point at `threshold` too), ROC and calibration plots and
+    heatmaps of one split."""
     classes = predictor.classes
     folder = split_dir(workdir, split)
     probabilities, weights = predictor.predict(params, slides)
-    metrics = {**split_metrics(probabilities, slides.labels, slides.case_ids, classes),
-               'split': split, 'checkpoint': checkpoint}
+    metrics = {**split_metrics(probabilities, slides.labels, slides.case_ids, classes,
+                               threshold=threshold),
+               'split': split, 'checkpoint': checkpoint, 'threshold_from': 'validation (Youden)'
+               if threshold is not None else None}
     if sharding.is_leader():
         report.write_predictions(folder / 'predictions.csv', slides.slide_ids, slides.labels,
                                  probabilities, classes)
         report.write_metrics(folder / 'metrics.json', metrics)
         report.plot_roc(folder / 'roc.png', probabilities, slides.labels, classes)
+        report.plot_calibration(folder / 'calibration.png', probabilities, slides.labels, classes)
     if predictor.config.eval.heatmaps and len(slides):
         write_heatmaps(predictor, params, workdir, folder, slides, slide_paths, probabilities,
                        weights)
@@ -145,16 +162,20 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry]:
     """The `evaluate` stage over config.eval.splits; one report entry per slide evaluated."""
     settings = GraphSettings.from_config(config)
     classes = tuple(config.data.classes)
-    splits = load_splits(workdir, cohort, config.eval.splits, classes, settings, 'evaluate',
+    names = list(dict.fromkeys([*config.eval.splits, 'val']))  # val: the operating threshold
+    splits = load_splits(workdir, cohort, names, classes, settings, 'evaluate',
                          Sources.from_config(config, workdir))
     predictor = SlidePredictor(config, feature_dim(list(splits.values()), 'evaluate'))
     params, checkpoint = predictor.restore(workdir, config.eval.checkpoint)
+    threshold = validation_threshold(predictor, params, splits['val'])
+    splits = {name: splits[name] for name in config.eval.splits}
     if sharding.is_leader():
         plot_learning_curves(workdir, pathlib.Path(workdir) / 'eval' / 'learning_curves.png')
     slide_paths = {r.slide_id: r.path for r in cohort.slides}
     entries = []
     for split, slides in splits.items():
-        evaluate_split(predictor, params, workdir, split, slides, slide_paths, checkpoint)
+        evaluate_split(predictor, params, workdir, split, slides, slide_paths, checkpoint,
+                       threshold)
         done = set(slides.slide_ids)
         entries += [SlideEntry(r.slide_id, OK, details={'split': split}) if r.slide_id in done
                     else SlideEntry(r.slide_id, ERROR, message='no features (see the extract report)',

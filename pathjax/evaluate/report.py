@@ -1,5 +1,5 @@
-"""Evaluation artifacts of one split: predictions.csv, metrics.json and roc.png, each written
-atomically.
+"""Evaluation artifacts of one split: predictions.csv, metrics.json, roc.png and (binary tasks)
+a reliability diagram, each written atomically.
 
 predictions.csv has one row per slide, `slide_id,label,prob_<class>...,pred`, with label and
 pred as class names (label empty for a new slide of unknown class) and probabilities to 6
@@ -108,3 +108,46 @@ def plot_roc(path: str | os.PathLike, probabilities: np.ndarray, labels: np.ndar
     axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel='False positive rate',
              ylabel='True positive rate', title=title, aspect='equal')
     figures.save(fig, path)
+
+
+def plot_calibration(path: str | os.PathLike, probabilities: np.ndarray, labels: np.ndarray,
+                     class_names: Sequence[str]) -> bool:
+    """Writes the reliability diagram of a binary task as a PNG: per non-empty bin of
+    `metrics.calibration_bins` (10 equal-width bins), the observed fraction of class 1 against
+    the mean predicted probability of class 1, labelled with the bin's slide count, beside the
+    diagonal of perfect calibration; the title gives the ECE.
+
+    Args:
+        path: the PNG file.
+        probabilities: float [N, C].
+        labels: int [N].
+        class_names: C names.
+
+    Returns:
+        True when written; False, writing nothing, when there are more than two classes.
+    """
+    probabilities, labels = metrics_lib.check_predictions(probabilities, labels, class_names)
+    if len(class_names) != 2:
+        return False
+    calibration = metrics_lib.calibration_bins(probabilities[:, 1], labels == 1)
+    fig = figures.new(figsize=(5, 5), dpi=120, layout='tight')
+    axes = fig.add_subplot()
+    axes.plot([0, 1], [0, 1], linestyle='--', color='grey', label='perfect calibration')
+    title = f'Calibration, {len(labels)} slides'
+    if calibration['bins']:
+        predicted = [b['mean_predicted'] for b in calibration['bins']]
+        observed = [b['observed'] for b in calibration['bins']]
+        axes.plot(predicted, observed, marker='o', label=f'{class_names[1]} (bins of 0.1)')
+        for b in calibration['bins']:
+            axes.annotate(f'n={b["count"]}', (b['mean_predicted'], b['observed']),
+                          textcoords='offset points',
+                          xytext=(4, -10 if b['observed'] > 0.5 else 4), fontsize=7)
+        title += f', ECE = {calibration["ece"]:.3f}'
+        axes.legend(loc='upper left')
+    else:
+        axes.text(0.5, 0.5, 'no slides', ha='center', va='center', transform=axes.transAxes)
+    axes.set(xlim=(0, 1), ylim=(-0.02, 1.02), xlabel=f'Mean predicted probability of '
+             f'{class_names[1]}', ylabel=f'Observed fraction of {class_names[1]}', title=title,
+             aspect='equal')
+    figures.save(fig, path)
+    return True

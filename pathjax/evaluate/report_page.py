@@ -31,7 +31,8 @@ from pathjax.slides.tile_stage import qc_path
 PAGE = 'report.html'
 MAX_HEATMAP_SLIDES = 24  # per split; the rest are in eval/<split>/heatmaps/
 MAX_QC_PICTURES = 60  # failures and warnings first; the rest are in qc/
-SECTIONS = (('results', 'Results'), ('cv', 'Cross-validation'), ('learning', 'Learning curves'),
+SECTIONS = (('results', 'Results'), ('cv', 'Cross-validation'), ('compare', 'Model comparison'),
+            ('learning', 'Learning curves'),
             ('heatmaps', 'Heatmaps'), ('predict', 'New slides'), ('cohort', 'Cohort'),
             ('features', 'Features'), ('tiles', 'Tile report'), ('config', 'Config'))  # (anchor, title) in page order
 HEATMAP_WIDTH = 720  # px of the inline heatmap picture
@@ -132,7 +133,7 @@ def metrics_section(workdir: pathlib.Path) -> str:
            '<p>AUC with a stratified bootstrap 95% confidence interval; patient level: the '
            'slides of a case averaged. Test metrics come from the evaluate stage alone.</p>',
            table(['split', 'level', 'n', 'AUC', '95% CI', 'accuracy', 'balanced accuracy', 'F1'],
-                 rows)]
+                 rows), clinical_table(metrics.values())]
     for path, m in metrics.items():
         names = m['class_names']
         confusion = table(['true \\ predicted', *names],
@@ -141,14 +142,69 @@ def metrics_section(workdir: pathlib.Path) -> str:
                           [[name, v['support'], number(v['recall']), number(v['precision']),
                             number(v.get('auc'))] for name, v in m['per_class'].items()])
         checkpoint = m.get('checkpoint') or {}
-        roc = path.parent / 'roc.png'
+        roc, calibration = path.parent / 'roc.png', path.parent / 'calibration.png'
         out += [f'<h3>{escape(m["split"])} split ({escape(m["num_slides"])} slides)</h3>',
                 '<div class="row">' + (png(roc, f'ROC {m["split"]}') if roc.exists() else '')
+                + (png(calibration, f'calibration {m["split"]}') if calibration.exists() else '')
                 + '<div>',
                 '<p>Confusion matrix (slides)</p>', confusion, per_class,
                 f'<p class="muted">checkpoint: {escape(checkpoint.get("checkpoint"))}, '
                 f'epoch {escape(checkpoint.get("epoch"))}</p></div></div>']
     return '\n'.join(out)
+
+
+def comparison_section(workdir: pathlib.Path) -> str:
+    """The model comparison: each model's fold AUCs, pooled AUC with CI, and the paired test
+    against the first model (slide and patient level), and the forest plot."""
+    summary = read_json(workdir / 'compare' / 'summary.json')
+    if not summary:
+        return ''
+    rows = []
+    for entry in summary['models']:
+        for level in ('slide', 'patient'):
+            row = summary.get(level, {}).get(entry)
+            if row is None:
+                continue
+            paired = row.get('vs_first') or {}
+            rows.append([entry, level, ' '.join(number(a) for a in summary['folds'][entry]),
+                         f"{number(summary['mean'][entry])} +/- {number(summary['sd'][entry])}",
+                         number(row['auc']), ci(row['auc_ci95']),
+                         number(paired.get('difference')), ci(paired.get('ci95')),
+                         number(paired.get('p_value'), 4)])
+    forest = workdir / 'compare' / 'forest.png'
+    return '\n'.join([
+        '<h2 id="compare">Model comparison</h2>',
+        f'<p>The same features and folds for every model; {escape(summary["num_slides"])} '
+        f'slides out of fold. Pooled AUC with DeLong\'s 95% CI; the difference to '
+        f'{escape(summary["models"][0])} with its 95% CI and DeLong\'s p-value for correlated '
+        'ROC curves.</p>',
+        table(['model', 'level', 'fold AUCs', 'mean +/- sd', 'pooled AUC', '95% CI',
+               'difference', '95% CI', 'p'], rows),
+        png(forest, 'forest plot') if forest.exists() else ''])
+
+
+def clinical_table(metrics) -> str:
+    """AUPRC, Brier score and the operating points (at the validation split's Youden threshold
+    and at 0.5) of each evaluated split, slide and patient level (binary tasks)."""
+    rows = []
+    for m in metrics:
+        for level, values in (('slide', m), ('patient', m['patient'])):
+            clinical = values.get('clinical') or {}
+            if 'at_0.5' not in clinical:
+                continue
+            for name in ('at_threshold', 'at_0.5'):
+                point = clinical.get(name)
+                if point:
+                    rows.append([m['split'], level, number(point['threshold']),
+                                 number(clinical['auprc']), number(clinical['brier']),
+                                 *(number(point[k]) for k in ('sensitivity', 'specificity',
+                                                              'ppv', 'npv'))])
+    if not rows:
+        return ''
+    return ('<p>Operating points: at the threshold chosen on the validation slides (Youden) '
+            'and at 0.5; AUPRC and Brier score do not depend on it.</p>'
+            + table(['split', 'level', 'threshold', 'AUPRC', 'Brier', 'sensitivity',
+                     'specificity', 'PPV', 'NPV'], rows))
 
 
 def cross_validation_section(workdir: pathlib.Path) -> str:
@@ -338,6 +394,7 @@ def write(workdir) -> pathlib.Path:
     """Writes `<workdir>/report.html` from the run's files and returns its path."""
     workdir = pathlib.Path(workdir)
     sections = [metrics_section(workdir), cross_validation_section(workdir),
+                comparison_section(workdir),
                 learning_curves_section(workdir), heatmaps_section(workdir),
                 predict_section(workdir), cohort_section(workdir), import_section(workdir),
                 tile_section(workdir),

@@ -4,11 +4,12 @@ A slide is rendered at level 0 from two stain density maps, hematoxylin (H) and 
 by Beer-Lambert: intensity = white * 10^-(H * h_vec + E * e_vec), each slide drawing its own stain
 vectors, intensities and white level. Tissue is one to three irregular blobs of fibrous pink
 stroma with scattered nuclei and, in places, normal glands (small round basal nuclei, goblets).
-Positive slides also carry a motif on 15-25% of their tissue: small glands (36-56 um across)
-lined by crowded, stratified, elongated dark nuclei 7-10 um long (normal ones: 5-7 um, basal)
-around a pale lumen. Every other part is drawn from random streams that do
-not depend on the class, so a positive slide equals the negative slide of the same seed outside
-its motif area, and patch labels inherited from the slide are noisy, as in mutation prediction.
+Positive slides also carry a motif on 15-25% of their tissue (`motif_fraction`; less is harder):
+small glands (36-56 um across) lined by crowded, stratified, elongated dark nuclei 7-10 um long
+(normal ones: 5-7 um, basal) around a pale lumen. Every other part is drawn from random streams
+that do not depend on the class, so a positive slide equals the negative slide of the same seed
+outside its motif area, and patch labels inherited from the slide are noisy, as in mutation
+prediction.
 
 Sizes are in microns, converted with the slide's mpp. Slides are written as JPEG-tiled pyramids
 OpenSlide opens: a generic tiled TIFF or an Aperio-style SVS. Real-size slides (`MosaicSlide`:
@@ -36,6 +37,7 @@ from pathjax import artifacts
 
 FORMATS = ('tiff', 'svs')
 MPPS = (0.25, 0.5)
+MOTIF_FRACTION = (0.15, 0.25)  # a positive slide's motif covers a uniform share of its tissue
 MANIFEST_COLUMNS = ('slide_id', 'path', 'label', 'case_id')
 
 _GRID_UM = 8.0  # microns per cell of the coarse grid holding region masks and slow fields
@@ -64,6 +66,7 @@ class SyntheticSlideSpec:
     width: int  # level-0 pixels
     height: int
     seed: int
+    motif_fraction: tuple[float, float] = MOTIF_FRACTION  # (low, high) share of the tissue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,7 +336,8 @@ def _render(spec: SyntheticSlideSpec, streams, fill: bool):
         tissue_field = _tissue_field(r_tissue, *grid)
         tissue_g = _top_fraction(tissue_field, np.ones(grid, bool), r_tissue.uniform(0.34, 0.5))
     motif_field = _noise(r_regions, grid, cell(180))
-    motif_g = _top_fraction(motif_field, tissue_g, r_regions.uniform(0.15, 0.25) * spec.positive)
+    motif_g = _top_fraction(motif_field, tissue_g,
+                            r_regions.uniform(*spec.motif_fraction) * spec.positive)
     mucosa_g = _top_fraction(_noise(r_regions, grid, cell(200)), tissue_g,
                              r_regions.uniform(0.2, 0.4)) & ~motif_g
     pale = np.clip(0.8 + 0.35 * _noise(r_regions, grid, cell(120)), 0.25, 1.25)
@@ -711,7 +715,8 @@ class MosaicSlide:
 
 def cohort_specs(num_slides: int, classes=('negative', 'positive'), *, seed: int = 0,
                  width: int = 4096, height: int = 3072, slides_per_case: int | None = None,
-                 formats=FORMATS) -> list[SyntheticSlideSpec]:
+                 formats=FORMATS, motif_fraction: tuple[float, float] = MOTIF_FRACTION
+                 ) -> list[SyntheticSlideSpec]:
     """The slides of a synthetic cohort, in manifest order.
 
     Cases alternate between the classes (classes[1] carries the motif), so any num_slides >= 2
@@ -733,7 +738,8 @@ def cohort_specs(num_slides: int, classes=('negative', 'positive'), *, seed: int
                 slide_id=f'syn{seed}_{j:04d}', case_id=f'syn{seed}_case{case:04d}',
                 label=classes[label], positive=bool(label), mpp=MPPS[k // len(formats) % len(MPPS)],
                 fmt=formats[k % len(formats)], width=width, height=height,
-                seed=int(np.random.SeedSequence([seed, j]).generate_state(1)[0])))
+                seed=int(np.random.SeedSequence([seed, j]).generate_state(1)[0]),
+                motif_fraction=tuple(motif_fraction)))
         case += 1
     return specs
 
@@ -744,7 +750,8 @@ def _render_and_write(spec: SyntheticSlideSpec, path: pathlib.Path) -> None:
 
 def make_cohort(out_dir, num_slides: int, classes=('negative', 'positive'), *, seed: int = 0,
                 width: int = 4096, height: int = 3072, slides_per_case: int | None = None,
-                formats=FORMATS, workers: int = 1) -> pathlib.Path:
+                formats=FORMATS, workers: int = 1,
+                motif_fraction: tuple[float, float] = MOTIF_FRACTION) -> pathlib.Path:
     """Renders and writes a synthetic cohort and out_dir/manifest.csv; returns the manifest path.
 
     Manifest columns: slide_id, path (absolute), label, case_id. Deterministic from `seed`. A slide
@@ -753,7 +760,8 @@ def make_cohort(out_dir, num_slides: int, classes=('negative', 'positive'), *, s
     """
     out_dir = pathlib.Path(out_dir).resolve()
     specs = cohort_specs(num_slides, classes, seed=seed, width=width, height=height,
-                         slides_per_case=slides_per_case, formats=formats)
+                         slides_per_case=slides_per_case, formats=formats,
+                         motif_fraction=motif_fraction)
     paths = [out_dir / f'{spec.slide_id}.{spec.fmt}' for spec in specs]
     todo = [(spec, path) for spec, path in zip(specs, paths) if not path.exists()]
     if todo:

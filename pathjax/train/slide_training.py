@@ -1,4 +1,5 @@
-"""The `train_slide` stage: the graph transformer trained on slide graphs with cross entropy.
+"""The `train_slide` stage: the slide model (`slide_net.model`: the method's graph transformer, or
+a baseline) trained on slide graphs with cross entropy.
 
 Batches of `train.batch_slides` slide graphs (padded to a common power-of-two bucket; a short
 batch is filled with masked copies), read from the slides' graph files in a background thread
@@ -42,15 +43,21 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray
     return np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
 
 
-def make_train_step(model, weights: np.ndarray):
-    """(state, batch, rng) -> (state, {'loss', 'weight'}): class-weighted cross entropy."""
+def make_train_step(model, weights: np.ndarray, bag_weight: float = 1.0):
+    """(state, batch, rng) -> (state, {'loss', 'weight'}): class-weighted cross entropy; for a
+    model that sows auxiliary per-slide losses (CLAM's instance loss), bag_weight x the cross
+    entropy + (1 - bag_weight) x their sum, weighted over slides alike."""
     weights = jnp.asarray(weights)
 
     def train_step(state: TrainState, batch, rng):
         def loss_fn(params):
-            logits, _ = model.apply({'params': params}, batch['graph'], False,
-                                    rngs={'dropout': rng})
+            (logits, _), sown = model.apply({'params': params}, batch['graph'], False,
+                                            batch['label'], rngs={'dropout': rng},
+                                            mutable=['losses'])
             losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+            auxiliary = jax.tree.leaves(sown.get('losses', {}))  # each [B]
+            if auxiliary:
+                losses = bag_weight * losses + (1 - bag_weight) * sum(auxiliary)
             slide_weights = weights[batch['label']] * batch['mask']
             total = jnp.maximum(slide_weights.sum(), 1e-12)
             return (losses * slide_weights).sum() / total, total
@@ -120,7 +127,8 @@ class SlideTrainer:
             raise StageError('train_slide: no training slide has features')
         replicated, batched = self.predictor.replicated, self.predictor.batched
         step_fn = sharding.under_mesh(jax.jit(make_train_step(self.model, class_weights(
-            train.labels, len(self.classes), config.class_weights)),
+            train.labels, len(self.classes), config.class_weights),
+            self.config.slide_net.bag_weight),
             in_shardings=(replicated, batched, replicated),
             out_shardings=(replicated, replicated), donate_argnums=0), self.mesh)
         with Checkpoints(checkpoint_dir(self.workdir), best_metric='val_score') as checkpoints:

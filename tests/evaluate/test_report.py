@@ -1,5 +1,5 @@
-"""Evaluation artifacts: predictions.csv round trip, metrics.json with nulls, ROC PNGs; user
-strings are data (no spreadsheet formulas, no mathtext)."""
+"""Evaluation artifacts: predictions.csv round trip, metrics.json with nulls, ROC and
+calibration PNGs; user strings are data (no spreadsheet formulas, no mathtext)."""
 
 import csv
 import json
@@ -138,6 +138,33 @@ def test_plot_roc_overwrites_atomically(tmp_path):
     assert_no_temporaries(tmp_path)
 
 
+@pytest.mark.parametrize('num_slides', [30, 1, 0])
+def test_plot_calibration_binary(tmp_path, saved_figures, num_slides):
+    probabilities, labels = random_predictions(7, num_slides, 2)
+    path = tmp_path / 'calibration.png'
+    assert report.plot_calibration(path, probabilities, labels, BINARY) is True
+    assert_png(path)
+    assert_no_temporaries(tmp_path)
+    calibration = metrics.calibration_bins(probabilities[:, 1], labels == 1)
+    texts = [t.get_text() for t in figures.written_texts(saved_figures[-1])]
+    assert sorted(t for t in texts if t.startswith('n=')) == sorted(
+        f'n={b["count"]}' for b in calibration['bins'])
+    title = saved_figures[-1].axes[0].get_title()
+    if num_slides:
+        assert title == f'Calibration, {num_slides} slides, ECE = {calibration["ece"]:.3f}'
+    else:
+        assert title == 'Calibration, 0 slides' and 'no slides' in texts
+
+
+def test_plot_calibration_skips_more_classes(tmp_path):
+    probabilities, labels = random_predictions(8, 12, 3)
+    path = tmp_path / 'calibration.png'
+    assert report.plot_calibration(path, probabilities, labels, THREE) is False
+    assert not path.exists()
+    with pytest.raises(ValueError, match='expected probabilities'):
+        report.plot_calibration(path, probabilities, labels, BINARY)
+
+
 def test_learning_curves_read_both_logs_and_note_a_missing_one(tmp_path):
     from pathjax.evaluate import learning_curves
     from pathjax.runtime import metrics_log
@@ -190,12 +217,15 @@ def test_user_strings_are_drawn_literally(tmp_path, saved_figures):
     from pathjax.evaluate import learning_curves
     probabilities, labels = random_predictions(6, 12, 3)
     report.plot_roc(tmp_path / 'roc.png', probabilities, labels, MATH_LIKE)
+    report.plot_calibration(tmp_path / 'calibration.png', probabilities[:, :2] / probabilities[
+        :, :2].sum(axis=1, keepdims=True), labels % 2, MATH_LIKE[:2])
     title = ': '.join(MATH_LIKE)
     heatmaps.draw_heatmap(tmp_path / 'heatmap.png', np.full((32, 32, 3), 200, np.uint8), (64, 64),
                           np.array([[0, 0], [16, 32]]), 16.0, np.array([1.0, -0.5]), True, title)
     learning_curves.plot_learning_curves(tmp_path, tmp_path / 'curves.png')
-    roc, heatmap, curves = saved_figures
+    roc, calibration, heatmap, curves = saved_figures
     assert_literal(roc, [f'{name} vs rest' for name in MATH_LIKE])
+    assert_literal(calibration, [f'Observed fraction of {MATH_LIKE[1]}'])
     assert_literal(heatmap, [title])
     assert_literal(curves, ['feature network (AM-softmax)'])
     assert_png(tmp_path / 'roc.png')

@@ -224,16 +224,3 @@ def test_new_slides_predict_from_their_own_import_folder(imported, tmp_path):
     assert all((workdir / 'predict' / 'geojson' / f'{b.slide_id}.geojson').exists()
                for b in renamed)
 
-
-def test_cross_validation_on_imported_features(tmp_path):
-    folder = tmp_path / 'features'
-    folder.mkdir()
-    cohort = bags()
-    manifest = write_cohort(folder, cohort)
-    manifest.write_text('\n'.join(','.join(line.split(',')[:3])
-                                  for line in manifest.read_text().splitlines()) + '\n')
-    config = import_config(manifest, folder, **{'data.folds': 3, 'data.fold': -1,
-                                                'train.max_steps': 10})
-    assert pipeline.run(config, tmp_path / 'cv') == 0
-    summary = json.loads((tmp_path / 'cv' / 'cv' / 'summary.json').read_text())
-    assert summary['num_slides'] == len(cohort) and len(summary['folds']) == 3

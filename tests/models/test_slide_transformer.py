@@ -8,7 +8,10 @@ import pytest
 
 from pathjax.data import graphs
 from pathjax.models.compute_dtype import compute_dtype
-from pathjax.models.slide.graph_transformer import BatchedSlideTransformer
+from pathjax.models.slide.factory import batched
+from pathjax.models.slide.graph_transformer import SlideTransformer
+
+BatchedSlideTransformer = batched(SlideTransformer)
 
 
 def slide(count=40, dim=24, seed=0):
@@ -22,7 +25,7 @@ def slide(count=40, dim=24, seed=0):
 def logits_of(model, params, features, grid, senders, receivers, nodes):
     graph = graphs.pad_graph(graphs.slide_graph(features, grid, senders, receivers), nodes,
                              graphs.edge_budget(nodes, 4))
-    logits, weights = model.apply({'params': params}, graphs.stack_graphs([graph]), True)
+    logits, weights = model.apply({'params': params}, graphs.stack_graphs([graph]), True, None)
     return np.asarray(logits[0]), np.asarray(weights[0][:len(features)])
 
 
@@ -34,7 +37,7 @@ def test_padding_and_patch_order_do_not_change_the_prediction(attention, pooling
     features, grid, senders, receivers = slide()
     graph = graphs.pad_graph(graphs.slide_graph(features, grid, senders, receivers), 64,
                              graphs.edge_budget(64, 4))
-    params = model.init(jax.random.key(0), graphs.stack_graphs([graph]), True)['params']
+    params = model.init(jax.random.key(0), graphs.stack_graphs([graph]), True, None)['params']
     reference, weights = logits_of(model, params, features, grid, senders, receivers, 64)
     padded, padded_weights = logits_of(model, params, features, grid, senders, receivers, 256)
     np.testing.assert_allclose(padded, reference, rtol=1e-5, atol=1e-5)
@@ -62,13 +65,13 @@ def test_bfloat16_compute_stays_close_to_float32(attention, pooling):
     features, grid, senders, receivers = slide()
     batch = graphs.stack_graphs([graphs.pad_graph(graphs.slide_graph(features, grid, senders, receivers),
                                                   64, graphs.edge_budget(64, 4))])
-    params = single.init(jax.random.key(0), batch, True)['params']
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(half.init(jax.random.key(0), batch, True)['params']))
-    reference, _ = single.apply({'params': params}, batch, True)
-    logits, _ = half.apply({'params': params}, batch, True)
+    params = single.init(jax.random.key(0), batch, True, None)['params']
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(half.init(jax.random.key(0), batch, True, None)['params']))
+    reference, _ = single.apply({'params': params}, batch, True, None)
+    logits, _ = half.apply({'params': params}, batch, True, None)
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(logits, reference, atol=0.05 * float(jnp.abs(reference).max()) + 0.02)
-    gradients = jax.grad(lambda p: half.apply({'params': p}, batch, True)[0].sum())(params)
+    gradients = jax.grad(lambda p: half.apply({'params': p}, batch, True, None)[0].sum())(params)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(gradients))
 
 

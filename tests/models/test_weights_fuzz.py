@@ -195,8 +195,10 @@ def safetensors_headers(draw):
             header[key][field] = draw(FIELD_VALUES[field])
         elif action == 'drop':
             del header[key]
-        elif action == 'copy':
+        elif action == 'copy' and isinstance(header[key], dict):  # (metadata may be JSON now)
             header[draw(st.sampled_from(['a', 'module.a', 'z', '']))] = dict(header[key])
+        elif action == 'copy':
+            continue
         else:
             header['__metadata__'] = draw(JSON)
         if not header:

@@ -4,7 +4,6 @@ changes."""
 
 import json
 
-import numpy as np
 import pytest
 import shapely
 from shapely.geometry import Polygon, box, mapping

@@ -3,6 +3,7 @@ H&E, the class motif is where (and only where) it should be, and cohorts are det
 
 import collections
 import csv
+import dataclasses
 import pathlib
 import tracemalloc
 
@@ -273,3 +274,17 @@ def test_streamed_writer_holds_a_few_bands_not_the_slide(tmp_path):
         assert slide.level_dimensions == ((2048, 32768), (512, 8192), (128, 2048))
         pixel = np.asarray(slide.read_region((100, 256 * 126 + 9), 0, (8, 8)))[0, 0, :3]
         np.testing.assert_allclose(pixel, (80, 120, 160), atol=3)
+
+
+@pytest.mark.parametrize('low, high', [(0.02, 0.05), (0.15, 0.25), (0.4, 0.5)])
+def test_motif_fraction_sets_the_share_of_tissue_the_motif_covers(low, high):
+    """A harder cohort (`data.synthetic.motif_fraction`): the same slide outside the motif, a
+    motif covering the asked share of its tissue (on the 8-um grid), nested as the share grows."""
+    spec = make_spec(True, 0.5, seed=2)
+    image, tissue, motif = synthetic.render_slide(
+        dataclasses.replace(spec, motif_fraction=(low, high)), return_masks=True)
+    _, default_tissue, default_motif = synthetic.render_slide(spec, return_masks=True)
+    np.testing.assert_array_equal(tissue, default_tissue)
+    assert low - 0.01 <= motif.sum() / tissue.sum() <= high + 0.01
+    smaller, larger = sorted((motif, default_motif), key=np.sum)
+    assert not (smaller & ~larger).any()

@@ -1,11 +1,11 @@
-"""The slide model: graph transformer + normalized GCN + pooling + two-layer MLP.
+"""The method's slide model: graph transformer + normalized GCN + pooling + two-layer MLP.
 
 For one slide graph: project the patch features to d_model (when their size differs), add the
-grid position encoding, apply `transformer_layers` blocks (multi-head attention, residual, layer
+grid position encoding (unless `position_encoding` is off: an ablation), apply `transformer_layers` blocks (multi-head attention, residual, layer
 norm, feed-forward, residual, layer norm), then `gcn_layers` layers relu(A_hat H W), pool the
 valid patches (masked mean, or gated attention whose weights are per-patch heatmaps), and
-classify with Dense -> relu -> Dense. `BatchedSlideTransformer` maps it over a batch of padded
-slides (leading axis) with shared parameters and per-slide dropout.
+classify with Dense -> relu -> Dense. `factory.create_slide_model` maps it over a batch of padded
+slides.
 """
 
 from typing import Any
@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import jraph
 
 from pathjax.models.slide.attention import MultiHeadAttention
-from pathjax.models.compute_dtype import compute_dtype
 from pathjax.models.slide.encoding import grid_encoding
 from pathjax.models.slide.gcn import GCNLayer
+from pathjax.models.slide.pooling import GatedAttentionPooling, masked_mean
 
 
 class TransformerBlock(nn.Module):
@@ -41,22 +41,6 @@ class TransformerBlock(nn.Module):
         return nn.LayerNorm(dtype=jnp.float32)(nodes + hidden)
 
 
-class GatedAttentionPooling(nn.Module):
-    """Gated attention (Ilse et al. 2018): weights = softmax over valid nodes of
-    w^T (tanh(V h) * sigmoid(U h)). nodes [N, D], mask [N] -> (pooled [D], weights [N])."""
-
-    hidden: int
-
-    @nn.compact
-    def __call__(self, nodes: jax.Array, mask: jax.Array):
-        gate = jnp.tanh(nn.Dense(self.hidden, name='tanh')(nodes)) * \
-            nn.sigmoid(nn.Dense(self.hidden, name='sigmoid')(nodes))
-        scores = nn.Dense(1, name='score')(gate)[:, 0].astype(jnp.float32)
-        # A finite floor, not -inf: a slide with no valid node must not produce NaN gradients.
-        weights = jnp.where(mask, jax.nn.softmax(jnp.where(mask, scores, -1e30)), 0.0)
-        return weights @ nodes.astype(jnp.float32), weights
-
-
 class SlideTransformer(nn.Module):
     """One slide graph -> (logits [C], per-patch pooling weights [N])."""
 
@@ -69,16 +53,20 @@ class SlideTransformer(nn.Module):
     pooling: str = 'mean'
     mlp_hidden: int = 64
     dropout: float = 0.1
+    position_encoding: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, graph: jraph.GraphsTuple, deterministic: bool = True):
+    def __call__(self, graph: jraph.GraphsTuple, deterministic: bool = True, labels=None):
+        """-> (logits [C], pooling weights [N]); `labels` unused (no auxiliary loss)."""
+        del labels
         mask = graph.nodes['mask']
         nodes = graph.nodes['features'].astype(self.dtype)
         if nodes.shape[-1] != self.d_model:
             nodes = nn.Dense(self.d_model, dtype=self.dtype, param_dtype=jnp.float32,
                              name='projection')(nodes)
-        nodes = nodes + grid_encoding(graph.nodes['grid'], self.d_model).astype(self.dtype)
+        if self.position_encoding:
+            nodes = nodes + grid_encoding(graph.nodes['grid'], self.d_model).astype(self.dtype)
         for _ in range(self.transformer_layers):
             nodes = TransformerBlock(self.num_heads, self.attention, 2 * self.d_model,
                                      self.dropout, self.dtype)(graph, nodes, deterministic)
@@ -98,22 +86,4 @@ class SlideTransformer(nn.Module):
     def pool(self, nodes, mask):
         if self.pooling == 'gated':
             return GatedAttentionPooling(self.mlp_hidden, name='gated_pooling')(nodes, mask)
-        weights = mask.astype(jnp.float32) / jnp.maximum(mask.sum(), 1)
-        return weights @ nodes.astype(jnp.float32), weights
-
-
-# Slides on a leading axis, parameters shared, an independent dropout stream per slide.
-BatchedSlideTransformer = nn.vmap(SlideTransformer, in_axes=(0, None), out_axes=0,
-                                  variable_axes={'params': None, 'intermediates': 0,
-                                                 'perturbations': 0},
-                                  split_rngs={'params': False, 'dropout': True})
-
-
-def create_slide_model(config, num_classes: int) -> nn.Module:
-    """The batched slide model described by `config.slide_net` and `config.dtype`."""
-    net = config.slide_net
-    return BatchedSlideTransformer(
-        num_classes=num_classes, d_model=net.d_model, num_heads=net.heads,
-        transformer_layers=net.transformer_layers, gcn_layers=net.gcn_layers,
-        attention=net.attention, pooling=net.pooling, mlp_hidden=net.mlp_hidden,
-        dropout=net.dropout, dtype=compute_dtype(config))
+        return masked_mean(nodes, mask)
