@@ -25,7 +25,7 @@ from absl import logging
 from pathjax import artifacts, csv_cells, delong
 from pathjax.cross_validation import fold_dir, link_folder
 from pathjax.evaluate import figures, report
-from pathjax.metrics import per_case, to_json_safe
+from pathjax.metrics import auprc, per_case, to_json_safe
 from pathjax.models.slide.factory import MODELS
 from pathjax.runtime import sharding
 from pathjax.slide_paths import id_problem
@@ -145,12 +145,14 @@ def predictions_of(workdir: pathlib.Path, entry: str, first: bool, folds: int,
 
 
 def compare_level(scores: dict[str, np.ndarray], labels: np.ndarray, first: str) -> dict:
-    """Per model: pooled AUC with its DeLong CI, and the paired test against `first`, on
-    positive-class scores [S] (same slides or cases, same order) and labels [S]."""
+    """Per model: pooled AUC with its DeLong CI, AUPRC and Brier score, and the paired test
+    against `first`, on positive-class probabilities [S] (same slides or cases, same order) and
+    labels [S]."""
     out = {}
     for entry, values in scores.items():
         auc, low, high = delong.auc_ci(values, labels)
-        row = {'auc': auc, 'auc_ci95': [low, high]}
+        row = {'auc': auc, 'auc_ci95': [low, high], 'auprc': auprc(values, labels == 1),
+               'brier': float(np.mean((values - labels) ** 2))}
         if entry != first:
             test = delong.paired_test(values, scores[first], labels)
             row['vs_first'] = {'difference': test['difference'], 'ci95': test['ci'],
@@ -198,8 +200,8 @@ def summarize(workdir: pathlib.Path, cohort, config) -> dict | None:
 def summary_csv(summary: dict) -> str:
     """One row per model and level (through `csv_cells`)."""
     rows = [['model', 'level', 'fold_aucs', 'mean_auc', 'sd_auc', 'pooled_auc', 'ci95_low',
-             'ci95_high', 'difference_vs_first', 'difference_ci95_low', 'difference_ci95_high',
-             'p_value']]
+             'ci95_high', 'auprc', 'brier', 'difference_vs_first', 'difference_ci95_low',
+             'difference_ci95_high', 'p_value']]
 
     def cell(value):
         return '' if value is None else f'{value:.4f}' if isinstance(value, float) else value
@@ -213,8 +215,8 @@ def summary_csv(summary: dict) -> str:
             low, high = paired.get('ci95') or (None, None)
             rows.append([entry, level, ' '.join(cell(a) for a in summary['folds'][entry]),
                          cell(summary['mean'][entry]), cell(summary['sd'][entry]),
-                         cell(row['auc']), *map(cell, row['auc_ci95']),
-                         cell(paired.get('difference')), cell(low), cell(high),
+                         cell(row['auc']), *map(cell, row['auc_ci95']), cell(row['auprc']),
+                         cell(row['brier']), cell(paired.get('difference')), cell(low), cell(high),
                          cell(paired.get('p_value'))])
     return csv_cells.to_text(rows)
 

@@ -29,6 +29,7 @@ from absl import logging
 from pathjax import artifacts, csv_cells, provenance, split_check
 from pathjax.cohort import Cohort, assign_splits, kfold_by_case, kfold_by_site, read_manifest
 from pathjax.data import feature_sources
+from pathjax.data.slide_sets import UNLABELLED
 from pathjax.errors import UsageError
 from pathjax.evaluate import report
 from pathjax.metrics import split_metrics, to_json_safe
@@ -240,3 +241,36 @@ def _summary_csv(summary: dict) -> str:
                  *(cell(x) for x in pooled['auc_ci95']), cell(pooled['patient']['auc']),
                  summary['num_slides']])
     return csv_cells.to_text(rows)
+
+
+def deploy(config, workdir: pathlib.Path, manifest: pathlib.Path, run_predict: Callable) -> None:
+    """`--stages predict` on a cross-validation root: every fold's model predicts the new slides
+    (`run_predict(fold_config, fold_folder)`: tiled, normalized and extracted as that fold was
+    trained), then `<workdir>/predict/predictions.csv` holds their mean probabilities (as STAMP's
+    deployment does) and each fold's as its own columns (`fold<k>_prob_<class>`), with
+    `metrics.json` and `roc.png` for the labelled rows."""
+    classes = tuple(config.data.classes)
+    for fold in range(config.data.folds):
+        logging.info('predict: with the model of fold %d/%d', fold + 1, config.data.folds)
+        run_predict(fold_config(config, fold, manifest), fold_dir(workdir, fold))
+    if not sharding.is_leader():
+        return
+    per_fold = [report.read_predictions(fold_dir(workdir, k) / 'predict' / 'predictions.csv',
+                                        classes) for k in range(config.data.folds)]
+    slide_ids = list(dict.fromkeys(s for ids, _, _ in per_fold for s in ids))
+    found = [dict(zip(ids, zip(labels, probs))) for ids, labels, probs in per_fold]
+    mean = np.asarray([np.mean([f[s][1] for f in found if s in f], axis=0) for s in slide_ids])
+    labels = np.asarray([next(f[s][0] for f in found if s in f) for s in slide_ids])
+    extra = {f'fold{k}_prob_{name}': [f'{f[s][1][c]:.6f}' if s in f else '' for s in slide_ids]
+             for k, f in enumerate(found) for c, name in enumerate(classes)}
+    folder = workdir / 'predict'
+    report.write_predictions(folder / 'predictions.csv', slide_ids, labels, mean, classes, extra)
+    labelled = labels != UNLABELLED
+    if labelled.any():
+        report.write_metrics(folder / 'metrics.json', {
+            **split_metrics(mean[labelled], labels[labelled], list(np.asarray(slide_ids)[labelled]),
+                            classes), 'split': 'predict', 'folds': config.data.folds,
+            'unlabelled_slides': int((~labelled).sum())})
+        report.plot_roc(folder / 'roc.png', mean[labelled], labels[labelled], classes)
+    logging.info('predict: the mean of %d fold models for %d slides: %s', config.data.folds,
+                 len(slide_ids), folder / 'predictions.csv')

@@ -337,9 +337,6 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
     if predicting and not config.predict.manifest:
         problems.append('--stages predict needs the new slides: '
                         '--config.predict.manifest=<csv with slide_id, path[, label, case_id]>')
-    if predicting and cross_validation.is_cross_validation(config):
-        problems.append('--stages predict uses one trained model: run it on one fold '
-                        '(--workdir <workdir>/folds/<k> --config.data.fold=<k>)')
     if problems:
         raise UsageError('invalid configuration:\n  ' + '\n  '.join(problems))
     if config.deterministic:  # before any device use: XLA reads its flags when the backend starts
@@ -373,7 +370,13 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
 def run_locked(config, workdir: pathlib.Path, stages: list[str] | None) -> None:
     """The run, in a workdir that this run holds (`workdir_lock`)."""
     predicting = PREDICT in (stages or [])
-    if cross_validation.is_cross_validation(config):
+    if predicting and cross_validation.is_cross_validation(config):
+        _, manifest = prepare_cohort(config, workdir)
+        first = config.compare.models[0] if config.compare.models else None  # the fold's own
+        cross_validation.deploy(comparison.model_config(config, first) if first else config,
+                                workdir, manifest, run_predict)
+        write_report_page(workdir)
+    elif cross_validation.is_cross_validation(config):
         cohort, manifest = prepare_cohort(config, workdir)
         comparing = bool(config.compare.models)
         cross_validation.run(config, workdir, stages, manifest, cohort,

@@ -2,12 +2,13 @@
 tiling, so it is quick; this is also the cross-validation test of imported features), with
 paired DeLong tests against the first model."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from pathjax import comparison, delong, pipeline
+from pathjax import comparison, csv_cells, delong, pipeline
 from pathjax.errors import UsageError
 from pathjax.evaluate import report
 from tests.interop.test_import import CLASSES, bags, import_config, write_cohort
@@ -98,3 +99,27 @@ def test_bad_entries_are_refused_before_any_work(tmp_path):
     with pytest.raises(UsageError, match='data.fold=-1'):
         pipeline.run(import_config(manifest, folder, **{'compare.models': ('abmil',)}),
                      tmp_path / 'w')
+
+
+def test_new_slides_get_the_mean_of_the_fold_models(compared, tmp_path):
+    """`--stages predict` on the cross-validation root: each fold's model predicts, the mean is
+    the prediction, each fold's probabilities are kept as columns."""
+    workdir, config = compared
+    new = tmp_path / 'new'
+    new.mkdir()
+    renamed = [dataclasses.replace(b, slide_id=f'new_{b.slide_id}') for b in bags()[:4]]
+    manifest = write_cohort(new, renamed, splits=['test'] * 4)
+    config = config.copy_and_resolve_references()
+    config.predict.manifest, config.predict.import_dir = str(manifest), str(new)
+    assert pipeline.run(config, workdir, ['predict']) == 0
+    rows = csv_cells.read_records(workdir / 'predict' / 'predictions.csv')
+    assert [r['slide_id'] for r in rows] == [b.slide_id for b in renamed]
+    for k in range(3):
+        fold = report.read_predictions(workdir / 'folds' / str(k) / 'predict' / 'predictions.csv',
+                                       CLASSES)
+        assert fold[0] == [r['slide_id'] for r in rows]
+        np.testing.assert_allclose([float(r[f'fold{k}_prob_positive']) for r in rows],
+                                   fold[2][:, 1], atol=1e-6)
+    mean = np.mean([[float(r[f'fold{k}_prob_positive']) for k in range(3)] for r in rows], axis=1)
+    np.testing.assert_allclose([float(r['prob_positive']) for r in rows], mean, atol=2e-6)
+    assert json.loads((workdir / 'predict' / 'metrics.json').read_text())['num_slides'] == 4

@@ -25,7 +25,8 @@ def prediction_columns(class_names: Sequence[str]) -> list[str]:
 
 
 def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels: np.ndarray,
-                      probabilities: np.ndarray, class_names: Sequence[str]) -> None:
+                      probabilities: np.ndarray, class_names: Sequence[str],
+                      extra: dict[str, Sequence[str]] | None = None) -> None:
     """Writes predictions.csv.
 
     Args:
@@ -34,7 +35,9 @@ def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels:
         labels: int [N], true class indices, or UNLABELLED (written as an empty label).
         probabilities: float [N, C]; the predicted class is the argmax.
         class_names: C names, in class-index order.
+        extra: more columns after those, {name: N cells}.
     """
+    extra = extra or {}
     labels = np.asarray(labels).reshape(-1)
     known = labels != UNLABELLED
     probabilities, _ = metrics_lib.check_predictions(probabilities, np.where(known, labels, 0),
@@ -42,9 +45,11 @@ def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels:
     if len(slide_ids) != len(labels):
         raise ValueError(f'{len(slide_ids)} slide ids for {len(labels)} predictions')
     rows = [[slide_id, class_names[label] if label != UNLABELLED else '',
-             *(f'{p:.6f}' for p in row), class_names[int(row.argmax())]]
-            for slide_id, label, row in zip(slide_ids, labels, probabilities)]
-    artifacts.save_text(path, csv_cells.to_text([prediction_columns(class_names), *rows]))
+             *(f'{p:.6f}' for p in row), class_names[int(row.argmax())],
+             *(cells[i] for cells in extra.values())]
+            for i, (slide_id, label, row) in enumerate(zip(slide_ids, labels, probabilities))]
+    artifacts.save_text(path, csv_cells.to_text([prediction_columns(class_names) + list(extra),
+                                                 *rows]))
 
 
 def read_predictions(path: str | os.PathLike, class_names: Sequence[str]

@@ -168,8 +168,9 @@ def comparison_section(workdir: pathlib.Path) -> str:
             paired = row.get('vs_first') or {}
             rows.append([entry, level, ' '.join(number(a) for a in summary['folds'][entry]),
                          f"{number(summary['mean'][entry])} +/- {number(summary['sd'][entry])}",
-                         number(row['auc']), ci(row['auc_ci95']),
-                         number(paired.get('difference')), ci(paired.get('ci95')),
+                         number(row['auc']), ci(row['auc_ci95']), number(row.get('auprc')),
+                         number(row.get('brier')), number(paired.get('difference')),
+                         ci(paired.get('ci95')),
                          number(paired.get('p_value'), 4)])
     forest = workdir / 'compare' / 'forest.png'
     return '\n'.join([
@@ -178,8 +179,8 @@ def comparison_section(workdir: pathlib.Path) -> str:
         f'slides out of fold. Pooled AUC with DeLong\'s 95% CI; the difference to '
         f'{escape(summary["models"][0])} with its 95% CI and DeLong\'s p-value for correlated '
         'ROC curves.</p>',
-        table(['model', 'level', 'fold AUCs', 'mean +/- sd', 'pooled AUC', '95% CI',
-               'difference', '95% CI', 'p'], rows),
+        table(['model', 'level', 'fold AUCs', 'mean +/- sd', 'pooled AUC', '95% CI', 'AUPRC',
+               'Brier', 'difference', '95% CI', 'p'], rows),
         png(forest, 'forest plot') if forest.exists() else ''])
 
 
