@@ -216,3 +216,18 @@ def test_site_preserved_folds_refuse_what_cannot_be_kept_apart():
     two_sites[1] = cohort.SlideRecord(**{**two_sites[1].__dict__, 'site': 'C'})
     with pytest.raises(cohort.ManifestError, match="case 'c0' is at site 'C' and at 'A'"):
         cohort.kfold_by_site(two_sites, 3, seed=0)
+
+
+@pytest.mark.parametrize('overrides, field', [
+    ({'data.fold_by': 'hospital'}, 'data.fold_by'),
+    ({'data.fold_by': 'site'}, "data.fold_by='site' makes folds"),
+    ({'data.synthetic.motif_fraction': (0.3, 0.1)}, 'data.synthetic.motif_fraction'),
+    ({'slide_net.model': 'resnet'}, 'slide_net.model'),
+    ({'slide_net.bag_weight': 1.5}, 'slide_net.bag_weight'),
+    ({'feature_net.mean': (0.5, 0.5)}, 'feature_net.mean'),
+])
+def test_new_config_fields_are_checked_naming_the_field(overrides, field):
+    from pathjax import pipeline
+    from tests.conftest import make_config
+    problems = pipeline.check_config(make_config(**overrides))
+    assert any(field in p for p in problems), problems
