@@ -106,3 +106,18 @@ def test_gpu_script_runs_on_cpu(tmp_path):
     slide = [r for r in found if r['section'] == 'slide' and r['unit'] == 'steps/s']
     assert {('dense' in r['name'], 'float32' in r['name']) for r in slide} == {
         (True, False), (False, False), (True, True)}
+
+
+def test_slide_baselines_runs_at_smoke_size(tmp_path):
+    """Each baseline's train step, pathjax vs the authors' PyTorch code, through the runner at
+    --quick sizes: parity and the no-N^2 check pass, and every model has a steps/s row."""
+    done = subprocess.run([sys.executable, '-m', 'benchmarks', '--quick', '--only',
+                           'slide_baselines', '--out', str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, env=clean_env(), timeout=600)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    (path,) = tmp_path.glob('*.json')
+    found = json.loads(path.read_text())['rows']
+    assert all(load('rows').problems(r) == [] for r in found)
+    speed = {r['name'].split()[0]: r for r in found if r['unit'] == 'steps/s'}
+    assert set(speed) == {'abmil', 'transmil', 'clam_sb', 'mean'}
+    assert all(math.isfinite(r['ratio']) and r['ratio'] > 0 for r in speed.values())
