@@ -1,7 +1,6 @@
 """ABMIL and CLAM single-branch: parity with the authors' PyTorch code, padding invariance, the
 batched (vmapped) contract, few-patch slides and bfloat16 compute."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,94 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.torch_slide_baselines import CLAM_SB, TorchABMIL
 from pathjax.data import graphs
+from pathjax.models.slide import factory
 from pathjax.models.slide.abmil import ABMIL
 from pathjax.models.slide.clam import CLAMSingleBranch
 
 DIM, CLASSES = 24, 3
 
 
-# --- The authors' modules, trimmed to what these tests run. ---------------------------------
-# mahmoodlab/MIL-Lab src/models/layers.py (create_mlp with one fc layer, GlobalGatedAttention) and
-# src/models/abmil.py (ABMIL.forward_attention / forward_features / forward_head), commit dfc3c17.
-
-class GlobalGatedAttention(torch.nn.Module):
-    def __init__(self, L, D, dropout, num_classes=1):
-        super().__init__()
-        self.attention_a = torch.nn.Sequential(torch.nn.Linear(L, D), torch.nn.Tanh(),
-                                               torch.nn.Dropout(dropout))
-        self.attention_b = torch.nn.Sequential(torch.nn.Linear(L, D), torch.nn.Sigmoid(),
-                                               torch.nn.Dropout(dropout))
-        self.attention_c = torch.nn.Linear(D, num_classes)
-
-    def forward(self, x):
-        return self.attention_c(self.attention_a(x).mul(self.attention_b(x)))
-
-
-class TorchABMIL(torch.nn.Module):
-    def __init__(self, in_dim, embed_dim, attn_dim, dropout, num_classes):
-        super().__init__()
-        self.patch_embed = torch.nn.Sequential(torch.nn.Linear(in_dim, embed_dim), torch.nn.ReLU())
-        self.global_attn = GlobalGatedAttention(embed_dim, attn_dim, dropout)
-        self.classifier = torch.nn.Linear(embed_dim, num_classes)
-
-    def forward(self, h):  # [B, M, in_dim] -> (logits [B, C], raw attention [B, 1, M])
-        h = self.patch_embed(h)
-        A = torch.transpose(self.global_attn(h), -2, -1)
-        return self.classifier(torch.bmm(F.softmax(A, dim=-1), h).squeeze(dim=1)), A
-
-
-# mahmoodlab/CLAM models/model_clam.py (Attn_Net_Gated, CLAM_SB: inst_eval and forward with
-# instance_eval=True, subtyping=False, instance_loss_fn=CrossEntropyLoss), commit 53e2409.
-
-class Attn_Net_Gated(torch.nn.Module):
-    def __init__(self, L, D, dropout, n_classes=1):
-        super().__init__()
-        self.attention_a = [torch.nn.Linear(L, D), torch.nn.Tanh()]
-        self.attention_b = [torch.nn.Linear(L, D), torch.nn.Sigmoid()]
-        if dropout:
-            self.attention_a.append(torch.nn.Dropout(0.25))
-            self.attention_b.append(torch.nn.Dropout(0.25))
-        self.attention_a = torch.nn.Sequential(*self.attention_a)
-        self.attention_b = torch.nn.Sequential(*self.attention_b)
-        self.attention_c = torch.nn.Linear(D, n_classes)
-
-    def forward(self, x):
-        return self.attention_c(self.attention_a(x).mul(self.attention_b(x))), x
-
-
-class CLAM_SB(torch.nn.Module):
-    def __init__(self, embed_dim, size, dropout, k_sample, n_classes):
-        super().__init__()
-        fc = [torch.nn.Linear(embed_dim, size[0]), torch.nn.ReLU(), torch.nn.Dropout(dropout),
-              Attn_Net_Gated(L=size[0], D=size[1], dropout=dropout, n_classes=1)]
-        self.attention_net = torch.nn.Sequential(*fc)
-        self.classifiers = torch.nn.Linear(size[0], n_classes)
-        self.instance_classifiers = torch.nn.ModuleList(
-            [torch.nn.Linear(size[0], 2) for _ in range(n_classes)])
-        self.k_sample, self.n_classes = k_sample, n_classes
-        self.instance_loss_fn = torch.nn.CrossEntropyLoss()
-
-    def inst_eval(self, A, h, classifier):
-        top_p_ids = torch.topk(A, self.k_sample)[1][-1]
-        top_p = torch.index_select(h, dim=0, index=top_p_ids)
-        top_n_ids = torch.topk(-A, self.k_sample, dim=1)[1][-1]
-        top_n = torch.index_select(h, dim=0, index=top_n_ids)
-        all_targets = torch.cat([torch.full((self.k_sample,), 1).long(),
-                                 torch.full((self.k_sample,), 0).long()])
-        logits = classifier(torch.cat([top_p, top_n], dim=0))
-        return self.instance_loss_fn(logits, all_targets)
-
-    def forward(self, h, label):  # [N, embed_dim] -> (logits [1, C], raw attention [1, N], loss)
-        A, h = self.attention_net(h)
-        A_raw = A = torch.transpose(A, 1, 0)
-        A = F.softmax(A, dim=1)
-        total_inst_loss = 0.0
-        inst_labels = F.one_hot(label, num_classes=self.n_classes).squeeze()
-        for i in range(len(self.instance_classifiers)):
-            if inst_labels[i].item() == 1:
-                total_inst_loss += self.inst_eval(A, h, self.instance_classifiers[i])
-        return self.classifiers(torch.mm(A, h)), A_raw, total_inst_loss
+# The authors' modules (MIL-Lab ABMIL @ dfc3c17, CLAM's CLAM_SB @ 53e2409), shared with the
+# benchmark: benchmarks/torch_slide_baselines.py.
 
 
 # --- Helpers. --------------------------------------------------------------------------------
@@ -237,10 +159,7 @@ def test_batched_slides_with_and_without_labels(module):
     settings = dict(num_classes=CLASSES, d_model=32, attention_hidden=16)
     if module is CLAMSingleBranch:
         settings['k_sample'] = 4
-    batched = nn.vmap(module, in_axes=(0, None, 0), out_axes=0,
-                      variable_axes={'params': None, 'intermediates': 0, 'perturbations': 0,
-                                     'losses': 0},
-                      split_rngs={'params': False, 'dropout': True})(**settings)
+    batched = factory.batched(module)(**settings)  # as the slide stage runs it
     slides = [features(37, seed=4), features(5, seed=5), features(0)]
     batch = graphs.stack_graphs([padded(slide, 64) for slide in slides])
     labels = jnp.array([0, 2, 1])

@@ -5,140 +5,24 @@ import math
 import re
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from benchmarks.torch_slide_baselines import TorchTransMIL
 from pathjax.data import graphs
+from pathjax.models.slide.factory import batched
 from pathjax.models.slide.transmil import TransMIL
 
 FEATURES = 24
 SETTINGS = dict(num_classes=3, d_model=64, heads=4)  # 32 landmarks
 
-# As factory.batched: slides on a leading axis, the label batched (or None).
-Batched = nn.vmap(TransMIL, in_axes=(0, None, 0), out_axes=0,
-                  variable_axes={'params': None, 'intermediates': 0, 'perturbations': 0,
-                                 'losses': 0},
-                  split_rngs={'params': False, 'dropout': True})
+Batched = batched(TransMIL)  # as the slide stage runs it
 
 
-# The reference: szc19990412/TransMIL models/TransMIL.py @ 9d6aee57 and lucidrains/nystrom-attention
-# nystrom_attention/nystrom_attention.py @ fbe9ebad (einops spelled in torch, the unused mask
-# branch left out), with dim, heads and the input size as arguments, on the CPU.
-
-def moore_penrose_iter_pinv(x, iters=6):
-    abs_x = torch.abs(x)
-    col = abs_x.sum(dim=-1)
-    row = abs_x.sum(dim=-2)
-    z = x.transpose(-1, -2) / (torch.max(col) * torch.max(row))
-    I = torch.eye(x.shape[-1])[None]
-    for _ in range(iters):
-        xz = x @ z
-        z = 0.25 * z @ (13 * I - (xz @ (15 * I - (xz @ (7 * I - xz)))))
-    return z
-
-
-class TorchNystromAttention(torch.nn.Module):
-    def __init__(self, dim, dim_head=64, heads=8, num_landmarks=256, pinv_iterations=6,
-                 residual=True, residual_conv_kernel=33, eps=1e-8, dropout=0.):
-        super().__init__()
-        self.eps = eps
-        inner_dim = heads * dim_head
-        self.num_landmarks = num_landmarks
-        self.pinv_iterations = pinv_iterations
-        self.heads = heads
-        self.scale = dim_head ** -0.5
-        self.to_qkv = torch.nn.Linear(dim, inner_dim * 3, bias=False)
-        self.to_out = torch.nn.Sequential(torch.nn.Linear(inner_dim, dim),
-                                          torch.nn.Dropout(dropout))
-        self.residual = residual
-        if residual:
-            kernel_size = residual_conv_kernel
-            padding = residual_conv_kernel // 2
-            self.res_conv = torch.nn.Conv2d(heads, heads, (kernel_size, 1), padding=(padding, 0),
-                                            groups=heads, bias=False)
-
-    def forward(self, x):
-        b, n, _, h, m, iters = *x.shape, self.heads, self.num_landmarks, self.pinv_iterations
-        remainder = n % m
-        if remainder > 0:
-            padding = m - (n % m)
-            x = F.pad(x, (0, 0, padding, 0), value=0)
-        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
-        q, k, v = (t.reshape(b, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
-        q = q * self.scale
-        l = math.ceil(n / m)
-        q_landmarks = q.reshape(b, h, -1, l, q.shape[-1]).sum(-2)
-        k_landmarks = k.reshape(b, h, -1, l, k.shape[-1]).sum(-2)
-        divisor = l
-        q_landmarks = q_landmarks / divisor
-        k_landmarks = k_landmarks / divisor
-        sim1 = torch.einsum('... i d, ... j d -> ... i j', q, k_landmarks)
-        sim2 = torch.einsum('... i d, ... j d -> ... i j', q_landmarks, k_landmarks)
-        sim3 = torch.einsum('... i d, ... j d -> ... i j', q_landmarks, k)
-        attn1, attn2, attn3 = map(lambda t: t.softmax(dim=-1), (sim1, sim2, sim3))
-        attn2_inv = moore_penrose_iter_pinv(attn2, iters)
-        out = (attn1 @ attn2_inv) @ (attn3 @ v)
-        if self.residual:
-            out = out + self.res_conv(v)
-        out = out.transpose(1, 2).reshape(b, out.shape[2], -1)
-        out = self.to_out(out)
-        return out[:, -n:]
-
-
-class TorchTransLayer(torch.nn.Module):
-    def __init__(self, norm_layer=torch.nn.LayerNorm, dim=512, heads=8):
-        super().__init__()
-        self.norm = norm_layer(dim)
-        self.attn = TorchNystromAttention(dim=dim, dim_head=dim // heads, heads=heads,
-                                          num_landmarks=dim // 2, pinv_iterations=6,
-                                          residual=True, dropout=0.1)
-
-    def forward(self, x):
-        return x + self.attn(self.norm(x))
-
-
-class TorchPPEG(torch.nn.Module):
-    def __init__(self, dim=512):
-        super().__init__()
-        self.proj = torch.nn.Conv2d(dim, dim, 7, 1, 7 // 2, groups=dim)
-        self.proj1 = torch.nn.Conv2d(dim, dim, 5, 1, 5 // 2, groups=dim)
-        self.proj2 = torch.nn.Conv2d(dim, dim, 3, 1, 3 // 2, groups=dim)
-
-    def forward(self, x, H, W):
-        B, _, C = x.shape
-        cls_token, feat_token = x[:, 0], x[:, 1:]
-        cnn_feat = feat_token.transpose(1, 2).view(B, C, H, W)
-        x = self.proj(cnn_feat) + cnn_feat + self.proj1(cnn_feat) + self.proj2(cnn_feat)
-        x = x.flatten(2).transpose(1, 2)
-        return torch.cat((cls_token.unsqueeze(1), x), dim=1)
-
-
-class TorchTransMIL(torch.nn.Module):
-    def __init__(self, n_classes, in_features, dim, heads):
-        super().__init__()
-        self.pos_layer = TorchPPEG(dim=dim)
-        self._fc1 = torch.nn.Sequential(torch.nn.Linear(in_features, dim), torch.nn.ReLU())
-        self.cls_token = torch.nn.Parameter(torch.randn(1, 1, dim))
-        self.layer1 = TorchTransLayer(dim=dim, heads=heads)
-        self.layer2 = TorchTransLayer(dim=dim, heads=heads)
-        self.norm = torch.nn.LayerNorm(dim)
-        self._fc2 = torch.nn.Linear(dim, n_classes)
-
-    def forward(self, data):
-        h = self._fc1(data.float())
-        H = h.shape[1]
-        _H, _W = int(np.ceil(np.sqrt(H))), int(np.ceil(np.sqrt(H)))
-        add_length = _H * _W - H
-        h = torch.cat([h, h[:, :add_length, :]], dim=1)
-        h = torch.cat((self.cls_token.expand(h.shape[0], -1, -1), h), dim=1)
-        h = self.layer1(h)
-        h = self.pos_layer(h, _H, _W)
-        h = self.layer2(h)
-        return self._fc2(self.norm(h)[:, 0])
+# The reference (szc19990412/TransMIL @ 9d6aee57, lucidrains/nystrom-attention @ fbe9ebad),
+# shared with the benchmark: benchmarks/torch_slide_baselines.py.
 
 
 def torch_model(params):
