@@ -16,6 +16,11 @@ n = N) whose positions [p, P) hold the class token then the squared patch tokens
 is zero at each attention's input and never read. PPEG gathers the H x H grid into the top-left
 corner of a static ceil(sqrt(N))^2 grid of zeros, where zero-padded convolutions give the same
 values. Memory is O(N m): no N x N array.
+
+The depthwise convolutions (PPEG's and the attention's residual) are sums of shifted copies
+scaled per channel, with nn.Conv's parameter names and shapes: XLA on CPU lowers the gradient
+of a grouped convolution's kernel as a dense one (D times the work, and gigabytes at 8,192
+nodes), where shifted multiply-adds cost what the forward does.
 """
 
 import math
@@ -41,6 +46,34 @@ def moore_penrose_pinv(x: jax.Array, iterations: int) -> jax.Array:
         z = jnp.matmul(0.25 * z, 13 * eye - jnp.matmul(xz, inner, precision=HIGHEST),
                        precision=HIGHEST)
     return z
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise 2-D convolution with zero padding ('same' size) as shifted multiply-adds.
+    x [A, B, C] -> [A, B, C]; parameters as nn.Conv(C, (ka, kb), feature_group_count=C):
+    kernel [ka, kb, 1, C], bias [C]."""
+
+    kernel_size: tuple[int, int]
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        ka, kb = self.kernel_size
+        channels = x.shape[-1]
+        kernel = self.param('kernel', nn.initializers.lecun_normal(), (ka, kb, 1, channels),
+                            jnp.float32).astype(self.dtype)
+        x = x.astype(self.dtype)
+        padded = jnp.pad(x, ((ka // 2, ka // 2), (kb // 2, kb // 2), (0, 0)))
+        rows, cols = x.shape[:2]
+        out = jnp.zeros_like(x)
+        for i in range(ka):
+            for j in range(kb):
+                out = out + padded[i:i + rows, j:j + cols] * kernel[i, j, 0]
+        if self.use_bias:
+            out = out + self.param('bias', nn.initializers.zeros, (channels,),
+                                   jnp.float32).astype(self.dtype)
+        return out
 
 
 class NystromAttention(nn.Module):
@@ -85,10 +118,8 @@ class NystromAttention(nn.Module):
         left = jnp.matmul(attn1, attn2_inv, precision=HIGHEST).astype(self.dtype)
         out = left @ (attn3.astype(self.dtype) @ v)
         # Depthwise convolution of v along the sequence (kernel 33 x 1 over [L, d], one per head).
-        pad = self.residual_kernel // 2
-        residual = nn.Conv(self.heads, (self.residual_kernel, 1), padding=((pad, pad), (0, 0)),
-                           feature_group_count=self.heads, use_bias=False, dtype=self.dtype,
-                           param_dtype=jnp.float32, name='res_conv')(jnp.moveaxis(v, 0, -1))
+        residual = DepthwiseConv((self.residual_kernel, 1), use_bias=False, dtype=self.dtype,
+                                 name='res_conv')(jnp.moveaxis(v, 0, -1))
         out = out + jnp.moveaxis(residual, -1, 0)
         out = jnp.moveaxis(out, 0, 1).reshape(size, inner)
         out = nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=jnp.float32, name='to_out')(out)
@@ -124,9 +155,7 @@ class PPEG(nn.Module):
     @nn.compact
     def __call__(self, grid: jax.Array) -> jax.Array:
         def conv(size, name):
-            return nn.Conv(grid.shape[-1], (size, size), padding=size // 2,
-                           feature_group_count=grid.shape[-1], dtype=self.dtype,
-                           param_dtype=jnp.float32, name=name)(grid)
+            return DepthwiseConv((size, size), dtype=self.dtype, name=name)(grid)
 
         return conv(7, 'proj') + grid + conv(5, 'proj1') + conv(3, 'proj2')
 
