@@ -182,10 +182,14 @@ def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     """The threshold maximizing Youden's J = sensitivity + specificity - 1, where a slide is
     called positive when `score >= threshold`.
 
-    The candidates are the distinct scores (the ROC points but its +inf start, so the result is
-    always a score; the lowest score, calling every slide positive, has J = 0). J is compared
-    exactly (as the integer tp * negatives - fp * positives), and of tied candidates the largest
-    threshold, the one with the highest specificity, is returned.
+    The candidates are the distinct scores (the ROC points but its +inf start; the lowest
+    score, calling every slide positive, has J = 0). J is compared exactly (as the integer
+    tp * negatives - fp * positives), and of tied candidates the largest, the one with the
+    highest specificity, wins. The threshold returned is the midpoint between the winning score
+    and the next lower distinct score (as pROC's coords(..., 'best')): every threshold in between
+    calls the same slides, and the midpoint does not sit on the edge of one class, which on
+    perfectly separated validation slides would be the lowest positive score (the winner itself
+    when it is the lowest score).
 
     Args:
         scores: float [N], higher means more likely positive.
@@ -200,7 +204,11 @@ def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     if not num_positives or not num_negatives:
         return math.nan
     scaled_j = true_positives[1:] * num_negatives - false_positives[1:] * num_positives
-    return float(thresholds[1:][np.argmax(scaled_j)])  # the first maximum: the largest threshold
+    candidates = thresholds[1:]  # distinct scores, descending
+    best = int(np.argmax(scaled_j))  # the first maximum: the largest threshold
+    if best + 1 == len(candidates):
+        return float(candidates[best])
+    return float((candidates[best] + candidates[best + 1]) / 2)
 
 
 def operating_point(scores: np.ndarray, labels: np.ndarray, threshold: float

@@ -361,16 +361,19 @@ def test_brier_degenerate_inputs():
 
 def brute_force_youden(scores, labels):
     """Every distinct score as a threshold (score >= threshold is positive), J in exact
-    fractions, the largest threshold among the best."""
+    fractions; (best J, the largest best score, the midpoint between it and the next lower
+    distinct score or the score itself when it is the lowest)."""
     from fractions import Fraction
     positives = np.asarray(labels) == 1
+    distinct = sorted(set(np.asarray(scores, float).tolist()), reverse=True)
     best = None
-    for threshold in sorted(set(scores.tolist()), reverse=True):
-        called = scores >= threshold
+    for i, threshold in enumerate(distinct):
+        called = np.asarray(scores) >= threshold
         j = (Fraction(int((called & positives).sum()), int(positives.sum()))
              + Fraction(int((~called & ~positives).sum()), int((~positives).sum())) - 1)
         if best is None or j > best[0]:
-            best = (j, threshold)
+            below = distinct[i + 1] if i + 1 < len(distinct) else threshold
+            best = (j, threshold, (threshold + below) / 2)
     return best
 
 
@@ -380,13 +383,15 @@ def test_youden_threshold_matches_brute_force_and_roc(seed):
     scores = probabilities[:, 1]
     with no_warnings():
         threshold = metrics.youden_threshold(scores, labels)
-    best_j, best_threshold = brute_force_youden(scores, labels)
-    assert threshold == best_threshold
-    assert threshold in scores
+    best_j, best_score, midpoint = brute_force_youden(scores, labels)
+    assert threshold == midpoint
+    assert best_score in scores
     fpr, tpr, thresholds = sk.roc_curve(labels, scores, drop_intermediate=False)
     j = tpr - fpr
     assert float(best_j) == pytest.approx(j.max(), abs=1e-12)
-    assert threshold == thresholds[np.isclose(j, j.max(), rtol=0, atol=1e-12)].max()
+    assert best_score == thresholds[np.isclose(j, j.max(), rtol=0, atol=1e-12)].max()
+    # The midpoint calls the same slides positive as the best score does.
+    assert np.array_equal(scores >= threshold, scores >= best_score)
     point = metrics.operating_point(scores, labels, threshold)
     assert point['sensitivity'] + point['specificity'] - 1 == pytest.approx(float(best_j))
 
@@ -394,10 +399,11 @@ def test_youden_threshold_matches_brute_force_and_roc(seed):
 def test_youden_ties_take_the_largest_threshold_compared_exactly():
     # J = 3/5 - 1/5 at 0.6 and 4/5 - 2/5 at 0.5: equal, but 0.6 - 0.2 < 0.8 - 0.4 in floats.
     assert 0.6 - 0.2 < 0.8 - 0.4
-    assert metrics.youden_threshold(WORKED_SCORES, WORKED_LABELS) == 0.6
-    assert brute_force_youden(WORKED_SCORES, WORKED_LABELS)[1] == 0.6
-    # Every threshold ties at J = 0 for a useless ranking: the largest score is taken.
-    assert metrics.youden_threshold([0.2, 0.9, 0.2, 0.9], [0, 0, 1, 1]) == 0.9
+    # 0.6 wins; the next lower score is 0.55.
+    assert metrics.youden_threshold(WORKED_SCORES, WORKED_LABELS) == (0.6 + 0.55) / 2
+    assert brute_force_youden(WORKED_SCORES, WORKED_LABELS)[1:] == (0.6, (0.6 + 0.55) / 2)
+    # Every threshold ties at J = 0 for a useless ranking: the largest score wins.
+    assert metrics.youden_threshold([0.2, 0.9, 0.2, 0.9], [0, 0, 1, 1]) == (0.9 + 0.2) / 2
 
 
 def test_youden_degenerate_inputs():
@@ -406,8 +412,8 @@ def test_youden_degenerate_inputs():
         assert math.isnan(metrics.youden_threshold(WORKED_SCORES, np.ones(10, bool)))
         assert math.isnan(metrics.youden_threshold([], []))
         assert metrics.youden_threshold(np.full(10, 0.4), WORKED_LABELS) == 0.4
-        # Perfect separation: the lowest positive score.
-        assert metrics.youden_threshold([0.1, 0.35, 0.4, 0.8], [0, 0, 1, 1]) == 0.4
+        # Perfect separation: halfway between the highest negative and the lowest positive.
+        assert metrics.youden_threshold([0.1, 0.35, 0.4, 0.8], [0, 0, 1, 1]) == (0.35 + 0.4) / 2
 
 
 def test_operating_point_worked_example():
@@ -513,8 +519,9 @@ def test_clinical_metrics_binary():
     assert result['auprc'] == metrics.auprc(WORKED_SCORES, WORKED_LABELS)
     assert result['brier'] == pytest.approx(sk.brier_score_loss(WORKED_LABELS, WORKED_SCORES))
     assert result['at_0.5'] == metrics.operating_point(WORKED_SCORES, WORKED_LABELS, 0.5)
-    assert result['at_threshold'] == metrics.operating_point(WORKED_SCORES, WORKED_LABELS, 0.6)
-    assert result['at_threshold']['threshold'] == 0.6
+    assert result['at_threshold'] == metrics.operating_point(WORKED_SCORES, WORKED_LABELS, 0.575)
+    at_score = metrics.operating_point(WORKED_SCORES, WORKED_LABELS, 0.6)  # the same calls
+    assert {**result['at_threshold'], 'threshold': 0.6} == at_score
     assert result['calibration'] == metrics.calibration_bins(WORKED_SCORES, WORKED_LABELS)
     assert 'at_threshold' not in metrics.clinical_metrics(probabilities, WORKED_LABELS, BINARY)
     # A probability of exactly 0.5 counts as positive at 0.5 (the argmax says class 0).
