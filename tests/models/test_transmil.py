@@ -1,5 +1,6 @@
-"""TransMIL: parity with the authors' PyTorch code, padding invariance, batching, bfloat16, and
-no N x N array at N = 8192."""
+"""TransMIL: parity with the authors' PyTorch code, its depthwise convolutions' values and
+gradients against torch's grouped convolution, padding invariance, batching, bfloat16, and no
+N x N array at N = 8192."""
 
 import math
 import re
@@ -8,12 +9,13 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from benchmarks.torch_slide_baselines import TorchTransMIL
 from pathjax.data import graphs
 from pathjax.models.slide.factory import batched
-from pathjax.models.slide.transmil import TransMIL
+from pathjax.models.slide.transmil import TransMIL, depthwise_conv
 
 FEATURES = 24
 SETTINGS = dict(num_classes=3, d_model=64, heads=4)  # 32 landmarks
@@ -72,6 +74,30 @@ def test_logits_match_the_authors_pytorch_code():
         assert logits.dtype == jnp.float32
         np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-5)
         np.testing.assert_array_equal(scores, np.zeros(len(scores)))
+
+
+@pytest.mark.parametrize('shape, kernel_size', [((9, 11, 6), (7, 7)), ((40, 5, 3), (33, 1)),
+                                                ((4, 4, 2), (5, 3))])
+def test_depthwise_conv_and_its_gradients_match_torch(shape, kernel_size):
+    """Value, input gradient and kernel gradient of sum(w * conv(x)) against torch's grouped
+    conv2d with 'same' zero padding (the kernel larger than the input included)."""
+    rng = np.random.default_rng(sum(shape))
+    x = rng.normal(size=shape).astype(np.float32)
+    kernel = rng.normal(size=(*kernel_size, 1, shape[-1])).astype(np.float32)
+    weights = rng.normal(size=shape).astype(np.float32)
+
+    def objective(x, kernel):
+        return jnp.sum(depthwise_conv(x, kernel) * weights)
+
+    value = depthwise_conv(jnp.asarray(x), jnp.asarray(kernel))
+    grad_x, grad_kernel = jax.grad(objective, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(kernel))
+    tx = torch.tensor(x.transpose(2, 0, 1)[None], requires_grad=True)  # [1, C, A, B]
+    tk = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)  # [C, 1, ka, kb]
+    out = torch.nn.functional.conv2d(tx, tk, padding='same', groups=shape[-1])
+    (out * torch.tensor(weights.transpose(2, 0, 1)[None])).sum().backward()
+    np.testing.assert_allclose(value, out[0].detach().numpy().transpose(1, 2, 0), atol=1e-5)
+    np.testing.assert_allclose(grad_x, tx.grad[0].numpy().transpose(1, 2, 0), atol=1e-5)
+    np.testing.assert_allclose(grad_kernel, tk.grad.numpy().transpose(2, 3, 1, 0), atol=1e-4)
 
 
 def test_padding_does_not_change_the_logits():

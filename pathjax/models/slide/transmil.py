@@ -17,10 +17,10 @@ is zero at each attention's input and never read. PPEG gathers the H x H grid in
 corner of a static ceil(sqrt(N))^2 grid of zeros, where zero-padded convolutions give the same
 values. Memory is O(N m): no N x N array.
 
-The depthwise convolutions (PPEG's and the attention's residual) are sums of shifted copies
-scaled per channel, with nn.Conv's parameter names and shapes: XLA on CPU lowers the gradient
-of a grouped convolution's kernel as a dense one (D times the work, and gigabytes at 8,192
-nodes), where shifted multiply-adds cost what the forward does.
+The depthwise convolutions (PPEG's and the attention's residual) have nn.Conv's parameter names
+and shapes but their own gradient: XLA on CPU lowers the kernel gradient of a grouped convolution
+as a dense one (D times the work, gigabytes at 8,192 nodes); here it is one fused
+multiply-reduce per kernel tap.
 """
 
 import math
@@ -48,8 +48,53 @@ def moore_penrose_pinv(x: jax.Array, iterations: int) -> jax.Array:
     return z
 
 
+def _pad(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    ka, kb = kernel.shape[:2]
+    return jnp.pad(x, ((ka // 2, ka // 2), (kb // 2, kb // 2), (0, 0)))
+
+
+def _correlate(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Depthwise cross-correlation, zero padding to the same size: x [A, B, C], kernel
+    [ka, kb, 1, C] (odd sizes) -> [A, B, C], as a sum of shifted copies (one fused loop)."""
+    padded, (rows, cols) = _pad(x, kernel), x.shape[:2]
+    out = jnp.zeros_like(x)
+    for i in range(kernel.shape[0]):
+        for j in range(kernel.shape[1]):
+            out = out + padded[i:i + rows, j:j + cols] * kernel[i, j, 0]
+    return out
+
+
+@jax.custom_vjp
+def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """As nn.Conv(C, (ka, kb), padding='SAME', feature_group_count=C) without bias: x [A, B, C],
+    kernel [ka, kb, 1, C] -> [A, B, C]."""
+    return _correlate(x, kernel)
+
+
+def _depthwise_forward(x, kernel):
+    return _correlate(x, kernel), (x, kernel)
+
+
+def _depthwise_backward(saved, grad):
+    """d/dx: the correlation of grad with the flipped kernel; d/dkernel[i, j, 0, c]: the sum of
+    padded x shifted by (i, j) times grad, one reduction per tap (no dense convolution)."""
+    x, kernel = saved
+    ka, kb, _, channels = kernel.shape
+    padded = _pad(x, kernel)
+
+    def tap(t, sums):  # one tap at a time: no shifted copy outlives its reduction
+        shifted = jax.lax.dynamic_slice(padded, (t // kb, t % kb, 0), x.shape)
+        return sums.at[t].set(jnp.sum(shifted * grad, axis=(0, 1), dtype=jnp.float32))
+
+    sums = jax.lax.fori_loop(0, ka * kb, tap, jnp.zeros((ka * kb, channels), jnp.float32))
+    return _correlate(grad, kernel[::-1, ::-1]), sums.reshape(kernel.shape).astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_forward, _depthwise_backward)
+
+
 class DepthwiseConv(nn.Module):
-    """Depthwise 2-D convolution with zero padding ('same' size) as shifted multiply-adds.
+    """Depthwise 2-D convolution with zero padding ('same' size), `depthwise_conv`.
     x [A, B, C] -> [A, B, C]; parameters as nn.Conv(C, (ka, kb), feature_group_count=C):
     kernel [ka, kb, 1, C], bias [C]."""
 
@@ -63,13 +108,7 @@ class DepthwiseConv(nn.Module):
         channels = x.shape[-1]
         kernel = self.param('kernel', nn.initializers.lecun_normal(), (ka, kb, 1, channels),
                             jnp.float32).astype(self.dtype)
-        x = x.astype(self.dtype)
-        padded = jnp.pad(x, ((ka // 2, ka // 2), (kb // 2, kb // 2), (0, 0)))
-        rows, cols = x.shape[:2]
-        out = jnp.zeros_like(x)
-        for i in range(ka):
-            for j in range(kb):
-                out = out + padded[i:i + rows, j:j + cols] * kernel[i, j, 0]
+        out = depthwise_conv(x.astype(self.dtype), kernel)
         if self.use_bias:
             out = out + self.param('bias', nn.initializers.zeros, (channels,),
                                    jnp.float32).astype(self.dtype)
