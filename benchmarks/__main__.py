@@ -130,12 +130,15 @@ def main() -> int:
               'quick': args.quick, 'date': datetime.datetime.now().isoformat(timespec='seconds'),
               'seconds': round(time.perf_counter() - started, 1), 'machine': machine,
               'load_average_before': load_before, 'load_average_after': os.getloadavg(),
-              'scripts': scripts, 'rows': all_rows}
+              'scripts': scripts, 'rows': all_rows,
+              'above_peak': machine_info.above_peak(all_rows, machine)}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f'{machine_info.slug(machine)}-{datetime.date.today().isoformat()}.json'
     path.write_text(json.dumps(report, indent=1) + '\n')
     print('\n' + table(all_rows) + '\n')
+    for warning in report['above_peak']:
+        print(f'ABOVE PEAK: {warning}')
     for r in all_rows:
         if r['name'] == 'FAILED':
             print(f'{r["benchmark"]} FAILED: {r["error"]}\n{r["output"]}\n', file=sys.stderr)

@@ -253,7 +253,7 @@ def run(quick: bool) -> list[dict]:
     return [
         row(f'extract vs network alone: {what}', 'patches/s', rates['pathjax'], rates['network'],
             'the same network on the same batches preloaded in memory (the device\'s ceiling)',
-            True, network + shared),
+            True, network + shared, flops_per_s=gflops * 1e9),
         row(f'extract vs naive loop: {what}', 'patches/s', rates['pathjax'], rates['naive'],
             'read_region per patch, then the network, sequentially', True, network),
         row(f'extract: peak RSS of the process, {what}', 'MiB', peak['pathjax'] / 2**20,

@@ -37,7 +37,7 @@ from pathjax.models.patch.am_softmax import am_softmax_loss
 from pathjax.models.patch.feature_net import FeatureNet
 from pathjax.models.patch.vgg import BLOCKS, scaled
 from pathjax.train.xla_options import CPU_CONVOLUTIONS_ON_EIGEN
-from machine_info import cpu_model
+from machine_info import cpu_line
 from rows import row
 
 try:  # the PyTorch reference; gpu.py uses the Flax helpers here without it
@@ -278,7 +278,7 @@ def run(quick: bool) -> list[dict]:
                 'the same VGG-16 in PyTorch, eager' + (', CUDA' if gpu else ', same threads'),
                 True, f'convolution FLOPs: {rate * r["flops"] / 1e9:.0f} GFLOP/s reached '
                 f'({"bfloat16" if gpu else "float32"}, {args.threads} threads)',
-                compile_seconds=r['compile']))
+                compile_seconds=r['compile'], flops_per_s=rate * r['flops']))
     return rows
 
 
@@ -287,7 +287,7 @@ def main() -> None:
     pin_threads(args.threads)
     gpu = jax.default_backend() == 'gpu'
     device = torch_device(args, gpu)
-    print(f'machine: {jax.devices()[0].device_kind if gpu else cpu_model()}, '
+    print(f'machine: {jax.devices()[0].device_kind if gpu else cpu_line()}, '
           f'{len(os.sched_getaffinity(0))} of {os.cpu_count()} cores used, '
           f'{args.threads} threads (XLA via affinity, torch.set_num_threads)')
     print(f'jax {jax.__version__}, jaxlib {jaxlib.version.__version__}, '

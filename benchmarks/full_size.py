@@ -33,7 +33,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import re
 import shutil
 import subprocess
@@ -42,6 +41,7 @@ import time
 
 import numpy as np
 
+import machine_info
 from memory import run_measured
 from pathjax import artifacts
 from pathjax.slides import synthetic
@@ -208,16 +208,6 @@ def mem_available() -> int:
                 return int(line.split()[1]) * 1024
     return 0
 
-
-def machine_slug() -> str:
-    cpu = platform.processor() or platform.machine()
-    with open('/proc/cpuinfo') as info:
-        for line in info:
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1]
-                break
-    cpu = re.sub(r'\((r|tm)\)|@.*|\bcpu\b|\bintel\b|\bamd\b|\bprocessor\b', ' ', cpu.lower())
-    return f"{re.sub(r'[^a-z0-9]+', '-', cpu).strip('-')}-{os.cpu_count()}c"
 
 
 # ---- artifacts the stages leave ----
@@ -547,7 +537,7 @@ def main() -> int:
     extract_batch = args.extract_batch or config.extract.batch_size
     workers = os.cpu_count()
     date = datetime.date.today().isoformat()
-    name = f'full_size-{machine_slug()}-{date}'
+    name = f'full_size-{machine_info.cpu_slug()}-{date}'
     args.results.mkdir(parents=True, exist_ok=True)
     result = read_json(args.results / f'{name}.json') or {'rows': {}}
 
@@ -574,7 +564,7 @@ def main() -> int:
         overrides.append(f'--config.learn.batch_size={args.learn_batch}')
     if args.extract_batch:
         overrides.append(f'--config.extract.batch_size={args.extract_batch}')
-    result.update(machine=machine_slug(), date=date, overrides=overrides, xla_memory=xla,
+    result.update(machine=machine_info.cpu_slug(), date=date, overrides=overrides, xla_memory=xla,
                   bounds=bounds(workers, xla['used'], learn_batch, extract_batch),
                   slides={'width': WIDTH, 'height': HEIGHT, 'mpp': MPP, 'format': 'svs',
                           'jpeg_quality': JPEG_QUALITY, 'tissue_fraction': TISSUE_FRACTION,

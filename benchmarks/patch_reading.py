@@ -19,6 +19,7 @@ import time
 import numpy as np
 import openslide
 
+import machine_info
 import slide_files
 from pathjax.slides import stain
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument('--size', type=int, nargs=2, default=(6144, 4096), metavar=('W', 'H'))
     parser.add_argument('--quick', action='store_true', help='one small slide')
     args = parser.parse_args()
-    print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
+    print(f'machine: {machine_info.cpu_line()}, {os.cpu_count()} cores, '
           f'python {platform.python_version()}, openslide {openslide.__library_version__}')
     print(f'patches: {PATCH_SIZE} px at {TARGET_MPP} um/px, PatchReader workers={args.workers}, '
           f'median of {args.rounds} rounds\n')

@@ -67,7 +67,7 @@ import torch
 
 import torch_slide_baselines as reference
 from feature_net import compiled, interleaved, pin_threads
-from machine_info import cpu_model
+from machine_info import cpu_line
 from pathjax import cpu_devices
 from pathjax.data import graphs
 from pathjax.models.slide import factory
@@ -93,18 +93,6 @@ BOUNDS = {
     'clam_sb': 'patch embedding [n, D] x [D, d_model] and its gradient',
     'mean': 'one pass over the features (masked mean)',
 }
-
-
-# ---- machine ----
-
-def cpu_flags() -> list[str]:
-    """Which of avx2, avx512f the CPU has (from /proc/cpuinfo)."""
-    with open('/proc/cpuinfo') as info:
-        for line in info:
-            if line.startswith('flags'):
-                flags = set(line.split(':', 1)[1].split())
-                return [flag for flag in ('avx2', 'avx512f') if flag in flags]
-    return []
 
 
 # ---- the batch ----
@@ -342,7 +330,7 @@ def report(args, facts: dict, results: list[dict]) -> None:
 
 
 def header(args) -> None:
-    print(f'machine: {cpu_model()} ({", ".join(cpu_flags()) or "no avx2/avx512f"}), '
+    print(f'machine: {cpu_line()}, '
           f'{len(os.sched_getaffinity(0))} of {os.cpu_count()} cores used, {args.threads} '
           f'threads (XLA via affinity, torch.set_num_threads)')
     print(f'jax {jax.__version__}, jaxlib {jaxlib.version.__version__}, torch {torch.__version__}, '

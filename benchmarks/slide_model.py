@@ -59,7 +59,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from feature_net import compiled, flax_train_runner, interleaved, pin_threads
-from machine_info import cpu_model
+from machine_info import cpu_line
 from pathjax import cpu_devices
 from pathjax.data import graphs
 from pathjax.models.slide.blocked_attention import blocked_attention
@@ -571,7 +571,7 @@ def report_knn(args, rows: list[dict], matmul_rate: float) -> None:
 # ---- main ----
 
 def header(args) -> None:
-    print(f'machine: {cpu_model()}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores '
+    print(f'machine: {cpu_line()}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores '
           f'used, {args.threads} threads (XLA via affinity, torch.set_num_threads, threadpoolctl); '
           f'pathjax on {len(jax.devices())} CPU device(s)')
     print(f'jax {jax.__version__}, jaxlib {jaxlib.version.__version__}, torch {torch.__version__}, '

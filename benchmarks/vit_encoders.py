@@ -96,7 +96,8 @@ def rows_of(args) -> list[dict]:
                        flax_rate, result['rates']['timm'],
                        f'the same network in timm (PyTorch, eager, {args.threads} threads)', True,
                        f'{flax_rate * flops / 1e9:.3g} GFLOP/s',
-                       max_abs_difference=result['max_abs_difference']))
+                       max_abs_difference=result['max_abs_difference'],
+                       flops_per_s=flax_rate * flops))
     return out
 
 
