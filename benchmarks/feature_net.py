@@ -191,7 +191,7 @@ def measure_size(args, size: int, batch: int, device: str | None, gpu: bool,
     add_flax_runners(runners, compile_seconds, args, images, labels, gpu, with_defaults)
     if device is not None:
         runners.update(torch_vgg.runners(args.width, args.classes, args.optimizer, args.lr,
-                                         MOMENTUM, images, labels, device))
+                                         MOMENTUM, images, labels, device, args.torch_compile))
     rows = []
     for mode in ('train', 'infer'):
         times = interleaved({name.rsplit(' ', 1)[0]: run for name, run in runners.items()
@@ -238,6 +238,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--peak-flops', type=float, default=989e12,
                         help='accelerator peak (dense bf16 FLOP/s; default: H100 SXM)')
     parser.add_argument('--no-torch', action='store_true')
+    parser.add_argument('--torch-compile', action='store_true',
+                        help='also time a torch.compile\'d PyTorch forward (inductor; minutes to '
+                        'compile on a CPU)')
     parser.add_argument('--no-xla-defaults', action='store_true',
                         help='skip the Flax variant compiled with XLA\'s default CPU options')
     args = parser.parse_args(argv)
@@ -261,8 +264,9 @@ def torch_device(args, gpu: bool) -> str | None:
 def run(quick: bool) -> list[dict]:
     """Rows: train and inference images/s, the Flax FeatureNet vs the PyTorch VGG-16, on every
     usable core. quick: 128 px, batch 4, 1 warm-up + 2 timed steps; else 224 px (batch 4) and
-    512 px (batch 2), 3 timed steps (GPU: 128 and 32, 30 steps)."""
-    args = parse(['--sizes', '128', '--batch', '4', '--steps', '2'] if quick else [])
+    512 px (batch 2), 3 timed steps (GPU: 128 and 32, 30 steps), and a torch.compile row."""
+    args = parse(['--sizes', '128', '--batch', '4', '--steps', '2'] if quick
+                 else ['--torch-compile'])
     pin_threads(args.threads)
     gpu = jax.default_backend() == 'gpu'
     device = torch_device(args, gpu)
@@ -273,12 +277,20 @@ def run(quick: bool) -> list[dict]:
     for size, batch in zip(args.sizes, args.batch):
         for r in measure_size(args, size, batch, device, gpu, with_defaults=False):
             rate = r['rates']['flax']
+            bound = (f'convolution FLOPs: {rate * r["flops"] / 1e9:.0f} GFLOP/s reached '
+                     f'({"bfloat16" if gpu else "float32"}, {args.threads} threads)')
+            where = ', CUDA' if gpu else ', same threads'
             rows.append(row(
                 f'{r["mode"]}, {size} px, batch {batch}', 'images/s', rate, r['rates']['torch'],
-                'the same VGG-16 in PyTorch, eager' + (', CUDA' if gpu else ', same threads'),
-                True, f'convolution FLOPs: {rate * r["flops"] / 1e9:.0f} GFLOP/s reached '
-                f'({"bfloat16" if gpu else "float32"}, {args.threads} threads)',
-                compile_seconds=r['compile'], flops_per_s=rate * r['flops']))
+                'the same VGG-16 in PyTorch, eager, channels_last'
+                + (', inference_mode' if r['mode'] == 'infer' else '') + where,
+                True, bound, compile_seconds=r['compile'], flops_per_s=rate * r['flops']))
+            if 'torch-compile' in r['rates']:
+                rows.append(row(
+                    f'{r["mode"]} vs torch.compile, {size} px, batch {batch}', 'images/s', rate,
+                    r['rates']['torch-compile'], 'the same VGG-16, torch.compile (inductor), '
+                    'channels_last, inference_mode' + where, True, bound,
+                    compile_seconds=r['compile'], flops_per_s=rate * r['flops']))
     return rows
 
 

@@ -151,14 +151,23 @@ def threads() -> dict:
 
 
 def above_peak(rows: list[dict], machine: dict) -> list[str]:
-    """Rows whose `flops_per_s` (a CPU figure) exceeds the machine's float32 peak bound."""
+    """Rows whose `flops_per_s` (a CPU figure) exceeds the float32 peak bound of the cores they
+    ran on (`threads` of the row, else every usable core), with the clock that figure implies."""
     if machine['accelerator'].get('platform') not in ('cpu', 'unknown'):
         return []
-    peak = machine['cpu_detail']['fp32_peak_flops']
-    return [f'{r.get("benchmark")}: {r["name"]}: {r["flops_per_s"] / 1e9:.0f} GFLOP/s is above '
-            f'the float32 peak {peak / 1e9:.0f} GFLOP/s at the reported clock (a turbo clock may '
-            'be higher; otherwise the FLOP count or the machine record is wrong)'
-            for r in rows if peak and r.get('flops_per_s', 0) > peak]
+    detail = machine['cpu_detail']
+    per_core = detail['fp32_flops_per_cycle_per_core'] * detail['clock_mhz'] * 1e6
+    found = []
+    for r in rows:
+        cores = r.get('threads') or machine['cores_usable']
+        if per_core and r.get('flops_per_s', 0) > per_core * cores:
+            implied = r['flops_per_s'] / (detail['fp32_flops_per_cycle_per_core'] * cores) / 1e9
+            found.append(f'{r.get("benchmark")}: {r["name"]}: {r["flops_per_s"] / 1e9:.0f} '
+                         f'GFLOP/s is above the float32 peak of {cores} core(s) at the reported '
+                         f'{detail["clock_mhz"]:.0f} MHz ({per_core * cores / 1e9:.0f} GFLOP/s): '
+                         f'it needs at least {implied:.2f} GHz (a turbo clock), or the FLOP count '
+                         'or the machine record is wrong')
+    return found
 
 
 def memory_bytes() -> int:

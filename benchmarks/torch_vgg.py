@@ -2,7 +2,9 @@
 
 torchvision's convolutional trunk (ReLU, 2x2 max-pool), global average pool, a linear head, cross
 entropy, ImageNet normalization in the forward (as pathjax's), eager mode; bfloat16 autocast on
-CUDA to match the Flax side there.
+CUDA to match the Flax side there. Tuned as a user would: the model and batch in channels_last
+memory format (oneDNN's fast path on CPU, cuDNN's NHWC kernels on GPU), inference under
+torch.inference_mode(); optionally a torch.compile'd forward (inductor) for inference.
 """
 
 import numpy as np
@@ -71,12 +73,20 @@ def sync_torch(tensor) -> None:
 
 
 def runners(width: float, num_classes: int, optimizer: str, lr: float, momentum: float,
-            images: np.ndarray, labels: np.ndarray, device: str) -> dict:
-    """{'torch infer', 'torch train'}: zero-argument calls on the uint8 NHWC batch `images`."""
+            images: np.ndarray, labels: np.ndarray, device: str, compiled: bool = False) -> dict:
+    """{'torch infer', 'torch train'} (and 'torch-compile infer' when `compiled`): zero-argument
+    calls on the uint8 NHWC batch `images`, channels_last."""
     torch.manual_seed(0)
-    reference = TorchVGG16(width, num_classes).to(device)
-    timages = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # NCHW
+    channels_last = torch.channels_last
+    reference = TorchVGG16(width, num_classes).to(device, memory_format=channels_last)
+    timages = (torch.from_numpy(images).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+               .contiguous(memory_format=channels_last).to(device))
     tlabels = torch.from_numpy(labels).long().to(device)
     opt = torch_optimizer(reference, optimizer, lr, momentum)
-    return {'torch infer': torch_infer_runner(reference, timages),
-            'torch train': torch_train_runner(reference, opt, timages, tlabels)}
+    found = {'torch infer': torch_infer_runner(reference, timages),
+             'torch train': torch_train_runner(reference, opt, timages, tlabels)}
+    if compiled:
+        inference = TorchVGG16(width, num_classes).to(device, memory_format=channels_last).eval()
+        inference.load_state_dict(reference.state_dict())
+        found['torch-compile infer'] = torch_infer_runner(torch.compile(inference), timages)
+    return found

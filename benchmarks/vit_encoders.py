@@ -7,13 +7,22 @@ timm in eval mode under `torch.inference_mode()`, pathjax's `VisionTransformer` 
 alternate call by call (machine load hits both alike); the figure is the median images/s over
 the timed calls. Outputs are checked equal (max abs difference) before timing.
 
+The batch is the extract stage's (extract.batch_size, 64), where a small batch would flatter
+the side with less per-call overhead. Each side's thread scaling is reported: the rows at every
+usable core and at 1 thread (a subprocess pinned to one core: XLA sizes its pool when it
+starts), each side's 1 -> N speed-up beside.
+
 `run(quick)` gives the rows of `python -m benchmarks`.
 
-  python benchmarks/vit_encoders.py [--threads 2] [--batch 8] [--steps 5]
+  python benchmarks/vit_encoders.py [--threads 2] [--batch 64] [--steps 3] [--json FILE]
 """
 
 import argparse
+import json
 import os
+import subprocess
+import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -54,9 +63,9 @@ def models(name: str, depth: int | None = None):
     return preset, reference, VisionTransformer(preset.arch), params
 
 
-def measure(name: str, batch: int, warmup: int, steps: int) -> dict:
+def measure(name: str, batch: int, warmup: int, steps: int, depth: int | None = None) -> dict:
     import torch
-    preset, reference, model, params = models(name)
+    preset, reference, model, params = models(name, depth)
     images = np.random.default_rng(0).normal(size=(batch, 224, 224, 3)).astype(np.float32)
     forward = jax.jit(model.apply)
     on_device = jax.device_put(images)
@@ -78,10 +87,12 @@ def measure(name: str, batch: int, warmup: int, steps: int) -> dict:
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--batch', type=int, default=64, help='the extract stage\'s batch')
     parser.add_argument('--warmup', type=int, default=1)
-    parser.add_argument('--steps', type=int, default=5)
+    parser.add_argument('--steps', type=int, default=3)
     parser.add_argument('--presets', nargs='+', default=list(PRESETS))
+    parser.add_argument('--depth', type=int, help='blocks (default: the preset\'s)')
+    parser.add_argument('--json', help='write the rows to this file (the 1-thread subprocess)')
     return parser.parse_args(argv)
 
 
@@ -89,23 +100,51 @@ def rows_of(args) -> list[dict]:
     pin_threads(args.threads)
     out = []
     for name in args.presets:
-        result = measure(name, args.batch, args.warmup, args.steps)
+        result = measure(name, args.batch, args.warmup, args.steps, args.depth)
         flops = vit_flops(result['preset'].arch, 224)
         flax_rate = result['rates']['flax']
-        out.append(row(f'{name} inference, 224 px, float32, batch {args.batch}', 'images/s',
-                       flax_rate, result['rates']['timm'],
-                       f'the same network in timm (PyTorch, eager, {args.threads} threads)', True,
-                       f'{flax_rate * flops / 1e9:.3g} GFLOP/s',
-                       max_abs_difference=result['max_abs_difference'],
-                       flops_per_s=flax_rate * flops))
+        threads = f'{args.threads} thread{"s" * (args.threads > 1)}'
+        blocks = f', {args.depth} blocks' if args.depth else ''
+        out.append(row(f'{name}{blocks} inference, 224 px, float32, batch {args.batch}, {threads}',
+                       'images/s', flax_rate, result['rates']['timm'],
+                       f'the same network in timm (PyTorch, eager, inference_mode, {threads})',
+                       True, f'{flax_rate * flops / 1e9:.3g} GFLOP/s',
+                       max_abs_difference=result['max_abs_difference'], threads=args.threads,
+                       flops_per_s=flax_rate * flops, timm_images_per_s=result['rates']['timm']))
     return out
 
 
+def with_one_thread(argv: list[str], rows: list[dict]) -> list[dict]:
+    """`rows` (every usable core) plus the same measurement pinned to 1 thread in a subprocess,
+    each N-thread row given both sides' 1 -> N speed-up."""
+    if len(os.sched_getaffinity(0)) == 1:
+        return rows
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'rows.json')
+        subprocess.run([sys.executable, __file__, *argv, '--threads', '1', '--json', path],
+                       check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        single = json.load(open(path))
+    for many, one in zip(rows, single):
+        many['scaling_from_1_thread'] = {
+            'pathjax': many['pathjax'] / one['pathjax'],
+            'timm': many['timm_images_per_s'] / one['timm_images_per_s']}
+    return rows + single
+
+
 def run(quick: bool) -> list[dict]:
-    """Rows: ViT-B/16 and ViT-L/16 images/s, Flax vs timm, on every usable core. quick: batch 2,
-    2 timed calls; else batch 8, 5."""
-    return rows_of(parse(['--batch', '2', '--steps', '2'] if quick else []))
+    """Rows: ViT-B/16 and ViT-L/16 images/s, Flax vs timm, at every usable core and at 1 thread.
+    quick: ViT-B/16 with 2 blocks, batch 2, 2 timed calls; else batch 64 (the extraction's), 3 timed
+    calls after 1 warm-up."""
+    argv = (['--batch', '2', '--steps', '2', '--presets', PRESETS[0], '--depth', '2'] if quick
+            else ['--batch', '64', '--steps', '3'])
+    return with_one_thread(argv, rows_of(parse(argv)))
 
 
 if __name__ == '__main__':
-    print_table(rows_of(parse()))
+    arguments = parse()
+    found = rows_of(arguments)
+    if arguments.json:
+        with open(arguments.json, 'w') as f:
+            json.dump(found, f)
+    else:
+        print_table(with_one_thread(sys.argv[1:], found))

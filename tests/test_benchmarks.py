@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -69,18 +70,48 @@ def test_a_failing_script_makes_a_failed_row():
     assert 'no_such_benchmark' in found[0]['error']
 
 
-def test_runner_writes_its_json(tmp_path):
-    done = subprocess.run([sys.executable, '-m', 'benchmarks', '--quick', '--only',
-                           'patch_reading', '--out', str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, env=clean_env(), timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+# Rows every script must give at --quick sizes (a regular expression per row; names may say more).
+EXPECTED_ROWS = {
+    'patch_reading': [r'^PatchReader, 1 thread: ', r'^PatchReader, \d+ threads: '],
+    'tile_stage': [r'^tile: \d+ slides', r'^tile: kept patches/s', r'^tile: peak RSS'],
+    'feature_net': [r'^train, 128 px', r'^infer, 128 px'],
+    'vit_encoders': [r'inference, .*, 1 thread$', r'inference, .*, \d+ threads?$'],
+    'extraction': [r'^extract vs network alone', r'^extract vs naive loop', r'^extract: peak RSS'],
+    'slide_model': [r'dense attention$', r'vs padded PyTorch$', r'graph attention$',
+                    r'^dense attention forward \+ backward', r'^dense attention training temp',
+                    r'^kNN graph'],
+    'slide_input': [r'^host wait per batch', r'^input alone', r'^peak RSS growth',
+                    r'^tracemalloc peak'],
+    'slide_baselines': [f'^{m} train step{kind}, ' for m in ('abmil', 'transmil', 'clam_sb', 'mean')
+                        for kind in ('', ' peak memory')],
+}
+
+
+def test_every_benchmark_gives_its_rows_at_quick_size(tmp_path):
+    """`python -m benchmarks --quick`: every script runs (a refactor cannot break one unnoticed),
+    gives each expected row with a valid oriented ratio, and the JSON records the machine."""
+    runner = load('__main__')
+    assert set(EXPECTED_ROWS) == set(runner.SCRIPTS)
+    done = subprocess.run([sys.executable, '-m', 'benchmarks', '--quick', '--out', str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, env=clean_env(), timeout=900)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
     (path,) = tmp_path.glob('*.json')
     report = json.loads(path.read_text())
-    assert report['quick'] and report['machine']['cores'] >= 1
-    assert len(report['load_average_before']) == 3 and report['command'][-4:-2] == [
-        '--only', 'patch_reading']
-    assert report['rows'] and all(load('rows').problems(r) == [] for r in report['rows'])
-    assert '| patch_reading |' in done.stdout
+    rows = report['rows']
+    assert not [r for r in rows if r['name'] == 'FAILED']
+    assert all(load('rows').problems(r) == [] for r in rows)
+    assert all(math.isfinite(r['ratio']) and r['ratio'] > 0 for r in rows)
+    for script, patterns in EXPECTED_ROWS.items():
+        names = [r['name'] for r in rows if r['benchmark'] == script]
+        for pattern in patterns:
+            assert any(re.search(pattern, name) for name in names), (script, pattern, names)
+    machine = report['machine']
+    assert machine['cpu_detail']['fp32_peak_flops'] > 0 and machine['cpu_detail']['isa'] != []
+    assert {'jax', 'jaxlib', 'torch', 'timm'} <= set(machine['packages'])
+    assert set(machine['libraries']) == {'openslide', 'libjpeg_turbo_pillow',
+                                         'libjpeg_turbo_imagecodecs'}
+    assert len(report['load_average_before']) == len(report['load_average_after']) == 3
+    assert isinstance(report['above_peak'], list)
 
 
 def numbers(value):
@@ -108,16 +139,23 @@ def test_gpu_script_runs_on_cpu(tmp_path):
         (True, False), (False, False), (True, True)}
 
 
-def test_slide_baselines_runs_at_smoke_size(tmp_path):
-    """Each baseline's train step, pathjax vs the authors' PyTorch code, through the runner at
-    --quick sizes: parity and the no-N^2 check pass, and every model has a steps/s row."""
-    done = subprocess.run([sys.executable, '-m', 'benchmarks', '--quick', '--only',
-                           'slide_baselines', '--out', str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, env=clean_env(), timeout=600)
-    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
-    (path,) = tmp_path.glob('*.json')
-    found = json.loads(path.read_text())['rows']
-    assert all(load('rows').problems(r) == [] for r in found)
-    speed = {r['name'].split()[0]: r for r in found if r['unit'] == 'steps/s'}
-    assert set(speed) == {'abmil', 'transmil', 'clam_sb', 'mean'}
-    assert all(math.isfinite(r['ratio']) and r['ratio'] > 0 for r in speed.values())
+def test_machine_record_and_peak_flag():
+    """The CPU record's float32 bound per microarchitecture, and the flag on a figure above the
+    bound of the cores the row used (its `threads`)."""
+    info = load('machine_info')
+    assert info.fp32_flops_per_cycle('AuthenticAMD', 26, 2, {'avx2', 'fma', 'avx512f'}) == 64
+    assert info.fp32_flops_per_cycle('AuthenticAMD', 25, 17, {'avx2', 'fma', 'avx512f'}) == 32
+    assert info.fp32_flops_per_cycle('AuthenticAMD', 23, 1, {'avx2', 'fma'}) == 16
+    assert info.fp32_flops_per_cycle('GenuineIntel', 6, 143, {'avx2', 'fma', 'avx512f'}) == 64
+    assert info.fp32_flops_per_cycle('GenuineIntel', 6, 60, {'avx2', 'fma'}) == 32
+    assert info.microarchitecture('AuthenticAMD', 26, 2, set()) == 'Zen 5'
+    machine = {'accelerator': {'platform': 'cpu'}, 'cores_usable': 2,
+               'cpu_detail': {'fp32_flops_per_cycle_per_core': 32, 'clock_mhz': 2000.0}}
+    # 64 GFLOP/s per core at 2 GHz: 100 GFLOP/s is above one core's bound, not two cores'.
+    one, two = {'name': 'one', 'threads': 1, 'flops_per_s': 100e9}, {'name': 'two',
+                                                                     'flops_per_s': 100e9}
+    (flag,) = info.above_peak([one, two], machine)
+    assert flag.startswith('None: one: 100 GFLOP/s')
+    assert '3.12 GHz' in flag  # 100e9 / 32 FLOP per cycle
+    gpu = dict(machine, accelerator={'platform': 'gpu'})
+    assert info.above_peak([one], gpu) == []
