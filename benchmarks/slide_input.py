@@ -37,6 +37,7 @@ load, pathjax every epoch). Linux and glibc only.
 
 import argparse
 import ctypes
+import functools
 import os
 import pathlib
 import resource
@@ -221,7 +222,7 @@ def run(quick: bool, slides: int | None = None, batches: int | None = None,
         order = batch_order(slides, batches)
         loaded = reference_load(cohort[0])  # for the timed passes; the memory passes load theirs
         timed = {'pathjax': lambda place: pathjax_input(cohort, order, place, workers),
-                 'reference': lambda place: ReferenceInput(loaded, order, place)}
+                 'reference': functools.partial(ReferenceInput, loaded, order)}
         for make_input in timed.values():  # first transfers and allocations
             make_input(on_device).close()
         wait = {name: host_wait(f, step) for name, f in timed.items()}
