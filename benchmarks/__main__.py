@@ -8,7 +8,7 @@ XLA flags before JAX starts, so they cannot share a process), from the repositor
 benchmarks/ on sys.path. A row (rows.py) holds pathjax's figure, a reference measured in the same
 run, and their ratio (> 1: pathjax better). A script that fails, returns an invalid row or runs
 past its time limit leaves a failed row in the table and the JSON, and the exit status is 1.
---quick takes about 3 minutes on 2 shared cores (at most 5); the full run about 20.
+--quick takes about 3 minutes on 2 cores (the test suite runs it); the full run about 40.
 """
 
 import argparse
@@ -30,7 +30,7 @@ import machine_info  # noqa: E402
 import rows  # noqa: E402
 
 SCRIPTS = ('patch_reading', 'tile_stage', 'feature_net', 'vit_encoders', 'extraction',
-           'slide_model', 'slide_input', 'slide_baselines')
+           'trident_pipeline', 'slide_model', 'slide_input', 'slide_baselines')
 TIME_LIMIT = {True: 240, False: 3600}  # seconds per script, quick or full
 TAIL = 2000  # characters of a failed script's output kept in its row
 

@@ -77,6 +77,7 @@ EXPECTED_ROWS = {
     'feature_net': [r'^train, 128 px', r'^infer, 128 px'],
     'vit_encoders': [r'inference, .*, 1 thread$', r'inference, .*, \d+ threads?$'],
     'extraction': [r'^extract vs network alone', r'^extract vs naive loop', r'^extract: peak RSS'],
+    'trident_pipeline': [r'^end to end extract: ', r'^end to end tile\+extract: '],
     'slide_model': [r'dense attention$', r'vs padded PyTorch$', r'graph attention$',
                     r'^dense attention forward \+ backward', r'^dense attention training temp',
                     r'^kNN graph'],
@@ -101,6 +102,8 @@ def test_every_benchmark_gives_its_rows_at_quick_size(tmp_path):
     assert not [r for r in rows if r['name'] == 'FAILED']
     assert all(load('rows').problems(r) == [] for r in rows)
     assert all(math.isfinite(r['ratio']) and r['ratio'] > 0 for r in rows)
+    # The TRIDENT-style pipeline computed the same features (the script also refuses otherwise).
+    assert all(r['max_abs_difference'] <= 1e-4 for r in rows if r['benchmark'] == 'trident_pipeline')
     for script, patterns in EXPECTED_ROWS.items():
         names = [r['name'] for r in rows if r['benchmark'] == script]
         for pattern in patterns:

@@ -1,0 +1,325 @@
+"""End to end, slides to features: pathjax's tile and extract stages with a frozen ViT vs a
+TRIDENT-style pipeline (OpenSlide read_region in DataLoader workers feeding timm's model).
+
+Both sides use the same ViT-S/16 weights (timm's `vit_small_patch16_224`, random with
+torch.manual_seed(0), in a .safetensors file), the same patch coordinates, level and read size
+(pathjax's tiles file), the same pixels (RGBA -> RGB over white and the resize of
+`pathjax.slides.reader`, the slide's stain LUT) and normalization (the preset's mean and std:
+timm's 0.5 / 0.5), float32, the same batch size (64; quick 16), on the same cores. Their
+features (the class token after the final norm) must agree to MAX_DIFFERENCE, patch by patch in
+coordinate order, or the run stops.
+
+pathjax: `python launch.py --config configs/default.py --stages tile,extract` with the preset,
+`feature_net.weights`, `feature_net.learn=False`, `workers` = --threads slide readers (its
+defaults otherwise: XLA's CPU devices one per core), a fresh workdir. Stage times come from the
+run's absl log: tile = 'stage tile' to its report line, extract = 'stage extract' to its report
+line (loading and checking the weights, compiling, reading, computing, writing
+features/<slide>.npz). Python, JAX and library start-up are in neither (the process's wall time
+is recorded beside, `pathjax_seconds['process']`).
+TRIDENT-style, in this process: create timm's model (`num_classes=0`: its output is the class
+token after the norm), load the state_dict from the file, then per slide a torch Dataset whose
+__getitem__ is one OpenSlide `read_region` at pathjax's coordinates, RGB, resize, stain LUT,
+torchvision ToTensor + Normalize; a DataLoader (each `--workers` count in turn) into the model
+in eval mode under `torch.inference_mode()`; features and coords written to <slide>.h5 as
+TRIDENT does. Timed from model creation to the last file written; the best worker
+count is its figure ("each at its best settings"). This process (so pathjax's subprocess too)
+is pinned to --threads cores, torch.set_num_threads(--threads). With --rounds, the sides
+alternate round by round and medians are reported.
+
+Rows (patches/s; > 1: pathjax faster):
+- `end to end extract`: pathjax's extract stage vs the TRIDENT-style extraction.
+- `end to end tile+extract`: pathjax's tile and extract stages vs the same TRIDENT-style
+  extraction, which gets pathjax's coordinates for free (TRIDENT's own tissue segmentation and
+  patching are not timed): what a user of each waits for from slide files to features.
+Full size also gives both rows on the real TCGA slide of ../shared/data/slides (skipped when the
+folder is absent; no mpp metadata, so patches are read at level 0).
+
+  python benchmarks/trident_pipeline.py [--quick] [--slides 4] [--size 8192 6144] [--batch 64]
+                                        [--workers 0 1 2] [--threads N] [--rounds 1]
+                                        [--real-slide PATH]
+"""
+
+import argparse
+import csv
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import h5py
+import numpy as np
+import openslide
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torchvision import transforms
+
+import slide_files
+from feature_net import pin_threads
+from full_size import log_times
+from machine_info import cpu_line
+from pathjax import artifacts
+from pathjax.cohort import SlideRecord
+from pathjax.data.features import features_path
+from pathjax.models.patch import vit_presets
+from pathjax.slides import stain
+from pathjax.slides.patch_stream import SlidePatches
+from pathjax.slides.reader import resize, rgba_to_rgb
+from pathjax.slides.tile_stage import tiles_path
+from rows import print_table, row
+from vit_encoders import vit_flops
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PRESET = vit_presets.get_preset('vit_small_patch16_224')
+REAL_SLIDE = REPO.parent / 'shared' / 'data' / 'slides' / 'tcga-cr-7395-01a-01-ts1.svs'
+MAX_DIFFERENCE = 1e-4
+LABEL = 'wild_type'  # configs/default.py's first class; labels play no part in these stages
+SIZES = {True: {'slides': 1, 'size': (1536, 1536), 'batch': 16},  # quick
+         False: {'slides': 4, 'size': (8192, 6144), 'batch': 64}}
+
+
+# ---- inputs ----
+
+def write_weights(path: pathlib.Path) -> pathlib.Path:
+    """timm's ViT-S/16 without a head, random with seed 0, as a .safetensors state_dict."""
+    torch.manual_seed(0)
+    model = timm.create_model(PRESET.timm_name, pretrained=False,
+                              **vit_presets.timm_kwargs(PRESET))
+    save_file(model.state_dict(), path)
+    return path
+
+
+def synthetic_records(folder: pathlib.Path, width: int, height: int,
+                      copies: int) -> list[SlideRecord]:
+    """`copies` hard links to one synthetic SVS slide (0.5 um/px), all training slides."""
+    path = slide_files.write_slide(folder / 'bench.svs', width, height, block=2048)
+    return list(slide_files.cohort(path, copies, folder).slides)
+
+
+def real_records(path: pathlib.Path) -> list[SlideRecord]:
+    return [SlideRecord('real', str(path), LABEL, 'real', 'train', line=2)]
+
+
+def write_manifest(records: list[SlideRecord], path: pathlib.Path) -> pathlib.Path:
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f, lineterminator='\n')
+        writer.writerow(('slide_id', 'path', 'label', 'case_id', 'split'))
+        writer.writerows((r.slide_id, r.path, LABEL, r.case_id, r.split) for r in records)
+    return path
+
+
+# ---- pathjax ----
+
+def pathjax_run(manifest, weights, workdir: pathlib.Path, batch_size: int,
+                threads: int) -> dict:
+    """launch.py --stages tile,extract in a subprocess; {'tile', 'extract', 'tile+extract',
+    'process'} seconds (the stages' from the log)."""
+    command = [sys.executable, 'launch.py', '--config', 'configs/default.py',
+               f'--workdir={workdir}', '--stages=tile,extract',
+               f'--config.data.manifest={manifest}', f'--config.workers={threads}',
+               f'--config.feature_net.backbone={PRESET.name}',
+               f'--config.feature_net.weights={weights}', '--config.feature_net.learn=False',
+               f'--config.extract.batch_size={batch_size}']
+    log = workdir.parent / f'{workdir.name}.log'
+    start = time.perf_counter()
+    with open(log, 'w') as out:
+        done = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    process = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f'pathjax failed ({done.returncode}):\n{log.read_text()[-3000:]}')
+    (tile_start,), (tile_end,) = log_times(log, 'stage tile'), log_times(log, 'reports/tile.json')
+    (extract_start,), (extract_end,) = (log_times(log, 'stage extract'),
+                                        log_times(log, 'reports/extract.json'))
+    return {'tile': tile_end - tile_start, 'extract': extract_end - extract_start,
+            'tile+extract': extract_end - tile_start, 'process': process}
+
+
+def tiled_slides(workdir, records: list[SlideRecord]) -> list[SlidePatches]:
+    """Each slide's read plan from pathjax's tiles file."""
+    return [SlidePatches.from_tiles(r.slide_id, r.path, artifacts.load_npz(
+        tiles_path(workdir, r.slide_id))) for r in records]
+
+
+# ---- TRIDENT-style ----
+
+class RegionDataset(torch.utils.data.Dataset):
+    """Patch i of a slide: read_region -> RGB -> resize -> stain LUT -> normalized float32
+    [3, S, S]; the slide is opened once per worker."""
+
+    def __init__(self, slide: SlidePatches):
+        self.slide, self.handle = slide, None
+        self.transform = transforms.Compose([transforms.ToTensor(),
+                                             transforms.Normalize(PRESET.mean, PRESET.std)])
+
+    def __len__(self) -> int:
+        return len(self.slide.coords)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
+        if self.handle is None:
+            self.handle = openslide.OpenSlide(self.slide.path)
+        s, (x, y) = self.slide, self.slide.coords[index]
+        region = self.handle.read_region((int(x), int(y)), s.level, (s.read_size, s.read_size))
+        rgb = resize(rgba_to_rgb(np.asarray(region)), s.patch_size)
+        return self.transform(Image.fromarray(stain.apply_lut(rgb, s.lut))), s.coords[index]
+
+
+def trident_model(weights) -> torch.nn.Module:
+    """timm's model as TRIDENT builds an encoder: no head, the class token after the norm."""
+    model = timm.create_model(PRESET.timm_name, pretrained=False, num_classes=0)
+    model.load_state_dict(load_file(weights))
+    return model.eval()
+
+
+def trident_slide(model, slide: SlidePatches, workers: int, batch_size: int, out) -> None:
+    """One slide's features [N, D] and coords [N, 2] to out/<slide_id>.h5."""
+    loader = torch.utils.data.DataLoader(RegionDataset(slide), batch_size=batch_size,
+                                         num_workers=workers, shuffle=False)
+    features, coords = [], []
+    with torch.inference_mode():
+        for images, corners in loader:
+            features.append(model(images).numpy())
+            coords.append(corners.numpy())
+    with h5py.File(pathlib.Path(out) / f'{slide.slide_id}.h5', 'w') as f:
+        f['features'] = np.concatenate(features)
+        f['coords'] = np.concatenate(coords)
+
+
+def trident_run(weights, slides: list[SlidePatches], workers: int, batch_size: int,
+                out) -> float:
+    """Seconds from loading the model to the last slide's file written."""
+    start = time.perf_counter()
+    model = trident_model(weights)
+    for slide in slides:
+        trident_slide(model, slide, workers, batch_size, out)
+    return time.perf_counter() - start
+
+
+def max_difference(workdir, slides: list[SlidePatches], out) -> float:
+    """Max abs difference of the two sides' features over every patch (coords must match)."""
+    worst = 0.0
+    for slide in slides:
+        ours = artifacts.load_npz(features_path(workdir, slide.slide_id), ('features', 'coords'))
+        with h5py.File(pathlib.Path(out) / f'{slide.slide_id}.h5') as f:
+            theirs, coords = f['features'][:], f['coords'][:]
+        if not np.array_equal(ours['coords'], coords):
+            raise RuntimeError(f'{slide.slide_id}: the two sides\' patch coordinates differ')
+        worst = max(worst, float(np.abs(ours['features'] - theirs).max()))
+    return worst
+
+
+# ---- measurement ----
+
+def measure(records, weights, folder: pathlib.Path, batch_size: int, workers: list[int],
+            threads: int, rounds: int) -> dict:
+    """Both sides over `records`, alternating round by round: pathjax's median stage seconds,
+    TRIDENT-style median seconds per worker count, patches, max abs difference."""
+    manifest = write_manifest(records, folder / 'manifest.csv')
+    pathjax, trident = [], {w: [] for w in workers}
+    for i in range(rounds):
+        workdir = folder / f'pathjax{i}'
+        pathjax.append(pathjax_run(manifest, weights, workdir, batch_size, threads))
+        slides = tiled_slides(workdir, records)
+        for w in workers:
+            trident[w].append(trident_run(weights, slides, w, batch_size, folder))
+    return {'pathjax': {k: statistics.median(p[k] for p in pathjax) for k in pathjax[0]},
+            'trident': {w: statistics.median(s) for w, s in trident.items()},
+            'patches': sum(len(s.coords) for s in slides),
+            'max_abs_difference': max_difference(workdir, slides, folder)}
+
+
+def rows_of(result: dict, what: str, threads: int) -> list[dict]:
+    """The extract and tile+extract rows of one measurement of the slides `what` describes."""
+    patches, seconds = result['patches'], result['pathjax']
+    if result['max_abs_difference'] > MAX_DIFFERENCE:
+        raise RuntimeError(f'{what}: features differ by {result["max_abs_difference"]:.3g} '
+                           f'(> {MAX_DIFFERENCE:g})')
+    rates = {w: patches / s for w, s in result['trident'].items()}
+    best = max(rates, key=rates.get)
+    extract = patches / seconds['extract']
+    flops = extract * vit_flops(PRESET.arch, PRESET.input_size)
+    reference = (f'TRIDENT-style: read_region in {best} DataLoader worker(s) (best of '
+                 f'{sorted(rates)}), timm eval + inference_mode, h5 per slide')
+    bound = f'ViT-S/16 float32 forward: {flops / 1e9:.3g} GFLOP/s (pathjax), {threads} cores'
+    extra = {'max_abs_difference': result['max_abs_difference'], 'threads': threads,
+             'patches': patches, 'trident_patches_per_s': {str(w): r for w, r in rates.items()},
+             'pathjax_seconds': seconds}
+    return [
+        row(f'end to end extract: {what}', 'patches/s', extract, rates[best],
+            reference + ' (model load to files written)', True, bound, flops_per_s=flops,
+            **extra),
+        row(f'end to end tile+extract: {what}', 'patches/s', patches / seconds['tile+extract'],
+            rates[best], reference + '; its tissue segmentation and patching not timed (given '
+            'pathjax\'s coordinates)', True, bound, **extra),
+    ]
+
+
+def run_all(slides: int, size: tuple[int, int], batch_size: int, workers: list[int],
+            threads: int, rounds: int, real_slide: str) -> list[dict]:
+    """The rows of the synthetic cohort, then of `real_slide` where given and present."""
+    pin_threads(threads)
+    found = []
+    with tempfile.TemporaryDirectory() as folder:
+        folder = pathlib.Path(folder)
+        weights = write_weights(folder / 'vit_small.safetensors')
+        cohorts = [(f'{slides} synthetic slide(s) of {size[0]} x {size[1]} (224 px at '
+                    '0.5 um/px)', synthetic_records(folder, *size, slides))]
+        if real_slide and pathlib.Path(real_slide).exists():
+            cohorts.append(('1 real TCGA slide (JPEG 2000, no mpp: 224 px from level 0)',
+                            real_records(pathlib.Path(real_slide))))
+        for i, (slides_text, records) in enumerate(cohorts):
+            part = folder / f'cohort{i}'
+            part.mkdir()
+            result = measure(records, weights, part, batch_size, workers, threads, rounds)
+            what = f'{result["patches"]} patches from {slides_text}, ViT-S/16, batch {batch_size}'
+            found += rows_of(result, what, threads)
+    return found
+
+
+def parse(argv=None):
+    cores = len(os.sched_getaffinity(0))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true',
+                        help='1 slide of 1536 x 1536, batch 16, no real slide')
+    parser.add_argument('--slides', type=int, help='synthetic slides (hard links to one)')
+    parser.add_argument('--size', type=int, nargs=2, metavar=('WIDTH', 'HEIGHT'))
+    parser.add_argument('--batch', type=int, help='both sides\' batch (default 64; quick 16)')
+    parser.add_argument('--workers', type=int, nargs='+',
+                        help='DataLoader worker counts to try (default 0, 1 and --threads)')
+    parser.add_argument('--threads', type=int, default=cores)
+    parser.add_argument('--rounds', type=int, default=1)
+    parser.add_argument('--real-slide', default=str(REAL_SLIDE),
+                        help='a real slide for extra rows (full size only; \'\' to skip)')
+    args = parser.parse_args(argv)
+    defaults = SIZES[args.quick] | {'workers': sorted({0, 1, args.threads})}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.quick:
+        args.real_slide = ''
+    return args
+
+
+def rows_from(args) -> list[dict]:
+    return run_all(args.slides, tuple(args.size), args.batch, args.workers, args.threads,
+                   args.rounds, args.real_slide)
+
+
+def run(quick: bool) -> list[dict]:
+    """Rows: extract and tile+extract patches/s, pathjax vs TRIDENT-style. quick: 1 synthetic
+    slide of 1536 x 1536 (about 20 patches), batch 16; else 4 of 8192 x 6144, batch 64, and the
+    real slide where present. Worker counts 0, 1 and every usable core; one round."""
+    return rows_from(parse(['--quick'] if quick else []))
+
+
+def main() -> None:
+    args = parse()
+    print(cpu_line())
+    print_table(rows_from(args))
+
+
+if __name__ == '__main__':
+    main()
