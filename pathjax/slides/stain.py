@@ -4,8 +4,7 @@ A slide's lookup table (LUT) maps each uint8 value v of channel c to the referen
 same quantile: LUT[c, v] = interp(CDF_slide_c(v), CDF_ref_c, ref values), the CDF mapping of
 `skimage.exposure.match_histograms` for uint8 images, rounded to uint8. Like skimage, a source
 value takes the reference value at the upper end of its quantile range, which shifts means up by
-a few grey levels when histograms have heavy bins (e.g. a white background peak). The device version of
-`apply_lut` lives in `pathjax.data.normalize`.
+a few grey levels when histograms have heavy bins (e.g. a white background peak).
 """
 
 import numpy as np
@@ -46,8 +45,11 @@ def apply_lut(images: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """out[..., c] = lut[c, images[..., c]]. images: uint8 [..., 3]; lut: uint8 [3, 256].
 
     Runs as PIL's `point` on the pixels viewed as one RGB image (several times faster than numpy
-    fancy indexing, and it releases the GIL)."""
+    fancy indexing, and it releases the GIL). The identity (stain.method 'none') returns the
+    images as they are, made contiguous: half a millisecond saved per 512-px patch."""
     pixels = np.ascontiguousarray(images, dtype=np.uint8)
+    if np.array_equal(lut, IDENTITY_LUT):
+        return pixels
     width = pixels.shape[-2] if pixels.ndim >= 3 else 1
     mapped = Image.fromarray(pixels.reshape(-1, width, 3)).point(lut.reshape(-1).tolist())
     return np.asarray(mapped).reshape(images.shape)
