@@ -120,13 +120,16 @@ class PatchReader:
         return self._local.slide
 
     def _read_run(self, slide: SlidePatches, start: int, stop: int) -> np.ndarray:
-        """Patches start..stop-1 (horizontal neighbours): uint8 [stop - start, P, P, 3]."""
+        """Patches start..stop-1 (horizontal neighbours): uint8 [stop - start, P, P, 3] (a view
+        of the run's region when no resize is needed: the batch copies it once)."""
         handle = self._handle(slide.path)
         x, y = slide.coords[start]
-        size = slide.read_size
-        region = handle.read_region(x, y, slide.level, size * (stop - start), size)
+        size, count = slide.read_size, stop - start
+        region = handle.read_region(x, y, slide.level, size * count, size)  # [S, count S, 3]
+        if size == slide.patch_size:  # the stain LUT over the region, then split without a copy
+            return stain.apply_lut(region, slide.lut).reshape(size, count, size, 3).swapaxes(0, 1)
         patches = np.stack([resize(region[:, j * size:(j + 1) * size], slide.patch_size)
-                            for j in range(stop - start)])
+                            for j in range(count)])
         return stain.apply_lut(patches, slide.lut)
 
     def batches(self, slide: SlidePatches) -> Iterator[PatchBatch]:

@@ -7,8 +7,12 @@ value takes the reference value at the upper end of its quantile range, which sh
 a few grey levels when histograms have heavy bins (e.g. a white background peak).
 """
 
+import cv2
 import numpy as np
 from PIL import Image
+
+# The patch reader's threads are the parallelism; OpenCV's own pool would oversubscribe them.
+cv2.setNumThreads(1)
 
 IDENTITY_LUT = np.tile(np.arange(256, dtype=np.uint8), (3, 1))  # [3, 256]
 
@@ -44,15 +48,16 @@ def fit_lut(source_histograms: np.ndarray, reference_histograms: np.ndarray) -> 
 def apply_lut(images: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """out[..., c] = lut[c, images[..., c]]. images: uint8 [..., 3]; lut: uint8 [3, 256].
 
-    Runs as PIL's `point` on the pixels viewed as one RGB image (several times faster than numpy
-    fancy indexing, and it releases the GIL). The identity (stain.method 'none') returns the
-    images as they are, made contiguous: half a millisecond saved per 512-px patch."""
+    Runs as OpenCV's LUT on the pixels viewed as one 3-channel image: one pass, the GIL
+    released (PIL's `point` converts to and from 4-byte pixels around its lookup: 2-3x the time
+    in the patch reader). The identity (stain.method 'none') returns the images as they are,
+    made contiguous."""
     pixels = np.ascontiguousarray(images, dtype=np.uint8)
-    if np.array_equal(lut, IDENTITY_LUT):
+    if np.array_equal(lut, IDENTITY_LUT) or not pixels.size:
         return pixels
     width = pixels.shape[-2] if pixels.ndim >= 3 else 1
-    mapped = Image.fromarray(pixels.reshape(-1, width, 3)).point(lut.reshape(-1).tolist())
-    return np.asarray(mapped).reshape(images.shape)
+    table = np.ascontiguousarray(np.asarray(lut, np.uint8).T[None])  # [1, 256, 3]
+    return cv2.LUT(pixels.reshape(-1, width, 3), table).reshape(images.shape)
 
 
 def normalize_histograms(histograms: np.ndarray) -> np.ndarray:

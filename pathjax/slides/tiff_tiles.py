@@ -81,21 +81,22 @@ class TiffTiles:
         page = self._pages[level]
         tile_w, tile_h = page.tilewidth, page.tilelength
         tiles_across = -(-page.imagewidth // tile_w)
-        out = np.full((height, width, 3), WHITE, np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, page.imagewidth), min(y + height, page.imagelength)
+        inside = (x0, y0, x1, y1) == (x, y, x + width, y + height)
+        # Inside the level every pixel comes from a tile (or a missing tile's white): no fill.
+        out = np.empty((height, width, 3), np.uint8) if inside else np.full(
+            (height, width, 3), WHITE, np.uint8)
         if x1 <= x0 or y1 <= y0:
             return out
         for row in range(y0 // tile_h, -(-y1 // tile_h)):
             for col in range(x0 // tile_w, -(-x1 // tile_w)):
-                tile = self._decode(page, row * tiles_across + col)
-                if tile is None:
-                    continue
                 top, left = row * tile_h, col * tile_w
                 ty0, tx0 = max(y0, top), max(x0, left)
                 ty1, tx1 = min(y1, top + tile_h), min(x1, left + tile_w)
-                out[ty0 - y:ty1 - y, tx0 - x:tx1 - x] = tile[ty0 - top:ty1 - top,
-                                                              tx0 - left:tx1 - left]
+                tile = self._decode(page, row * tiles_across + col)
+                out[ty0 - y:ty1 - y, tx0 - x:tx1 - x] = WHITE if tile is None else tile[
+                    ty0 - top:ty1 - top, tx0 - left:tx1 - left]
         return out
 
     def _decode(self, page, index: int) -> np.ndarray | None:
