@@ -6,6 +6,8 @@ Whole_Slide_Bag_FP holds it), RGBA -> RGB, resize when the level does not match,
 LUT; a torch DataLoader batches it (32 patches) in worker processes. Like for like:
 - PatchReader with 1 thread against the same per-patch loop in one process (no DataLoader: the
   per-core cost of each reader);
+- PatchReader with 1 thread against decoding only the tiles its patches cover (bytes in
+  memory, each tile once, one thread): the share of the JPEG decode ceiling it reaches;
 - PatchReader with N threads against the DataLoader with N worker processes (N = the usable
   cores, or --workers), worker start-up included, as a user pays it.
 All produce the same stain-normalized uint8 patches. The full size (16384 x 12288 px: 768
@@ -28,6 +30,7 @@ import warnings
 
 import numpy as np
 import openslide
+import tifffile
 
 import machine_info
 import slide_files
@@ -99,6 +102,37 @@ def slide_patches(path: pathlib.Path) -> SlidePatches:
                         plan.extent / plan.read_size)
 
 
+def covered_tiles(patches: SlidePatches, page) -> list[int]:
+    """Indices of the level's tiles that the patches' regions cover, each once."""
+    across = -(-page.imagewidth // page.tilewidth)
+    found = set()
+    for x, y in patches.coords:
+        left, top = int(round(x / patches.downsample)), int(round(y / patches.downsample))
+        for tile_row in range(top // page.tilelength,
+                              (top + patches.read_size - 1) // page.tilelength + 1):
+            for col in range(left // page.tilewidth,
+                             (left + patches.read_size - 1) // page.tilewidth + 1):
+                found.add(tile_row * across + col)
+    return sorted(found)
+
+
+def decode_only(patches: SlidePatches) -> float:
+    """The JPEG decode-only ceiling: patches/s when only the tiles the patches cover are decoded
+    (their bytes read beforehand, each tile once, one thread, no assembly, LUT or copies)."""
+    with tifffile.TiffFile(patches.path) as tif:
+        page = tif.series[0].levels[patches.level].keyframe
+        tiles = covered_tiles(patches, page)
+        data = []
+        for index in tiles:
+            tif.filehandle.seek(page.dataoffsets[index])
+            data.append(tif.filehandle.read(page.databytecounts[index]))
+        start = time.perf_counter()
+        for index, raw in zip(tiles, data):
+            page.decode(raw, index, jpegtables=page.jpegtables)
+        seconds = time.perf_counter() - start
+    return len(patches.coords) / seconds
+
+
 def timed(function) -> float:
     start = time.perf_counter()
     count = function()
@@ -106,11 +140,13 @@ def timed(function) -> float:
 
 
 def measure(path: pathlib.Path, workers: int, rounds: int) -> dict:
-    """Median patches/s of the per-patch loop, the DataLoader with `workers` processes, and
-    PatchReader with 1 and `workers` threads, alternating round by round."""
+    """Median patches/s of the per-patch loop, the DataLoader with `workers` processes,
+    PatchReader with 1 and `workers` threads, and the decode-only ceiling, alternating round by
+    round."""
     patches = slide_patches(path)
-    rates = {'naive': [], 'dataloader': [], 'single': [], 'parallel': []}
+    rates = {'naive': [], 'dataloader': [], 'single': [], 'parallel': [], 'decode': []}
     for _ in range(rounds):
+        rates['decode'].append(decode_only(patches))
         rates['naive'].append(timed(lambda: naive_read(patches)))
         rates['single'].append(timed(lambda: reader_read(patches, 1)))
         rates['dataloader'].append(timed(lambda: dataloader_read(patches, workers)))
@@ -144,6 +180,10 @@ def run(quick: bool, workers: int | None = None, rounds: int = 3,
             rows.append(row(f'PatchReader, 1 thread: {what}', 'patches/s', result['single'],
                             result['naive'], 'one OpenSlide read_region per patch, one process',
                             True, bound + ' (one core each)'))
+            rows.append(row(f'PatchReader, 1 thread, share of decode-only: {what}', 'patches/s',
+                            result['single'], result['decode'], 'decoding only the tiles the '
+                            'patches cover, once each, bytes in memory, 1 thread (the ceiling)',
+                            True, 'the ratio is the share of the JPEG decode ceiling reached'))
             rows.append(row(f'PatchReader, {workers} threads: {what}', 'patches/s',
                             result['parallel'], result['dataloader'],
                             f'read_region per patch in a torch DataLoader, {workers} worker '

@@ -72,7 +72,8 @@ def test_a_failing_script_makes_a_failed_row():
 
 # Rows every script must give at --quick sizes (a regular expression per row; names may say more).
 EXPECTED_ROWS = {
-    'patch_reading': [r'^PatchReader, 1 thread: ', r'^PatchReader, \d+ threads: '],
+    'patch_reading': [r'^PatchReader, 1 thread: ', r'^PatchReader, 1 thread, share of decode-only',
+                      r'^PatchReader, \d+ threads: '],
     'tile_stage': [r'^tile: \d+ slides', r'^tile: kept patches/s', r'^tile: peak RSS'],
     'feature_net': [r'^train, 128 px', r'^infer, 128 px'],
     'vit_encoders': [r'inference, .*, 1 thread$', r'inference, .*, \d+ threads?$'],
