@@ -13,7 +13,8 @@ LUT; a torch DataLoader batches it (32 patches) in worker processes. Like for li
 All produce the same stain-normalized uint8 patches. The full size (16384 x 12288 px: 768
 patches of 512 px at 0.5 um/px) is a small resection at the method's resolution, so that the
 DataLoader's start-up per slide (as CLAM and TRIDENT make one per slide) weighs what it weighs
-in a real run, not more. Each measurement opens the slide afresh
+in a real run, not more. The full run adds the real TCGA slide of ../shared/data (JPEG 2000
+tiles, about ten times JPEG's decode cost) where present. Each measurement opens the slide afresh
 (cold caches) and the readers alternate over several rounds; the median patches/s is reported.
 
   python benchmarks/patch_reading.py [--workers 2] [--rounds 3] [--quick]
@@ -41,6 +42,8 @@ from pathjax.slides.tiling import grid_positions
 from rows import row
 
 PATCH_SIZE, TARGET_MPP = 512, 0.5
+REAL_SLIDE = (pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'slides'
+              / 'tcga-cr-7395-01a-01-ts1.svs')
 
 
 def read_one(slide: openslide.OpenSlide, patches: SlidePatches, index: int) -> np.ndarray:
@@ -159,11 +162,32 @@ def slides(quick: bool) -> list[tuple[str, float]]:
     return [('svs', 0.5)] if quick else [('svs', 0.5), ('tiff', 0.5), ('svs', 0.25)]
 
 
+def rows_of(result: dict, what: str, workers: int) -> list[dict]:
+    """One slide's rows: 1 thread vs the per-patch loop and vs decode-only; `workers` threads
+    vs the DataLoader with `workers` processes."""
+    codec = 'JPEG 2000' if 'JPEG 2000' in what else 'JPEG'
+    bound = f'{codec} decode of {result["patches"].read_size}-px regions on the cores used'
+    return [
+        row(f'PatchReader, 1 thread: {what}', 'patches/s', result['single'], result['naive'],
+            'one OpenSlide read_region per patch, one process', True,
+            bound + ' (one core each)'),
+        row(f'PatchReader, 1 thread, share of decode-only: {what}', 'patches/s',
+            result['single'], result['decode'], 'decoding only the tiles the patches cover, '
+            'once each, bytes in memory, 1 thread (the ceiling)', True,
+            'the ratio is the share of the decode ceiling reached'),
+        row(f'PatchReader, {workers} threads: {what}', 'patches/s', result['parallel'],
+            result['dataloader'], f'read_region per patch in a torch DataLoader, {workers} '
+            'worker processes (TRIDENT, CLAM)', True,
+            bound + f' ({workers} threads against {workers} processes)',
+            single_process_loop=result['naive']),
+    ]
+
+
 def run(quick: bool, workers: int | None = None, rounds: int = 3,
         size: tuple[int, int] = (16384, 12288)) -> list[dict]:
-    """Rows per slide: PatchReader with 1 thread vs the per-patch loop in one process, and with
-    `workers` threads vs the DataLoader with `workers` processes. quick: one SVS slide at
-    0.5 um/px, 4096 x 3072 (one 2048-px render repeated)."""
+    """Rows per slide (`rows_of`). quick: one SVS slide at 0.5 um/px, 4096 x 3072 (one 2048-px
+    render repeated); else SVS and TIFF at 0.5 um/px, SVS at 0.25 um/px, and the real JPEG 2000
+    TCGA slide of ../shared/data where present (read at level 0: it has no mpp)."""
     workers = workers or len(os.sched_getaffinity(0))
     width, height = (4096, 3072) if quick else size
     rows = []
@@ -174,22 +198,13 @@ def run(quick: bool, workers: int | None = None, rounds: int = 3,
                                            block=2048 if quick else None)
             result = measure(path, workers, rounds)
             patches = result['patches']
-            what = (f'{fmt} {mpp} um/px, {len(patches.coords)} patches of {PATCH_SIZE} px '
-                    f'(read {patches.read_size} px at level {patches.level})')
-            bound = f'JPEG decode of {patches.read_size}-px regions on the cores used'
-            rows.append(row(f'PatchReader, 1 thread: {what}', 'patches/s', result['single'],
-                            result['naive'], 'one OpenSlide read_region per patch, one process',
-                            True, bound + ' (one core each)'))
-            rows.append(row(f'PatchReader, 1 thread, share of decode-only: {what}', 'patches/s',
-                            result['single'], result['decode'], 'decoding only the tiles the '
-                            'patches cover, once each, bytes in memory, 1 thread (the ceiling)',
-                            True, 'the ratio is the share of the JPEG decode ceiling reached'))
-            rows.append(row(f'PatchReader, {workers} threads: {what}', 'patches/s',
-                            result['parallel'], result['dataloader'],
-                            f'read_region per patch in a torch DataLoader, {workers} worker '
-                            'processes (TRIDENT, CLAM)', True,
-                            bound + f' ({workers} threads against {workers} processes)',
-                            single_process_loop=result['naive']))
+            rows += rows_of(result, f'{fmt} {mpp} um/px, {len(patches.coords)} patches of '
+                            f'{PATCH_SIZE} px (read {patches.read_size} px at level '
+                            f'{patches.level})', workers)
+    if not quick and REAL_SLIDE.exists():
+        result = measure(REAL_SLIDE, workers, rounds)
+        rows += rows_of(result, f'real TCGA SVS (JPEG 2000), {len(result["patches"].coords)} '
+                        f'patches of {PATCH_SIZE} px at level 0', workers)
     return rows
 
 
