@@ -17,6 +17,11 @@ and a section that fails or hangs costs only itself), within one overall deadlin
   attention in bfloat16, and dense in float32 at 8,192: steps/s and peak device memory
   (`memory_stats()['peak_bytes_in_use']`, one process per row), against the [8, heads, N, N]
   float32 logits one layer of materialised attention would hold.
+- reading: PatchReader's scaling with the host's cores, threads in one process against the same
+  number of processes of one reader thread each (process start-up included), 1, 2, 4, 8, 16
+  (up to the cores), on a 16,384 x 12,288 slide at 0.5 um/px (768 patches of 512 px): whether
+  the cohort-time model's near-linear scaling holds, and whether threads or processes should
+  read.
 - extraction: slide file -> features file (extraction.py's passes) on a 16,384 x 12,288 slide
   at 0.5 um/px read as 8 slides: patches/s against the network alone on preloaded batches, the
   network against the peak, and a naive read_region loop on one slide.
@@ -75,6 +80,7 @@ class Sizes:
     vit: tuple[str, ...]  # ViT presets measured (inference, 224 px)
     vit_depth: int  # 0: the preset's
     vit_batch: int
+    reading_slide: tuple[int, int]  # level-0 pixels of the reading-scaling slide
     limits: dict  # seconds per section
 
 
@@ -82,16 +88,17 @@ GPU = Sizes(image=512, net_width=1.0, train_batch=64, infer_batch=128, warmup=3,
             nodes=(1024, 8192, 32768), slide_net={}, knn=(50_000, 512), slide=(16384, 12288),
             copies=8, patch_mpp=(512, 0.5), extract_batch=64, launch_overrides=(),
             vit=('vit_base_patch16_224', 'vit_large_patch16_224'), vit_depth=0, vit_batch=256,
+            reading_slide=(16384, 12288),
             limits={'launch': 240, 'vgg': 180, 'knn': 60, 'slide': 90, 'extraction': 180,
-                    'vit': 120})
+                    'vit': 120, 'reading': 90})
 CPU = Sizes(image=64, net_width=0.125, train_batch=4, infer_batch=8, warmup=1, steps=2,
             nodes=(64,), slide_net={'slide_net.d_model': 32, 'slide_net.transformer_layers': 1,
                                     'slide_net.gcn_layers': 1},
             knn=(2000, 64), slide=(4096, 3072), copies=1, patch_mpp=(64, 2.0), extract_batch=8,
             launch_overrides=('--stages=tile', '--config.data.synthetic.num_slides=4'),
-            vit=('vit_small_patch16_224',), vit_depth=1, vit_batch=2,
+            vit=('vit_small_patch16_224',), vit_depth=1, vit_batch=2, reading_slide=(2048, 2048),
             limits={'launch': 240, 'vgg': 120, 'knn': 60, 'slide': 180, 'extraction': 120,
-                    'vit': 120})
+                    'vit': 120, 'reading': 60})
 
 
 def slide_rows(sizes: Sizes) -> list[dict]:
@@ -356,6 +363,47 @@ def section_extraction(sizes: Sizes, _) -> list[dict]:
     ]
 
 
+def read_share(patches) -> int:
+    """(In a reading process) its share of the patches with one reader thread."""
+    import patch_reading
+    return patch_reading.reader_read(patches, 1)
+
+
+def read_in_processes(patches, count: int) -> float:
+    """patches/s of `count` forked processes, each reading a contiguous share with one thread
+    (pool start-up included)."""
+    import concurrent.futures
+    import multiprocessing
+
+    import numpy as np
+    shares = [dataclasses.replace(patches, coords=part)
+              for part in np.array_split(patches.coords, count)]
+    start = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(
+            count, mp_context=multiprocessing.get_context('fork')) as pool:
+        done = sum(pool.map(read_share, shares))
+    return done / (time.perf_counter() - start)
+
+
+def section_reading(sizes: Sizes, _) -> list[dict]:
+    import patch_reading
+    import slide_files
+    counts = [n for n in (1, 2, 4, 8, 16) if n <= (os.cpu_count() or 1)]
+    with tempfile.TemporaryDirectory() as folder:
+        path = slide_files.write_slide(pathlib.Path(folder) / 'reading.svs', *sizes.reading_slide,
+                                       mpp=0.5)
+        patches = patch_reading.slide_patches(path)
+        threads = {n: patch_reading.timed(lambda: patch_reading.reader_read(patches, n))
+                   for n in counts}
+        processes = {n: read_in_processes(patches, n) for n in counts}
+    what = f'{len(patches.coords)} patches of 512 px at 0.5 um/px'
+    return [row('reading', f'PatchReader, {n} thread(s) vs {n} process(es): {what}',
+                'patches/s', threads[n], processes[n], f'{n} forked process(es) of one reader '
+                'thread each, start-up included', True, 'JPEG decode on the cores used',
+                thread_scaling=threads[n] / threads[1],
+                process_scaling=processes[n] / processes[1]) for n in counts]
+
+
 def section_launch(sizes: Sizes, _) -> list[dict]:
     """launch.py in a subprocess; its last stage's report must be written."""
     stages = [a.split('=', 1)[1] for a in sizes.launch_overrides if a.startswith('--stages=')]
@@ -376,7 +424,8 @@ def section_launch(sizes: Sizes, _) -> list[dict]:
 
 
 SECTIONS = {'launch': section_launch, 'vgg': section_vgg, 'vit': section_vit,
-            'knn': section_knn, 'slide': section_slide, 'extraction': section_extraction}
+            'knn': section_knn, 'slide': section_slide, 'reading': section_reading,
+            'extraction': section_extraction}
 
 
 # ---- the orchestrator (no JAX) ----
@@ -385,7 +434,8 @@ def plan(sizes: Sizes, cpu: bool) -> list[tuple[str, list[dict]]]:
     """(section, its slide-model rows) in order; on GPU one process per slide-model row."""
     specs = slide_rows(sizes)
     slide = [('slide', specs)] if cpu else [('slide', [spec]) for spec in specs]
-    return [('launch', []), ('vgg', []), ('vit', []), ('knn', [])] + slide + [('extraction', [])]
+    return ([('launch', []), ('vgg', []), ('vit', []), ('knn', [])] + slide
+            + [('reading', []), ('extraction', [])])
 
 
 def run_section(name: str, specs: list[dict], cpu: bool, limit: float) -> tuple[list, dict]:

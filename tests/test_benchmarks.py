@@ -136,7 +136,8 @@ def test_gpu_script_runs_on_cpu(tmp_path):
     report = json.loads(path.read_text())
     found = report['rows']
     assert not [r for r in found if r.get('failed')]
-    assert {r['section'] for r in found} == {'launch', 'vgg', 'vit', 'knn', 'slide', 'extraction'}
+    assert {r['section'] for r in found} == {'launch', 'vgg', 'vit', 'knn', 'slide', 'reading',
+                                             'extraction'}
     assert all(math.isfinite(n) for r in found for n in numbers(r))
     slide = [r for r in found if r['section'] == 'slide' and r['unit'] == 'steps/s']
     assert {('dense' in r['name'], 'float32' in r['name']) for r in slide} == {
