@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Downloads into .whl/ the wheels benchmarks/gpu.sh needs on a GPU machine without network:
 # pathjax's dependencies that its image lacks (it has jax[cuda], flax, optax, orbax-checkpoint,
-# numpy, scipy, scikit-image, tifffile, pillow, matplotlib, absl-py, etils, protobuf, h5py, opencv-
-# python-headless, timm, torchvision, ...), with every requirement of theirs it lacks too, for
-# CPython 3.12 on manylinux x86_64. One version of each (two would stop the install). googleapis-
-# common-protos and tensorflow-metadata are older releases whose generated code carries no protobuf
-# runtime check, so they load under whatever protobuf >= 4 the image has; promise is published as a
-# source archive only and is built here.
+# numpy, scipy, scikit-image, tifffile, pillow, matplotlib, absl-py, etils, protobuf, h5py,
+# opencv-python-headless, timm, torchvision, ...), with every requirement of theirs it lacks too,
+# for CPython 3.12 on manylinux x86_64. One version of each (two would stop the install).
+# googleapis-common-protos and tensorflow-metadata are older releases whose generated code carries
+# no protobuf runtime check, so they load under whatever protobuf >= 4 the image has; promise is
+# published as a source archive only and is built here.
 #
 #   bash benchmarks/gpu_wheels.sh      # where pip reaches PyPI; about 40 MB
 set -euo pipefail
