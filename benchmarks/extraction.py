@@ -37,13 +37,13 @@ from tqdm import tqdm
 import slide_files
 from feature_net import model_flops, random_params
 from memory import run_measured
+from patch_reading import read_one
 from pathjax import artifacts, cpu_devices
 from pathjax.cohort import Cohort
 from pathjax.data.features import features_path
 from pathjax.models.patch.feature_net import create_feature_net
-from pathjax.slides import stain, tile_stage
+from pathjax.slides import tile_stage
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
-from pathjax.slides.reader import resize, rgba_to_rgb
 from pathjax.train import extract
 from pathjax.runtime import sharding
 from rows import print_table, row
@@ -165,11 +165,8 @@ def naive_pass(extractor, patches: list[SlidePatches], out) -> int:
         handle = openslide.OpenSlide(slide.path)
         features = []
         for start in range(0, len(slide.coords), extractor.batch_size):
-            images = np.stack([
-                stain.apply_lut(resize(rgba_to_rgb(np.asarray(handle.read_region(
-                    (int(x), int(y)), slide.level, (slide.read_size, slide.read_size)))),
-                    slide.patch_size), slide.lut)
-                for x, y in slide.coords[start:start + extractor.batch_size]])
+            stop = min(start + extractor.batch_size, len(slide.coords))
+            images = np.stack([read_one(handle, slide, i) for i in range(start, stop)])
             result = extractor.features(extractor.params,
                                         put(extractor, padded(images, extractor.batch_size)))
             features.append(np.asarray(result)[:len(images)].astype(np.float32))

@@ -105,7 +105,8 @@ def cpu_detail() -> dict:
             'stepping': int(fields.get('stepping', '0') or 0),
             'microcode': fields.get('microcode'),
             'microarchitecture': microarchitecture(vendor, family, model, isa),
-            'isa': [f for f in ISA if f in isa], 'clock_mhz': mhz, 'fp32_flops_per_cycle_per_core': per_cycle,
+            'isa': [f for f in ISA if f in isa], 'clock_mhz': mhz,
+            'fp32_flops_per_cycle_per_core': per_cycle,
             'fp32_peak_flops': per_cycle * mhz * 1e6 * cores}
 
 
@@ -114,7 +115,8 @@ def cpu_line() -> str:
     fma avx2 avx512f avx512_bf16; 2596 MHz; fp32 peak 332 GFLOP/s on 2 cores)'."""
     d = cpu_detail()
     return (f'{cpu_model()} (family {d["family"]} model {d["model"]} stepping {d["stepping"]}, '
-            f'{d["microarchitecture"]}; {" ".join(d["isa"]) or "no AVX"}; {d["clock_mhz"]:.0f} MHz; '
+            f'{d["microarchitecture"]}; {" ".join(d["isa"]) or "no AVX"}; '
+            f'{d["clock_mhz"]:.0f} MHz; '
             f'fp32 peak {d["fp32_peak_flops"] / 1e9:.0f} GFLOP/s on '
             f'{len(os.sched_getaffinity(0))} cores)')
 

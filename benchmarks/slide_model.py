@@ -689,7 +689,8 @@ def run(quick: bool) -> list[dict]:
     """Rows (ratio > 1: pathjax better): slide-model train steps/s vs PyTorch (dense and graph
     attention), dense attention alone vs torch's SDPA and its temporaries vs the einsum form,
     kNN seconds vs numpy and scikit-learn. quick: 4 slides, 256 nodes, attention at 512,
-    D = 128, kNN at 1,000 and 2,000; else 512 and 2,048 nodes, attention at 2,048, kNN up to 50,000."""
+    D = 128, kNN at 1,000 and 2,000; else 512 and 2,048 nodes, attention at 2,048, kNN up to
+    50,000."""
     args = parse(QUICK if quick else [])
     prepare(args)
     model_rows, attention_rows, knn_rows, _ = measure(args)

@@ -61,14 +61,13 @@ from torchvision import transforms
 import slide_files
 from feature_net import pin_threads
 from full_size import log_times
+from patch_reading import read_one
 from machine_info import cpu_line
 from pathjax import artifacts
 from pathjax.cohort import SlideRecord
 from pathjax.data.features import features_path
 from pathjax.models.patch import vit_presets
-from pathjax.slides import stain
 from pathjax.slides.patch_stream import SlidePatches
-from pathjax.slides.reader import resize, rgba_to_rgb
 from pathjax.slides.tile_stage import tiles_path
 from rows import print_table, row
 from vit_encoders import vit_flops
@@ -161,10 +160,8 @@ class RegionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
         if self.handle is None:
             self.handle = openslide.OpenSlide(self.slide.path)
-        s, (x, y) = self.slide, self.slide.coords[index]
-        region = self.handle.read_region((int(x), int(y)), s.level, (s.read_size, s.read_size))
-        rgb = resize(rgba_to_rgb(np.asarray(region)), s.patch_size)
-        return self.transform(Image.fromarray(stain.apply_lut(rgb, s.lut))), s.coords[index]
+        patch = read_one(self.handle, self.slide, index)
+        return self.transform(Image.fromarray(patch)), self.slide.coords[index]
 
 
 def trident_model(weights) -> torch.nn.Module:

@@ -20,6 +20,7 @@ starts), each side's 1 -> N speed-up beside.
 import argparse
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import tempfile
@@ -123,7 +124,7 @@ def with_one_thread(argv: list[str], rows: list[dict]) -> list[dict]:
         path = os.path.join(folder, 'rows.json')
         subprocess.run([sys.executable, __file__, *argv, '--threads', '1', '--json', path],
                        check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-        single = json.load(open(path))
+        single = json.loads(pathlib.Path(path).read_text())
     for many, one in zip(rows, single):
         many['scaling_from_1_thread'] = {
             'pathjax': many['pathjax'] / one['pathjax'],

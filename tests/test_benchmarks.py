@@ -104,7 +104,8 @@ def test_every_benchmark_gives_its_rows_at_quick_size(tmp_path):
     assert all(load('rows').problems(r) == [] for r in rows)
     assert all(math.isfinite(r['ratio']) and r['ratio'] > 0 for r in rows)
     # The TRIDENT-style pipeline computed the same features (the script also refuses otherwise).
-    assert all(r['max_abs_difference'] <= 1e-4 for r in rows if r['benchmark'] == 'trident_pipeline')
+    assert all(r['max_abs_difference'] <= 1e-4 for r in rows
+               if r['benchmark'] == 'trident_pipeline')
     for script, patterns in EXPECTED_ROWS.items():
         names = [r['name'] for r in rows if r['benchmark'] == script]
         for pattern in patterns:
