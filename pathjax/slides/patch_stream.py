@@ -47,10 +47,11 @@ class SlidePatches:
 
     @classmethod
     def from_tiles(cls, slide_id: str, path: str, tiles: dict[str, np.ndarray]) -> 'SlidePatches':
-        """From the arrays of the slide's tiles file."""
+        """From the arrays of the slide's tiles file (a damaged stain table: ValueError)."""
         read_size = int(tiles['read_size'])
         return cls(slide_id, path, tiles['coords'], int(tiles['level']), read_size,
-                   int(tiles['patch_size']), tiles['stain_lut'], float(tiles['extent']) / read_size)
+                   int(tiles['patch_size']), stain.checked_lut(tiles['stain_lut']),
+                   float(tiles['extent']) / read_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,18 +45,28 @@ def fit_lut(source_histograms: np.ndarray, reference_histograms: np.ndarray) -> 
     return lut
 
 
+def checked_lut(lut) -> np.ndarray:
+    """`lut` as uint8 [3, 256]; anything else (a damaged tiles file) is a ValueError."""
+    lut = np.asarray(lut)
+    if lut.shape != (3, 256) or lut.dtype != np.uint8:
+        raise ValueError(f'a stain lookup table must be uint8 [3, 256], got {lut.dtype} '
+                         f'{list(lut.shape)}')
+    return lut
+
+
 def apply_lut(images: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """out[..., c] = lut[c, images[..., c]]. images: uint8 [..., 3]; lut: uint8 [3, 256].
 
     Runs as OpenCV's LUT on the pixels viewed as one 3-channel image: one pass, the GIL
     released (PIL's `point` converts to and from 4-byte pixels around its lookup: 2-3x the time
     in the patch reader). The identity (stain.method 'none') returns the images as they are,
-    made contiguous."""
+    made contiguous. A table that is not uint8 [3, 256] (a damaged tiles file) is a ValueError."""
+    lut = checked_lut(lut)
     pixels = np.ascontiguousarray(images, dtype=np.uint8)
     if np.array_equal(lut, IDENTITY_LUT) or not pixels.size:
         return pixels
     width = pixels.shape[-2] if pixels.ndim >= 3 else 1
-    table = np.ascontiguousarray(np.asarray(lut, np.uint8).T[None])  # [1, 256, 3]
+    table = np.ascontiguousarray(lut.T[None])  # [1, 256, 3]
     return cv2.LUT(pixels.reshape(-1, width, 3), table).reshape(images.shape)
 
 

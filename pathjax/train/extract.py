@@ -139,8 +139,12 @@ def extract_slide(extractor: Extractor, reader: PatchReader, record: SlideRecord
     tiles_file = tiles_path(workdir, record.slide_id)
     if not tiles_file.exists():
         return SlideEntry(record.slide_id, ERROR, message='not tiled (see the tile report)')
-    tiles = artifacts.load_npz(tiles_file)
-    patches = SlidePatches.from_tiles(record.slide_id, record.path, tiles)
+    try:
+        tiles = artifacts.load_npz(tiles_file)
+        patches = SlidePatches.from_tiles(record.slide_id, record.path, tiles)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        return SlideEntry(record.slide_id, ERROR, message=f'cannot read its tiles file '
+                          f'{tiles_file} ({error}): run the tile stage again')
     if not len(patches.coords):
         return SlideEntry(record.slide_id, NO_TISSUE, message='no tissue patches')
     try:

@@ -1,6 +1,7 @@
 """Histogram-matching lookup tables vs scikit-image, and applying them."""
 
 import numpy as np
+import pytest
 from PIL import Image
 from skimage.exposure import match_histograms
 
@@ -41,6 +42,9 @@ def test_apply_lut_matches_indexing_and_skips_the_identity():
     strided = stain.apply_lut(images[:, ::2], stain.IDENTITY_LUT)
     np.testing.assert_array_equal(strided, images[:, ::2])
     assert strided.flags.c_contiguous
+    for damaged in (lut[:, :255], lut.astype(np.int64), lut[:2]):
+        with pytest.raises(ValueError, match=r'uint8 \[3, 256\]'):
+            stain.apply_lut(images, damaged)
 
 
 def test_self_match_is_identity():

@@ -173,3 +173,23 @@ def test_slide_features_keeps_a_bounded_number_of_batches_in_flight():
     unread_at_reads = [log[:i].count('dispatch') - log[:i].count('read')
                        for i, event in enumerate(log[:last_dispatch]) if event == 'read']
     assert unread_at_reads and min(unread_at_reads) >= 2
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'stain table'])
+def test_a_damaged_tiles_file_is_an_error_entry_naming_it(tmp_path, damage):
+    """A tiles file that does not load, or whose stain table is not uint8 [3, 256], gives the
+    slide an error entry that names the file, before any reading or network work."""
+    from pathjax.cohort import SlideRecord
+    from pathjax.slides.tile_stage import tiles_path
+    record = SlideRecord('s1', str(tmp_path / 's1.svs'), 'a', 'c1', 'train', line=2)
+    path = tiles_path(tmp_path, 's1')
+    path.parent.mkdir(parents=True)
+    tiles = {'coords': np.zeros((2, 2), np.int64), 'level': np.int64(0),
+             'read_size': np.int64(64), 'patch_size': np.int64(64), 'extent': np.float64(64),
+             'stain_lut': np.zeros((3, 255), np.uint8)}
+    artifacts.save_npz(path, **tiles)
+    if damage == 'truncated':
+        path.write_bytes(path.read_bytes()[:40])
+    entry = extract.extract_slide(None, None, record, tmp_path, None, network='x')
+    assert entry.status == 'error'
+    assert str(path) in entry.message and 'tile stage again' in entry.message
