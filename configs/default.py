@@ -37,6 +37,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.synthetic.seed = 0
     config.data.synthetic.motif_fraction = (0.15, 0.25)  # a positive slide's motif: this share
     # of its tissue (uniform in the range); lower is a harder cohort
+    config.data.synthetic.artifacts = ()  # drawn on every slide, with known masks: any of
+    # 'pen' (blue, green, black marker strokes), 'blur' (out-of-focus bands), 'fold' (doubled
+    # tissue)
+    config.data.synthetic.sites = 0  # >= 2: slides come from this many staining sites (one
+    # stain per site) and the manifest gets site and split columns; 0: a stain per slide
+    config.data.synthetic.site_follows_label = (0.8, 0.5)  # with sites: the chance a slide of
+    # label y is at site y (mod sites), in train/val and in test (0.5 of 2 sites: no confound)
 
     config.tile = ml_collections.ConfigDict()
     config.tile.mpp = 0.0  # microns per pixel of a patch; 0: the backbone's (0.5, about 20x)
@@ -44,14 +51,22 @@ def get_config() -> ml_collections.ConfigDict:
     config.tile.patch_size = 0  # patch side in pixels; 0: the backbone's (VGG-16: 512)
 
     config.tissue = ml_collections.ConfigDict()
+    config.tissue.method = 'seed'  # 'seed' (the method's rule below) or 'otsu' (Otsu on
+    # saturation, holes filled, small pieces removed: CLAM's and TRIDENT's)
     config.tissue.channel_rule = 'any'  # background if 'any' (or 'all') channel > threshold
     config.tissue.threshold = 200
     config.tissue.neighbourhood = 200  # window side in level-0 pixels
     config.tissue.neighbourhood_fraction = 0.9  # background if this much of the window is
     config.tissue.min_fraction = 0.25  # keep a patch with at least this tissue fraction
+    config.tissue.remove_pen = False  # drop blue, green and black marker ink (colour rules)
+    config.tissue.remove_folds = False  # drop folds: tissue about twice the slide's optical density
+    config.tissue.max_artifact_fraction = 0.1  # a patch with more pen or fold than this is dropped
+    config.tissue.max_blur = 0.0  # > 0: drop patches whose focus (variance of the Laplacian of
+    # grey, 0-255, at the read level) is below this; 0: off
 
     config.stain = ml_collections.ConfigDict()
-    config.stain.method = 'histogram'  # 'histogram' (per-slide LUT) or 'none'
+    config.stain.method = 'histogram'  # 'histogram' (per-slide LUT), 'macenko' (Macenko 2009
+    # stain vectors), 'reinhard' (Reinhard 2001, Lab means and deviations) or 'none'
     config.stain.reference = 'cohort'  # 'cohort' (training slides) or a template image path
     config.stain.fit_patches = 32  # kept patches sampled per slide to fit its LUT
     config.feature_net = ml_collections.ConfigDict()
@@ -82,7 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.learn.weight_decay = 5e-4
     config.learn.grad_clip = 1.0  # > 0: clip gradients to this global norm (AM-softmax's s=30
     # makes early gradients large; without clipping, VGG-16 trained from scratch stalls)
-    config.learn.augment = 'd4'  # the 8 rotations/flips, per patch, on device; or 'none'
+    config.learn.augment = 'd4'  # the 8 rotations/flips, per patch, on device; 'd4+hed' adds
+    # HED colour jitter (Tellez 2019); or 'none'
+    config.learn.hed_sigma = 0.05  # 'd4+hed': each stain channel scaled by U(1 - s, 1 + s) and
+    # shifted by U(-s, s) (HED-light; 0.2 is HED-strong)
     config.learn.log_every = 50  # steps between metric lines
 
     # Patch features made by another tool (TRIDENT, CLAM, STAMP): one <slide_id>.h5 per slide in

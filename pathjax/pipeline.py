@@ -61,7 +61,7 @@ STAGES = (
     Stage('learn_features', feature_learning.run, True,
           ('feature_net', 'am_softmax', 'learn.batch_size', 'learn.optimizer', 'learn.lr',
            'learn.lr_schedule', 'learn.momentum', 'learn.weight_decay', 'learn.grad_clip',
-           'learn.augment'), 'feature_net/', ('feature_net',)),
+           'learn.augment', 'learn.hed_sigma'), 'feature_net/', ('feature_net',)),
     Stage('extract', extract.run, True, ('extract.checkpoint',), 'features/'),
     Stage('import', import_stage.run, False,
           SPLIT_FIELDS + ('features.import_dir', 'features.format', 'features.patch_size_level0'),
@@ -135,6 +135,16 @@ def check_config(config) -> list[str]:
         require(len(config.data.synthetic.motif_fraction) == 2 and 0 <= low <= high <= 1,
                 f'data.synthetic.motif_fraction must be (low, high) with 0 <= low <= high <= 1, '
                 f'got {tuple(config.data.synthetic.motif_fraction)}')
+        spec = config.data.synthetic
+        unknown = sorted(set(spec.artifacts) - set(synthetic.ARTIFACTS))
+        require(not unknown, f"data.synthetic.artifacts: unknown {', '.join(map(repr, unknown))}; "
+                             f"choose from {', '.join(synthetic.ARTIFACTS)}")
+        require(spec.sites == 0 or spec.sites >= 2,
+                f'data.synthetic.sites must be 0 (a stain per slide) or >= 2, got {spec.sites}')
+        shares = tuple(spec.site_follows_label)
+        require(len(shares) == 2 and all(0 <= p <= 1 for p in shares),
+                f'data.synthetic.site_follows_label must be (train/val, test) chances in [0, 1], '
+                f'got {shares}')
         require(config.data.synthetic.num_slides >= 2,
                 'data.manifest is empty: give a manifest CSV (or data.synthetic.num_slides >= 2 '
                 'for a generated cohort)')
@@ -149,8 +159,8 @@ def check_config(config) -> list[str]:
         TissueRule(**config.tissue)
     except ValueError as error:
         problems.append(str(error))
-    require(config.stain.method in ('histogram', 'none'),
-            f"stain.method must be 'histogram' or 'none', got {config.stain.method!r}")
+    require(config.stain.method in stain.METHODS,
+            f"stain.method must be one of {', '.join(stain.METHODS)}, got {config.stain.method!r}")
     if config.stain.reference != 'cohort':
         try:
             stain.read_template(config.stain.reference)
@@ -210,7 +220,9 @@ def check_config(config) -> list[str]:
     require(learn.lr > 0, f'learn.lr must be > 0, got {learn.lr}')
     require(learn.lr_schedule in ('cosine', 'constant'),
             f"learn.lr_schedule must be 'cosine' or 'constant', got {learn.lr_schedule!r}")
-    require(learn.augment in ('d4', 'none'), f"learn.augment must be 'd4' or 'none', got {learn.augment!r}")
+    require(learn.augment in ('d4', 'd4+hed', 'none'),
+            f"learn.augment must be 'd4', 'd4+hed' or 'none', got {learn.augment!r}")
+    require(0 <= learn.hed_sigma < 1, f'learn.hed_sigma must be in [0, 1), got {learn.hed_sigma}')
     require(learn.grad_clip >= 0, f'learn.grad_clip must be >= 0, got {learn.grad_clip}')
     require(learn.log_every >= 1, f'learn.log_every must be >= 1, got {learn.log_every}')
     features = config.features

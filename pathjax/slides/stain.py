@@ -14,6 +14,7 @@ from PIL import Image
 # The patch reader's threads are the parallelism; OpenCV's own pool would oversubscribe them.
 cv2.setNumThreads(1)
 
+METHODS = ('histogram', 'macenko', 'reinhard', 'none')
 IDENTITY_LUT = np.tile(np.arange(256, dtype=np.uint8), (3, 1))  # [3, 256]
 
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from pathjax import artifacts
 
 FORMATS = ('tiff', 'svs')
+ARTIFACTS = ('pen', 'blur', 'fold')
 MPPS = (0.25, 0.5)
 MOTIF_FRACTION = (0.15, 0.25)  # a positive slide's motif covers a uniform share of its tissue
 MANIFEST_COLUMNS = ('slide_id', 'path', 'label', 'case_id')

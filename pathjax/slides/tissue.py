@@ -11,20 +11,34 @@ import dataclasses
 
 import numpy as np
 
+METHODS = ('seed', 'otsu')
 BLOCK_ROWS = 256  # rows per block of window sums: bounds the temporaries at O(BLOCK_ROWS x W)
 
 
 @dataclasses.dataclass(frozen=True)
 class TissueRule:
-    """Settings of the background rule (`config.tissue`)."""
+    """Settings of tissue detection and patch QC (`config.tissue`)."""
 
+    method: str = 'seed'  # 'seed' (the method's rule) or 'otsu' (tissue_otsu)
     channel_rule: str = 'any'
     threshold: int = 200
     neighbourhood: int = 200  # window side, in level-0 pixels
     neighbourhood_fraction: float = 0.9
     min_fraction: float = 0.25  # a patch is kept when its tissue fraction reaches this
+    remove_pen: bool = False
+    remove_folds: bool = False
+    max_artifact_fraction: float = 0.1  # more pen or fold than this in a patch drops it
+    max_blur: float = 0.0  # > 0: a patch whose variance of the Laplacian is below this is dropped
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"tissue.method must be one of {', '.join(METHODS)}, got "
+                             f'{self.method!r}')
+        if not 0 <= self.max_artifact_fraction <= 1:
+            raise ValueError(f'tissue.max_artifact_fraction must be in [0, 1], got '
+                             f'{self.max_artifact_fraction}')
+        if self.max_blur < 0:
+            raise ValueError(f'tissue.max_blur must be >= 0 (0: off), got {self.max_blur}')
         if self.channel_rule not in ('any', 'all'):
             raise ValueError(f"tissue.channel_rule must be 'any' or 'all', got {self.channel_rule!r}")
         if not 0 <= self.threshold <= 255:
