@@ -31,10 +31,11 @@ from pathjax.errors import StageError
 from pathjax.interop import geojson
 from pathjax.sampling import seeded_subset
 from pathjax.slide_paths import slide_file
-from pathjax.slides import qc, source_file, stain
+from pathjax.slides import qc, source_file, stain, tissue_qc
+from pathjax.slides.artifact_masks import pen_mask
+from pathjax.slides.focus import laplacian_variance
 from pathjax.slides.reader import Slide, SlideError
-from pathjax.slides.tiling import select_tiles
-from pathjax.slides.tissue import TissueRule, background_mask, pixel_background
+from pathjax.slides.tissue import TissueRule, pixel_background
 from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
 
 STAGE = 'tile'
@@ -44,6 +45,7 @@ STAGE = 'tile'
 # where the reader's bounds require it (reader.OVERVIEW_PIXELS, reader.OVERVIEW_SOURCE_PIXELS).
 MASK_WINDOW_PIXELS = 8
 QC_SIDE = 1024
+LITTLE_TISSUE = 0.02  # a slide with less tissue than this share of its area is flagged
 STAIN_SAMPLE_SEED = 0  # the kept patches a slide's stain histogram is taken from: the same in
 # every run and fold, whatever the split and training seeds
 
@@ -119,10 +121,16 @@ def _scan(slide: Slide, slide_id: str, settings: TileSettings, roi=None, roi_fil
     overview_downsample = slide.overview_downsample(  # coarser on very large slides
         max(1.0, min(mask_downsample, max(slide.dimensions) / QC_SIDE)))
     overview, downsample = slide.read_overview(overview_downsample)
-    background = background_mask(overview, downsample, settings.rule)
-    if roi is not None:
-        background |= ~geojson.roi_mask(roi, background.shape, slide.dimensions)
-    tiles = select_tiles(~background, slide.dimensions, plan.extent, settings.rule.min_fraction)
+    rule = settings.rule
+    inside = None if roi is None else geojson.roi_mask(roi, overview.shape[:2], slide.dimensions)
+    masks = tissue_qc.overview_masks(overview, downsample, rule, inside)
+    tiles, dropped = tissue_qc.select_patches(masks, slide.dimensions, plan.extent, rule)
+    focus = np.full(len(tiles), np.nan, np.float32)
+    if rule.max_blur > 0:  # every kept patch read once at its level
+        focus = np.array([laplacian_variance(slide.read_patch(x, y, plan))
+                          for x, y in tiles.coords], np.float32)
+        tiles, focus, dropped['blur'] = tissue_qc.drop_blurred(tiles, focus, rule.max_blur)
+    background = masks.background
     warnings = list(plan.warnings)
     if overview_downsample > max(1.0, mask_downsample):
         warnings.append(f'the tissue mask is at {downsample:.3g}x level 0, coarser than the '
@@ -136,23 +144,43 @@ def _scan(slide: Slide, slide_id: str, settings: TileSettings, roi=None, roi_fil
         elif plan.extent > min(width, height):
             warnings.append(f'the slide ({width}x{height} level-0 px) is smaller than one patch '
                             f'({plan.extent:.0f} level-0 px)')
+        elif any(len(dropped[c]) for c in tissue_qc.CAUSES[1:]):
+            warnings.append('every tissue patch was dropped: ' + ', '.join(
+                f'{len(dropped[c])} {c}' for c in tissue_qc.CAUSES[1:] if len(dropped[c])))
         else:
-            warnings.append(f'no patch reaches tissue.min_fraction={settings.rule.min_fraction}')
+            warnings.append(f'no patch reaches tissue.min_fraction={rule.min_fraction}')
     histogram = np.zeros((3, 256), np.int64)
     if settings.stain_method == 'histogram' and len(tiles):
         sample = seeded_subset(slide_id, len(tiles), settings.stain_fit_patches, STAIN_SAMPLE_SEED)
         for x, y in tiles.coords[sample]:  # the tissue pixels only: not the white around them
             pixels = slide.read_patch(x, y, plan)
-            histogram += stain.channel_histograms(pixels[~pixel_background(pixels, settings.rule)])
-    scan = dict(coords=tiles.coords, grid=tiles.grid, tissue=tiles.tissue,
+            histogram += stain.channel_histograms(pixels[stain_pixels(pixels, rule)])
+    scan = dict(coords=tiles.coords, grid=tiles.grid, tissue=tiles.tissue, focus=focus,
+                dropped=np.array([len(dropped.get(c, ())) for c in tissue_qc.CAUSES], np.int64),
                 level=plan.level, read_size=plan.read_size, patch_size=plan.patch_size,
                 extent=plan.extent, mpp=np.nan if plan.mpp is None else plan.mpp,
                 slide_size=np.asarray(slide.dimensions, np.int64),
                 slide_tissue_fraction=np.float32(1.0 - background.mean()),
                 tissue_mask=qc.shrink_mask(~background),
                 stain_histogram=histogram, warnings=np.asarray(warnings, dtype=str))
-    picture = qc.qc_picture(overview, background, slide.dimensions, tiles.coords, plan.extent)
+    picture = qc.qc_picture(overview, background, slide.dimensions, tiles.coords, plan.extent,
+                            masks.pen, masks.fold, dropped.get('blur', ()))
     return scan, picture, qc.thumbnail(overview)
+
+
+def stain_pixels(pixels: np.ndarray, rule: TissueRule) -> np.ndarray:
+    """bool [h, w]: the pixels of a patch (uint8 [h, w, 3]) a stain is fitted on: tissue by the
+    method's pixel rule, and not ink when tissue.remove_pen."""
+    tissue = ~pixel_background(pixels, rule)
+    return tissue & ~pen_mask(pixels) if rule.remove_pen else tissue
+
+
+def qc_flags(patches: int, tissue_fraction: float, dropped: dict[str, int]) -> list[str]:
+    """What a reviewer should look at first: 'little tissue' (under LITTLE_TISSUE of the slide),
+    'mostly pen' / 'mostly fold' / 'mostly blur' (that cause dropped more patches than were kept)."""
+    flags = ['little tissue'] if tissue_fraction < LITTLE_TISSUE else []
+    return flags + [f'mostly {cause}' for cause in tissue_qc.CAUSES[1:]
+                    if dropped.get(cause, 0) > patches]
 
 
 def entry_from_tiles(slide_id: str, tiles: dict) -> SlideEntry:
@@ -160,13 +188,17 @@ def entry_from_tiles(slide_id: str, tiles: dict) -> SlideEntry:
     patches = len(tiles['coords'])
     warnings = [str(w) for w in tiles['warnings']]
     mpp = float(tiles['mpp'])
+    dropped = dict(zip(tissue_qc.CAUSES, map(int, tiles.get('dropped', ()))))
+    tissue_fraction = float(tiles['slide_tissue_fraction'])
+    flags = qc_flags(patches, tissue_fraction, dropped)
     return SlideEntry(slide_id, OK if patches else NO_TISSUE, patches=patches,
-                      message='; '.join(warnings),
+                      message='; '.join(flags + warnings),
                       details={'level': int(tiles['level']), 'read_size': int(tiles['read_size']),
                                'mpp': None if np.isnan(mpp) else round(mpp, 4),
-                               'slide_tissue_fraction': round(float(tiles['slide_tissue_fraction']), 4),
+                               'slide_tissue_fraction': round(tissue_fraction, 4),
                                'mean_patch_tissue': round(float(np.mean(tiles['tissue'])), 4)
-                               if patches else 0.0})
+                               if patches else 0.0,
+                               'dropped': dropped, 'qc_flags': flags})
 
 
 def scan_all(records: list[SlideRecord], settings: TileSettings, workdir: str,

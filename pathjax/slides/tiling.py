@@ -84,11 +84,3 @@ def patch_tissue_fractions(tissue_mask: np.ndarray, slide_size: tuple[int, int],
     area = np.maximum((x1 - x0) * (y1 - y0), 1)
     return (inside / area).astype(np.float32)
 
-
-def select_tiles(tissue_mask: np.ndarray, slide_size: tuple[int, int], extent: float,
-                 min_fraction: float) -> Tiles:
-    """The grid patches whose tissue fraction is at least `min_fraction`."""
-    coords, grid = grid_positions(*slide_size, extent)
-    tissue = patch_tissue_fractions(tissue_mask, slide_size, coords, extent)
-    keep = tissue >= min_fraction
-    return Tiles(coords=coords[keep], grid=grid[keep], tissue=tissue[keep])

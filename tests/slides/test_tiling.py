@@ -5,7 +5,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from pathjax.slides.tiling import grid_positions, patch_tissue_fractions, select_tiles
+from pathjax.slides.tiling import grid_positions, patch_tissue_fractions
 
 
 def test_grid_covers_the_slide_with_whole_patches():
@@ -59,13 +59,3 @@ def test_tissue_fraction_memory_is_bounded():
     assert peak < mask.nbytes, f'{peak / 2**20:.0f} MiB for {mask.nbytes / 2**20:.0f} MiB'
     inside = ((coords >= [50_000, 25_000]) & (coords + extent <= [100_000, 75_000])).all(axis=1)
     assert (got[inside] == 1).all() and got.sum() == inside.sum()
-
-
-def test_select_keeps_patches_at_threshold():
-    mask = np.zeros((40, 40), bool)
-    mask[:20, :20] = True  # top-left patch: all tissue
-    mask[20:25, 20:40] = True  # bottom-right patch: a quarter of its area
-    tiles = select_tiles(mask, (400, 400), 200.0, min_fraction=0.25)
-    np.testing.assert_array_equal(tiles.coords, [[0, 0], [200, 200]])
-    np.testing.assert_array_equal(tiles.grid, [[0, 0], [1, 1]])
-    np.testing.assert_allclose(tiles.tissue, [1.0, 0.25])
