@@ -26,6 +26,7 @@ from pathjax import artifacts, csv_cells
 from pathjax.evaluate.heatmaps import heatmap_path
 from pathjax.evaluate.top_patches import top_patches_dir
 from pathjax.slide_paths import SlideIdError
+from pathjax.slides import tissue_qc
 from pathjax.slides.tile_stage import qc_path
 
 PAGE = 'report.html'
@@ -347,6 +348,16 @@ def tile_section(workdir: pathlib.Path) -> str:
         out.append(table(['slide', 'status', 'patches', 'message'],
                          [[e['slide_id'], e['status'], e['patches'], e['message']] for e in flagged],
                          ['bad' if e['status'] != 'ok' else 'warn' for e in flagged]))
+    causes = [c for c in tissue_qc.CAUSES[1:] if any(e.get('dropped', {}).get(c) for e in entries)]
+    if causes:
+        out += ['<h3>Patches dropped by quality control</h3>',
+                '<p>Per slide, the tissue patches dropped for ink (pen), folds and blur '
+                '(tissue.remove_pen, tissue.remove_folds, tissue.max_blur), flagged slides first.'
+                '</p>',
+                table(['slide', 'kept', *causes, 'flags'],
+                      [[e['slide_id'], e['patches'], *(e.get('dropped', {}).get(c, 0) for c in causes),
+                        ', '.join(e.get('qc_flags', []))] for e in entries],
+                      ['warn' if e.get('qc_flags') else '' for e in entries])]
     pictures = [e for e in entries if existing(qc_path, workdir, e['slide_id'])]
     figures = [f'<figure class="{"" if e["status"] == "ok" and not e["message"] else "warn"}">'
                + jpeg(qc_path(workdir, e['slide_id']), f'QC {e["slide_id"]}', QC_SIDE)
@@ -354,8 +365,9 @@ def tile_section(workdir: pathlib.Path) -> str:
                f'{", " + escape(e["status"]) if e["status"] != "ok" else ""}</figcaption>'
                '</figure>' for e in pictures[:MAX_QC_PICTURES]]
     if figures:
-        out += ['<h3>QC pictures</h3><p>Kept patches outlined over each slide (flagged slides '
-                'first).</p>', '<div class="grid">' + ''.join(figures) + '</div>']
+        out += ['<h3>QC pictures</h3><p>Kept patches outlined green over each slide, background '
+                'shaded blue, ink magenta, folds orange, blurred patches crossed yellow (flagged '
+                'slides first).</p>', '<div class="grid">' + ''.join(figures) + '</div>']
     if len(pictures) > MAX_QC_PICTURES:
         out.append(f'<p class="muted">{len(pictures) - MAX_QC_PICTURES} more in qc/</p>')
     return '\n'.join(out)
