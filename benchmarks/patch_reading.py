@@ -35,7 +35,6 @@ import tifffile
 
 import machine_info
 import slide_files
-from pathjax.slides import stain
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
 from pathjax.slides.reader import Slide, resize, rgba_to_rgb
 from pathjax.slides.tiling import grid_positions
@@ -47,12 +46,12 @@ REAL_SLIDE = (pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 
 
 
 def read_one(slide: openslide.OpenSlide, patches: SlidePatches, index: int) -> np.ndarray:
-    """One patch the peers' way: read_region, RGBA -> RGB, resize, stain LUT. -> [P, P, 3]."""
+    """One patch the peers' way: read_region, RGBA -> RGB, resize, stain. -> [P, P, 3]."""
     x, y = patches.coords[index]
     region = slide.read_region((int(x), int(y)), patches.level,
                                (patches.read_size, patches.read_size))
     patch = resize(rgba_to_rgb(np.asarray(region)), patches.patch_size)
-    return stain.apply_lut(patch, patches.lut)
+    return patches.stain.apply(patch)
 
 
 def naive_read(patches: SlidePatches) -> int:

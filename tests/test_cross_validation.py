@@ -86,7 +86,7 @@ def test_every_fold_then_the_summary_and_a_resume_after_a_kill(tmp_path):
     scans = sorted(p.stem for p in (tmp_path / 'scans').glob('*.npz'))
     assert scans == sorted(r['slide_id'] for r in cohorts[0])
     references = [artifacts.load_npz(cross_validation.fold_dir(tmp_path, k) / 'stain' /
-                                     'reference.npz')['histograms'] for k in range(FOLDS)]
+                                     'reference.npz')['statistics_histograms'] for k in range(FOLDS)]
     assert not np.array_equal(references[0], references[1])
     for k in range(FOLDS):
         scan = artifacts.load_npz(tmp_path / 'scans' / f'{scans[0]}.npz')

@@ -23,7 +23,8 @@ from pathjax.data.feature_sources import ImportedFeatures, Sources
 from pathjax.data.features import GraphSettings, slide_graph
 from pathjax.errors import StageError
 from pathjax.interop.h5_features import FeatureFileError
-from pathjax.slides import qc, stain
+from pathjax.slides import qc
+from pathjax.slides.stain_transform import SlideStain
 from pathjax.slides.reader import Slide, SlideError
 from pathjax.slides.tile_stage import thumbnail_path
 from pathjax.stage_report import ERROR, OK, SlideEntry
@@ -95,7 +96,7 @@ def import_slide(workdir, record: SlideRecord, source: ImportedFeatures,
     artifacts.save_npz(source.layout,
                        slide_size=np.asarray(size, np.int64), extent=np.float64(extent),
                        level=np.int64(0), read_size=np.int64(read_size),
-                       patch_size=np.int64(read_size), stain_lut=stain.IDENTITY_LUT,
+                       patch_size=np.int64(read_size), **SlideStain.identity().to_tiles(),
                        source=np.asarray(str(source.path)))
     return SlideEntry(record.slide_id, OK, patches=info.num_patches, message=note, details={
         'format': info.format, 'encoder': info.encoder, 'feature_dim': info.feature_dim,

@@ -27,6 +27,7 @@ from pathjax.models.slide.factory import scores_are_attention
 from pathjax.metrics import split_metrics, youden_threshold
 from pathjax.slide_predictor import SlidePredictor
 from pathjax.slide_paths import slide_file
+from pathjax.slides import stain_transform
 from pathjax.slides.reader import SlideError
 from pathjax.slides.tile_stage import thumbnail_path, tiles_path
 from pathjax.stage_report import ERROR, OK, SlideEntry
@@ -37,7 +38,8 @@ def split_dir(workdir, split: str) -> pathlib.Path:
     return pathlib.Path(workdir) / 'eval' / split
 
 
-TILE_FIELDS = ('slide_size', 'extent', 'level', 'read_size', 'patch_size', 'stain_lut')
+TILE_FIELDS = ('slide_size', 'extent', 'level', 'read_size', 'patch_size', 'stain_method',
+               *sorted({k for keys in stain_transform.TRANSFORM_KEYS.values() for k in keys}))
 
 
 def geojson_path(folder, slide_id: str) -> pathlib.Path:

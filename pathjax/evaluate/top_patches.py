@@ -14,7 +14,7 @@ import numpy as np
 
 from pathjax import artifacts
 from pathjax.slide_paths import slide_file
-from pathjax.slides import stain
+from pathjax.slides.stain_transform import SlideStain
 from pathjax.slides.reader import ReadPlan, Slide
 
 
@@ -32,17 +32,17 @@ def top_indices(scores: np.ndarray, count: int) -> np.ndarray:
 def save_top_patches(folder: pathlib.Path, slide_id: str, slide_path: str, tiles: dict,
                      coords: np.ndarray, scores: np.ndarray, count: int) -> list[pathlib.Path]:
     """Writes the slide's top `count` patches (coords int [n, 2] level-0, scores [n]) and returns
-    their files, best first. `tiles`: the slide's tiles file (read plan and stain LUT).
+    their files, best first. `tiles`: the slide's tiles file (read plan and stain transform).
 
     Raises SlideError when the slide cannot be read.
     """
     plan = ReadPlan(level=int(tiles['level']), read_size=int(tiles['read_size']),
                     patch_size=int(tiles['patch_size']), extent=float(tiles['extent']), mpp=None)
-    files = []
+    files, slide_stain = [], SlideStain.from_tiles(tiles)
     with Slide(slide_path) as slide:
         for rank, index in enumerate(top_indices(scores, count), start=1):
             x, y = (int(v) for v in coords[index])
-            patch = stain.apply_lut(slide.read_patch(x, y, plan)[None], tiles['stain_lut'])[0]
+            patch = slide_stain.apply(slide.read_patch(x, y, plan))
             path = top_patches_dir(folder, slide_id) / f'{rank}.png'
             artifacts.save_png(path, patch)
             files.append(path)

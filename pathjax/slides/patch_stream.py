@@ -17,8 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
-from pathjax.slides import stain
 from pathjax.slides.reader import Slide, resize
+from pathjax.slides.stain_transform import SlideStain
 
 MAX_RUN = 4  # patches merged into one region read
 
@@ -32,7 +32,7 @@ class SlidePatches:
       path: the slide file.
       coords: int64 [N, 2], level-0 (x, y) of each patch's top-left corner.
       level, read_size, patch_size: the read plan (see `reader.ReadPlan`).
-      lut: uint8 [3, 256], the slide's stain lookup table.
+      stain: the slide's stain transform.
       downsample: of `level` from level 0.
     """
 
@@ -42,15 +42,15 @@ class SlidePatches:
     level: int
     read_size: int
     patch_size: int
-    lut: np.ndarray
+    stain: SlideStain
     downsample: float
 
     @classmethod
     def from_tiles(cls, slide_id: str, path: str, tiles: dict[str, np.ndarray]) -> 'SlidePatches':
-        """From the arrays of the slide's tiles file (a damaged stain table: ValueError)."""
+        """From the arrays of the slide's tiles file (a damaged stain transform: ValueError)."""
         read_size = int(tiles['read_size'])
         return cls(slide_id, path, tiles['coords'], int(tiles['level']), read_size,
-                   int(tiles['patch_size']), stain.checked_lut(tiles['stain_lut']),
+                   int(tiles['patch_size']), SlideStain.from_tiles(tiles),
                    float(tiles['extent']) / read_size)
 
 
@@ -127,11 +127,11 @@ class PatchReader:
         x, y = slide.coords[start]
         size, count = slide.read_size, stop - start
         region = handle.read_region(x, y, slide.level, size * count, size)  # [S, count S, 3]
-        if size == slide.patch_size:  # the stain LUT over the region, then split without a copy
-            return stain.apply_lut(region, slide.lut).reshape(size, count, size, 3).swapaxes(0, 1)
+        if size == slide.patch_size:  # the stain over the region, then split without a copy
+            return slide.stain.apply(region).reshape(size, count, size, 3).swapaxes(0, 1)
         patches = np.stack([resize(region[:, j * size:(j + 1) * size], slide.patch_size)
                             for j in range(count)])
-        return stain.apply_lut(patches, slide.lut)
+        return slide.stain.apply(patches)
 
     def batches(self, slide: SlidePatches) -> Iterator[PatchBatch]:
         runs = plan_runs(slide.coords, slide.read_size, slide.downsample)

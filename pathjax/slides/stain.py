@@ -14,7 +14,6 @@ from PIL import Image
 # The patch reader's threads are the parallelism; OpenCV's own pool would oversubscribe them.
 cv2.setNumThreads(1)
 
-METHODS = ('histogram', 'macenko', 'reinhard', 'none')
 IDENTITY_LUT = np.tile(np.arange(256, dtype=np.uint8), (3, 1))  # [3, 256]
 
 
@@ -83,6 +82,29 @@ def cohort_reference(slide_histograms: list[np.ndarray]) -> np.ndarray:
     if not slide_histograms:
         raise ValueError('no slide histograms to build a cohort stain reference from')
     return normalize_histograms(np.stack(slide_histograms)).mean(axis=0)
+
+
+def slide_statistics(pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """A slide's tissue pixels (or a template's), uint8 [N, 3] -> {'histograms': int64 [3, 256]};
+    no pixel is a ValueError."""
+    if not len(pixels):
+        raise ValueError('no tissue pixel to take a histogram of')
+    return {'histograms': channel_histograms(pixels)}
+
+
+def reference(statistics: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """A cohort reference: {'histograms': float64 [3, 256]}, `cohort_reference`."""
+    return {'histograms': cohort_reference([s['histograms'] for s in statistics])}
+
+
+def fit(slide: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{'stain_lut': uint8 [3, 256]} taking the slide's histograms onto the reference's."""
+    return {'stain_lut': fit_lut(slide['histograms'], reference['histograms'])}
+
+
+def apply(images: np.ndarray, transform: dict[str, np.ndarray]) -> np.ndarray:
+    """`apply_lut` with transform['stain_lut']."""
+    return apply_lut(images, transform['stain_lut'])
 
 
 def read_template(path: str) -> np.ndarray:

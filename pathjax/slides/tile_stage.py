@@ -31,7 +31,7 @@ from pathjax.errors import StageError
 from pathjax.interop import geojson
 from pathjax.sampling import seeded_subset
 from pathjax.slide_paths import slide_file
-from pathjax.slides import qc, source_file, stain, tissue_qc
+from pathjax.slides import qc, source_file, stain, stain_transform, tissue_qc
 from pathjax.slides.artifact_masks import pen_mask
 from pathjax.slides.focus import laplacian_variance
 from pathjax.slides.reader import Slide, SlideError
@@ -46,6 +46,7 @@ STAGE = 'tile'
 MASK_WINDOW_PIXELS = 8
 QC_SIDE = 1024
 LITTLE_TISSUE = 0.02  # a slide with less tissue than this share of its area is flagged
+STATISTICS = 'statistics_'  # prefix of the stain statistics in a scan file
 STAIN_SAMPLE_SEED = 0  # the kept patches a slide's stain histogram is taken from: the same in
 # every run and fold, whatever the split and training seeds
 
@@ -149,22 +150,27 @@ def _scan(slide: Slide, slide_id: str, settings: TileSettings, roi=None, roi_fil
                 f'{len(dropped[c])} {c}' for c in tissue_qc.CAUSES[1:] if len(dropped[c])))
         else:
             warnings.append(f'no patch reaches tissue.min_fraction={rule.min_fraction}')
-    histogram = np.zeros((3, 256), np.int64)
-    if settings.stain_method == 'histogram' and len(tiles):
+    statistics = {}
+    if settings.stain_method != 'none' and len(tiles):
         sample = seeded_subset(slide_id, len(tiles), settings.stain_fit_patches, STAIN_SAMPLE_SEED)
-        for x, y in tiles.coords[sample]:  # the tissue pixels only: not the white around them
-            pixels = slide.read_patch(x, y, plan)
-            histogram += stain.channel_histograms(pixels[stain_pixels(pixels, rule)])
+        pixels = [patch[stain_pixels(patch, rule)]  # the tissue pixels only: not the white
+                  for patch in (slide.read_patch(x, y, plan) for x, y in tiles.coords[sample])]
+        try:
+            statistics = stain_transform.MODULES[settings.stain_method].slide_statistics(
+                np.concatenate(pixels))
+        except ValueError as error:
+            warnings.append(f'no {settings.stain_method} stain fit, left unnormalized: {error}')
     scan = dict(coords=tiles.coords, grid=tiles.grid, tissue=tiles.tissue, focus=focus,
-                dropped=np.array([len(dropped.get(c, ())) for c in tissue_qc.CAUSES], np.int64),
+                dropped=np.array([len(dropped[c]) for c in tissue_qc.CAUSES], np.int64),
                 level=plan.level, read_size=plan.read_size, patch_size=plan.patch_size,
                 extent=plan.extent, mpp=np.nan if plan.mpp is None else plan.mpp,
                 slide_size=np.asarray(slide.dimensions, np.int64),
                 slide_tissue_fraction=np.float32(1.0 - background.mean()),
                 tissue_mask=qc.shrink_mask(~background),
-                stain_histogram=histogram, warnings=np.asarray(warnings, dtype=str))
+                warnings=np.asarray(warnings, dtype=str),
+                **{STATISTICS + name: value for name, value in statistics.items()})
     picture = qc.qc_picture(overview, background, slide.dimensions, tiles.coords, plan.extent,
-                            masks.pen, masks.fold, dropped.get('blur', ()))
+                            masks.pen, masks.fold, dropped['blur'])
     return scan, picture, qc.thumbnail(overview)
 
 
@@ -235,21 +241,31 @@ def _scan_in_pool(records, settings, workdir, workers, entries, progress) -> Non
         logging.warning('tile: a worker process died; rescanning the unfinished slides one by one')
 
 
-def stain_reference(config, scans: dict[str, dict], cohort: Cohort) -> tuple[np.ndarray, str]:
-    """[3, 256] reference histograms and a description of where they came from."""
+def slide_statistics(scan: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The stain statistics a scan file holds ({} when its slide had none to fit)."""
+    return {k[len(STATISTICS):]: v for k, v in scan.items() if k.startswith(STATISTICS)}
+
+
+def stain_reference(config, scans: dict[str, dict], cohort: Cohort
+                    ) -> tuple[dict[str, np.ndarray], str]:
+    """The reference statistics of stain.method and a description of where they came from."""
+    module = stain_transform.MODULES[config.stain.method]
     source = config.stain.reference
     if source != 'cohort':
         image = stain.read_template(source)  # checked before the run
-        return stain.normalize_histograms(stain.channel_histograms(image)), f'template {source}'
+        try:
+            return module.slide_statistics(image.reshape(-1, 3)), f'template {source}'
+        except ValueError as error:
+            raise StageError(f'stain.reference: template {source}: {error}') from None
     train = {s.slide_id for s in cohort.split('train')}
-    chosen = [s['stain_histogram'] for i, s in scans.items()
-              if i in train and s['stain_histogram'].sum()]
+    chosen = [slide_statistics(s) for i, s in scans.items() if i in train]
+    chosen = [s for s in chosen if s]
     if not chosen:
         raise StageError('tile: no training slide has tissue, so there is no cohort stain '
                          'reference (stain.reference=cohort: the mean of the training slides; '
                          'validation and test slides must not shape it); see reports/tile.json, '
                          'or give a template image as stain.reference')
-    return stain.cohort_reference(chosen), f'mean of {len(chosen)} training slides'
+    return module.reference(chosen), f'mean of {len(chosen)} training slides'
 
 
 def run(config, workdir: str, cohort: Cohort) -> list[SlideEntry]:
@@ -348,7 +364,10 @@ def _finish(config, workdir: str, cohort: Cohort) -> dict[str, str]:
     reference_file = pathlib.Path(workdir) / 'stain' / 'reference.npz'
     training = reference_sources(config, workdir, cohort)
     recorded = recorded_text(reference_file, 'sources') if reference_file.exists() else ''
-    if training and recorded and recorded != training:
+    if reference_file.exists() and recorded_text(reference_file, 'method') not in (
+            config.stain.method, ''):  # '': made before other methods existed, histograms
+        reference_file.unlink()  # stain.method changed: the stage's settings redo every slide
+    elif training and recorded and recorded != training:
         logging.info('tile: a training slide changed: refitting the stain reference and every '
                      "slide's lookup table")
         reference_file.unlink()
@@ -361,36 +380,41 @@ def _finish(config, workdir: str, cohort: Cohort) -> dict[str, str]:
                and not tiles_path(workdir, r.slide_id).exists()}
     if not pending:
         return refitted
-    if config.stain.method == 'none' or not any(len(s['coords']) for s in pending.values()):
+    method = config.stain.method
+    if method == 'none' or not any(len(s['coords']) for s in pending.values()):
         reference = None
     elif reference_file.exists():
-        reference = artifacts.load_npz(reference_file)['histograms']
+        reference = slide_statistics(artifacts.load_npz(reference_file))
     else:
         finished = {r.slide_id: artifacts.load_npz(tiles_path(workdir, r.slide_id))
                     for r in cohort.slides if tiles_path(workdir, r.slide_id).exists()}
         reference, source = stain_reference(config, {**finished, **pending}, cohort)
-        artifacts.save_npz(reference_file, histograms=reference, source=np.asarray(source),
-                           sources=np.asarray(training))
-        logging.info('tile: stain reference from the %s', source)
+        artifacts.save_npz(reference_file, method=np.asarray(method), source=np.asarray(source),
+                           sources=np.asarray(training),
+                           **{STATISTICS + k: v for k, v in reference.items()})
+        logging.info('tile: %s stain reference from the %s', method, source)
     for slide_id, scan in pending.items():
-        if reference is None or not scan['stain_histogram'].sum():  # no tissue pixel sampled
-            lut = stain.IDENTITY_LUT
-        else:
-            lut = stain.fit_lut(scan['stain_histogram'], reference)
-        artifacts.save_npz(tiles_path(workdir, slide_id), **scan, stain_lut=lut)
+        statistics = slide_statistics(scan)
+        slide_stain = stain_transform.SlideStain.identity()  # no tissue pixel sampled, or no fit
+        if reference is not None and statistics:
+            try:
+                slide_stain = stain_transform.SlideStain(
+                    method, stain_transform.MODULES[method].fit(statistics, reference))
+            except ValueError as error:
+                logging.warning('tile: slide %s left unnormalized: %s', slide_id, error)
+        artifacts.save_npz(tiles_path(workdir, slide_id), **scan, **slide_stain.to_tiles())
     return refitted
 
 
 def tiles_digest(workdir, slide_id: str) -> str:
     """What a slide's tiles file is made from, as a short digest: its slide file and its stain
-    lookup table ('' when the slide has no tiles file)."""
+    transform ('' when the slide has no tiles file)."""
     path = tiles_path(workdir, slide_id)
     if not path.exists():
         return ''
-    with np.load(path, allow_pickle=False) as data:
-        source = str(data['source']) if 'source' in data.files else ''
-        digest = hashlib.blake2b(source.encode(), digest_size=16)
-        digest.update(data['stain_lut'].tobytes())
+    tiles = artifacts.load_npz(path)
+    digest = hashlib.blake2b(str(tiles.get('source', '')).encode(), digest_size=16)
+    digest.update(stain_transform.SlideStain.from_tiles(tiles).digest())
     return digest.hexdigest()
 
 

@@ -47,7 +47,7 @@ def overview_masks(overview: np.ndarray, downsample: float, rule: TissueRule,
 def select_patches(masks: OverviewMasks, slide_size: tuple[int, int], extent: float,
                    rule: TissueRule) -> tuple[Tiles, dict[str, np.ndarray]]:
     """(the kept patches, {cause: int64 [M, 2] level-0 (x, y) of the patches it dropped}) for
-    background, pen and fold; blur is decided on the kept patches (`drop_blurred`)."""
+    background, pen and fold; blur (none yet) is decided on the kept patches (`drop_blurred`)."""
     coords, grid = grid_positions(*slide_size, extent)
     tissue = patch_tissue_fractions(~masks.background, slide_size, coords, extent)
     keep = tissue >= rule.min_fraction
@@ -59,6 +59,7 @@ def select_patches(masks: OverviewMasks, slide_size: tuple[int, int], extent: fl
                           > rule.max_artifact_fraction)
         dropped[cause] = coords[bad]
         keep &= ~bad
+    dropped['blur'] = coords[:0]
     return Tiles(coords=coords[keep], grid=grid[keep], tissue=tissue[keep]), dropped
 
 

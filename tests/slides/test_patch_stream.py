@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pathjax.slides import stain, synthetic
+from pathjax.slides.stain_transform import SlideStain
 from pathjax.slides.patch_stream import PatchReader, SlidePatches, plan_runs
 from pathjax.slides.reader import Slide
 
@@ -38,7 +39,8 @@ def test_stream_equals_one_read_per_patch(slide_file, workers, batch_size):
         lut = rng.permutation(256).astype(np.uint8)[None].repeat(3, axis=0)
         expected = np.stack([stain.apply_lut(slide.read_patch(x, y, plan), lut) for x, y in coords])
     patches = SlidePatches('s', str(slide_file), coords, plan.level, plan.read_size,
-                           plan.patch_size, lut, plan.extent / plan.read_size)
+                           plan.patch_size, SlideStain('histogram', {'stain_lut': lut}),
+                           plan.extent / plan.read_size)
     open_files = len(os.listdir('/proc/self/fd'))
     with PatchReader(batch_size=batch_size, workers=workers, prefetch=3) as reader:
         batches = list(reader.batches(patches))

@@ -78,7 +78,7 @@ def test_kept_patches_are_the_tissue_of_the_rendered_slides(tiled):
     kept_fractions, dropped_fractions = [], []
     for slide in synthetic.cohort_specs(spec.num_slides, tuple(config.data.classes),
                                         seed=spec.seed, width=spec.width, height=spec.height):
-        _, tissue_mask, _ = synthetic.render_slide(slide, return_masks=True)
+        tissue_mask = synthetic.render_slide(slide, return_masks=True)[1]['tissue']
         tiles = artifacts.load_npz(workdir / 'tiles' / f'{slide.slide_id}.npz')
         extent = int(tiles['extent'])
         kept = {tuple(c) for c in tiles['coords']}
@@ -95,8 +95,9 @@ def test_cohort_stain_reference_is_the_training_slides_mean(tiled):
     workdir, _ = tiled
     cohort_rows = [line.split(',') for line in (workdir / 'cohort.csv').read_text().splitlines()[1:]]
     train = [row[0] for row in cohort_rows if row[4] == 'train']
-    histograms = [artifacts.load_npz(workdir / 'tiles' / f'{s}.npz')['stain_histogram'] for s in train]
-    reference = artifacts.load_npz(workdir / 'stain' / 'reference.npz')['histograms']
+    histograms = [artifacts.load_npz(workdir / 'tiles' / f'{s}.npz')['statistics_histograms']
+                  for s in train]
+    reference = artifacts.load_npz(workdir / 'stain' / 'reference.npz')['statistics_histograms']
     np.testing.assert_allclose(reference, stain.cohort_reference(histograms))
     # Each slide's LUT moves its own histogram onto the reference: per-channel means agree to a
     # few grey levels (skimage's CDF mapping sends a whole histogram bin to the reference value at
@@ -105,7 +106,7 @@ def test_cohort_stain_reference_is_the_training_slides_mean(tiled):
     reference_mean = (reference * values).sum(axis=1)
     for row in cohort_rows:
         tiles = artifacts.load_npz(workdir / 'tiles' / f'{row[0]}.npz')
-        own = stain.normalize_histograms(tiles['stain_histogram'])
+        own = stain.normalize_histograms(tiles['statistics_histograms'])
         mapped_mean = (own * tiles['stain_lut']).sum(axis=1)
         assert np.abs(mapped_mean - reference_mean).max() < 8.0
         assert (np.abs(mapped_mean - reference_mean).sum()
@@ -120,7 +121,8 @@ def test_template_reference(cohort_manifest, tmp_path, shared_data):
     from PIL import Image
     expected = stain.normalize_histograms(stain.channel_histograms(np.asarray(Image.open(template).convert('RGB'))))
     reference = artifacts.load_npz(tmp_path / 'stain' / 'reference.npz')
-    np.testing.assert_allclose(reference['histograms'], expected)
+    np.testing.assert_allclose(stain.normalize_histograms(reference['statistics_histograms']),
+                               expected)
     assert 'template' in str(reference['source'])
 
 
@@ -229,7 +231,7 @@ def test_stain_histograms_count_tissue_pixels_only(tiled):
                 for channel in range(3):
                     expected[channel] += np.bincount(pixels[tissue, channel], minlength=256)
         assert white > 0  # the check means something: the sampled patches hold background
-        np.testing.assert_array_equal(tiles['stain_histogram'], expected)
+        np.testing.assert_array_equal(tiles['statistics_histograms'], expected)
 
 
 def test_no_training_slide_with_tissue_is_an_error_naming_it(cohort_manifest, tmp_path):
@@ -237,8 +239,8 @@ def test_no_training_slide_with_tissue_is_an_error_naming_it(cohort_manifest, tm
     stage stops with a message, instead of using validation and test slides."""
     config = load_config(**{'data.manifest': str(cohort_manifest)})
     cohort, _ = pipeline.prepare_cohort(config, tmp_path)
-    scans = {r.slide_id: {'stain_histogram': np.zeros((3, 256), np.int64) if r.split == 'train'
-                          else np.ones((3, 256), np.int64)} for r in cohort.slides}
+    scans = {r.slide_id: {} if r.split == 'train'  # no tissue pixel, so no statistics
+             else {'statistics_histograms': np.ones((3, 256), np.int64)} for r in cohort.slides}
     assert {r.split for r in cohort.slides} >= {'train', 'test'}
     with pytest.raises(StageError, match='no training slide has tissue'):
         tile_stage.stain_reference(config, scans, cohort)

@@ -142,7 +142,7 @@ def test_each_dropped_patch_has_one_cause_in_order():
     tiles, dropped = tissue_qc.select_patches(masks, (400, 400), 100.0, rule)
     assert dropped['background'].tolist() == [[0, 0], [100, 0], [200, 0], [300, 0]]
     assert dropped['pen'].tolist() == [[0, 100], [0, 200]]
-    assert dropped['fold'].tolist() == [[100, 200]]
+    assert dropped['fold'].tolist() == [[100, 200]] and dropped['blur'].shape == (0, 2)
     assert len(tiles) == 16 - 7 and [100, 100] in tiles.coords.tolist()
     focus_values = np.arange(len(tiles), dtype=np.float32)
     sharp, kept_focus, blurred = tissue_qc.drop_blurred(tiles, focus_values, 3.0)

@@ -14,7 +14,7 @@ from pathjax.data import slide_sets
 from pathjax.data.features import NativeFeatures
 from pathjax.errors import StageError
 from pathjax.models.patch.feature_net import FeatureNet, create_feature_net
-from pathjax.slides import stain
+from pathjax.slides.stain_transform import SlideStain
 from pathjax.slides.patch_stream import PatchBatch
 from pathjax.slides.reader import Slide
 from pathjax.train import extract
@@ -26,8 +26,8 @@ def direct_features(config, params, slide_path, tiles, indices):
     """The network applied to patches read one by one (independent of the patch stream)."""
     with Slide(slide_path) as slide:
         plan = slide.plan(config.tile.mpp, config.tile.patch_size)
-        images = np.stack([stain.apply_lut(slide.read_patch(*tiles['coords'][i], plan),
-                                           tiles['stain_lut']) for i in indices])
+        images = np.stack([SlideStain.from_tiles(tiles).apply(
+            slide.read_patch(*tiles['coords'][i], plan)) for i in indices])
     model = create_feature_net(config)
     return np.asarray(model.apply({'params': params}, images, method=FeatureNet.features))
 
@@ -175,10 +175,11 @@ def test_slide_features_keeps_a_bounded_number_of_batches_in_flight():
     assert unread_at_reads and min(unread_at_reads) >= 2
 
 
-@pytest.mark.parametrize('damage', ['truncated', 'stain table'])
+@pytest.mark.parametrize('damage', ['truncated', 'stain table', 'stain matrix', 'stain method'])
 def test_a_damaged_tiles_file_is_an_error_entry_naming_it(tmp_path, damage):
-    """A tiles file that does not load, or whose stain table is not uint8 [3, 256], gives the
-    slide an error entry that names the file, before any reading or network work."""
+    """A tiles file that does not load, whose stain table is not uint8 [3, 256], whose Macenko
+    matrix is not finite, or whose stain method is unknown gives the slide an error entry that
+    names the file, before any reading or network work."""
     from pathjax.cohort import SlideRecord
     from pathjax.slides.tile_stage import tiles_path
     record = SlideRecord('s1', str(tmp_path / 's1.svs'), 'a', 'c1', 'train', line=2)
@@ -187,6 +188,10 @@ def test_a_damaged_tiles_file_is_an_error_entry_naming_it(tmp_path, damage):
     tiles = {'coords': np.zeros((2, 2), np.int64), 'level': np.int64(0),
              'read_size': np.int64(64), 'patch_size': np.int64(64), 'extent': np.float64(64),
              'stain_lut': np.zeros((3, 255), np.uint8)}
+    if damage == 'stain matrix':
+        tiles.update(stain_method=np.asarray('macenko'), stain_od_matrix=np.full((3, 3), np.nan))
+    if damage == 'stain method':
+        tiles.update(stain_method=np.asarray('vahadane'))
     artifacts.save_npz(path, **tiles)
     if damage == 'truncated':
         path.write_bytes(path.read_bytes()[:40])
