@@ -77,7 +77,9 @@ def test_pyramid_levels_down_to_below_two_tiles(tmp_path):
 @pytest.mark.parametrize('mpp', synthetic.MPPS)
 def test_tissue_follows_the_background_rule(mpp, seed):
     spec = make_spec(mpp=mpp, seed=seed, width=1024, height=768)
-    image, tissue, _ = synthetic.render_slide(spec, return_masks=True)
+    image, masks = synthetic.render_slide(spec, return_masks=True)
+    tissue = masks['tissue']
+    assert sorted(masks) == ['motif', 'tissue']  # no artifacts asked, none drawn
     assert image.dtype == np.uint8 and image.shape == (768, 1024, 3)
     assert 0.3 <= tissue.mean() <= 0.55
     kept = (image <= 200).all(-1)  # tissue by "background when any channel > 200"
@@ -90,10 +92,11 @@ def test_tissue_follows_the_background_rule(mpp, seed):
 @pytest.mark.parametrize('seed', [1, 2, 3])
 def test_motif_only_on_positive_slides_and_only_in_its_region(seed):
     mpp = 0.5
-    positive, tissue, motif = synthetic.render_slide(make_spec(True, mpp, seed=seed),
-                                                     return_masks=True)
-    negative, tissue_neg, motif_neg = synthetic.render_slide(make_spec(False, mpp, seed=seed),
-                                                             return_masks=True)
+    positive, masks = synthetic.render_slide(make_spec(True, mpp, seed=seed), return_masks=True)
+    negative, masks_neg = synthetic.render_slide(make_spec(False, mpp, seed=seed),
+                                                 return_masks=True)
+    tissue, motif = masks['tissue'], masks['motif']
+    tissue_neg, motif_neg = masks_neg['tissue'], masks_neg['motif']
     np.testing.assert_array_equal(tissue, tissue_neg)
     assert not motif_neg.any()
     assert not (motif & ~tissue).any()
@@ -281,9 +284,11 @@ def test_motif_fraction_sets_the_share_of_tissue_the_motif_covers(low, high):
     """A harder cohort (`data.synthetic.motif_fraction`): the same slide outside the motif, a
     motif covering the asked share of its tissue (on the 8-um grid), nested as the share grows."""
     spec = make_spec(True, 0.5, seed=2)
-    image, tissue, motif = synthetic.render_slide(
-        dataclasses.replace(spec, motif_fraction=(low, high)), return_masks=True)
-    _, default_tissue, default_motif = synthetic.render_slide(spec, return_masks=True)
+    _, masks = synthetic.render_slide(dataclasses.replace(spec, motif_fraction=(low, high)),
+                                      return_masks=True)
+    _, default = synthetic.render_slide(spec, return_masks=True)
+    tissue, motif = masks['tissue'], masks['motif']
+    default_tissue, default_motif = default['tissue'], default['motif']
     np.testing.assert_array_equal(tissue, default_tissue)
     assert low - 0.01 <= motif.sum() / tissue.sum() <= high + 0.01
     smaller, larger = sorted((motif, default_motif), key=np.sum)
