@@ -165,7 +165,8 @@ def learn_step_memory(model, config, passes, state, batch, replicated, batched, 
     import jax
     from pathjax.train import feature_learning
     step = feature_learning.compile_train_step(model, config.am_softmax.s, config.am_softmax.m,
-                                               True, passes, replicated, batched, options)
+                                               config.learn.augment, config.learn.hed_sigma,
+                                               passes, replicated, batched, options)
     key = jax.random.key(0)
     if passes == 1:
         return step.lower(state, batch, key).compile().memory_analysis()

@@ -5,9 +5,10 @@ and a section that fails or hangs costs only itself), within one overall deadlin
 - launch: `python launch.py --config configs/test.py` end to end (exit status, wall time; with
   --cpu the tile stage alone: the suite's end-to-end test runs the rest on CPU).
 - vgg: the feature network at 512 px in bfloat16 and float32: pathjax's learn_features train
-  step (D4 augmentation on device, AM-softmax, Adam with clipping, state donated) and the extract
-  forward, images/s and the fraction of the device's peak FLOP/s (convolution FLOPs counted as
-  feature_net.py does: forward, or forward + weight and input gradients).
+  step (the config's learn.augment on device, D4 by default; AM-softmax, Adam with clipping,
+  state donated) and the extract forward, images/s and the fraction of the device's peak FLOP/s
+  (convolution FLOPs counted as feature_net.py does: forward, or forward + weight and input
+  gradients).
 - vit: the ViT encoders ViT-B/16 and ViT-L/16 (presets vit_base_patch16_224 and
   vit_large_patch16_224), inference at 224 px in bfloat16 and float32, images/s and the fraction
   of the peak (FLOPs counted as vit_encoders.py does).
@@ -178,7 +179,7 @@ def section_vgg(sizes: Sizes, _) -> list[dict]:
             apply_fn=model.apply, params=random_params(model.init, images[:1]),
             tx=feature_learning.create_optimizer(config.learn, 1000))
         step = feature_learning.make_train_step(model, config.am_softmax.s, config.am_softmax.m,
-                                                augment=True)
+                                                config.learn.augment, config.learn.hed_sigma)
         batch = jax.device_put({'image': images[:sizes.train_batch], 'label': labels})
         key = jax.random.key(0)
         start = time.perf_counter()

@@ -99,8 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
     # makes early gradients large; without clipping, VGG-16 trained from scratch stalls)
     config.learn.augment = 'd4'  # the 8 rotations/flips, per patch, on device; 'd4+hed' adds
     # HED colour jitter (Tellez 2019); or 'none'
-    config.learn.hed_sigma = 0.05  # 'd4+hed': each stain channel scaled by U(1 - s, 1 + s) and
-    # shifted by U(-s, s) (HED-light; 0.2 is HED-strong)
+    config.learn.hed_sigma = 0.05  # 'd4+hed': each stain scaled by U(1 - s, 1 + s) and
+    # shifted by U(-s, s) in optical density (HED-light; 0.2 is HED-strong)
     config.learn.log_every = 50  # steps between metric lines
 
     # Patch features made by another tool (TRIDENT, CLAM, STAMP): one <slide_id>.h5 per slide in

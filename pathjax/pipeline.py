@@ -26,7 +26,7 @@ from pathjax.models.patch.feature_net import (VGG16_BACKBONE, backbones, normali
                                        resolve_tile_defaults)
 from pathjax.models.patch.pretrained import check_weights_file
 from pathjax.models.patch.vit_presets import PRESETS
-from pathjax.slides import stain, synthetic, tile_stage
+from pathjax.slides import stain, stain_transform, synthetic, tile_stage
 from pathjax.slides.tissue import TissueRule
 from pathjax.evaluate import evaluate_stage, predict_stage, report_page
 from pathjax.train import extract, feature_learning, slide_training
@@ -141,6 +141,9 @@ def check_config(config) -> list[str]:
                              f"choose from {', '.join(synthetic.ARTIFACTS)}")
         require(spec.sites == 0 or spec.sites >= 2,
                 f'data.synthetic.sites must be 0 (a stain per slide) or >= 2, got {spec.sites}')
+        require(spec.sites == 0 or config.data.folds <= 1,
+                'data.synthetic.sites deals the splits itself (the test split has its own share '
+                'of slides at their label\'s site): leave data.folds at 0')
         shares = tuple(spec.site_follows_label)
         require(len(shares) == 2 and all(0 <= p <= 1 for p in shares),
                 f'data.synthetic.site_follows_label must be (train/val, test) chances in [0, 1], '
@@ -159,8 +162,9 @@ def check_config(config) -> list[str]:
         TissueRule(**config.tissue)
     except ValueError as error:
         problems.append(str(error))
-    require(config.stain.method in stain.METHODS,
-            f"stain.method must be one of {', '.join(stain.METHODS)}, got {config.stain.method!r}")
+    require(config.stain.method in stain_transform.METHODS,
+            f"stain.method must be one of {', '.join(stain_transform.METHODS)}, got "
+            f'{config.stain.method!r}')
     if config.stain.reference != 'cohort':
         try:
             stain.read_template(config.stain.reference)
@@ -220,8 +224,9 @@ def check_config(config) -> list[str]:
     require(learn.lr > 0, f'learn.lr must be > 0, got {learn.lr}')
     require(learn.lr_schedule in ('cosine', 'constant'),
             f"learn.lr_schedule must be 'cosine' or 'constant', got {learn.lr_schedule!r}")
-    require(learn.augment in ('d4', 'd4+hed', 'none'),
-            f"learn.augment must be 'd4', 'd4+hed' or 'none', got {learn.augment!r}")
+    require(learn.augment in feature_learning.AUGMENTATIONS,
+            f"learn.augment must be one of {', '.join(feature_learning.AUGMENTATIONS)}, got "
+            f'{learn.augment!r}')
     require(0 <= learn.hed_sigma < 1, f'learn.hed_sigma must be in [0, 1), got {learn.hed_sigma}')
     require(learn.grad_clip >= 0, f'learn.grad_clip must be >= 0, got {learn.grad_clip}')
     require(learn.log_every >= 1, f'learn.log_every must be >= 1, got {learn.log_every}')
@@ -307,7 +312,10 @@ def prepare_cohort(config, workdir: pathlib.Path) -> tuple[cohort_lib.Cohort, pa
             synthetic.make_cohort(manifest.parent, spec.num_slides, tuple(config.data.classes),
                                   seed=spec.seed, width=spec.width, height=spec.height,
                                   workers=config.workers,
-                                  motif_fraction=tuple(spec.motif_fraction))
+                                  motif_fraction=tuple(spec.motif_fraction),
+                                  artifacts=tuple(spec.artifacts), sites=spec.sites,
+                                  site_follows_label=tuple(spec.site_follows_label),
+                                  split_fractions=tuple(config.data.split_fractions))
         sharding.barrier('pathjax synthetic cohort')
     try:
         cohort = cohort_lib.load_cohort(manifest, tuple(config.data.classes),

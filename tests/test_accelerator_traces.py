@@ -130,8 +130,8 @@ def test_accelerator_tiles_compute_the_same_attention():
 
 def test_feature_step_on_gpu_traces_in_bfloat16(backend):
     """The feature network's train step on a GPU at the default batch (32 patches of 512 px,
-    D4 augmentation): bfloat16 convolutions, float32 parameters and loss, no CPU-only compiler
-    option."""
+    D4 + HED augmentation): bfloat16 convolutions, float32 parameters and loss, no CPU-only
+    compiler option."""
     backend('gpu')
     config = make_config('default')
     model = create_feature_net(config)
@@ -139,7 +139,7 @@ def test_feature_step_on_gpu_traces_in_bfloat16(backend):
     batch = {'image': jax.ShapeDtypeStruct((count, size, size, 3), jnp.uint8),
              'label': jax.ShapeDtypeStruct((count,), jnp.int32)}
     step = feature_learning.make_train_step(model, config.am_softmax.s, config.am_softmax.m,
-                                            augment=True)
+                                            'd4+hed', config.learn.hed_sigma)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3),
                                                                             jnp.uint8))['params'])
 
@@ -187,7 +187,7 @@ def test_vit_encoder_on_gpu_uses_cudnn_attention_in_bfloat16(backend):
     batch = {'image': jax.ShapeDtypeStruct((config.learn.batch_size, size, size, 3), jnp.uint8),
              'label': jax.ShapeDtypeStruct((config.learn.batch_size,), jnp.int32)}
     step = feature_learning.make_train_step(model, config.am_softmax.s, config.am_softmax.m,
-                                            augment=True)
+                                            config.learn.augment, config.learn.hed_sigma)
     names = step_primitives(model, step, lambda: params, batch)
     assert any('cudnn' in name or 'dot_product_attention' in name for name in names), names
 

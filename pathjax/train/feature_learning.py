@@ -1,11 +1,13 @@
 """The `learn_features` stage: VGG-16 + AM-softmax trained on patches labelled by their slide.
 
 A compiled train step `(state, batch, rng) -> (state, metrics)` runs data parallel over the
-mesh's `data` axis (state replicated and donated, batch sharded); the D4 augmentation runs inside
-it (on CPU at 512 px, as several calls of micro-batches: `micro_batches.AccumulatedStep`). Each epoch ends with the validation patch accuracy and an Orbax checkpoint; a rerun resumes
-from the latest checkpoint, and because the data order depends only on (seed, epoch) and the step
-randomness only on (seed, step), it ends with the same parameters as an uninterrupted run. A NaN
-loss stops the run with the last good checkpoint kept.
+mesh's `data` axis (state replicated and donated, batch sharded); the augmentation
+(`learn.augment`: D4, optionally followed by HED colour jitter) runs inside it (on CPU at 512 px,
+as several calls of micro-batches: `micro_batches.AccumulatedStep`). Each epoch ends with the
+validation patch accuracy and an Orbax checkpoint; a rerun resumes from the latest checkpoint,
+and because the data order depends only on (seed, epoch) and the step randomness only on (seed,
+step), it ends with the same parameters as an uninterrupted run. A NaN loss stops the run with
+the last good checkpoint kept.
 """
 
 import pathlib
@@ -22,6 +24,7 @@ from pathjax import stage_report
 from pathjax.cohort import Cohort
 from pathjax.data import patches
 from pathjax.data.augment import random_d4
+from pathjax.data.hed_jitter import random_hed_jitter
 from pathjax.errors import StageError, UsageError
 from pathjax.models.patch.am_softmax import am_softmax_loss
 from pathjax.models.patch.feature_net import VGG16_BACKBONE, FeatureNet, create_feature_net
@@ -81,13 +84,30 @@ def initial_params(model: FeatureNet, config, patch_size: int) -> dict:
         raise UsageError(f'feature_net.weights: {error}') from None
 
 
-def make_train_parts(model: FeatureNet, s: float, m: float, augment: bool):
-    """The train step's two halves: prepare(batch, rng) -> {'image', 'label'} (the D4
-    augmentation, drawn for the whole batch) and gradient(params, inputs) -> (grads, {'loss',
-    'accuracy'}) of the mean AM-softmax loss over the inputs' rows."""
+AUGMENTATIONS = ('d4', 'd4+hed', 'none')
+
+
+def augment_images(images: jax.Array, rng: jax.Array, augment: str, hed_sigma: float) -> jax.Array:
+    """uint8 [B, P, P, 3] -> uint8 [B, P, P, 3], per sample: 'd4' a random symmetry, 'd4+hed' the
+    same symmetry (drawn from rng as under 'd4') then HED jitter of strength hed_sigma (drawn
+    from fold_in(rng, 1)), 'none' the images unchanged."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f'augment must be one of {AUGMENTATIONS}, got {augment!r}')
+    if augment == 'none':
+        return images
+    images = random_d4(rng, images)
+    if augment == 'd4+hed':
+        images = random_hed_jitter(jax.random.fold_in(rng, 1), images, hed_sigma)
+    return images
+
+
+def make_train_parts(model: FeatureNet, s: float, m: float, augment: str, hed_sigma: float):
+    """The train step's two halves: prepare(batch, rng) -> {'image', 'label'} (`augment_images`,
+    drawn for the whole batch; the images stay uint8) and gradient(params, inputs) -> (grads,
+    {'loss', 'accuracy'}) of the mean AM-softmax loss over the inputs' rows."""
 
     def prepare(batch, rng):
-        images = random_d4(rng, batch['image']) if augment else batch['image']
+        images = augment_images(batch['image'], rng, augment, hed_sigma)
         return {'image': images, 'label': batch['label']}
 
     def loss_fn(params, inputs):
@@ -102,10 +122,10 @@ def make_train_parts(model: FeatureNet, s: float, m: float, augment: bool):
     return prepare, gradient
 
 
-def make_train_step(model: FeatureNet, s: float, m: float, augment: bool):
+def make_train_step(model: FeatureNet, s: float, m: float, augment: str, hed_sigma: float):
     """(state, batch {'image' uint8 [B, P, P, 3], 'label' int32 [B]}, rng) -> (state, metrics):
     the whole batch in one program (GPU, TPU, and CPU batches that fit in one pass)."""
-    prepare, gradient = make_train_parts(model, s, m, augment)
+    prepare, gradient = make_train_parts(model, s, m, augment, hed_sigma)
 
     def train_step(state: TrainState, batch, rng):
         grads, metrics = gradient(state.params, prepare(batch, rng))
@@ -114,16 +134,16 @@ def make_train_step(model: FeatureNet, s: float, m: float, augment: bool):
     return train_step
 
 
-def compile_train_step(model: FeatureNet, s: float, m: float, augment: bool, micro_batches: int,
-                       replicated, batched, compiler_options=None):
+def compile_train_step(model: FeatureNet, s: float, m: float, augment: str, hed_sigma: float,
+                       micro_batches: int, replicated, batched, compiler_options=None):
     """The compiled train step (state donated, batch sharded over `batched`): one program, or
     with micro_batches > 1 an `AccumulatedStep` of that many calls with the same update."""
     if micro_batches == 1:
-        return jax.jit(make_train_step(model, s, m, augment),
+        return jax.jit(make_train_step(model, s, m, augment, hed_sigma),
                        in_shardings=(replicated, batched, replicated),
                        out_shardings=(replicated, replicated), donate_argnums=0,
                        compiler_options=compiler_options)
-    return micro_batches_lib.AccumulatedStep(*make_train_parts(model, s, m, augment),
+    return micro_batches_lib.AccumulatedStep(*make_train_parts(model, s, m, augment, hed_sigma),
                                              micro_batches, replicated, batched, compiler_options)
 
 
@@ -169,8 +189,8 @@ class FeatureTrainer:
             micro_batches_lib.image_bytes(config, training=True))
         options = conv_compiler_options()
         self.train_step = compile_train_step(
-            self.model, config.am_softmax.s, config.am_softmax.m, config.learn.augment == 'd4',
-            micro_batches, replicated, batched, options)
+            self.model, config.am_softmax.s, config.am_softmax.m, config.learn.augment,
+            config.learn.hed_sigma, micro_batches, replicated, batched, options)
         self.eval_step = jax.jit(make_eval_step(self.model, micro_batches),
                                  in_shardings=(replicated, batched),
                                  out_shardings=replicated, compiler_options=options)

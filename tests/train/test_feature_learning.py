@@ -5,6 +5,7 @@ import json
 import math
 
 import jax
+import jax.extend
 import numpy as np
 import optax
 import pytest
@@ -67,7 +68,7 @@ def held_out_patches(workdir, config):
                 read[batch.indices] = batch.images
             shares = np.zeros(len(slide.coords))
             if spec.positive:  # the motif mask at level 0, where the coordinates are
-                _, _, motif = synthetic.render_slide(spec, return_masks=True)
+                motif = synthetic.render_slide(spec, return_masks=True)[1]['motif']
                 extent = int(round(float(tiles['extent'])))
                 shares = np.array([motif[y:y + extent, x:x + extent].mean()
                                    for x, y in slide.coords])
@@ -122,7 +123,7 @@ def test_sharded_step_matches_one_device():
     batch = {'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
              'label': rng.integers(0, 2, 16).astype(np.int32)}
     params = jax.device_get(jax.jit(model.init)(jax.random.key(0), batch['image'][:1])['params'])
-    step = make_train_step(model, s=30.0, m=0.35, augment=True)
+    step = make_train_step(model, s=30.0, m=0.35, augment='d4', hed_sigma=0.0)
     results = []
     for devices in (1, 8):
         mesh = sharding.make_mesh(devices)
@@ -230,7 +231,7 @@ def test_a_vit_backbone_fine_tunes_from_its_weights_with_the_am_softmax_loss(tmp
     images = np.where(labels[:, None, None, None] == 1, 200, 60).astype(np.uint8)
     images = np.clip(images + rng.integers(-40, 40, (8, 224, 224, 3)), 0, 255).astype(np.uint8)
     step = jax.jit(make_train_step(model, config.am_softmax.s, config.am_softmax.m,
-                                   augment=True))
+                                   config.learn.augment, config.learn.hed_sigma))
     state = TrainState.create(apply_fn=model.apply, params=params,
                               tx=feature_learning.create_optimizer(config.learn, 10))
     losses = []
@@ -239,3 +240,64 @@ def test_a_vit_backbone_fine_tunes_from_its_weights_with_the_am_softmax_loss(tmp
                               jax.random.key(i))
         losses.append(float(metrics['loss']))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def tiny_step_inputs():
+    model = FeatureNet(num_classes=2, width=0.125, embed_dim=16)
+    rng = np.random.default_rng(0)
+    batch = {'image': rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+             'label': rng.integers(0, 2, 8).astype(np.int32)}
+    params = jax.device_get(jax.jit(model.init)(jax.random.key(0), batch['image'][:1])['params'])
+    return model, batch, params
+
+
+def test_hed_jitter_follows_d4_in_the_train_step():
+    """'d4+hed' draws the same symmetries as 'd4' for a key, then jitters each sample's stains
+    (fold_in(key, 1)): the images stay uint8, the step runs, and its loss differs from 'd4''s
+    (hed_sigma 0: the same images and loss as 'd4')."""
+    from pathjax.data.hed_jitter import draw_jitter, hed_jitter
+    model, batch, params = tiny_step_inputs()
+    key = jax.random.key(7)
+    prepared, losses = {}, {}
+    for augment, sigma in (('d4', 0.05), ('d4+hed', 0.05), ('d4+hed', 0.0), ('none', 0.05)):
+        prepare, _ = feature_learning.make_train_parts(model, 30.0, 0.35, augment, sigma)
+        prepared[augment, sigma] = np.asarray(jax.jit(prepare)(batch, key)['image'])
+        step = jax.jit(make_train_step(model, 30.0, 0.35, augment, sigma))
+        state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
+        state, metrics = step(state, batch, key)
+        losses[augment, sigma] = float(metrics['loss'])
+        assert math.isfinite(losses[augment, sigma])
+    d4, hed = prepared['d4', 0.05], prepared['d4+hed', 0.05]
+    assert hed.dtype == np.uint8 and hed.shape == batch['image'].shape
+    np.testing.assert_array_equal(prepared['none', 0.05], batch['image'])
+    np.testing.assert_array_equal(prepared['d4+hed', 0.0], d4)
+    alpha, beta = draw_jitter(jax.random.fold_in(key, 1), 8, 0.05)
+    np.testing.assert_array_equal(hed, np.asarray(jax.jit(hed_jitter)(d4, alpha, beta)))
+    assert losses['d4+hed', 0.0] == pytest.approx(losses['d4', 0.05], rel=1e-6)
+    assert abs(losses['d4+hed', 0.05] - losses['d4', 0.05]) > 1e-3, losses
+    with pytest.raises(ValueError, match='augment'):
+        feature_learning.make_train_parts(model, 30.0, 0.35, 'hed', 0.05)[0](batch, key)
+
+
+def test_prepare_with_hed_jitter_is_float32_and_on_device():
+    """The jaxpr of prepare under 'd4+hed', traced with 64-bit types enabled (so a float64
+    constant or draw would show), at the default 512 px: no float64 value and no host callback."""
+    model = FeatureNet(num_classes=2, width=0.125, embed_dim=16)
+    prepare, _ = feature_learning.make_train_parts(model, 30.0, 0.35, 'd4+hed', 0.05)
+    batch = {'image': jax.ShapeDtypeStruct((32, 512, 512, 3), np.uint8),
+             'label': jax.ShapeDtypeStruct((32,), np.int32)}
+    with jax.enable_x64(True):
+        jaxpr = jax.make_jaxpr(prepare)(batch, jax.random.key(0))
+
+    def equations(inner):
+        for eqn in inner.eqns:
+            yield eqn
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from equations(sub)
+
+    eqns = list(equations(jaxpr.jaxpr))
+    values = [v for e in eqns for v in (*e.invars, *e.outvars)] + list(jaxpr.jaxpr.constvars)
+    dtypes = {str(v.aval.dtype) for v in values if hasattr(v.aval, 'dtype')}
+    assert 'float32' in dtypes and 'float64' not in dtypes, dtypes
+    assert not [e.primitive.name for e in eqns if 'callback' in e.primitive.name]
+    assert [str(a.dtype) for a in jaxpr.out_avals] == ['uint8', 'int32']

@@ -57,15 +57,16 @@ def tiny_model_and_batch(count=16):
 
 @pytest.mark.parametrize('devices', [1, 8])
 def test_accumulated_step_equals_the_whole_batch_step(devices):
-    """4 micro-batches as separate calls (with the D4 augmentation drawn for the whole batch)
-    give the whole batch's loss, accuracy and update; sharded over 8 devices too."""
+    """4 micro-batches as separate calls (with the D4 + HED augmentation drawn for the whole
+    batch) give the whole batch's loss, accuracy and update; sharded over 8 devices too."""
     model, batch, params = tiny_model_and_batch(32)  # 4 rows per device, 1 per call
     mesh = sharding.make_mesh(devices)
     replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     train = {'image': batch['image'], 'label': batch['label']}
     results = []
     for count in (1, 4):
-        step = compile_train_step(model, 30.0, 0.35, True, count, replicated, batched)
+        step = compile_train_step(model, 30.0, 0.35, 'd4+hed', 0.05, count, replicated,
+                                  batched)
         assert isinstance(step, micro_batches.AccumulatedStep) == (count > 1)
         state = jax.device_put(TrainState.create(apply_fn=model.apply, params=params,
                                                  tx=optax.sgd(0.1)), replicated)
@@ -105,9 +106,10 @@ def test_micro_batches_bound_the_train_steps_memory():
     def temporaries(function, *args):
         return function.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
-    whole = temporaries(jax.jit(make_train_step(model, 30.0, 0.35, True)), state, batch, key)
+    whole = temporaries(jax.jit(make_train_step(model, 30.0, 0.35, 'd4+hed', 0.05)), state, batch,
+                        key)
     mesh = sharding.make_mesh(1)
-    step = compile_train_step(model, 30.0, 0.35, True, 8, sharding.replicated(mesh),
+    step = compile_train_step(model, 30.0, 0.35, 'd4+hed', 0.05, 8, sharding.replicated(mesh),
                               sharding.batch_sharded(mesh))
     chunks = jax.eval_shape(step.split_inputs, batch, key)
     assert len(chunks) == 8 and chunks[0]['image'].shape == (4, 256, 256, 3)
@@ -124,7 +126,7 @@ def test_accumulated_calls_are_chained_through_the_gradient_sum():
     micro-batch's buffers are alive at a time."""
     model, batch, params = tiny_model_and_batch()
     mesh = sharding.make_mesh(1)
-    prepare, gradient = make_train_parts(model, 30.0, 0.35, True)
+    prepare, gradient = make_train_parts(model, 30.0, 0.35, 'd4', 0.0)
     step = micro_batches.AccumulatedStep(prepare, gradient, 4, sharding.replicated(mesh),
                                          sharding.batch_sharded(mesh))
     state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
