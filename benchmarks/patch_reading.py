@@ -37,6 +37,7 @@ import machine_info
 import slide_files
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
 from pathjax.slides.reader import Slide, resize, rgba_to_rgb
+from pathjax.slides.stain_transform import SlideStain
 from pathjax.slides.tiling import grid_positions
 from rows import row
 
@@ -100,8 +101,8 @@ def slide_patches(path: pathlib.Path) -> SlidePatches:
         plan = slide.plan(TARGET_MPP, PATCH_SIZE)
         coords, _ = grid_positions(*slide.dimensions, plan.extent)
     lut = np.clip(np.arange(256) * 1.1 - 10, 0, 255).astype(np.uint8)[None].repeat(3, axis=0)
-    return SlidePatches(path.stem, str(path), coords, plan.level, plan.read_size, PATCH_SIZE, lut,
-                        plan.extent / plan.read_size)
+    return SlidePatches(path.stem, str(path), coords, plan.level, plan.read_size, PATCH_SIZE,
+                        SlideStain('histogram', {'stain_lut': lut}), plan.extent / plan.read_size)
 
 
 def covered_tiles(patches: SlidePatches, page) -> list[int]:

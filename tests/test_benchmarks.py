@@ -165,3 +165,19 @@ def test_machine_record_and_peak_flag():
     assert '3.12 GHz' in flag  # 100e9 / 32 FLOP per cycle
     gpu = dict(machine, accelerator={'platform': 'gpu'})
     assert info.above_peak([one], gpu) == []
+
+
+def test_tissue_qc_measures_kept_artifacts_at_smoke_size():
+    """benchmarks/tissue_qc.py on two small synthetic slides with pen, blur and folds: every
+    setting's shares are measured, and pen and fold removal keep fewer inked patches."""
+    result = load('tissue_qc').run(quick=True)
+    shares = result['synthetic']
+    assert set(shares) == set(load('tissue_qc').SETTINGS)
+    for figures in shares.values():
+        assert figures['kept'] > 0
+        assert all(0 <= figures[k] <= 1 for k in ('pen share', 'fold share', 'blur share',
+                                                   'true tissue of kept', 'clean patches lost'))
+    for rule in ('seed', 'otsu'):
+        plain, checked = shares[f'{rule}, no QC'], shares[f'{rule} + pen, fold, blur QC']
+        assert checked['kept'] < plain['kept'] and plain['pen share'] > 0
+        assert checked['pen share'] < plain['pen share']

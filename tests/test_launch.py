@@ -26,7 +26,7 @@ def test_wrong_type_and_bad_values_are_all_reported(tmp_path):
     result = launch('--config.tile.mpp=fast', workdir=tmp_path)
     assert result.returncode == 2 and 'tile.mpp' in result.stderr and 'Traceback' not in result.stderr
     result = launch('--config.tissue.channel_rule=most', '--config.tile.patch_size=-1',
-                    '--config.stain.method=macenko', workdir=tmp_path)
+                    '--config.stain.method=vahadane', workdir=tmp_path)
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     for field in ('tissue.channel_rule', 'tile.patch_size', 'stain.method'):
         assert field in result.stderr

@@ -9,11 +9,14 @@ Optical density (Beer-Lambert) per channel: OD = -log10((I + 1) / 256), 0 for wh
   overview resolution (real H&E tiles: 99.9th percentile 0.6-0.8). Faint pixels (mean OD under
   0.12) are never ink: JPEG noise on glass. Red marker is not detected: its colour is eosin's.
 - Folds: a fold is the section lying on itself, two layers, so by Beer-Lambert its optical
-  density is about twice the tissue's. A tissue pixel is a fold when its mean OD, smoothed over
-  FOLD_SMOOTHING pixels, is at least FOLD_OD_RATIO times the slide's median tissue OD (the median
-  is single-layer tissue as long as folds are under half of it); 1.8, not 2, for the blur at
-  the fold's edge and thinner folded flaps. On real clean H&E tiles it marks under 2% of the
-  area, dense nuclei clusters, which tissue.max_artifact_fraction leaves in their patches.
+  density is about twice the tissue's, with the same mix of the two stains. A tissue pixel is a
+  fold when its OD, smoothed over FOLD_SMOOTHING pixels, is at least FOLD_OD_RATIO times the
+  slide's median tissue OD in mean (the median is single-layer tissue as long as folds are under
+  half of it; 1.5, not 2, for the blur at the fold's edge and thinner flaps) and points within
+  FOLD_MAX_DEGREES of the median's direction: dense tissue that is dark for another reason,
+  crowded nuclei, is dark with more haematoxylin, off that direction. On the synthetic slides
+  this finds 56% of fold pixels while marking 1% of the (dark, crowded) motif and 1.2% of other
+  tissue; without the direction test it marked 59% of the motif.
 """
 
 import cv2
@@ -23,7 +26,8 @@ OD_TABLE = (-np.log10((np.arange(256) + 1) / 256)).astype(np.float32)  # [256]
 RED_OVER_GREEN = 1.1  # OD_red / OD_green at or above: blue or green marker
 BLACK_MEAN_OD = 1.0  # mean OD at or above: black marker
 FAINT_MEAN_OD = 0.12  # below: glass
-FOLD_OD_RATIO = 1.8  # fold: mean OD at least this times the slide's median tissue OD
+FOLD_OD_RATIO = 1.5  # fold: mean OD at least this times the slide's median tissue OD ...
+FOLD_MAX_DEGREES = 4.0  # ... and its OD direction within this of the median's
 FOLD_SMOOTHING = 9  # box filter side, overview pixels (about 100 um: a fold's least width)
 INK_MARGIN = 1  # overview pixels added around ink (its faint edges)
 
@@ -49,7 +53,11 @@ def fold_mask(rgb: np.ndarray, tissue: np.ndarray) -> np.ndarray:
     """Folded tissue. rgb: uint8 [H, W, 3]; tissue: bool [H, W] (without ink) -> bool [H, W]."""
     if not tissue.any():
         return np.zeros(tissue.shape, bool)
-    mean = optical_density(rgb).mean(axis=-1)
-    smoothed = cv2.blur(mean, (FOLD_SMOOTHING, FOLD_SMOOTHING), borderType=cv2.BORDER_REFLECT)
-    level = float(np.median(mean[tissue]))
-    return tissue & (smoothed >= FOLD_OD_RATIO * level)
+    od = optical_density(rgb)
+    smoothed = cv2.blur(od, (FOLD_SMOOTHING, FOLD_SMOOTHING), borderType=cv2.BORDER_REFLECT)
+    median = np.median(od[tissue], axis=0)  # [3]
+    if not median.any():
+        return np.zeros(tissue.shape, bool)
+    along = smoothed @ (median / np.linalg.norm(median))  # [H, W]
+    aligned = along >= np.cos(np.radians(FOLD_MAX_DEGREES)) * np.linalg.norm(smoothed, axis=-1)
+    return tissue & aligned & (smoothed.mean(axis=-1) >= FOLD_OD_RATIO * median.mean())

@@ -3,7 +3,8 @@
 On a low-resolution RGB image: HSV saturation, median filter (MEDIAN_KERNEL, CLAM's 7), Otsu's
 threshold (not below MIN_SATURATION, so an empty slide's JPEG noise is not tissue), then a
 closing (CLOSING_UM), pieces of tissue smaller than a tissue.neighbourhood window removed, and
-holes smaller than HOLE_WINDOWS such windows filled (lumens, fat), both 8-connected.
+holes smaller than HOLE_WINDOWS such window filled (small lumens, fat), both 8-connected: a
+larger white area (a vessel, a tear) stays background, as the method's rule keeps it.
 """
 
 import cv2
@@ -12,7 +13,7 @@ import numpy as np
 MEDIAN_KERNEL = 7
 MIN_SATURATION = 15  # the threshold never goes below: glass is under 10
 CLOSING_PIXELS = 2  # closing radius, overview pixels
-HOLE_WINDOWS = 4  # holes smaller than this many neighbourhood windows are filled
+HOLE_WINDOWS = 1  # holes smaller than this many neighbourhood windows are filled
 
 
 def otsu_threshold(saturation: np.ndarray) -> int:
