@@ -7,8 +7,6 @@ Exit status: 0 when the run completed (slides that failed are listed in the stag
 a stage could not go on (no usable slide), 2 for an invalid command line, config or manifest.
 """
 
-import logging as python_logging
-import pathlib
 import sys
 import traceback
 
@@ -39,15 +37,8 @@ def parse_flags(argv: list[str]) -> list[str]:
               f'({where.filename}, line {where.lineno})')
 
 
-class _QuietLibraries:
-    """Drops INFO lines of libraries that narrate every checkpoint (Orbax) from the log."""
-
-    def filter(self, record) -> bool:
-        return record.levelno > python_logging.INFO or '/orbax/' not in record.pathname
-
-
 def main(argv: list[str]) -> int:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    console.configure(detailed=bool(flags.FLAGS['verbosity'].present))
     if len(argv) > 1:
         _fail(f'unexpected arguments: {" ".join(argv[1:])}')
     config = _CONFIG.value
@@ -56,11 +47,7 @@ def main(argv: list[str]) -> int:
     except OSError as error:
         _fail(f'cannot load --config: {error}')
     try:
-        status = pipeline.run(config, _WORKDIR.value, _STAGES.value)
-        page = pathlib.Path(_WORKDIR.value) / 'report.html'
-        if status == 0 and page.exists() and sharding.is_leader():
-            print(f'Report: {page.resolve()}')
-        return status
+        return pipeline.run(config, _WORKDIR.value, _STAGES.value)
     except UsageError as error:
         logging.error('%s', error)
         return 2
@@ -75,8 +62,7 @@ def main(argv: list[str]) -> int:
 if __name__ == '__main__':
     # The slide workers are spawned processes that import this file again (as '__mp_main__'):
     # only a real run loads the pipeline (jax, TFDS, every stage) and defines the flags.
-    from pathjax import pipeline
-    from pathjax.runtime import sharding
+    from pathjax import console, pipeline
     _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections).')
     _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for every artifact of the run.')
     _STAGES = flags.DEFINE_list('stages', None,

@@ -7,6 +7,7 @@ synthetic one when `data.manifest` is empty), then runs the chosen stages in ord
 """
 
 import contextlib
+import functools
 import os
 import pathlib
 import shutil
@@ -18,6 +19,7 @@ from absl import logging
 from pathjax import (artifacts, cohort as cohort_lib, comparison, cpu_devices,
                      cross_validation, determinism, provenance, stage_report, workdir_lock)
 from pathjax.errors import StageError, UsageError, describe_os_error
+from pathjax.run_summary import RunSummary
 from pathjax.data import feature_sources, import_stage, patches
 from pathjax.interop import h5_features
 from pathjax.models.compute_dtype import CHOICES as DTYPE_CHOICES
@@ -30,7 +32,7 @@ from pathjax.slides import stain, stain_transform, synthetic, tile_stage
 from pathjax.slides.tissue import TissueRule
 from pathjax.evaluate import evaluate_stage, predict_stage, report_page
 from pathjax.train import extract, feature_learning, slide_training
-from pathjax.runtime import sharding
+from pathjax.runtime import cluster, sharding, shared_workdir
 
 
 class Stage(NamedTuple):
@@ -174,13 +176,23 @@ def check_config(config) -> list[str]:
             f'stain.fit_patches must be >= 1, got {config.stain.fit_patches}')
     require(config.cpu_devices >= 0,
             f'cpu_devices must be >= 0 (0 = auto), got {config.cpu_devices}')
+    distributed = config.distributed
+    auto = distributed.coordinator == cluster.AUTO
+    require(not auto or (distributed.num_processes, distributed.process_id) == (1, 0),
+            'distributed.coordinator=auto takes the process count and id from the scheduler: '
+            'leave distributed.num_processes and distributed.process_id at their defaults, 1 and '
+            f'0 (got {distributed.num_processes} and {distributed.process_id})')
     if config.cpu_devices > 0:
         global_batches, process_batches = cpu_devices.batch_sizes(config)
-        devices = config.cpu_devices * config.distributed.num_processes
+        # auto: the count is the scheduler's, known once JAX starts; one process is checked here,
+        # and sharding.local_batch_size checks them all at the first batch.
+        processes = 1 if auto else distributed.num_processes
+        devices = config.cpu_devices * processes
         require(all(b % devices == 0 for b in global_batches)
                 and all(b % config.cpu_devices == 0 for b in process_batches),
-                f'cpu_devices={config.cpu_devices} (x {config.distributed.num_processes} '
-                f'process(es)) must split learn.batch_size={config.learn.batch_size} and '
+                f'cpu_devices={config.cpu_devices} (x '
+                + ("the scheduler's processes" if auto else f'{processes} process(es)')
+                + f') must split learn.batch_size={config.learn.batch_size} and '
                 f'train.batch_slides={config.train.batch_slides} over all devices, and '
                 f'extract.batch_size={config.extract.batch_size} over one process\'s')
     require(config.micro_batch >= 0,
@@ -381,41 +393,53 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
             failure = UsageError(f'cannot write to the workdir {workdir}: '
                                  f'{describe_os_error(error)}')
         sharding.raise_together(failure)
+        shared_workdir.check(workdir)  # every process sees process 0's workdir
         if config.compilation_cache:
             enable_compilation_cache(workdir / 'jax_cache')
-        run_locked(config, workdir, stages)
+        summary = RunSummary()
+        try:
+            run_locked(config, workdir, stages, summary)
+        finally:
+            if sharding.is_leader() and summary.stages:
+                print('\n'.join(summary.lines(workdir)), flush=True)
     return 0
 
 
-def run_locked(config, workdir: pathlib.Path, stages: list[str] | None) -> None:
-    """The run, in a workdir that this run holds (`workdir_lock`)."""
+def run_locked(config, workdir: pathlib.Path, stages: list[str] | None,
+               summary: RunSummary | None = None) -> None:
+    """The run, in a workdir that this run holds (`workdir_lock`); each stage timed into
+    `summary`."""
+    run_stages_timed = functools.partial(run_stages, summary=summary)
     predicting = PREDICT in (stages or [])
     if predicting and cross_validation.is_cross_validation(config):
         _, manifest = prepare_cohort(config, workdir)
         first = config.compare.models[0] if config.compare.models else None  # the fold's own
         cross_validation.deploy(comparison.model_config(config, first) if first else config,
-                                workdir, manifest, run_predict)
+                                workdir, manifest, functools.partial(run_predict, summary=summary))
         write_report_page(workdir)
     elif cross_validation.is_cross_validation(config):
         cohort, manifest = prepare_cohort(config, workdir)
         comparing = bool(config.compare.models)
         cross_validation.run(config, workdir, stages, manifest, cohort,
-                             comparison.fold_runner(config, run_stages) if comparing
-                             else run_stages, settings_fields(config) + ['compare'])
+                             comparison.fold_runner(config, run_stages_timed) if comparing
+                             else run_stages_timed, settings_fields(config) + ['compare'])
         if comparing and sharding.is_leader():
             comparison.summarize(workdir, cohort, config)
         write_report_page(workdir)
     else:
         training = [s for s in stages or [] if s != PREDICT]
         if training or not predicting:
-            run_stages(config, workdir, training)
+            run_stages(config, workdir, training, summary)
         if predicting:
-            run_predict(config, workdir)
+            run_predict(config, workdir, summary)
 
 
-def run_stages(config, workdir: pathlib.Path, stages: list[str] | None) -> None:
-    """The cohort, then the chosen stages (all when `stages` is empty) in order, in `workdir`;
-    raises StageError or UsageError (on every process) when one cannot go on."""
+def run_stages(config, workdir: pathlib.Path, stages: list[str] | None,
+               summary: RunSummary | None = None) -> None:
+    """The cohort, then the chosen stages (all when `stages` is empty) in order, in `workdir`
+    (each timed into `summary`); raises StageError or UsageError (on every process) when one
+    cannot go on."""
+    summary = summary or RunSummary()
     cohort, _ = prepare_cohort(config, workdir)
     fields = []
     for stage in stages_of(config):
@@ -432,14 +456,16 @@ def run_stages(config, workdir: pathlib.Path, stages: list[str] | None) -> None:
                                       cohort)
         sharding.raise_together(failure)
         logging.info('stage %s', stage.name)
-        entries = None
-        if stage.every_process or sharding.is_leader():
-            entries, failure = _attempt(stage.name, stage.run, config, workdir, cohort)
-        if entries is not None and sharding.is_leader():
-            report = stage_report.write_report(workdir, stage.name, entries)
-            if not any(e.status == stage_report.OK for e in entries):
-                failure = StageError(f'{stage.name}: no slide could be processed; see {report}')
-        sharding.raise_together(failure)
+        with summary.timed(stage.name, workdir):
+            entries = None
+            if stage.every_process or sharding.is_leader():
+                entries, failure = _attempt(stage.name, stage.run, config, workdir, cohort)
+            if entries is not None and sharding.is_leader():
+                report = stage_report.write_report(workdir, stage.name, entries)
+                if not any(e.status == stage_report.OK for e in entries):
+                    failure = StageError(f'{stage.name}: no slide could be processed; see '
+                                         f'{report}')
+            sharding.raise_together(failure)
     write_report_page(workdir)
 
 
@@ -464,9 +490,10 @@ def write_report_page(workdir: pathlib.Path) -> None:
         logging.info('report: %s', report_page.write(workdir))
 
 
-def run_predict(config, workdir: pathlib.Path) -> None:
+def run_predict(config, workdir: pathlib.Path, summary: RunSummary | None = None) -> None:
     """The predict stage (`predict_stage`): its steps in `<workdir>/predict/`, each on every
-    process, stopping all processes together when one cannot go on."""
+    process (timed into `summary`), stopping all processes together when one cannot go on."""
+    summary = summary or RunSummary()
     cohort, failure = _attempt(PREDICT, predict_stage.load_cohort, config)
     sharding.raise_together(failure)
     if sharding.is_leader():
@@ -477,12 +504,14 @@ def run_predict(config, workdir: pathlib.Path) -> None:
     folder = predict_stage.predict_dir(workdir)
     for name, step in predict_stage.steps(config, workdir):
         logging.info('predict: %s', name)
-        entries, failure = _attempt(f'{PREDICT} {name}', step, config, folder, cohort)
-        if entries is not None and sharding.is_leader():
-            report = stage_report.write_report(folder, name, entries)
-            if not any(e.status == stage_report.OK for e in entries):
-                failure = StageError(f'{PREDICT} {name}: no slide could be processed; see {report}')
-        sharding.raise_together(failure)
+        with summary.timed(name, folder):
+            entries, failure = _attempt(f'{PREDICT} {name}', step, config, folder, cohort)
+            if entries is not None and sharding.is_leader():
+                report = stage_report.write_report(folder, name, entries)
+                if not any(e.status == stage_report.OK for e in entries):
+                    failure = StageError(f'{PREDICT} {name}: no slide could be processed; see '
+                                         f'{report}')
+            sharding.raise_together(failure)
     write_report_page(workdir)
 
 

@@ -3,6 +3,7 @@ checkpoint alone; new slides through the trained workdir; the report page in a r
 
 import csv
 import json
+import re
 import subprocess
 import shutil
 import sys
@@ -38,7 +39,7 @@ def trained(tmp_path_factory):
 def test_every_stage_then_evaluation_from_the_checkpoint(trained):
     tmp_path, result = trained
     assert result.returncode == 0, result.stderr[-4000:]
-    assert f'Report: {tmp_path / "report.html"}' in result.stdout
+    assert f'report: {tmp_path / "report.html"}' in result.stdout
     for stage in ('tile', 'patches', 'extract', 'evaluate'):
         counts = json.loads((tmp_path / 'reports' / f'{stage}.json').read_text())['counts']
         assert counts.get('error', 0) == 0, (stage, counts)
@@ -61,6 +62,34 @@ def test_every_stage_then_evaluation_from_the_checkpoint(trained):
     result = launch(tmp_path, '--stages=evaluate')
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / 'eval' / 'test' / 'predictions.csv').read_text() == predictions
+
+
+ABSL_RECORD = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ')
+SILENCED = ('Downloading and preparing dataset', 'Unable to initialize backend',
+            'OpenCV is not installed', 'dataset_info.json', 'Shuffling', 'Generating splits')
+
+
+def test_the_console_shows_progress_and_a_summary_without_library_noise(trained):
+    """Not a terminal (captured): one progress line per stage with its count and time, no
+    absl-formatted records, no TFDS or JAX backend narration, no escape codes; the summary last."""
+    workdir, result = trained
+    lines = (result.stdout + result.stderr).splitlines()
+    assert not [line for line in lines if ABSL_RECORD.match(line)]
+    assert not [line for line in lines if any(noise in line for noise in SILENCED)]
+    assert '\r' not in result.stderr and '\x1b[' not in result.stdout + result.stderr
+    for stage, unit in (('tile', 'slides'), ('patches', 'slides'), ('learn_features', 'steps'),
+                        ('extract', 'patches'), ('train_slide', 'steps'),
+                        ('evaluate test', 'slides')):
+        pattern = re.compile(rf'^{stage}: \d+/\d+ {unit} in \d+\.\d s')
+        assert sum(bool(pattern.match(line)) for line in result.stderr.splitlines()) == 1, stage
+    summary = result.stdout.splitlines()
+    start = summary.index('Summary:')
+    stages = [line.split()[0] for line in summary[start + 1:start + 7]]
+    assert stages == ['tile', 'patches', 'learn_features', 'extract', 'train_slide', 'evaluate']
+    assert re.match(r'^  tile +8 ok, 0 skipped, 0 failed +\d+\.\d s$', summary[start + 1])
+    metrics = json.loads((workdir / 'eval' / 'test' / 'metrics.json').read_text())
+    assert summary[-2].startswith(f'  test AUC {metrics["auc"]:.3f} (95% CI ')
+    assert summary[-1] == f'  report: {workdir / "report.html"}'
 
 
 def test_exported_features_imported_into_a_new_workdir_give_the_same_predictions(trained,

@@ -15,13 +15,13 @@ or from two encoders stop the run with a message naming two slides.
 import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
 from pathjax.data.feature_sources import ImportedFeatures, Sources
 from pathjax.data.features import GraphSettings, slide_graph
 from pathjax.errors import StageError
+from pathjax.progress import Progress
 from pathjax.interop.h5_features import FeatureFileError
 from pathjax.slides import qc
 from pathjax.slides.stain_transform import SlideStain
@@ -125,7 +125,10 @@ def run(config, workdir, cohort: Cohort, predicting: bool = False) -> list[Slide
     sources = Sources.from_config(config, workdir, predicting)
     settings = GraphSettings.from_config(config)
     logging.info('%s: features from %s', STAGE, sources.describe())
-    entries = [import_slide(workdir, record, sources.of(record), settings)
-               for record in tqdm(cohort.slides, desc=STAGE, unit='slide', disable=None)]
+    entries = []
+    with Progress(STAGE, len(cohort.slides), 'slides') as progress:
+        for record in cohort.slides:
+            entries.append(import_slide(workdir, record, sources.of(record), settings))
+            progress.update()
     check_consistent(entries)
     return entries + [SlideEntry(r.slide_id, ERROR, message=why) for r, why in cohort.skipped]

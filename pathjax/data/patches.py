@@ -26,7 +26,9 @@ from PIL import Image
 
 from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
+from pathjax.console import quiet_stdout
 from pathjax.errors import StageError
+from pathjax.progress import Progress
 from pathjax.sampling import seeded_subset
 from pathjax.slide_paths import slide_file
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
@@ -187,21 +189,25 @@ def run(config, workdir, cohort: Cohort) -> list[SlideEntry] | None:
             slides[record.split].append(record)
     if not slides['train']:
         raise StageError('patches: no training slide has tissue patches; see the tile report')
+    progress = Progress('patches', sum(map(len, slides.values())), 'slides')
     with PatchReader(batch_size=32, workers=config.workers) as reader:
         for split in SPLITS:  # each slide read once and staged; a rerun skips staged slides
             for record in list(slides[split]):
                 entry = already_staged(workdir, record, sampling) or stage_slide(
                     reader, record, workdir, sampling)
                 entries.append(entry)
+                progress.update()
                 if entry.status != OK:
                     slides[split].remove(record)
+    progress.close()
     if not slides['train']:
         raise StageError('patches: no training slide could be read: '
                          + '; '.join(e.message for e in entries if e.status == ERROR))
     builder = SlidePatchesBuilder(data_dir=data_dir, sampling=sampling, slides=slides,
                                   workdir=str(workdir))
     try:
-        builder.download_and_prepare()
+        with quiet_stdout():  # TFDS prints "Downloading and preparing dataset" (nothing is)
+            builder.download_and_prepare()
     except Exception as error:  # noqa: BLE001 (TFDS's own errors: a full disk, say)
         raise StageError(f'patches: building the dataset failed: {error}') from None
     artifacts.save_json(report_file, [dataclasses.asdict(e) for e in entries])

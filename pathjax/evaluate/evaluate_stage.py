@@ -13,7 +13,6 @@ import pathlib
 import numpy as np
 from absl import logging
 from PIL import Image
-from tqdm import tqdm
 
 from pathjax.cohort import Cohort
 from pathjax.data.feature_sources import Sources, layout_path
@@ -24,6 +23,7 @@ from pathjax.evaluate.top_patches import save_top_patches
 from pathjax.evaluate.learning_curves import plot_learning_curves
 from pathjax.interop import geojson
 from pathjax.models.slide.factory import scores_are_attention
+from pathjax.progress import Progress
 from pathjax.metrics import split_metrics, youden_threshold
 from pathjax.slide_predictor import SlidePredictor
 from pathjax.slide_paths import slide_file
@@ -98,8 +98,9 @@ def write_heatmaps(predictor: SlidePredictor, params, workdir, folder: pathlib.P
     if not sharding.is_leader():
         return
     what = 'contribution to' if signed else 'attention for'
-    for i, slide_id in enumerate(tqdm(slides.slide_ids, desc=f'heatmaps {folder.name}',
-                                      disable=None)):
+    progress = Progress(f'evaluate {folder.name}', len(slides.slide_ids), 'slides')
+    for i, slide_id in enumerate(slides.slide_ids):
+        progress.update()
         label = classes[slides.labels[i]] if slides.labels[i] != UNLABELLED else 'unknown'
         title = (f'{slide_id}: {what} {classes[predicted[i]]} (p={probabilities[i].max():.2f}), '
                  f'label {label}')
@@ -120,6 +121,7 @@ def write_heatmaps(predictor: SlidePredictor, params, workdir, folder: pathlib.P
                              slides.coords[i], scores[i], predictor.config.eval.top_patches)
         except SlideError as error:
             logging.warning('evaluate: no top patches for slide %s: %s', slide_id, error)
+    progress.close()
 
 
 def validation_threshold(predictor: SlidePredictor, params, slides: SlideSet) -> float | None:

@@ -43,10 +43,10 @@ import numpy as np
 import tifffile
 from absl import logging
 from PIL import Image, ImageDraw, ImageFilter
-from tqdm import tqdm
 
 from pathjax import artifacts as artifacts_lib
 from pathjax import cohort as cohort_lib
+from pathjax.progress import Progress
 
 FORMATS = ('tiff', 'svs')
 ARTIFACTS = ('pen', 'blur', 'fold')
@@ -1376,7 +1376,7 @@ def make_cohort(out_dir, num_slides: int, classes=('negative', 'positive'), *, s
     todo = [(spec, path) for spec, path in zip(specs, paths) if not path.exists()]
     if todo:
         logging.info('rendering %d synthetic slides', len(todo))
-        progress = tqdm(total=len(todo), desc='synthetic slides', unit='slide', disable=None)
+        progress = Progress('synthetic slides', len(todo), 'slides')
         if workers <= 1:
             for spec, path in todo:
                 _render_and_write(spec, path)

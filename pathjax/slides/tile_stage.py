@@ -23,12 +23,12 @@ import time
 
 import numpy as np
 from absl import logging
-from tqdm import tqdm
 
 from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
 from pathjax.errors import StageError
 from pathjax.interop import geojson
+from pathjax.progress import Progress
 from pathjax.sampling import seeded_subset
 from pathjax.slide_paths import slide_file
 from pathjax.slides import qc, source_file, stain, stain_transform, tissue_qc
@@ -214,7 +214,7 @@ def scan_all(records: list[SlideRecord], settings: TileSettings, workdir: str,
     entries = {}
     if not records:
         return entries
-    progress = tqdm(total=len(records), desc='tile', unit='slide', disable=None)
+    progress = Progress('tile', len(records), 'slides')
     if workers <= 1:
         for record in records:
             entries[record.slide_id] = scan_slide(record, settings, workdir)

@@ -21,12 +21,12 @@ import zipfile
 import jax
 import numpy as np
 from absl import logging
-from tqdm import tqdm
 
 from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
 from pathjax.data.features import features_network, features_path
 from pathjax.errors import StageError
+from pathjax.progress import Progress
 from pathjax.interop import h5_features
 from pathjax.models.patch.feature_net import FeatureNet, create_feature_net
 from pathjax.slide_paths import slide_file
@@ -171,7 +171,7 @@ def run(config, workdir, cohort: Cohort, network_workdir=None) -> list[SlideEntr
     if todo:
         extractor = Extractor(config, params, model)
         total = sum(_patch_count(workdir, r) for r in todo)
-        progress = tqdm(total=total, desc='extract', unit='patch', disable=None)
+        progress = Progress('extract', total, 'patches')
         with PatchReader(batch_size=extractor.batch_size, workers=config.workers) as reader:
             for record in todo:
                 entries[record.slide_id] = extract_slide(extractor, reader, record, workdir,

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from tqdm import tqdm
 
 from pathjax import stage_report
 from pathjax.cohort import Cohort
@@ -26,6 +25,7 @@ from pathjax.data import patches
 from pathjax.data.augment import random_d4
 from pathjax.data.hed_jitter import random_hed_jitter
 from pathjax.errors import StageError, UsageError
+from pathjax.progress import Progress
 from pathjax.models.patch.am_softmax import am_softmax_loss
 from pathjax.models.patch.feature_net import VGG16_BACKBONE, FeatureNet, create_feature_net
 from pathjax.models.patch.vit_presets import get_preset
@@ -208,8 +208,8 @@ class FeatureTrainer:
         correct, counted = np.asarray(jax.device_get(counts), np.int64).sum(axis=0)
         return float(correct / max(counted, 1))
 
-    def train_epoch(self, state: TrainState, epoch: int, metrics_file: pathlib.Path
-                    ) -> tuple[TrainState, dict]:
+    def train_epoch(self, state: TrainState, epoch: int, metrics_file: pathlib.Path,
+                    progress: Progress) -> tuple[TrainState, dict]:
         """One epoch; raises StageError on a NaN loss (before any checkpoint of this epoch)."""
         log_every = self.config.learn.log_every
         sums, count, start = {'loss': 0.0, 'accuracy': 0.0}, 0, time.perf_counter()
@@ -218,16 +218,16 @@ class FeatureTrainer:
                                         epoch=epoch, process_index=jax.process_index(),
                                         process_count=jax.process_count(),
                                         workers=self.config.workers)
-        progress = tqdm(batches, total=self.steps_per_epoch, desc=f'epoch {epoch + 1}',
-                        unit='step', disable=None, leave=False)
+        progress.postfix(epoch=f'{epoch + 1}/{self.config.learn.epochs}')
         step = epoch * self.steps_per_epoch  # on the host: reading state.step would wait for it
-        for batch in progress:
+        for batch in batches:
             rng = jax.random.fold_in(self.base_rng, step)
             state, metrics = self.train_step(state, sharding.global_batch(batch, self.mesh), rng)
             step += 1
             for key in sums:
                 sums[key] = sums[key] + metrics[key]
             count += 1
+            progress.update()
             if count == log_every or epoch_steps + count == self.steps_per_epoch:
                 loss, accuracy = float(sums['loss']) / count, float(sums['accuracy']) / count
                 if not np.isfinite(loss):
@@ -239,9 +239,9 @@ class FeatureTrainer:
                 record = {'epoch': epoch + 1, 'step': step, 'loss': loss,
                           'accuracy': accuracy, 'images_per_second': rate}
                 metrics_log.append(metrics_file, record)
-                progress.set_postfix(loss=f'{loss:.3f}', acc=f'{accuracy:.3f}', img_s=f'{rate:.0f}')
+                progress.postfix(epoch=f'{epoch + 1}/{self.config.learn.epochs}',
+                                 loss=f'{loss:.3f}', acc=f'{accuracy:.3f}')
                 sums, count, start = {'loss': 0.0, 'accuracy': 0.0}, 0, time.perf_counter()
-        progress.close()
         return state, {'train_loss': epoch_loss / max(epoch_steps, 1)}
 
     def fit(self) -> dict:
@@ -260,14 +260,18 @@ class FeatureTrainer:
                 state = self.create_state(initial_params(self.model, self.config,
                                                          self.config.tile.patch_size))
             metrics_log.rewind(metrics_file, first_epoch)
-            for epoch in range(first_epoch, self.config.learn.epochs):
-                state, summary = self.train_epoch(state, epoch, metrics_file)
+            epochs = self.config.learn.epochs
+            progress = Progress('learn_features', epochs * self.steps_per_epoch, 'steps',
+                                initial=first_epoch * self.steps_per_epoch)
+            for epoch in range(first_epoch, epochs):
+                state, summary = self.train_epoch(state, epoch, metrics_file, progress)
                 summary.update(epoch=epoch + 1, val_accuracy=self.validation_accuracy(state.params))
                 logging.info('learn_features: epoch %d/%d, train loss %.4f, validation patch '
                              'accuracy %s', epoch + 1, self.config.learn.epochs,
                              summary['train_loss'], summary['val_accuracy'])
                 metrics_log.append(metrics_file, summary)
                 checkpoints.save((epoch + 1) * self.steps_per_epoch, state, summary)
+            progress.close()
         return summary
 
 

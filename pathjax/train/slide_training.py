@@ -24,6 +24,7 @@ from absl import logging
 from pathjax import stage_report
 from pathjax.cohort import Cohort
 from pathjax.data.feature_sources import Sources
+from pathjax.progress import Progress
 from pathjax.data.features import GraphSettings
 from pathjax.data.graph_batches import Prefetch
 from pathjax.data.slide_sets import SlideSet, feature_dim, load_splits
@@ -155,6 +156,7 @@ class SlideTrainer:
         config = self.config.train
         base_rng = jax.random.key(self.config.seed)
         step = summary['step']  # on the host: reading state.step would wait for the device
+        progress = Progress('train_slide', config.max_steps, 'steps', initial=step)
         while not self.finished(summary):
             epoch = summary['epoch']
             losses = []  # device scalars, read once at the end of the epoch
@@ -163,6 +165,7 @@ class SlideTrainer:
                 state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
                 losses.append((metrics['loss'], metrics['weight']))
                 step += 1
+                progress.update()
             loss, weight = np.asarray(jax.device_get(losses), np.float64).T
             train_loss = float((loss * weight).sum() / max(weight.sum(), 1e-12))
             if not np.isfinite(train_loss):
@@ -172,12 +175,14 @@ class SlideTrainer:
             summary = {'epoch': epoch + 1, 'step': step, 'train_loss': train_loss,
                        **self.validation(state.params, val)}
             summary['stopped'] = self.finished(summary)
+            progress.postfix(epoch=summary['epoch'], loss=f'{train_loss:.3f}')
             metrics_log.append(self.metrics_file, summary)  # before the checkpoint: see rewind
             checkpoints.save(summary['step'], state, summary)
             if summary['epoch'] % config.log_every_epochs == 0 or summary['stopped']:
                 logging.info('train_slide: epoch %d, step %d, train loss %.4f, validation '
                              'AUC %s', summary['epoch'], summary['step'], train_loss,
                              summary['val_auc'])
+        progress.close()
         return state, summary
 
 
