@@ -1,6 +1,6 @@
 """The method's own settings at real size, stage by stage: wall time, throughput, peak memory.
 
-Four real-size synthetic slides (`synthetic.MosaicSlide`, Aperio SVS written by
+Four real-size synthetic slides (`synthetic_mosaic.MosaicSlide`, Aperio SVS written by
 `write_streamed_slide`: level 0 WIDTH x HEIGHT px at 0.5 um/px, about 60% tissue, so about 20,000
 patches kept at the default 512 px / 0.5 um/px) go through every stage of configs/default.py,
 each stage its own `launch.py` subprocess whose process tree's peak RSS `memory.run_measured`
@@ -44,7 +44,7 @@ import numpy as np
 import machine_info
 from memory import run_measured
 from pathjax import artifacts
-from pathjax.slides import synthetic
+from pathjax.slides import slide_writer, synthetic, synthetic_mosaic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT = pathlib.Path('/tmp/pathjax_full')  # default home of the slides and workdirs
@@ -69,11 +69,11 @@ def spec(index: int) -> synthetic.SyntheticSlideSpec:
 def write_one_slide(slides_dir: pathlib.Path, index: int) -> None:
     """Renders the blocks of slide `index` and streams it to disk; prints its timings as JSON."""
     start = time.perf_counter()
-    mosaic = synthetic.MosaicSlide(spec(index), tissue_fraction=TISSUE_FRACTION)
+    mosaic = synthetic_mosaic.MosaicSlide(spec(index), tissue_fraction=TISSUE_FRACTION)
     rendered = time.perf_counter()
     path = slides_dir / f'{SLIDES[index][0]}.svs'
-    synthetic.write_streamed_slide(path, mosaic.rows, (WIDTH, HEIGHT), MPP, 'svs',
-                                   jpeg_quality=JPEG_QUALITY)
+    slide_writer.write_streamed_slide(path, mosaic.rows, (WIDTH, HEIGHT), MPP, 'svs',
+                                      jpeg_quality=JPEG_QUALITY)
     print(json.dumps({'render_blocks_s': rendered - start,
                       'stream_s': time.perf_counter() - rendered,
                       'tissue_fraction': mosaic.tissue_fraction}))

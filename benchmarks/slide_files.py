@@ -13,7 +13,7 @@ import numpy as np
 import openslide
 
 from pathjax.cohort import Cohort, SlideRecord
-from pathjax.slides import synthetic
+from pathjax.slides import slide_writer, synthetic
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 
@@ -30,7 +30,7 @@ def write_slide(path, width: int, height: int, *, mpp: float = 0.5, fmt: str = '
         repeats = (-(-height // side_h), -(-width // side_w), 1)
         image = np.tile(image, repeats)[:height, :width]
     path = pathlib.Path(path)
-    synthetic.write_slide(path, image, mpp, fmt)
+    slide_writer.write_slide(path, image, mpp, fmt)
     return path
 
 

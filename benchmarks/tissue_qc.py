@@ -22,7 +22,7 @@ import numpy as np
 
 from pathjax import artifacts
 from pathjax.cohort import SlideRecord
-from pathjax.slides import synthetic, tile_stage
+from pathjax.slides import synthetic, synthetic_artifacts, synthetic_cohort, tile_stage
 from pathjax.slides.tiling import patch_tissue_fractions
 from pathjax.slides.tissue import TissueRule
 
@@ -30,7 +30,7 @@ REAL_SLIDE = (pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 
               / 'tcga-cr-7395-01a-01-ts1.svs')
 ARTIFACT_SHARE = {'pen': 0.1, 'fold': 0.1, 'blur': 0.5}  # of a patch's area: it carries that
 CLEAN_SHARE = 0.01
-SIZES = {'demo': (2.0, 64, 50.0), 'method': (0.5, 512, 20.0)}  # mpp, patch px, tissue.max_blur
+SIZES = {'demo': (2.0, 64, 50.0), 'method': (0.5, 512, 100.0)}  # mpp, patch px, tissue.max_blur
 QC = {'remove_pen': True, 'remove_folds': True, 'max_blur': 'the size\'s'}
 SETTINGS = {'seed, no QC': {}, 'seed + pen, fold, blur QC': QC,
             'otsu, no QC': {'method': 'otsu'}, 'otsu + pen, fold, blur QC': {'method': 'otsu', **QC}}
@@ -54,10 +54,10 @@ def synthetic_shares(count: int, width: int, height: int, size: str, folder: pat
                      ) -> dict[str, dict]:
     """{setting: shares of the kept patches that carry each artifact, clean patches lost,
     true tissue of the kept patches} over `count` synthetic slides with pen, blur and folds."""
-    manifest = synthetic.make_cohort(folder / 'slides', count, seed=3, width=width, height=height,
-                                     artifacts=synthetic.ARTIFACTS)
-    specs = synthetic.cohort_specs(count, seed=3, width=width, height=height,
-                                   artifacts=synthetic.ARTIFACTS)
+    manifest = synthetic_cohort.make_cohort(folder / 'slides', count, seed=3, width=width,
+                                            height=height, artifacts=synthetic_artifacts.ARTIFACTS)
+    specs = synthetic_cohort.cohort_specs(count, seed=3, width=width, height=height,
+                                          artifacts=synthetic_artifacts.ARTIFACTS)
     paths = [line.split(',')[1] for line in manifest.read_text().splitlines()[1:]]
     masks = [synthetic.artifact_masks(spec) for spec in specs]
     out, clean_kept = {}, {}

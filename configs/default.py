@@ -167,7 +167,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.data = -1  # devices on the data axis; -1 = all
 
     config.distributed = ml_collections.ConfigDict()
-    config.distributed.coordinator = ''  # host:port of process 0; empty = single process
+    config.distributed.coordinator = ''  # host:port of process 0 (with num_processes and
+    # process_id on each host); 'auto': all three from the scheduler (srun, mpirun, a Cloud TPU
+    # pod, a Kubernetes Job) through jax.distributed's detection; empty = single process
     config.distributed.num_processes = 1
     config.distributed.process_id = 0
 

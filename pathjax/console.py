@@ -6,6 +6,7 @@ asks for the detailed records."""
 import contextlib
 import io
 import logging as python_logging
+import sys
 
 from absl import logging
 
@@ -28,7 +29,10 @@ class _Plain(python_logging.Formatter):
     """'warning: message' instead of absl's 'W1207 14:46:51.161260 1400... file.py:65] message'."""
 
     def format(self, record) -> str:
-        return f'{record.levelname.lower()}: {record.getMessage()}'
+        text = f'{record.levelname.lower()}: {record.getMessage()}'
+        if record.exc_info:  # logging.exception: the traceback stays
+            text += '\n' + self.formatException(record.exc_info)
+        return text
 
 
 def configure(detailed: bool) -> None:
@@ -45,6 +49,12 @@ def configure(detailed: bool) -> None:
     python_logging.getLogger('jax._src.xla_bridge').setLevel(python_logging.ERROR)
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
+
+
+def say(line: str) -> None:
+    """A line the user should see whatever the verbosity (what a run found about its setting)."""
+    sys.stderr.write(line + '\n')
+    sys.stderr.flush()
 
 
 def detailed() -> bool:

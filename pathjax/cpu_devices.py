@@ -18,6 +18,8 @@ import os
 
 from jax._src import xla_bridge
 
+from pathjax.runtime import cluster
+
 FLAG = '--xla_force_host_platform_device_count'
 
 
@@ -47,7 +49,10 @@ def configured_count(config) -> int:
     batch evenly."""
     if config.cpu_devices > 0:
         return config.cpu_devices
-    return auto_count(usable_cores(), *batch_sizes(config), config.distributed.num_processes)
+    processes = config.distributed.num_processes
+    if config.distributed.coordinator == cluster.AUTO:
+        processes = cluster.scheduled_processes()
+    return auto_count(usable_cores(), *batch_sizes(config), processes)
 
 
 def expose(config) -> int | None:

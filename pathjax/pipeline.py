@@ -28,7 +28,7 @@ from pathjax.models.patch.feature_net import (VGG16_BACKBONE, backbones, normali
                                        resolve_tile_defaults)
 from pathjax.models.patch.pretrained import check_weights_file
 from pathjax.models.patch.vit_presets import PRESETS
-from pathjax.slides import stain, stain_transform, synthetic, tile_stage
+from pathjax.slides import stain, stain_transform, synthetic_artifacts, synthetic_cohort, tile_stage
 from pathjax.slides.tissue import TissueRule
 from pathjax.evaluate import evaluate_stage, predict_stage, report_page
 from pathjax.train import extract, feature_learning, slide_training
@@ -138,9 +138,9 @@ def check_config(config) -> list[str]:
                 f'data.synthetic.motif_fraction must be (low, high) with 0 <= low <= high <= 1, '
                 f'got {tuple(config.data.synthetic.motif_fraction)}')
         spec = config.data.synthetic
-        unknown = sorted(set(spec.artifacts) - set(synthetic.ARTIFACTS))
+        unknown = sorted(set(spec.artifacts) - set(synthetic_artifacts.ARTIFACTS))
         require(not unknown, f"data.synthetic.artifacts: unknown {', '.join(map(repr, unknown))}; "
-                             f"choose from {', '.join(synthetic.ARTIFACTS)}")
+                             f"choose from {', '.join(synthetic_artifacts.ARTIFACTS)}")
         require(spec.sites == 0 or spec.sites >= 2,
                 f'data.synthetic.sites must be 0 (a stain per slide) or >= 2, got {spec.sites}')
         require(spec.sites == 0 or config.data.folds <= 1,
@@ -321,13 +321,14 @@ def prepare_cohort(config, workdir: pathlib.Path) -> tuple[cohort_lib.Cohort, pa
         manifest = workdir / 'synthetic' / 'manifest.csv'
         if sharding.is_leader():
             logging.info('data.manifest is empty: generating %d synthetic slides', spec.num_slides)
-            synthetic.make_cohort(manifest.parent, spec.num_slides, tuple(config.data.classes),
-                                  seed=spec.seed, width=spec.width, height=spec.height,
-                                  workers=config.workers,
-                                  motif_fraction=tuple(spec.motif_fraction),
-                                  artifacts=tuple(spec.artifacts), sites=spec.sites,
-                                  site_follows_label=tuple(spec.site_follows_label),
-                                  split_fractions=tuple(config.data.split_fractions))
+            synthetic_cohort.make_cohort(manifest.parent, spec.num_slides,
+                                         tuple(config.data.classes), seed=spec.seed,
+                                         width=spec.width, height=spec.height,
+                                         workers=config.workers,
+                                         motif_fraction=tuple(spec.motif_fraction),
+                                         artifacts=tuple(spec.artifacts), sites=spec.sites,
+                                         site_follows_label=tuple(spec.site_follows_label),
+                                         split_fractions=tuple(config.data.split_fractions))
         sharding.barrier('pathjax synthetic cohort')
     try:
         cohort = cohort_lib.load_cohort(manifest, tuple(config.data.classes),

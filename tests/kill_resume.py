@@ -86,7 +86,7 @@ class Run:
     def __init__(self, workdir: pathlib.Path, log: pathlib.Path, processes: int):
         environment = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
         command = [sys.executable, 'launch.py', '--config', 'configs/test.py',
-                   f'--workdir={workdir}']
+                   f'--workdir={workdir}', '--verbosity=0']  # its 'stage <name>' records
         if processes > 1:
             environment['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
             with socket.socket() as s:

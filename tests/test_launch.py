@@ -166,9 +166,9 @@ def test_an_unwritable_or_full_workdir_at_start_up_is_one_line_naming_it(tmp_pat
 
 
 def test_a_full_disk_mid_run_names_the_file(tmp_path, small_file_system):
-    from pathjax.slides import synthetic
-    manifest = synthetic.make_cohort(tmp_path / 'slides', 2, ('negative', 'positive'),
-                                     width=1024, height=1024)
+    from pathjax.slides import synthetic_cohort
+    manifest = synthetic_cohort.make_cohort(tmp_path / 'slides', 2, ('negative', 'positive'),
+                                            width=1024, height=1024)
     workdir = small_file_system('24k') / 'work'
     result = launch(f'--config.data.manifest={manifest}', '--config.workers=1', workdir=workdir)
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr

@@ -14,13 +14,18 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from pathjax.errors import StageError, UsageError
+from pathjax.runtime import cluster
 
 DATA_AXIS = 'data'
 
 
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
-    """jax.distributed.initialize for multi-host runs; nothing when `coordinator` is empty."""
-    if coordinator:
+    """jax.distributed.initialize for multi-host runs: from the config's host:port and ranks, or
+    from the scheduler that started the processes (coordinator='auto', `cluster`); nothing when
+    `coordinator` is empty."""
+    if coordinator == cluster.AUTO:
+        cluster.initialize_from_scheduler()
+    elif coordinator:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
 

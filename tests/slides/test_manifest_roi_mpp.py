@@ -10,7 +10,7 @@ from shapely.geometry import Polygon, box, mapping
 
 from pathjax import artifacts, pipeline
 from pathjax.errors import StageError
-from pathjax.slides import synthetic
+from pathjax.slides import synthetic_cohort
 from pathjax.slides.reader import Slide
 from tests.conftest import make_config
 
@@ -21,8 +21,8 @@ MARGIN = 0.15  # area fraction: the ROI is rasterized on the tissue mask's overv
 @pytest.fixture(scope='module')
 def slides(tmp_path_factory):
     """Two synthetic slides (their manifest rows) and their level-0 size."""
-    manifest = synthetic.make_cohort(tmp_path_factory.mktemp('slides'), 2, width=2048,
-                                     height=1536)
+    manifest = synthetic_cohort.make_cohort(tmp_path_factory.mktemp('slides'), 2, width=2048,
+                                            height=1536)
     rows = manifest.read_text().splitlines()
     with Slide(rows[1].split(',')[1]) as slide:
         return rows, slide.dimensions, slide.mpp

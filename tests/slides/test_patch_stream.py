@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from pathjax.slides import stain, synthetic
+from pathjax.slides import slide_writer, stain, synthetic
 from pathjax.slides.stain_transform import SlideStain
 from pathjax.slides.patch_stream import PatchReader, SlidePatches, plan_runs
 from pathjax.slides.reader import Slide
@@ -23,7 +23,7 @@ def test_runs_merge_row_neighbours_only():
 def slide_file(tmp_path_factory):
     spec = synthetic.SyntheticSlideSpec('s', 'c', 'positive', True, 0.25, 'svs', 2048, 1536, 7)
     path = tmp_path_factory.mktemp('stream') / 's.svs'
-    synthetic.write_slide(path, synthetic.render_slide(spec), spec.mpp, spec.fmt)
+    slide_writer.write_slide(path, synthetic.render_slide(spec), spec.mpp, spec.fmt)
     return path
 
 

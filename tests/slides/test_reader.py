@@ -15,7 +15,7 @@ import openslide
 import pytest
 import tifffile
 
-from pathjax.slides import reader, synthetic, tile_stage
+from pathjax.slides import reader, slide_writer, synthetic_cohort, tile_stage
 from pathjax.slides.reader import Slide, SlideError, rgba_to_rgb
 from tests.conftest import REPO, make_config
 
@@ -28,10 +28,10 @@ def synthetic_slides(tmp_path_factory):
     blocks = rng.integers(0, 256, (1536 // 32, 2048 // 32, 3), dtype=np.uint8)
     image = np.repeat(np.repeat(blocks, 32, axis=0), 32, axis=1)  # survives JPEG at every level
     paths = {}
-    for fmt in synthetic.FORMATS:
-        for mpp in synthetic.MPPS:
+    for fmt in slide_writer.FORMATS:
+        for mpp in synthetic_cohort.MPPS:
             paths[fmt, mpp] = folder / f'slide_{mpp}.{fmt}'
-            synthetic.write_slide(paths[fmt, mpp], image, mpp, fmt)
+            slide_writer.write_slide(paths[fmt, mpp], image, mpp, fmt)
     return paths
 
 
@@ -40,7 +40,7 @@ def openslide_region(path, x, y, level, width, height):
     return rgba_to_rgb(np.asarray(region))
 
 
-@pytest.mark.parametrize('fmt', synthetic.FORMATS)
+@pytest.mark.parametrize('fmt', slide_writer.FORMATS)
 def test_direct_decoding_equals_openslide(synthetic_slides, fmt):
     path = synthetic_slides[fmt, 0.25]
     with Slide(path) as slide:

@@ -7,7 +7,7 @@ import pytest
 
 from pathjax import artifacts, pipeline
 from pathjax.sampling import seeded_subset
-from pathjax.slides import stain_macenko, synthetic, tile_stage
+from pathjax.slides import slide_writer, stain_macenko, synthetic, synthetic_cohort, tile_stage
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
 from pathjax.slides.reader import Slide
 from pathjax.slides.stain_transform import MODULES, SlideStain
@@ -18,9 +18,9 @@ from tests.conftest import make_config
 def manifest(tmp_path_factory):
     config = make_config()
     spec = config.data.synthetic
-    return synthetic.make_cohort(tmp_path_factory.mktemp('cohort'), spec.num_slides,
-                                 tuple(config.data.classes), seed=spec.seed, width=spec.width,
-                                 height=spec.height)
+    return synthetic_cohort.make_cohort(tmp_path_factory.mktemp('cohort'), spec.num_slides,
+                                        tuple(config.data.classes), seed=spec.seed,
+                                        width=spec.width, height=spec.height)
 
 
 def tiled(manifest, workdir, method):
@@ -93,7 +93,7 @@ def test_a_slide_without_stainable_pixels_is_left_unnormalized_with_a_warning(tm
     grey = np.full((1536, 2048, 3), 120, np.uint8)
     grey[::7] = 100  # some texture, no colour
     path = tmp_path / 'grey.tiff'
-    synthetic.write_slide(path, grey, 0.5, 'tiff')
+    slide_writer.write_slide(path, grey, 0.5, 'tiff')
     manifest = tmp_path / 'manifest.csv'
     manifest.write_text(f'slide_id,path,label,case_id,split\ngrey,{path},negative,c,train\n')
     config = make_config(**{'data.manifest': str(manifest), 'stain.method': 'reinhard',

@@ -14,7 +14,7 @@ import tifffile
 from PIL import Image
 from skimage.measure import label
 
-from pathjax.slides import synthetic
+from pathjax.slides import slide_writer, synthetic, synthetic_cohort, synthetic_mosaic
 
 VENDORS = {'tiff': 'generic-tiff', 'svs': 'aperio'}
 
@@ -36,12 +36,12 @@ def dilate(mask, radius):
     return mask
 
 
-@pytest.mark.parametrize('fmt', synthetic.FORMATS)
-@pytest.mark.parametrize('mpp', synthetic.MPPS)
+@pytest.mark.parametrize('fmt', slide_writer.FORMATS)
+@pytest.mark.parametrize('mpp', synthetic_cohort.MPPS)
 def test_written_slide_reads_back_in_openslide(tmp_path, fmt, mpp):
     image = synthetic.render_slide(make_spec(mpp=mpp, fmt=fmt))
     path = tmp_path / f'slide.{fmt}'
-    synthetic.write_slide(path, image, mpp, fmt)
+    slide_writer.write_slide(path, image, mpp, fmt)
     assert sorted(tmp_path.iterdir()) == [path]  # no temporary file left behind
     with openslide.OpenSlide(path) as slide:
         assert slide.properties[openslide.PROPERTY_NAME_VENDOR] == VENDORS[fmt]
@@ -63,18 +63,18 @@ def test_pyramid_levels_down_to_below_two_tiles(tmp_path):
     image = np.zeros((3072, 4096, 3), np.uint8)
     image[..., 0] = np.arange(4096, dtype=np.uint8)  # wraps: a sawtooth
     image[..., 1] = np.arange(3072, dtype=np.uint8)[:, None]
-    for fmt in synthetic.FORMATS:
+    for fmt in slide_writer.FORMATS:
         path = tmp_path / f'big.{fmt}'
-        synthetic.write_slide(path, image, 0.25, fmt)
+        slide_writer.write_slide(path, image, 0.25, fmt)
         with openslide.OpenSlide(path) as slide:
             assert slide.level_dimensions == ((4096, 3072), (1024, 768), (256, 192))
             np.testing.assert_allclose(slide.level_downsamples, [1.0, 4.0, 16.0])
     with pytest.raises(ValueError):
-        synthetic.write_slide(tmp_path / 'x.tiff', image[..., 0], 0.25, 'tiff')
+        slide_writer.write_slide(tmp_path / 'x.tiff', image[..., 0], 0.25, 'tiff')
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
-@pytest.mark.parametrize('mpp', synthetic.MPPS)
+@pytest.mark.parametrize('mpp', synthetic_cohort.MPPS)
 def test_tissue_follows_the_background_rule(mpp, seed):
     spec = make_spec(mpp=mpp, seed=seed, width=1024, height=768)
     image, masks = synthetic.render_slide(spec, return_masks=True)
@@ -127,8 +127,8 @@ def test_nuclei_are_sized_in_microns():
 
 def test_cohort_specs_balance_classes_formats_and_cases():
     for n in range(2, 9):
-        assert {s.label for s in synthetic.cohort_specs(n)} == {'negative', 'positive'}
-    specs = synthetic.cohort_specs(40, ('wt', 'mut'), seed=5)
+        assert {s.label for s in synthetic_cohort.cohort_specs(n)} == {'negative', 'positive'}
+    specs = synthetic_cohort.cohort_specs(40, ('wt', 'mut'), seed=5)
     assert len({s.slide_id for s in specs}) == 40
     by_class = collections.defaultdict(list)
     for s in specs:
@@ -147,7 +147,7 @@ def test_cohort_specs_balance_classes_formats_and_cases():
     assert all(len({s.label for s in c}) == 1 for c in cases.values())
     assert {c[0].label for c in pairs} == {'wt', 'mut'}
     with pytest.raises(ValueError):
-        synthetic.cohort_specs(4, ('a', 'b', 'c'))
+        synthetic_cohort.cohort_specs(4, ('a', 'b', 'c'))
 
 
 def read_manifest(path):
@@ -161,7 +161,7 @@ def level0(path):
 
 def test_make_cohort_is_deterministic_and_skips_existing(tmp_path):
     kwargs = dict(classes=('wt', 'mut'), width=640, height=512)
-    manifest = synthetic.make_cohort(tmp_path / 'a', 6, seed=3, **kwargs)
+    manifest = synthetic_cohort.make_cohort(tmp_path / 'a', 6, seed=3, **kwargs)
     assert manifest == (tmp_path / 'a' / 'manifest.csv').resolve()
     rows = read_manifest(manifest)
     assert list(rows[0]) == ['slide_id', 'path', 'label', 'case_id']
@@ -175,8 +175,8 @@ def test_make_cohort_is_deterministic_and_skips_existing(tmp_path):
     assert sorted(p.name for p in manifest.parent.iterdir()) == sorted(
         [pathlib.Path(r['path']).name for r in rows] + ['manifest.csv'])
 
-    same = read_manifest(synthetic.make_cohort(tmp_path / 'b', 6, seed=3, **kwargs))
-    other = read_manifest(synthetic.make_cohort(tmp_path / 'c', 6, seed=4, **kwargs))
+    same = read_manifest(synthetic_cohort.make_cohort(tmp_path / 'b', 6, seed=3, **kwargs))
+    other = read_manifest(synthetic_cohort.make_cohort(tmp_path / 'c', 6, seed=4, **kwargs))
     strip = lambda rows: [{k: v for k, v in r.items() if k != 'path'} for r in rows]  # noqa: E731
     assert strip(same) == strip(rows)
     for a, b, c in zip(rows, same, other):
@@ -188,7 +188,7 @@ def test_make_cohort_is_deterministic_and_skips_existing(tmp_path):
     missing = pathlib.Path(rows[1]['path'])
     kept_pixels = level0(missing)
     missing.unlink()
-    assert read_manifest(synthetic.make_cohort(tmp_path / 'a', 6, seed=3, **kwargs)) == rows
+    assert read_manifest(synthetic_cohort.make_cohort(tmp_path / 'a', 6, seed=3, **kwargs)) == rows
     for path, stamp in stamps.items():
         if pathlib.Path(path) != missing:
             assert pathlib.Path(path).stat().st_mtime_ns == stamp
@@ -200,10 +200,10 @@ def gradient_image(height, width):
     return np.stack([(7 * xx + yy) % 256, (3 * yy) % 256, (xx ^ yy) % 256], -1).astype(np.uint8)
 
 
-@pytest.mark.parametrize('fmt', synthetic.FORMATS)
+@pytest.mark.parametrize('fmt', slide_writer.FORMATS)
 def test_streamed_slide_has_the_pages_of_write_slide(tmp_path, fmt):
     image = gradient_image(1100, 1500)  # edge tiles on both axes, 2 levels
-    synthetic.write_slide(tmp_path / f'whole.{fmt}', image, 0.5, fmt, jpeg_quality=80)
+    slide_writer.write_slide(tmp_path / f'whole.{fmt}', image, 0.5, fmt, jpeg_quality=80)
     asked = []
 
     def rows(top, height):
@@ -211,7 +211,7 @@ def test_streamed_slide_has_the_pages_of_write_slide(tmp_path, fmt):
         return image[top:top + height]
 
     path = tmp_path / f'streamed.{fmt}'
-    synthetic.write_streamed_slide(path, rows, (1500, 1100), 0.5, fmt, jpeg_quality=80)
+    slide_writer.write_streamed_slide(path, rows, (1500, 1100), 0.5, fmt, jpeg_quality=80)
     assert asked == [(top, min(256, 1100 - top)) for top in range(0, 1100, 256)]
     assert sorted(tmp_path.iterdir()) == sorted([path, tmp_path / f'whole.{fmt}'])
     with tifffile.TiffFile(tmp_path / f'whole.{fmt}') as whole, tifffile.TiffFile(path) as streamed:
@@ -226,15 +226,15 @@ def test_streamed_slide_has_the_pages_of_write_slide(tmp_path, fmt):
         assert slide.properties[openslide.PROPERTY_NAME_VENDOR] == VENDORS[fmt]
         assert slide.level_dimensions == ((1500, 1100), (375, 275))
     with pytest.raises(ValueError, match='rows'):
-        synthetic.write_streamed_slide(tmp_path / 'bad.svs', lambda top, h: image[:h, :100],
-                                       (1500, 1100), 0.5)
+        slide_writer.write_streamed_slide(tmp_path / 'bad.svs', lambda top, h: image[:h, :100],
+                                          (1500, 1100), 0.5)
 
 
 def test_mosaic_slide_reads_back_in_openslide(tmp_path):
     spec = synthetic.SyntheticSlideSpec('m', 'c', 'positive', True, 0.5, 'svs', 6000, 4000, seed=4)
-    mosaic = synthetic.MosaicSlide(spec, blocks=2, block_size=1024, cell_size=512)
+    mosaic = synthetic_mosaic.MosaicSlide(spec, blocks=2, block_size=1024, cell_size=512)
     path = tmp_path / 'm.svs'
-    synthetic.write_streamed_slide(path, mosaic.rows, (6000, 4000), 0.5)
+    slide_writer.write_streamed_slide(path, mosaic.rows, (6000, 4000), 0.5)
     assert mosaic.tissue_fraction == pytest.approx(0.6, abs=0.01)
     with openslide.OpenSlide(path) as slide:
         assert slide.properties[openslide.PROPERTY_NAME_VENDOR] == 'aperio'
@@ -268,7 +268,7 @@ def test_streamed_writer_holds_a_few_bands_not_the_slide(tmp_path):
 
     tracemalloc.start()
     try:
-        synthetic.write_streamed_slide(tmp_path / 'tall.svs', rows, (width, height), 0.25)
+        slide_writer.write_streamed_slide(tmp_path / 'tall.svs', rows, (width, height), 0.25)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

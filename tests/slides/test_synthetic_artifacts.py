@@ -16,7 +16,7 @@ import openslide
 import pytest
 
 from pathjax import cohort as cohort_lib
-from pathjax.slides import synthetic
+from pathjax.slides import synthetic, synthetic_artifacts, synthetic_cohort, synthetic_mosaic
 
 # The last commit before artifacts and sites: slides rendered with its code are the reference a
 # default slide must equal, pixel for pixel.
@@ -78,7 +78,7 @@ def test_default_slide_renders_as_before_artifacts_and_sites(reference_module, p
     np.testing.assert_array_equal(masks['tissue'], tissue_old)
     np.testing.assert_array_equal(masks['motif'], motif_old)
     for a, b in zip(reference_module.cohort_specs(12, seed=seed),
-                    synthetic.cohort_specs(12, seed=seed)):
+                    synthetic_cohort.cohort_specs(12, seed=seed)):
         assert dataclasses.asdict(a) == {k: v for k, v in dataclasses.asdict(b).items()
                                          if k not in ('artifacts', 'site', 'site_stain', 'split')}
         assert (b.artifacts, b.site, b.site_stain, b.split) == ((), -1, (), '')
@@ -88,7 +88,7 @@ def test_default_slide_renders_as_before_artifacts_and_sites(reference_module, p
 def rendered(request):
     """(spec with all three artifacts, its image and masks, the artifact-free image)."""
     mpp, seed = request.param
-    spec = make_spec(synthetic.ARTIFACTS, mpp=mpp, seed=seed)
+    spec = make_spec(synthetic_artifacts.ARTIFACTS, mpp=mpp, seed=seed)
     image, masks = synthetic.render_slide(spec, return_masks=True)
     plain = synthetic.render_slide(dataclasses.replace(spec, artifacts=()))
     return spec, image, masks, plain
@@ -119,7 +119,7 @@ def test_nothing_changes_outside_the_masks(rendered):
     """Pixels outside every mask equal the artifact-free render; the blur's soft edge (sigma
     below half its maximum) reaches only a few microns beyond its mask."""
     spec, image, masks, plain = rendered
-    edge = int(math.ceil(4 * synthetic._BLUR_EDGE_UM / spec.mpp)) + 1
+    edge = int(math.ceil(4 * synthetic_artifacts._BLUR_EDGE_UM / spec.mpp)) + 1
     inside = masks['pen'] | masks['fold'] | dilate(masks['blur'], edge)
     differs = (image != plain).any(-1)
     assert differs[masks['pen'] | masks['fold']].mean() > 0.5
@@ -133,9 +133,9 @@ def test_nothing_changes_outside_the_masks(rendered):
 def test_each_artifact_is_drawn_alone_from_its_own_stream():
     """One artifact at a time gives the same mask as all three together: each has its own
     seed stream."""
-    spec = make_spec(synthetic.ARTIFACTS, seed=3)
+    spec = make_spec(synthetic_artifacts.ARTIFACTS, seed=3)
     together = synthetic.artifact_masks(spec)
-    for name in synthetic.ARTIFACTS:
+    for name in synthetic_artifacts.ARTIFACTS:
         alone = synthetic.artifact_masks(dataclasses.replace(spec, artifacts=(name,)))
         assert sorted(alone) == sorted(['tissue', 'motif', name])
         np.testing.assert_array_equal(alone[name], together[name])
@@ -165,7 +165,7 @@ def test_pen_is_translucent_ink_of_its_colour():
         alpha = np.zeros(image.shape[:2], np.float32)
         others = np.zeros(image.shape[:2], bool)
         for i, s in enumerate(strokes):
-            y0, y1, x0, x1, a, _ = synthetic._stroke_alpha(s, image.shape[:2])
+            y0, y1, x0, x1, a, _ = synthetic_artifacts._stroke_alpha(s, image.shape[:2])
             if i == index:
                 alpha[y0:y1, x0:x1] = a
             else:
@@ -211,7 +211,7 @@ def test_blur_is_a_gaussian_of_the_sharp_slide(mpp, seed):
     outside = masks['tissue'] & ~dilate(masks['blur'], int(8 / mpp))
     assert laplacian_variance(image, outside) == laplacian_variance(plain, outside)
     # Inside, away from the edge, the slide is the sharp one blurred with the region's sigma.
-    core = ~dilate(~masks['blur'], int(math.ceil(6 * synthetic._BLUR_EDGE_UM / mpp)))
+    core = ~dilate(~masks['blur'], int(math.ceil(6 * synthetic_artifacts._BLUR_EDGE_UM / mpp)))
     assert core.sum() > 1000
     expected = cv2.GaussianBlur(plain, (0, 0), region.sigma)
     assert np.abs(image[core].astype(int) - expected[core]).max() <= 1
@@ -251,16 +251,16 @@ def test_unknown_artifact_and_mosaic_are_refused():
     with pytest.raises(ValueError, match='unknown artifact'):
         synthetic.render_slide(make_spec(['smudge']))
     with pytest.raises(ValueError, match='unknown artifact'):
-        synthetic.cohort_specs(4, artifacts=('pen', 'coffee'))
+        synthetic_cohort.cohort_specs(4, artifacts=('pen', 'coffee'))
     with pytest.raises(ValueError, match='sites'):
-        synthetic.cohort_specs(4, sites=1)
+        synthetic_cohort.cohort_specs(4, sites=1)
     spec = synthetic.SyntheticSlideSpec('m', 'c', 'positive', True, 0.5, 'svs', 6000, 4000, seed=4,
                                         artifacts=('pen',))
     with pytest.raises(ValueError, match='mosaic'):
-        synthetic.MosaicSlide(spec, blocks=1, block_size=512, cell_size=512)
+        synthetic_mosaic.MosaicSlide(spec, blocks=1, block_size=512, cell_size=512)
     with pytest.raises(ValueError, match='mosaic'):
-        synthetic.MosaicSlide(dataclasses.replace(spec, artifacts=(), site=0),
-                              blocks=1, block_size=512, cell_size=512)
+        synthetic_mosaic.MosaicSlide(dataclasses.replace(spec, artifacts=(), site=0),
+                                     blocks=1, block_size=512, cell_size=512)
 
 
 # Sites -------------------------------------------------------------------------------------------
@@ -276,7 +276,8 @@ def at_home(specs, sites, classes=('negative', 'positive')):
 
 @pytest.mark.parametrize('sites, seed', [(2, 0), (3, 1), (5, 2)])
 def test_sites_follow_the_label_as_often_as_asked(sites, seed):
-    specs = synthetic.cohort_specs(1000, seed=seed, sites=sites, site_follows_label=(0.8, 0.5))
+    specs = synthetic_cohort.cohort_specs(1000, seed=seed, sites=sites,
+                                          site_follows_label=(0.8, 0.5))
     assert {s.split for s in specs} == set(cohort_lib.SPLITS)
     assert {s.site for s in specs} == set(range(sites))
     by_case = collections.defaultdict(set)
@@ -295,16 +296,16 @@ def test_sites_follow_the_label_as_often_as_asked(sites, seed):
         cases = {s.case_id for s in specs if s.label == label}
         counts = collections.Counter(split_of[c] for c in cases)
         total = sum(counts.values())
-        for name, fraction in zip(cohort_lib.SPLITS, synthetic.SPLIT_FRACTIONS):
+        for name, fraction in zip(cohort_lib.SPLITS, synthetic_cohort.SPLIT_FRACTIONS):
             assert abs(counts[name] - fraction * total) <= 1
 
 
 def test_site_placement_extremes_and_other_sites_uniform():
-    specs = synthetic.cohort_specs(400, seed=3, sites=4, site_follows_label=(1.0, 0.0))
+    specs = synthetic_cohort.cohort_specs(400, seed=3, sites=4, site_follows_label=(1.0, 0.0))
     split_of = {s.case_id: s.split for s in specs}
     home = at_home(specs, 4)
     assert all(home[c] == (split_of[c] != 'test') for c in home)
-    away = synthetic.cohort_specs(2000, seed=3, sites=4, site_follows_label=(0.0, 0.0))
+    away = synthetic_cohort.cohort_specs(2000, seed=3, sites=4, site_follows_label=(0.0, 0.0))
     label_sites = collections.Counter((s.label, s.site) for s in away)  # slides
     for label, home_site in (('negative', 0), ('positive', 1)):
         counts = [label_sites[label, k] for k in range(4) if k != home_site]
@@ -313,7 +314,7 @@ def test_site_placement_extremes_and_other_sites_uniform():
 
 
 def test_site_stains_differ_between_sites_more_than_within():
-    specs = synthetic.cohort_specs(120, seed=5, sites=3)
+    specs = synthetic_cohort.cohort_specs(120, seed=5, sites=3)
     colours = collections.defaultdict(list)
     for s in specs:
         assert len(s.site_stain) == 9
@@ -326,7 +327,7 @@ def test_site_stains_differ_between_sites_more_than_within():
     # a site's stain is the site's, whichever cohort size or site count
     np.testing.assert_array_equal(synthetic.site_stains(5, 3), synthetic.site_stains(5, 6)[:3])
     # and without sites the stain is the slide's own, as before
-    plain = synthetic.cohort_specs(4, seed=5)[0]
+    plain = synthetic_cohort.cohort_specs(4, seed=5)[0]
     assert plain.site == -1 and plain.site_stain == ()
 
 
@@ -338,10 +339,10 @@ def read_manifest(path):
 def test_cohort_with_sites_and_artifacts_writes_site_and_split_and_opens(tmp_path):
     kwargs = dict(classes=('wt', 'mut'), width=768, height=512, seed=4, sites=2,
                   artifacts=('fold', 'pen', 'blur'), split_fractions=(0.5, 0.25, 0.25))
-    manifest = synthetic.make_cohort(tmp_path / 'a', 8, **kwargs)
+    manifest = synthetic_cohort.make_cohort(tmp_path / 'a', 8, **kwargs)
     rows = read_manifest(manifest)
-    assert list(rows[0]) == list(synthetic.MANIFEST_COLUMNS + synthetic.SITE_COLUMNS)
-    specs = synthetic.cohort_specs(8, **kwargs)
+    assert list(rows[0]) == list(synthetic_cohort.MANIFEST_COLUMNS + synthetic_cohort.SITE_COLUMNS)
+    specs = synthetic_cohort.cohort_specs(8, **kwargs)
     for row, spec in zip(rows, specs):
         assert row['site'] == f'site{spec.site}' and row['split'] == spec.split
         assert row['path'].endswith(f'{spec.slide_id}-pen-blur-fold-site{spec.site}.{spec.fmt}')
@@ -357,7 +358,7 @@ def test_cohort_with_sites_and_artifacts_writes_site_and_split_and_opens(tmp_pat
         region = np.asarray(slide.read_region((0, 0), 0, (768, 512)).convert('RGB'))
     assert np.abs(region.astype(int) - image).mean() < 4
     # the same cohort without sites keeps today's names and columns
-    plain = read_manifest(synthetic.make_cohort(tmp_path / 'b', 2, classes=('wt', 'mut'),
-                                                width=256, height=256, seed=4))
-    assert list(plain[0]) == list(synthetic.MANIFEST_COLUMNS)
+    plain = read_manifest(synthetic_cohort.make_cohort(tmp_path / 'b', 2, classes=('wt', 'mut'),
+                                                       width=256, height=256, seed=4))
+    assert list(plain[0]) == list(synthetic_cohort.MANIFEST_COLUMNS)
     assert [r['path'].rsplit('/', 1)[1] for r in plain] == ['syn4_0000.tiff', 'syn4_0001.tiff']

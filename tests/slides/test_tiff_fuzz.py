@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from pathjax.slides import reader, synthetic
+from pathjax.slides import reader, slide_writer
 from pathjax.slides.reader import Slide, SlideError
 
 MUTATIONS = ('tag bytes', 'tile bytes', 'truncated', 'tag value')
@@ -40,8 +40,8 @@ def write_bases(folder) -> dict:
     image = np.repeat(np.repeat(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8), 16, 0), 16, 1)
     paths = {'jpeg-tiff': folder / 'jpeg.tiff', 'jpeg-svs': folder / 'jpeg.svs',
              'raw-tiff': folder / 'raw.tiff'}
-    synthetic.write_slide(paths['jpeg-tiff'], image, 0.5, 'tiff', tile_size=32)
-    synthetic.write_slide(paths['jpeg-svs'], image, 0.5, 'svs', tile_size=32)
+    slide_writer.write_slide(paths['jpeg-tiff'], image, 0.5, 'tiff', tile_size=32)
+    slide_writer.write_slide(paths['jpeg-svs'], image, 0.5, 'svs', tile_size=32)
     with tifffile.TiffWriter(paths['raw-tiff']) as tif:
         for index, level in enumerate([image, image[::4, ::4]]):
             per_cm = 1e4 / (0.5 * 4 ** index)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pathjax import artifacts, pipeline
-from pathjax.slides import synthetic, tissue_qc
+from pathjax.slides import slide_writer, synthetic, tissue_qc
 from tests.conftest import make_config
 
 BLUE_INK_OD = np.array([0.9, 0.45, 0.1])  # a blue marker's optical density (absorbs red)
@@ -28,7 +28,7 @@ def qc_run(tmp_path_factory):
     for slide_id, pixels, label in (('clean', image, 'negative'), ('inked', inked, 'positive'),
                                     ('blurred', blurred, 'negative')):
         path = folder / f'{slide_id}.tiff'
-        synthetic.write_slide(path, pixels, spec.mpp, 'tiff')
+        slide_writer.write_slide(path, pixels, spec.mpp, 'tiff')
         rows.append((slide_id, str(path), label, slide_id, 'train'))
     manifest = folder / 'manifest.csv'
     with open(manifest, 'w', newline='') as file:

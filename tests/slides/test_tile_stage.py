@@ -14,7 +14,7 @@ import pytest
 
 from pathjax import artifacts, csv_cells, pipeline
 from pathjax.errors import StageError
-from pathjax.slides import stain, synthetic, tile_stage
+from pathjax.slides import stain, synthetic, synthetic_cohort, tile_stage
 from pathjax.sampling import seeded_subset
 from pathjax.slides.reader import Slide
 from pathjax.slides.tiling import grid_positions
@@ -36,9 +36,9 @@ def cohort_manifest(tmp_path_factory):
     """The test config's synthetic cohort, generated once for this module."""
     config = load_config()
     spec = config.data.synthetic
-    return synthetic.make_cohort(tmp_path_factory.mktemp('cohort'), spec.num_slides,
-                                 tuple(config.data.classes), seed=spec.seed, width=spec.width,
-                                 height=spec.height)
+    return synthetic_cohort.make_cohort(tmp_path_factory.mktemp('cohort'), spec.num_slides,
+                                        tuple(config.data.classes), seed=spec.seed,
+                                        width=spec.width, height=spec.height)
 
 
 @pytest.fixture(scope='module')
@@ -76,8 +76,9 @@ def test_kept_patches_are_the_tissue_of_the_rendered_slides(tiled):
     workdir, config = tiled
     spec = config.data.synthetic
     kept_fractions, dropped_fractions = [], []
-    for slide in synthetic.cohort_specs(spec.num_slides, tuple(config.data.classes),
-                                        seed=spec.seed, width=spec.width, height=spec.height):
+    for slide in synthetic_cohort.cohort_specs(spec.num_slides, tuple(config.data.classes),
+                                               seed=spec.seed, width=spec.width,
+                                               height=spec.height):
         tissue_mask = synthetic.render_slide(slide, return_masks=True)[1]['tissue']
         tiles = artifacts.load_npz(workdir / 'tiles' / f'{slide.slide_id}.npz')
         extent = int(tiles['extent'])

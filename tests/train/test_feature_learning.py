@@ -17,7 +17,7 @@ from pathjax.models.patch.feature_net import FeatureNet
 from pathjax.train import feature_learning
 from pathjax.runtime import metrics_log, sharding
 from pathjax.runtime.checkpoint import Checkpoints
-from pathjax.slides import synthetic
+from pathjax.slides import synthetic, synthetic_cohort
 from pathjax.slides.patch_stream import PatchReader, SlidePatches
 from pathjax.slides.tile_stage import tiles_path
 from pathjax.train.feature_learning import FeatureTrainer, TrainState, make_train_step
@@ -51,7 +51,7 @@ def held_out_patches(workdir, config):
     as the patches stage reads them: (images uint8 [N, P, P, 3], the share of each patch's area
     inside the class motif [N] (from the generator's own motif mask), on a negative slide [N])."""
     synth = config.data.synthetic
-    specs = {spec.slide_id: spec for spec in synthetic.cohort_specs(
+    specs = {spec.slide_id: spec for spec in synthetic_cohort.cohort_specs(
         synth.num_slides, tuple(config.data.classes), seed=synth.seed, width=synth.width,
         height=synth.height)}
     images, motif_shares, negative = [], [], []

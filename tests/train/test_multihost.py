@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 
 from pathjax import artifacts
-from pathjax.slides import synthetic
+from pathjax.slides import synthetic_cohort
 from pathjax.train import feature_learning
 from pathjax.runtime.checkpoint import Checkpoints
 from pathjax.train.feature_learning import FeatureTrainer
-from tests import kill_resume
 from tests.conftest import LEARNING_COHORT, REPO, make_config, workdir_with_patches
 
 # SGD rather than Adam: Adam divides by the gradient's own scale, so summation-order noise in
@@ -144,8 +143,8 @@ def run_together(processes):
 
 def test_two_processes_tile_their_shares_into_one_process_files(tmp_path):
     classes = tuple(make_config().data.classes)
-    manifest = synthetic.make_cohort(tmp_path / 'cohort', 6, classes, seed=0, width=2048,
-                                     height=1536)
+    manifest = synthetic_cohort.make_cohort(tmp_path / 'cohort', 6, classes, seed=0, width=2048,
+                                            height=1536)
     # A corrupt file second, on process 1: its error reaches process 0's report.
     broken = tmp_path / 'cohort' / 'broken.svs'
     broken.write_bytes(b'not a slide')
@@ -188,26 +187,3 @@ def test_two_processes_tile_their_shares_into_one_process_files(tmp_path):
     assert [(e['slide_id'], e['status'], e['patches'], e['message']) for e in rerun] == [
         (e['slide_id'], e['status'], e['patches'], e['message']) for e in reports[1]]
 
-
-# One kill per stage, mid-work (tests/kill_resume.py has three per stage and runs outside the
-# suite): (stage, point) from its KILL_POINTS.
-KILLED_AT = {'tile': '3rd slide scanned', 'patches': '2nd slide staged',
-             'learn_features': 'epoch 1 checkpointed', 'extract': '3rd slide extracted',
-             'train_slide': '1st checkpoint', 'evaluate': '1st heatmap'}
-
-
-def test_two_processes_run_every_stage_and_resume_after_a_kill_in_each(tmp_path):
-    """configs/test.py with 2 processes end to end, SIGKILLed once in every stage (process 0 and
-    process 1 in turn, the other a second later) and rerun: the resumed chain's predictions,
-    metrics, training logs and features files equal an uninterrupted 2-process run's."""
-    points = [point for point in kill_resume.KILL_POINTS if KILLED_AT[point[0]] == point[1]]
-    assert len(points) == len(KILLED_AT)
-    reference = tmp_path / 'reference'
-    assert kill_resume.Run(reference, tmp_path / 'reference.log', 2).wait() == 0, \
-        (tmp_path / 'reference.log').read_text()[-3000:]
-    results = kill_resume.run_with_kills(tmp_path / 'killed', points, processes=2)
-    expected, got = kill_resume.outputs(reference), kill_resume.outputs(tmp_path / 'killed')
-    assert len(expected) > 10  # features files, predictions and metrics of every split
-    assert sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k)) == []
-    landed = [r['stage'] for r in results if r['landed']]
-    assert len(landed) >= 5, results  # the patches stage may end within the kill's second
