@@ -186,8 +186,8 @@ def learn_step_memory(model, config, passes, state, batch, replicated, batched, 
 def launch(stage: str, workdir: pathlib.Path, overrides: list[str], log: pathlib.Path):
     """Runs one stage of configs/default.py in a measured subprocess, output to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, 'launch.py', '--config', 'configs/default.py',
-               f'--workdir={workdir}', f'--stages={stage}', *overrides]
+    command = [sys.executable, 'launch.py', '--config', 'configs/default.py', '--verbosity=0',
+               f'--workdir={workdir}', f'--stages={stage}', *overrides]  # timed records in log
     with open(log, 'w') as out:
         out.write(' '.join(command) + '\n')
         out.flush()

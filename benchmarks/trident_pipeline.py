@@ -117,8 +117,8 @@ def pathjax_run(manifest, weights, workdir: pathlib.Path, batch_size: int,
                 threads: int) -> dict:
     """launch.py --stages tile,extract in a subprocess; {'tile', 'extract', 'tile+extract',
     'process'} seconds (the stages' from the log)."""
-    command = [sys.executable, 'launch.py', '--config', 'configs/default.py',
-               f'--workdir={workdir}', '--stages=tile,extract',
+    command = [sys.executable, 'launch.py', '--config', 'configs/default.py', '--verbosity=0',
+               f'--workdir={workdir}', '--stages=tile,extract',  # the log's timed records
                f'--config.data.manifest={manifest}', f'--config.workers={threads}',
                f'--config.feature_net.backbone={PRESET.name}',
                f'--config.feature_net.weights={weights}', '--config.feature_net.learn=False',

@@ -79,7 +79,7 @@ def test_a_started_backend_without_the_flag_is_a_usage_error(monkeypatch, tmp_pa
 def test_launch_with_deterministic_sets_the_flag_and_tiles(tmp_path):
     command = [sys.executable, str(REPO / 'launch.py'), '--config', str(REPO / 'configs/test.py'),
                '--workdir', str(tmp_path), '--stages=tile', '--config.deterministic=True',
-               '--config.data.synthetic.num_slides=4']
+               '--config.data.synthetic.num_slides=4', '--verbosity=0']  # the INFO records
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'})
     assert result.returncode == 0, result.stderr[-3000:]

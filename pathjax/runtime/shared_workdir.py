@@ -68,9 +68,10 @@ def marker_problem(workdir: pathlib.Path, marker: pathlib.Path, leader: dict, pr
     deadline = time.monotonic() + wait_seconds
     while True:
         try:
-            if json.loads(marker.read_text()).get('token') == leader['token']:
+            if marker.stat().st_size <= IDENTITY_BYTES and \
+                    json.loads(marker.read_text()).get('token') == leader['token']:
                 return None
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # absent, half written, or not ours
             pass
         if time.monotonic() >= deadline:
             break

@@ -47,6 +47,9 @@ MASK_WINDOW_PIXELS = 8
 QC_SIDE = 1024
 LITTLE_TISSUE = 0.02  # a slide with less tissue than this share of its area is flagged
 STATISTICS = 'statistics_'  # prefix of the stain statistics in a scan file
+STAIN_FIT_PIXELS = 1 << 20  # macenko and reinhard fit at most this many tissue pixels, evenly
+# spaced (their float64 temporaries stay near 100 MB per tile worker; 32 patches of 512 px hold
+# up to 8.4 M); histogram counts them all (a bincount)
 STAIN_SAMPLE_SEED = 0  # the kept patches a slide's stain histogram is taken from: the same in
 # every run and fold, whatever the split and training seeds
 
@@ -153,11 +156,13 @@ def _scan(slide: Slide, slide_id: str, settings: TileSettings, roi=None, roi_fil
     statistics = {}
     if settings.stain_method != 'none' and len(tiles):
         sample = seeded_subset(slide_id, len(tiles), settings.stain_fit_patches, STAIN_SAMPLE_SEED)
-        pixels = [patch[stain_pixels(patch, rule)]  # the tissue pixels only: not the white
-                  for patch in (slide.read_patch(x, y, plan) for x, y in tiles.coords[sample])]
+        pixels = np.concatenate([patch[stain_pixels(patch, rule)]  # tissue only: not the white
+                                 for patch in (slide.read_patch(x, y, plan)
+                                               for x, y in tiles.coords[sample])])
+        if settings.stain_method != 'histogram' and len(pixels) > STAIN_FIT_PIXELS:
+            pixels = pixels[np.linspace(0, len(pixels) - 1, STAIN_FIT_PIXELS).astype(np.int64)]
         try:
-            statistics = stain_transform.MODULES[settings.stain_method].slide_statistics(
-                np.concatenate(pixels))
+            statistics = stain_transform.MODULES[settings.stain_method].slide_statistics(pixels)
         except ValueError as error:
             warnings.append(f'no {settings.stain_method} stain fit, left unnormalized: {error}')
     scan = dict(coords=tiles.coords, grid=tiles.grid, tissue=tiles.tissue, focus=focus,
