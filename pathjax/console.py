@@ -51,6 +51,12 @@ def configure(detailed: bool) -> None:
     tfds.disable_progress_bar()
 
 
+def show(lines: list[str]) -> None:
+    """The run's result (the closing summary) on stdout, whatever the verbosity."""
+    sys.stdout.write(''.join(line + '\n' for line in lines))
+    sys.stdout.flush()
+
+
 def say(line: str) -> None:
     """A line the user should see whatever the verbosity (what a run found about its setting)."""
     sys.stderr.write(line + '\n')

@@ -16,7 +16,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 from absl import logging
 
-from pathjax import (artifacts, cohort as cohort_lib, comparison, cpu_devices,
+from pathjax import (artifacts, cohort as cohort_lib, comparison, console, cpu_devices,
                      cross_validation, determinism, provenance, stage_report, workdir_lock)
 from pathjax.errors import StageError, UsageError, describe_os_error
 from pathjax.run_summary import RunSummary
@@ -402,7 +402,7 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
             run_locked(config, workdir, stages, summary)
         finally:
             if sharding.is_leader() and summary.stages:
-                print('\n'.join(summary.lines(workdir)), flush=True)
+                console.show(summary.lines(workdir))
     return 0
 
 

@@ -54,6 +54,18 @@ def checked_lut(lut) -> np.ndarray:
     return lut
 
 
+def opencv_pixels(images: np.ndarray, method: str) -> np.ndarray:
+    """uint8 images [..., 3] as one contiguous OpenCV 3-channel image [rows, width, 3] (a view
+    when they already are contiguous; reshape the result back to images.shape). Anything but
+    uint8 RGB is a ValueError naming the `method` it was given to."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim < 2 or images.shape[-1] != 3:
+        raise ValueError(f'{method} normalization needs uint8 [..., 3] RGB images, got '
+                         f'{images.dtype} {list(images.shape)}')
+    width = images.shape[-2] if images.ndim >= 3 else 1
+    return np.ascontiguousarray(images).reshape(-1, width, 3)
+
+
 def apply_lut(images: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """out[..., c] = lut[c, images[..., c]]. images: uint8 [..., 3]; lut: uint8 [3, 256].
 
@@ -65,9 +77,8 @@ def apply_lut(images: np.ndarray, lut: np.ndarray) -> np.ndarray:
     pixels = np.ascontiguousarray(images, dtype=np.uint8)
     if np.array_equal(lut, IDENTITY_LUT) or not pixels.size:
         return pixels
-    width = pixels.shape[-2] if pixels.ndim >= 3 else 1
     table = np.ascontiguousarray(lut.T[None])  # [1, 256, 3]
-    return cv2.LUT(pixels.reshape(-1, width, 3), table).reshape(images.shape)
+    return cv2.LUT(opencv_pixels(pixels, 'histogram'), table).reshape(pixels.shape)
 
 
 def normalize_histograms(histograms: np.ndarray) -> np.ndarray:

@@ -19,6 +19,8 @@ orthogonal projection onto its stain plane, which drops the OD outside the plane
 import cv2
 import numpy as np
 
+from pathjax.slides.stain import opencv_pixels  # also sets OpenCV to one thread per reader
+
 IO = 240.0  # transmitted light intensity
 ALPHA = 1.0  # percentile of the stain angles taken as each stain's direction
 BETA = 0.15  # OD below which a channel counts as unstained
@@ -128,14 +130,9 @@ def apply(images: np.ndarray, transform: dict[str, np.ndarray]) -> np.ndarray:
     if matrix.shape != (3, 3) or matrix.dtype.kind != 'f' or not np.isfinite(matrix).all():
         raise ValueError(f'stain_od_matrix must be finite floats [3, 3], got {matrix.dtype} '
                          f'{list(matrix.shape)}')
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim < 2 or images.shape[-1] != 3:
-        raise ValueError(f'Macenko normalization needs uint8 [..., 3] RGB images, got '
-                         f'{images.dtype} {list(images.shape)}')
-    if not images.size:
-        return images.copy()
-    width = images.shape[-2] if images.ndim >= 3 else 1
-    pixels = np.ascontiguousarray(images).reshape(-1, width, 3)
+    pixels = opencv_pixels(images, 'Macenko')
+    if not pixels.size:
+        return pixels.reshape(np.shape(images)).copy()
     affine = np.concatenate([-matrix, np.full((3, 1), np.log(IO))], axis=1).astype(np.float32)
     log_out = cv2.transform(cv2.LUT(pixels, OD_TABLE_32), affine)
-    return cv2.convertScaleAbs(cv2.exp(log_out, dst=log_out)).reshape(images.shape)
+    return cv2.convertScaleAbs(cv2.exp(log_out, dst=log_out)).reshape(np.shape(images))

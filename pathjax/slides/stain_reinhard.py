@@ -16,6 +16,8 @@ level of torchstain's for saturated colours, 0.01 for H&E ones.
 import cv2
 import numpy as np
 
+from pathjax.slides.stain import opencv_pixels  # also sets OpenCV to one thread per reader
+
 MIN_STD = 1e-3  # Lab units; a channel with less spread cannot be rescaled
 _VALUES = np.arange(256) / 255.0
 SRGB_TO_LINEAR = np.where(_VALUES > 0.04045, ((_VALUES + 0.055) / 1.055) ** 2.4,
@@ -92,14 +94,9 @@ def apply(images: np.ndarray, transform: dict[str, np.ndarray]) -> np.ndarray:
         if array.shape != (3,) or array.dtype.kind != 'f' or not np.isfinite(array).all():
             raise ValueError(f'{name} must be finite floats [3], got {array.dtype} '
                              f'{list(array.shape)}')
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim < 2 or images.shape[-1] != 3:
-        raise ValueError(f'Reinhard normalization needs uint8 [..., 3] RGB images, got '
-                         f'{images.dtype} {list(images.shape)}')
-    if not images.size:
-        return images.copy()
-    width = images.shape[-2] if images.ndim >= 3 else 1
-    pixels = np.ascontiguousarray(images).reshape(-1, width, 3)
+    pixels = opencv_pixels(images, 'Reinhard')
+    if not pixels.size:
+        return pixels.reshape(np.shape(images)).copy()
     affine = np.concatenate([np.diag(scale), shift[:, None]], axis=1).astype(np.float32)
     rgb = cv2.cvtColor(cv2.transform(lab(pixels), affine), cv2.COLOR_Lab2RGB)
-    return cv2.convertScaleAbs(rgb, alpha=255.0).reshape(images.shape)
+    return cv2.convertScaleAbs(rgb, alpha=255.0).reshape(np.shape(images))
