@@ -43,9 +43,9 @@ from pathjax.cohort import Cohort
 from pathjax.data.features import features_path
 from pathjax.models.patch.feature_net import create_feature_net
 from pathjax.slides import tile_stage
-from pathjax.slides.patch_stream import PatchReader, SlidePatches
+from pathjax.slides.patch_stream import PatchBatch, PatchReader, SlidePatches
+from pathjax.slides.stain import IDENTITY_LUT
 from pathjax.train import extract
-from pathjax.runtime import sharding
 from rows import print_table, row
 
 
@@ -107,18 +107,8 @@ def make_extractor(setup: Setup) -> extract.Extractor:
     params = random_params(model.init, np.zeros((1, size, size, 3), np.uint8))
     extractor = extract.Extractor(config, params, model)
     warm = np.zeros((setup.batch_size, size, size, 3), np.uint8)
-    jax.block_until_ready(extractor.features(extractor.params, put(extractor, warm)))
+    jax.block_until_ready(extractor.dispatch(warm, IDENTITY_LUT))
     return extractor
-
-
-def put(extractor: extract.Extractor, images: np.ndarray) -> jax.Array:
-    return jax.device_put(images, sharding.batch_sharded(extractor.mesh))
-
-
-def padded(images: np.ndarray, batch_size: int) -> np.ndarray:
-    """A batch padded with black patches to the compiled size."""
-    padding = np.zeros((batch_size - len(images),) + images.shape[1:], np.uint8)
-    return np.concatenate([images, padding])
 
 
 # ---- the three passes; each returns the number of patches it turned into features ----
@@ -137,26 +127,22 @@ def pathjax_pass(extractor, cohort: Cohort, workdir, workers: int) -> int:
     return sum(entry.patches for entry in entries)
 
 
-def preload(extractor, patches: list[SlidePatches], workers: int) -> list[tuple[np.ndarray, int]]:
-    """Every slide's batches in host memory: (images padded to the batch size, valid count)."""
-    batches = []
-    with PatchReader(batch_size=extractor.batch_size, workers=workers) as reader:
-        for slide in patches:
-            batches += [(padded(b.images, extractor.batch_size), len(b.indices))
-                        for b in reader.batches(slide)]
-    return batches
+def preload(extractor, patches: list[SlidePatches], workers: int) -> list[PatchBatch]:
+    """Every slide's batches in host memory, as the extract stage's reader gives them."""
+    with PatchReader(batch_size=extractor.batch_size, workers=workers, defer_lut=True) as reader:
+        return [batch for slide in patches for batch in reader.batches(slide)]
 
 
-def network_pass(extractor, batches: list[tuple[np.ndarray, int]]) -> int:
+def network_pass(extractor, batches: list[PatchBatch]) -> int:
     """The network alone on preloaded batches, with the stage's back-pressure."""
     pending = collections.deque()
-    for images, _ in batches:
-        pending.append(extractor.features(extractor.params, put(extractor, images)))
+    for batch in batches:
+        pending.append(extractor.dispatch(batch.images, batch.lut))
         if len(pending) > extract.IN_FLIGHT:
             np.asarray(pending.popleft())
     for result in pending:
         np.asarray(result)
-    return sum(count for _, count in batches)
+    return sum(len(batch.indices) for batch in batches)
 
 
 def naive_pass(extractor, patches: list[SlidePatches], out) -> int:
@@ -167,8 +153,7 @@ def naive_pass(extractor, patches: list[SlidePatches], out) -> int:
         for start in range(0, len(slide.coords), extractor.batch_size):
             stop = min(start + extractor.batch_size, len(slide.coords))
             images = np.stack([read_one(handle, slide, i) for i in range(start, stop)])
-            result = extractor.features(extractor.params,
-                                        put(extractor, padded(images, extractor.batch_size)))
+            result = extractor.dispatch(images, IDENTITY_LUT)
             features.append(np.asarray(result)[:len(images)].astype(np.float32))
         handle.close()
         np.savez(pathlib.Path(out) / f'{slide.slide_id}.npz', features=np.concatenate(features))

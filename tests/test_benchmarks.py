@@ -73,6 +73,7 @@ def test_a_failing_script_makes_a_failed_row():
 # Rows every script must give at --quick sizes (a regular expression per row; names may say more).
 EXPECTED_ROWS = {
     'patch_reading': [r'^PatchReader, 1 thread: ', r'^PatchReader, 1 thread, share of decode-only',
+                      r'^PatchReader, 1 thread, stain lookup left to the device',
                       r'^PatchReader, \d+ threads: '],
     'tile_stage': [r'^tile: \d+ slides', r'^tile: kept patches/s', r'^tile: peak RSS'],
     'feature_net': [r'^train, 128 px', r'^infer, 128 px'],

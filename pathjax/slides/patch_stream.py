@@ -1,12 +1,17 @@
 """Batches of stain-normalized uint8 patches streamed from a slide by coordinates (numpy only).
 
 Reading is the I/O floor of the method, so the stream
-- merges patches that are neighbours on a grid row into one region read (each JPEG tile on a
-  shared border is decoded once, and the per-call overhead is paid once per run of patches);
-- reads those regions in a pool of threads, each with its own OpenSlide handle (OpenSlide's
-  reads and PIL's resizing release the GIL, so threads decode in parallel);
-- keeps a bounded number of reads in flight ahead of the consumer, and yields patches in the
+- merges patches that are neighbours on a grid row into one read (each JPEG tile on a shared
+  border is decoded once, and the per-call overhead is paid once per run of patches);
+- reads those runs in a pool of threads, each with its own slide handle (libjpeg-turbo,
+  OpenSlide, PIL's resizing and OpenCV's lookup release the GIL, so threads decode in parallel);
+- writes each run straight into its place in the batch, through the stain transform, from the
+  decoded tile (no region in between, no copy on the consumer's thread);
+- keeps a bounded number of runs in flight ahead of the consumer, and yields patches in the
   order of the coordinates.
+A consumer that can apply the histogram's lookup table itself (the extractor does, on the
+device, fused into the network's input normalization) asks for `defer_lut`: the reader then
+only decodes and copies, and each batch carries the table.
 """
 
 import collections
@@ -18,7 +23,9 @@ from typing import Iterator
 import numpy as np
 
 from pathjax.slides.reader import Slide, resize
+from pathjax.slides.stain import IDENTITY_LUT
 from pathjax.slides.stain_transform import SlideStain
+from pathjax.slides.tiff_tiles import Copy, plain_copy
 
 MAX_RUN = 4  # patches merged into one region read
 
@@ -56,11 +63,14 @@ class SlidePatches:
 
 @dataclasses.dataclass(frozen=True)
 class PatchBatch:
-    """indices: int64 [B] into the slide's coordinates; images: uint8 [B, P, P, 3]."""
+    """indices: int64 [B] into the slide's coordinates; images: uint8 [B, P, P, 3], stain-
+    normalized once `lut` (uint8 [3, 256]) maps them: out[..., c] = lut[c, images[..., c]]. The
+    table is the identity unless the reader was asked to defer it."""
 
     slide_id: str
     indices: np.ndarray
     images: np.ndarray
+    lut: np.ndarray
 
 
 def plan_runs(coords: np.ndarray, read_size: int, downsample: float,
@@ -79,14 +89,18 @@ def plan_runs(coords: np.ndarray, read_size: int, downsample: float,
 
 
 class PatchReader:
-    """Reads patches of slides with `workers` threads, `prefetch` region reads ahead.
+    """Reads patches of slides with `workers` threads, `prefetch` runs of patches ahead.
 
-    Use as a context manager; `batches(slide)` yields PatchBatch in coordinate order.
+    Use as a context manager; `batches(slide)` yields PatchBatch in coordinate order. With
+    `defer_lut`, a histogram-normalized slide's batches come before its lookup table (the
+    batch's `lut`); other stain methods are applied by the reader either way.
     """
 
-    def __init__(self, batch_size: int, workers: int = 2, prefetch: int = 16):
+    def __init__(self, batch_size: int, workers: int = 2, prefetch: int = 16,
+                 defer_lut: bool = False):
         self.batch_size = batch_size
         self.prefetch = max(prefetch, workers)
+        self.defer_lut = defer_lut
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
         self._local = threading.local()
         self._open = set()  # every thread's open handle, closed with the reader
@@ -120,39 +134,51 @@ class PatchReader:
             self._local.slide = opened
         return self._local.slide
 
-    def _read_run(self, slide: SlidePatches, start: int, stop: int) -> np.ndarray:
-        """Patches start..stop-1 (horizontal neighbours): uint8 [stop - start, P, P, 3] (a view
-        of the run's region when no resize is needed: the batch copies it once)."""
+    def _read_run(self, slide: SlidePatches, start: int, out: np.ndarray, copy: Copy) -> None:
+        """Writes patches start..start + len(out) - 1 (horizontal neighbours) into out, uint8
+        [n, P, P, 3], each pixel through `copy` (the stain, or a plain copy)."""
         handle = self._handle(slide.path)
         x, y = slide.coords[start]
-        size, count = slide.read_size, stop - start
-        region = handle.read_region(x, y, slide.level, size * count, size)  # [S, count S, 3]
-        if size == slide.patch_size:  # the stain over the region, then split without a copy
-            return slide.stain.apply(region).reshape(size, count, size, 3).swapaxes(0, 1)
-        patches = np.stack([resize(region[:, j * size:(j + 1) * size], slide.patch_size)
-                            for j in range(count)])
-        return slide.stain.apply(patches)
+        size = slide.read_size
+        if size == slide.patch_size:
+            handle.read_row(x, y, slide.level, out, copy)
+            return
+        regions = self._buffer((len(out), size, size, 3))
+        handle.read_row(x, y, slide.level, regions)
+        for region, patch in zip(regions, out):
+            copy(resize(region, slide.patch_size), patch)
+
+    def _buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        """This thread's reused uint8 buffer of `shape` (the regions read before resizing)."""
+        buffer = getattr(self._local, 'buffer', None)
+        if buffer is None or buffer.shape != shape:
+            buffer = self._local.buffer = np.empty(shape, np.uint8)
+        return buffer
 
     def batches(self, slide: SlidePatches) -> Iterator[PatchBatch]:
-        runs = plan_runs(slide.coords, slide.read_size, slide.downsample)
-        pending = collections.deque()
-        next_run = 0
-        for batch_start in range(0, len(slide.coords), self.batch_size):
-            batch_stop = min(batch_start + self.batch_size, len(slide.coords))
-            images = np.empty((batch_stop - batch_start, slide.patch_size, slide.patch_size, 3),
-                              np.uint8)
-            filled = batch_start
-            while filled < batch_stop:
-                while next_run < len(runs) and len(pending) < self.prefetch:
-                    start, stop = runs[next_run]
-                    pending.append((start, self._pool.submit(self._read_run, slide, start, stop)))
-                    next_run += 1
-                start, future = pending[0]
-                patches = future.result()
-                take = min(len(patches) - (filled - start), batch_stop - filled)
-                images[filled - batch_start:filled - batch_start + take] = \
-                    patches[filled - start:filled - start + take]
-                filled += take
-                if filled - start == len(patches):
-                    pending.popleft()
-            yield PatchBatch(slide.slide_id, np.arange(batch_start, batch_stop), images)
+        count, size = len(slide.coords), slide.patch_size
+        if self.defer_lut and slide.stain.method == 'histogram':
+            copy, lut = plain_copy, slide.stain.arrays['stain_lut']
+        else:
+            copy, lut = slide.stain.copy_into, IDENTITY_LUT
+        runs = [(first, first + start, first + stop)  # (batch start, run start, run stop)
+                for first in range(0, count, self.batch_size)
+                for start, stop in plan_runs(slide.coords[first:first + self.batch_size],
+                                             slide.read_size, slide.downsample)]
+        images, in_flight, next_run = {}, collections.deque(), 0  # batch start -> its array
+        for first in range(0, count, self.batch_size):
+            while next_run < len(runs) and (len(in_flight) < self.prefetch
+                                            or runs[next_run][0] == first):
+                batch, start, stop = runs[next_run]
+                if batch not in images:
+                    images[batch] = np.empty((min(self.batch_size, count - batch), size, size, 3),
+                                             np.uint8)
+                out = images[batch][start - batch:stop - batch]
+                in_flight.append((batch, self._pool.submit(self._read_run, slide, start, out,
+                                                           copy)))
+                next_run += 1
+            while in_flight and in_flight[0][0] == first:
+                in_flight.popleft()[1].result()
+            batch_images = images.pop(first)
+            yield PatchBatch(slide.slide_id, np.arange(first, first + len(batch_images)),
+                             batch_images, lut)

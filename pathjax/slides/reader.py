@@ -14,7 +14,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from pathjax.slides.tiff_tiles import CorruptTileError, TiffTiles
+from pathjax.slides.tiff_tiles import Copy, CorruptTileError, TiffTiles, plain_copy
 
 # Resolutions outside this range are metadata defaults (a TIFF's 72 dpi gives 352.8 um/px), not
 # microscope resolutions; they are treated as missing.
@@ -123,18 +123,31 @@ class Slide:
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """The region with level-0 top-left (x, y), `width` x `height` level pixels, as uint8
         [height, width, 3]; transparent (unscanned) pixels become white."""
+        out = np.empty((1, int(height), int(width), 3), np.uint8)
+        self.read_row(x, y, level, out)
+        return out[0]
+
+    def read_row(self, x: int, y: int, level: int, out: np.ndarray, copy: Copy = plain_copy
+                 ) -> None:
+        """Fills out, uint8 [n, h, w, 3], with n regions of `level` side by side: out[j] is the
+        one whose level-0 top-left is (x + j w downsample, y), each pixel written through
+        `copy(pixels, out pixels)` (a pixelwise map, e.g. the stain's); transparent (unscanned)
+        pixels become white."""
+        count, height, width = out.shape[:3]
         if self._tiles is not None:
             downsample = self.level_downsamples[level]
             try:
-                return self._tiles.read(level, int(round(x / downsample)),
-                                        int(round(y / downsample)), int(width), int(height))
+                return self._tiles.read_row(level, int(round(x / downsample)),
+                                            int(round(y / downsample)), out, copy)
             except CorruptTileError as error:
                 raise SlideError(f'{self.path}: {error}') from None
         try:
-            region = self._slide.read_region((int(x), int(y)), level, (int(width), int(height)))
+            region = self._slide.read_region((int(x), int(y)), level, (count * width, height))
         except openslide.OpenSlideError as error:
             raise SlideError(f'{self.path}: read failed at ({x}, {y}) level {level} ({error})') from None
-        return rgba_to_rgb(np.asarray(region))
+        region = rgba_to_rgb(np.asarray(region))
+        for j in range(count):
+            copy(region[:, j * width:(j + 1) * width], out[j])
 
     def read_patch(self, x: int, y: int, plan: ReadPlan) -> np.ndarray:
         """One patch at level-0 top-left (x, y): uint8 [patch_size, patch_size, 3]."""

@@ -66,6 +66,20 @@ def opencv_pixels(images: np.ndarray, method: str) -> np.ndarray:
     return np.ascontiguousarray(images).reshape(-1, width, 3)
 
 
+def opencv_lut(lut: np.ndarray) -> np.ndarray:
+    """A checked uint8 [3, 256] table in OpenCV's form for `cv2.LUT`: uint8 [1, 256, 3]."""
+    return np.ascontiguousarray(checked_lut(lut).T[None])
+
+
+def copy_through_lut(pixels: np.ndarray, out: np.ndarray, table: np.ndarray) -> None:
+    """out[..., c] = lut[c, pixels[..., c]], written into `out` in one pass (no intermediate).
+    pixels, out: uint8 [h, w, 3], each row contiguous (views into larger images will do);
+    table: `opencv_lut(lut)`."""
+    written = cv2.LUT(pixels, table, dst=out)
+    if written is not out:  # OpenCV could not write into this view: it returned a new image
+        out[...] = written
+
+
 def apply_lut(images: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """out[..., c] = lut[c, images[..., c]]. images: uint8 [..., 3]; lut: uint8 [3, 256].
 
@@ -77,8 +91,7 @@ def apply_lut(images: np.ndarray, lut: np.ndarray) -> np.ndarray:
     pixels = np.ascontiguousarray(images, dtype=np.uint8)
     if np.array_equal(lut, IDENTITY_LUT) or not pixels.size:
         return pixels
-    table = np.ascontiguousarray(lut.T[None])  # [1, 256, 3]
-    return cv2.LUT(opencv_pixels(pixels, 'histogram'), table).reshape(pixels.shape)
+    return cv2.LUT(opencv_pixels(pixels, 'histogram'), opencv_lut(lut)).reshape(pixels.shape)
 
 
 def normalize_histograms(histograms: np.ndarray) -> np.ndarray:

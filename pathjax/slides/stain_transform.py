@@ -9,6 +9,7 @@ files written before the other methods existed hold only `stain_lut` (histogram 
 """
 
 import dataclasses
+import functools
 import hashlib
 
 import numpy as np
@@ -59,6 +60,21 @@ class SlideStain:
         if self.method == 'none':
             return np.ascontiguousarray(images, dtype=np.uint8)
         return MODULES[self.method].apply(images, self.arrays)
+
+    def copy_into(self, pixels: np.ndarray, out: np.ndarray) -> None:
+        """out[...] = apply(pixels), for uint8 [h, w, 3] pixels and out (views whose rows are
+        contiguous will do); the histogram's lookup writes straight into `out`. Every method is
+        pixelwise, so a patch may be written piece by piece."""
+        if self.method == 'none':
+            out[...] = pixels
+        elif self.method == 'histogram':
+            stain.copy_through_lut(pixels, out, self._opencv_lut)
+        else:
+            out[...] = self.apply(pixels)
+
+    @functools.cached_property
+    def _opencv_lut(self) -> np.ndarray:
+        return stain.opencv_lut(self.arrays['stain_lut'])
 
     def digest(self) -> bytes:
         """What the transform is, as a short digest."""

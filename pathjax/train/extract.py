@@ -2,7 +2,9 @@
 
 Patches are streamed from the slides by coordinates (nothing is stored as images): the patch
 reader's threads decode the next batches while the device computes the current one (JAX dispatch
-is asynchronous), with at most a few batches on the device at once. Batches have one fixed size
+is asynchronous), with at most a few batches on the device at once. A histogram-normalized
+slide's lookup table is applied on the device, fused into the network's input (`device_lut`),
+so the reader threads only decode and copy. Batches have one fixed size
 (the last one padded), so one program is compiled.
 Each slide's features are written atomically to `features/<slide_id>.npz` with the identity of the
 network that made them (`network_identity`); on rerun, slides made by the current network are
@@ -24,6 +26,7 @@ from absl import logging
 
 from pathjax import artifacts
 from pathjax.cohort import Cohort, SlideRecord
+from pathjax.data.device_lut import lut_pixels
 from pathjax.data.features import features_network, features_path
 from pathjax.errors import StageError
 from pathjax.progress import Progress
@@ -97,13 +100,30 @@ class Extractor:
         micro_batches = micro_batch_count(
             self.batch_size, self.mesh.devices.size, config.micro_batch, 'extract.batch_size',
             image_bytes(config, training=False))
-        features = mapped(lambda p, images: model.apply({'params': p}, images,
-                                                        method=FeatureNet.features), micro_batches)
-        self.features = jax.jit(features,
+
+        def network(params_and_lut, images):  # a micro-batch: uint8 [b, P, P, 3] -> [b, D]
+            params, lut = params_and_lut
+            return model.apply({'params': params}, lut_pixels(images, lut),
+                               method=FeatureNet.features)
+
+        micro_batched = mapped(network, micro_batches)
+        # features(params, images uint8 [B, P, P, 3], lut uint8 [3, 256]) -> float [B, D]
+        self.features = jax.jit(lambda params, images, lut: micro_batched((params, lut), images),
                                 in_shardings=(sharding.replicated(self.mesh),
-                                              sharding.batch_sharded(self.mesh)),
+                                              sharding.batch_sharded(self.mesh),
+                                              sharding.replicated(self.mesh)),
                                 out_shardings=sharding.batch_sharded(self.mesh),
                                 compiler_options=conv_compiler_options())
+
+    def dispatch(self, images: np.ndarray, lut: np.ndarray) -> jax.Array:
+        """Starts the features of a batch, uint8 [n <= batch_size, P, P, 3] whose stain lookup
+        table is `lut` [3, 256], padded to the compiled size: float [batch_size, D] on the
+        devices (asynchronous)."""
+        if len(images) < self.batch_size:
+            padding = np.zeros((self.batch_size - len(images),) + images.shape[1:], np.uint8)
+            images = np.concatenate([images, padding])
+        return self.features(self.params, jax.device_put(images, sharding.batch_sharded(self.mesh)),
+                             lut)
 
     def slide_features(self, reader: PatchReader, patches: SlidePatches, progress) -> np.ndarray:
         """float32 [N, D] for the slide's N patches, in coordinate order.
@@ -114,12 +134,7 @@ class Extractor:
         """
         pending, done = collections.deque(), []  # (patches, device result) / float32 [n, D]
         for batch in reader.batches(patches):
-            images = batch.images
-            if len(images) < self.batch_size:  # pad to the compiled size
-                padding = np.zeros((self.batch_size - len(images),) + images.shape[1:], np.uint8)
-                images = np.concatenate([images, padding])
-            device_images = jax.device_put(images, sharding.batch_sharded(self.mesh))
-            pending.append((len(batch.indices), self.features(self.params, device_images)))
+            pending.append((len(batch.indices), self.dispatch(batch.images, batch.lut)))
             if len(pending) > IN_FLIGHT:
                 done.append(_to_host(*pending.popleft()))
             progress.update(len(batch.indices))
@@ -172,7 +187,8 @@ def run(config, workdir, cohort: Cohort, network_workdir=None) -> list[SlideEntr
         extractor = Extractor(config, params, model)
         total = sum(_patch_count(workdir, r) for r in todo)
         progress = Progress('extract', total, 'patches')
-        with PatchReader(batch_size=extractor.batch_size, workers=config.workers) as reader:
+        with PatchReader(batch_size=extractor.batch_size, workers=config.workers,
+                         defer_lut=True) as reader:
             for record in todo:
                 entries[record.slide_id] = extract_slide(extractor, reader, record, workdir,
                                                          progress, network)

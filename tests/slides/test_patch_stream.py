@@ -3,12 +3,13 @@
 import os
 
 import numpy as np
+import openslide
 import pytest
 
 from pathjax.slides import slide_writer, stain, synthetic
 from pathjax.slides.stain_transform import SlideStain
 from pathjax.slides.patch_stream import PatchReader, SlidePatches, plan_runs
-from pathjax.slides.reader import Slide
+from pathjax.slides.reader import Slide, rgba_to_rgb
 
 
 def test_runs_merge_row_neighbours_only():
@@ -48,3 +49,32 @@ def test_stream_equals_one_read_per_patch(slide_file, workers, batch_size):
     assert [len(b.indices) for b in batches[:-1]] == [batch_size] * (len(batches) - 1)
     np.testing.assert_array_equal(np.concatenate([b.indices for b in batches]), np.arange(70))
     np.testing.assert_array_equal(np.concatenate([b.images for b in batches]), expected)
+
+
+@pytest.mark.parametrize('defer_lut', [False, True])
+def test_stream_without_resizing_equals_openslide_across_tile_borders(slide_file, defer_lut):
+    """Patches read at their level's size (no resize) are written tile by tile into the batch
+    through the stain's lookup: patches off the tile grid, runs of neighbours, a patch hanging
+    over the slide's edge (white, looked up like any pixel) all equal OpenSlide's region with
+    the lookup applied. With defer_lut the batches hold the pixels and carry the table."""
+    size = 100  # level 0, not a multiple of the 256-px tiles: every patch straddles tiles
+    coords = np.array([[37, 11], [137, 11], [237, 11], [337, 11], [437, 11], [900, 300],
+                       [1000, 300], [2000, 1480], [1990, 700]])  # the last two cross the edge
+    rng = np.random.default_rng(1)
+    lut = np.stack([rng.permutation(256) for _ in range(3)]).astype(np.uint8)
+    slide = openslide.OpenSlide(str(slide_file))
+    expected = np.stack([rgba_to_rgb(np.asarray(slide.read_region((int(x), int(y)), 0,
+                                                                  (size, size))))
+                         for x, y in coords])
+    slide.close()
+    patches = SlidePatches('s', str(slide_file), coords, 0, size, size,
+                           SlideStain('histogram', {'stain_lut': lut}), 1.0)
+    with PatchReader(batch_size=4, workers=2, defer_lut=defer_lut) as reader:
+        batches = list(reader.batches(patches))
+    images = np.concatenate([b.images for b in batches])
+    if defer_lut:
+        assert all(np.array_equal(b.lut, lut) for b in batches)
+        np.testing.assert_array_equal(images, expected)
+    else:
+        assert all(np.array_equal(b.lut, stain.IDENTITY_LUT) for b in batches)
+        np.testing.assert_array_equal(images, stain.apply_lut(expected, lut))

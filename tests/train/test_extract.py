@@ -15,7 +15,8 @@ from pathjax.data.features import NativeFeatures
 from pathjax.errors import StageError
 from pathjax.models.patch.feature_net import FeatureNet, create_feature_net
 from pathjax.slides.stain_transform import SlideStain
-from pathjax.slides.patch_stream import PatchBatch
+from pathjax.slides.patch_stream import PatchBatch, PatchReader, SlidePatches
+from pathjax.slides.stain import IDENTITY_LUT
 from pathjax.slides.reader import Slide
 from pathjax.train import extract
 from pathjax.train.feature_learning import FeatureTrainer
@@ -117,6 +118,31 @@ def test_extraction_uses_the_trained_network_and_survives_a_lost_slide(patch_wor
         slide_sets.check_one_network([NativeFeatures(workdir, i) for i in first], 'train_slide')
 
 
+def test_the_stain_lookup_on_the_device_equals_the_reader_applying_it(patch_workdir, tmp_path):
+    """The extract stage leaves a histogram slide's table to the device (fused into the
+    network's input): its features equal the network on patches read and looked up on the host."""
+    workdir = workdir_with_patches(patch_workdir, tmp_path)
+    config = make_config(**LEARNING_COHORT, **{'feature_net.learn': False,
+                                                'extract.batch_size': 8})
+    cohort, _ = pipeline.prepare_cohort(config, workdir)
+    record = cohort.slides[0]
+    tiles = dict(artifacts.load_npz(workdir / 'tiles' / f'{record.slide_id}.npz'))
+    rng = np.random.default_rng(0)
+    tiles.update(stain_method=np.asarray('histogram'),
+                 stain_lut=np.stack([rng.permutation(256) for _ in range(3)]).astype(np.uint8))
+    patches = SlidePatches.from_tiles(record.slide_id, record.path, tiles)
+    model = create_feature_net(config)
+    params = jax.jit(model.init)(jax.random.key(1), np.zeros((1, 64, 64, 3), np.uint8))['params']
+    extractor = extract.Extractor(config, params, model)
+    with PatchReader(batch_size=extractor.batch_size, workers=2, defer_lut=True) as reader:
+        batch = next(reader.batches(patches))
+        features = extractor.slide_features(reader, patches, SimpleNamespace(update=lambda n: None))
+    np.testing.assert_array_equal(batch.lut, tiles['stain_lut'])  # the reader left it
+    expected = direct_features(config, params, record.path, tiles, range(len(patches.coords)))
+    assert len(features) == len(patches.coords) > extractor.batch_size
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+
+
 class RecordingOutput:
     """A fake device result: records when the host reads it (its conversion to numpy)."""
 
@@ -140,7 +166,7 @@ def test_slide_features_keeps_a_bounded_number_of_batches_in_flight():
     def unread():
         return log.count('dispatch') - log.count('read')
 
-    def fake_features(params, images):  # uint8 [B, P, P, 3] -> [B, 3]
+    def fake_features(params, images, lut):  # uint8 [B, P, P, 3] -> [B, 3]
         log.append('dispatch')
         return RecordingOutput(np.asarray(images)[:, 0, 0, :].astype(np.float32), log)
 
@@ -151,7 +177,7 @@ def test_slide_features_keeps_a_bounded_number_of_batches_in_flight():
                 images = np.zeros((len(indices), 4, 4, 3), np.uint8)
                 images[:, 0, 0, :] = (indices[:, None] * [1, 3, 7]) % 251
                 in_flight_at_yield.append(unread())
-                yield PatchBatch(patches.slide_id, indices, images)
+                yield PatchBatch(patches.slide_id, indices, images, IDENTITY_LUT)
 
     class Progress:
         done = 0
