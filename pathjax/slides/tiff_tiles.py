@@ -6,7 +6,9 @@ skips OpenSlide's per-call compositing and colour conversion, which cost more th
 decode itself. The fast path is used only when every OpenSlide level maps to one tiled RGB page
 whose tile table matches its tags, and a decoded probe tile per level equals what OpenSlide
 returns; otherwise (or if the probe fails in any way) `open` returns None and the caller keeps
-reading through OpenSlide. Regions are read at integer level-pixel positions
+reading through OpenSlide. The probe's verdict is kept per file (its device, inode, size and
+modification time) for the life of the process: every reader thread opens every slide, and
+the probe costs 10 ms, a tenth of a small biopsy's reading. Regions are read at integer level-pixel positions
 (OpenSlide's sub-pixel placement on levels with a non-integer downsample is not reproduced).
 
 8-bit JPEG tiles are decoded by libjpeg-turbo into one reused buffer per thread and copied from
@@ -37,6 +39,7 @@ READ_ATTEMPTS = 3  # reads of a tile's bytes before a read error is final
 RETRY_SECONDS = 0.5  # wait before the second read; twice that before the third
 JPEG = 7  # the TIFF compression tag's value for JPEG
 DECODE_MISALIGNMENT = 8  # bytes past a 32-byte boundary (16 is SSE2's non-temporal alignment)
+_PROBED: dict[tuple[int, ...], bool] = {}  # file identity -> whether its tiles agree with OpenSlide
 
 # copy(pixels uint8 [h, w, 3], out uint8 [h, w, 3]): writes pixels, mapped or not, into out.
 Copy = Callable[[np.ndarray, np.ndarray], None]
@@ -64,6 +67,10 @@ class TiffTiles:
     def open(cls, path: str, openslide_handle) -> 'TiffTiles | None':
         """The fast path for `path`, or None when it does not apply (logged at debug level)."""
         try:
+            stat = os.stat(path)
+            identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            if _PROBED.get(identity) is False:
+                return None
             with tifffile.TiffFile(path) as tiff:
                 by_size = {}
                 for page in tiff.pages:
@@ -80,14 +87,16 @@ class TiffTiles:
         except Exception as error:  # not a TIFF, or a layout tifffile cannot parse
             logging.debug('%s: no direct tile path (%s)', path, error)
             return None
-        try:
-            agrees = tiles._agrees_with(openslide_handle)
-        except Exception as error:  # a damaged probe tile, or tags that disagree with the tiles
-            logging.warning('%s: probing the direct tile path failed (%s: %s); reading the slide '
-                            'through OpenSlide', path, type(error).__name__, error)
-            tiles.close()
-            return None
-        if not agrees:
+        if identity not in _PROBED:
+            try:
+                _PROBED[identity] = tiles._agrees_with(openslide_handle)
+            except Exception as error:  # a damaged probe tile, or tags that disagree with tiles
+                logging.warning('%s: probing the direct tile path failed (%s: %s); reading the '
+                                'slide through OpenSlide', path, type(error).__name__, error)
+                _PROBED[identity] = False
+                tiles.close()
+                return None
+        if not _PROBED[identity]:
             logging.debug('%s: decoded tiles differ from OpenSlide; using OpenSlide', path)
             tiles.close()
             return None

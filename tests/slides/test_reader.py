@@ -16,7 +16,7 @@ import pytest
 import tifffile
 
 from pathjax.slides import reader, slide_writer, synthetic_cohort, tile_stage
-from pathjax.slides.reader import Slide, SlideError, rgba_to_rgb
+from pathjax.slides.reader import Slide, SlideError, resize, rgba_to_rgb
 from tests.conftest import REPO, make_config
 
 
@@ -296,6 +296,7 @@ def test_any_probe_failure_falls_back_to_openslide_with_one_warning(synthetic_sl
         raise IndexError('tuple index out of range')
 
     monkeypatch.setattr(tiff_tiles.TiffTiles, '_agrees_with', fail)
+    monkeypatch.setattr(tiff_tiles, '_PROBED', {})  # forget this module's earlier verdicts
     path = synthetic_slides['tiff', 0.5]
     with caplog.at_level('WARNING'), Slide(path) as slide:
         assert slide._tiles is None
@@ -304,6 +305,42 @@ def test_any_probe_failure_falls_back_to_openslide_with_one_warning(synthetic_sl
     warnings = [r for r in caplog.records if r.levelname == 'WARNING']
     assert len(warnings) == 1 and 'slide_0.5.tiff' in warnings[0].getMessage()
     assert 'IndexError' in warnings[0].getMessage()
+
+
+def test_the_probe_runs_once_per_file_until_it_changes(synthetic_slides, tmp_path, monkeypatch):
+    """Every reader thread opens every slide: the fast path's probe (10 ms) runs on the first
+    open of a file only, and again once the file is replaced or touched."""
+    from pathjax.slides import tiff_tiles
+    probes = []
+    real = tiff_tiles.TiffTiles._agrees_with
+
+    def counted(self, handle):
+        probes.append(handle)
+        return real(self, handle)
+
+    monkeypatch.setattr(tiff_tiles.TiffTiles, '_agrees_with', counted)
+    monkeypatch.setattr(tiff_tiles, '_PROBED', {})
+    path = tmp_path / 'copy.svs'
+    path.write_bytes(synthetic_slides['svs', 0.5].read_bytes())
+    for _ in range(3):
+        with Slide(path) as slide:
+            assert slide._tiles is not None
+    assert len(probes) == 1
+    os.utime(path, ns=(0, 0))
+    with Slide(path) as slide:
+        assert slide._tiles is not None
+    assert len(probes) == 2
+
+
+def test_the_decode_buffer_is_off_libjpeg_turbos_aligned_path():
+    """libjpeg-turbo writes a 16- or 32-byte aligned output with non-temporal stores (slow to
+    read back): the reused buffer starts DECODE_MISALIGNMENT bytes past a 32-byte boundary."""
+    from pathjax.slides import tiff_tiles
+    for shape in [(256, 256, 3), (240, 240, 4), (1, 1, 3)]:
+        buffer = tiff_tiles.misaligned_buffer(shape)
+        assert buffer.shape == shape and buffer.flags.writeable
+        assert buffer.ctypes.data % 32 == tiff_tiles.DECODE_MISALIGNMENT
+        assert buffer.ctypes.data % 16 != 0
 
 
 def test_huge_declared_tiles_are_refused_before_openslide_reads_them(synthetic_slides, tmp_path):
@@ -340,3 +377,21 @@ def test_rgba_to_rgb_blends_over_white():
     expected = np.rint((rgba[..., :3] * a + 255 * (255 - a)) / 255).astype(np.uint8)
     np.testing.assert_array_equal(rgba_to_rgb(rgba), expected)
     np.testing.assert_array_equal(rgba_to_rgb(rgba[:10]), rgba[:10, ..., :3])
+
+
+@pytest.mark.parametrize('source', [1024, 1014, 768, 600])
+def test_shrinking_is_the_exact_area_average(source):
+    """`resize` down to 512 px equals the area-weighted mean of the source pixels each output
+    pixel covers (fractional coverage at ratios that are not whole numbers), rounded."""
+    def area_weights(old, new):  # [new, old]: the share of each source pixel in each output one
+        scale = old / new
+        weights = np.zeros((new, old))
+        for i in range(new):
+            for j in range(int(i * scale), min(int(np.ceil((i + 1) * scale)), old)):
+                weights[i, j] = min((i + 1) * scale, j + 1) - max(i * scale, j)
+        return weights / scale
+
+    image = np.random.default_rng(source).integers(0, 256, (source, source, 3), np.uint8)
+    weights = area_weights(source, 512)
+    exact = np.stack([weights @ image[..., c] @ weights.T for c in range(3)], axis=-1)
+    assert np.abs(resize(image, 512) - exact).max() <= 0.5 + 1e-3  # OpenCV sums in float32
