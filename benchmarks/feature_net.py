@@ -8,7 +8,8 @@ optimizer (SGD with momentum 0.9, or Adam), eager mode. pathjax: `FeatureNet` (t
 AM-softmax head and loss), one jitted train step with the state donated; inference is the jitted
 forward. Each measurement runs warm-up steps, then reports the median images/s over the timed
 steps; the Flax compile time is measured on its own (`jit(...).lower(...).compile()`). On CPU the Flax side is measured twice:
-`flax` with CPU_COMPILER_OPTIONS (the recommended setting) and `flax-xla-defaults` without.
+`flax` with pathjax's own options (`xla_options.patch_network_options`) and `flax-xla-defaults`
+without.
 
 Threads: the process is pinned to `--threads` cores before JAX starts its CPU client (XLA sizes
 its intra-op pool from the cores it may run on) and `torch.set_num_threads(--threads)`.
@@ -36,7 +37,7 @@ from flax.training import train_state
 from pathjax.models.patch.am_softmax import am_softmax_loss
 from pathjax.models.patch.feature_net import FeatureNet
 from pathjax.models.patch.vgg import BLOCKS, scaled
-from pathjax.train.xla_options import CPU_CONVOLUTIONS_ON_EIGEN
+from pathjax.train.xla_options import patch_network_options
 from machine_info import cpu_line
 from rows import row
 
@@ -47,8 +48,6 @@ except ImportError:
     torch = torch_vgg = None
 
 AM_S, AM_M, MOMENTUM = 30.0, 0.35, 0.9
-# XLA CPU: convolutions through Eigen instead of YNNPACK, as pathjax compiles its train steps.
-CPU_COMPILER_OPTIONS = CPU_CONVOLUTIONS_ON_EIGEN
 
 
 def pin_threads(threads: int) -> None:
@@ -161,7 +160,7 @@ def flax_variants(gpu: bool, with_defaults: bool) -> dict:
     """Name -> XLA compiler options of each Flax variant measured."""
     if gpu:
         return {'flax': {}}
-    return ({'flax-xla-defaults': {}} if with_defaults else {}) | {'flax': CPU_COMPILER_OPTIONS}
+    return ({'flax-xla-defaults': {}} if with_defaults else {}) | {'flax': patch_network_options()}
 
 
 def add_flax_runners(runners: dict, compile_seconds: dict, args, images, labels, gpu: bool,
@@ -217,7 +216,7 @@ def report(rows: list[dict], peak: float | None) -> None:
               + ''.join(f' {rates[n] / rates["torch"]:22.2f}x' for n in ratios)
               + f' {rates["flax"] * r["flops"] / 1e9:12.1f} {r["compile"]:9.1f}'
               + (f' {100 * rates["flax"] * r["flops"] / peak:6.1f}' if peak else ''))
-    print('images/s: median of the timed steps. flax: CPU_COMPILER_OPTIONS on CPU; '
+    print('images/s: median of the timed steps. flax: the options pathjax compiles with on CPU; '
           'flax-xla-defaults: none. GFLOP/s: convolution FLOPs (train: forward + weight and '
           'input gradients). compile s: flax, jit(...).lower(...).compile().')
 

@@ -101,12 +101,12 @@ def xla_memory(learn_batch: int, extract_batch: int) -> None:
     from pathjax.train import feature_learning, slide_training
     from pathjax.runtime import sharding
     from pathjax.train.micro_batches import mapped, micro_batch_count, patch_buffer_bytes
-    from pathjax.train.xla_options import conv_compiler_options
+    from pathjax.train.xla_options import patch_network_options
     mesh = sharding.make_mesh()
     devices = mesh.devices.size
     split, whole = sharding.batch_sharded(mesh), sharding.replicated(mesh)
     model, size = create_feature_net(config), config.tile.patch_size
-    options = conv_compiler_options()
+    options = patch_network_options()
     state = feature_learning.abstract_state(
         model, feature_learning.create_optimizer(config.learn, 1), size)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), state)

@@ -166,9 +166,9 @@ def section_vgg(sizes: Sizes, _) -> list[dict]:
     from pathjax.models.patch.feature_net import FeatureNet, create_feature_net
     from pathjax.train import feature_learning
     from pathjax.runtime import train_state
-    from pathjax.train.xla_options import conv_compiler_options
+    from pathjax.train.xla_options import patch_network_options
     rows, rng = [], np.random.default_rng(0)
-    size, options = sizes.image, conv_compiler_options()
+    size, options = sizes.image, patch_network_options()
     images = rng.integers(0, 256, (sizes.infer_batch, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 2, sizes.train_batch).astype(np.int32)
     for dtype in ('bfloat16', 'float32'):

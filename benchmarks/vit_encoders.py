@@ -3,7 +3,8 @@
 Both networks are the preset's (ViT-B/16: `vit_base_patch16_224`, ViT-L/16:
 `vit_large_patch16_224`, UNI's shape) with the same random weights (timm's, converted by
 `vit_weights.convert`), run in this one process on the same float32 batch on the same cores:
-timm in eval mode under `torch.inference_mode()`, pathjax's `VisionTransformer` jitted. Runners
+timm in eval mode under `torch.inference_mode()`, pathjax's `VisionTransformer` jitted with the
+options the extract stage compiles it with (`xla_options.patch_network_options`). Runners
 alternate call by call (machine load hits both alike); the figure is the median images/s over
 the timed calls. Outputs are checked equal (max abs difference) before timing.
 
@@ -31,6 +32,7 @@ import numpy as np
 from feature_net import interleaved, pin_threads, rate
 from pathjax.models.patch import vit_presets, vit_weights
 from pathjax.models.patch.vit import VisionTransformer
+from pathjax.train.xla_options import patch_network_options
 from rows import print_table, row
 
 PRESETS = ('vit_base_patch16_224', 'vit_large_patch16_224')
@@ -68,7 +70,7 @@ def measure(name: str, batch: int, warmup: int, steps: int, depth: int | None = 
     import torch
     preset, reference, model, params = models(name, depth)
     images = np.random.default_rng(0).normal(size=(batch, 224, 224, 3)).astype(np.float32)
-    forward = jax.jit(model.apply)
+    forward = jax.jit(model.apply, compiler_options=patch_network_options())  # extraction's
     on_device = jax.device_put(images)
     nchw = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 

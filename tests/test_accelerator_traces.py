@@ -21,7 +21,7 @@ from pathjax.models.patch.feature_net import create_feature_net
 from pathjax.models.slide.factory import create_slide_model
 from pathjax.train import feature_learning, slide_training
 from pathjax.runtime.train_state import TrainState
-from pathjax.train.xla_options import conv_compiler_options
+from pathjax.train.xla_options import patch_network_options
 from tests.conftest import make_config
 
 H100 = (9, 0)
@@ -154,7 +154,7 @@ def test_feature_step_on_gpu_traces_in_bfloat16(backend):
     new_state, metrics = jax.eval_shape(train_step, params, batch, jax.random.key(0))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(new_state.params))
     assert metrics['loss'].dtype == jnp.float32
-    assert conv_compiler_options.__wrapped__() == {}
+    assert patch_network_options.__wrapped__() == {}
 
 
 def _all_eqns(jaxpr):

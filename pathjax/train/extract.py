@@ -40,7 +40,7 @@ from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
 from pathjax.runtime import sharding
 from pathjax.train.micro_batches import image_bytes, mapped, micro_batch_count
 from pathjax.runtime.checkpoint import Checkpoints
-from pathjax.train.xla_options import conv_compiler_options
+from pathjax.train.xla_options import patch_network_options
 from pathjax.train.feature_learning import (abstract_state, create_optimizer, initial_params,
                                              run_dir)
 
@@ -113,7 +113,7 @@ class Extractor:
                                               sharding.batch_sharded(self.mesh),
                                               sharding.replicated(self.mesh)),
                                 out_shardings=sharding.batch_sharded(self.mesh),
-                                compiler_options=conv_compiler_options())
+                                compiler_options=patch_network_options())
 
     def dispatch(self, images: np.ndarray, lut: np.ndarray) -> jax.Array:
         """Starts the features of a batch, uint8 [n <= batch_size, P, P, 3] whose stain lookup

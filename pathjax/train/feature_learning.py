@@ -35,7 +35,7 @@ from pathjax.train import micro_batches as micro_batches_lib
 from pathjax.runtime import metrics_log, sharding, train_state
 from pathjax.runtime.checkpoint import Checkpoints
 from pathjax.runtime.train_state import TrainState
-from pathjax.train.xla_options import conv_compiler_options
+from pathjax.train.xla_options import patch_network_options
 
 
 def run_dir(workdir) -> pathlib.Path:
@@ -187,7 +187,7 @@ class FeatureTrainer:
         micro_batches = micro_batches_lib.micro_batch_count(
             self.batch_size, self.mesh.devices.size, config.micro_batch, 'learn.batch_size',
             micro_batches_lib.image_bytes(config, training=True))
-        options = conv_compiler_options()
+        options = patch_network_options()
         self.train_step = compile_train_step(
             self.model, config.am_softmax.s, config.am_softmax.m, config.learn.augment,
             config.learn.hed_sigma, micro_batches, replicated, batched, options)
