@@ -16,6 +16,8 @@ across machines with different core counts.
 
 import os
 
+import jax
+from absl import logging
 from jax._src import xla_bridge
 
 from pathjax.runtime import cluster
@@ -57,17 +59,29 @@ def configured_count(config) -> int:
 
 def expose(config) -> int | None:
     """Puts this process's CPU device count (`configured_count`) into XLA_FLAGS; returns it, or
-    None when XLA_FLAGS already sets one or JAX has already started its backend (the count is
-    then what it was)."""
-    return set_count(configured_count(config))
+    None when XLA_FLAGS already sets one, JAX has already started its backend (the count is then
+    what it was, with a warning), or the config's values are not usable (its check names them)."""
+    sizes = [config.cpu_devices, config.distributed.num_processes, *sum(batch_sizes(config), ())]
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in sizes) \
+            or config.cpu_devices < 0 or config.distributed.num_processes < 1:
+        return None
+    count = set_count(configured_count(config))
+    if count is None and xla_bridge.backends_are_initialized() and not _in_flags():
+        logging.warning('JAX started its backend before the CPU device count was set: this '
+                        'process runs on %d CPU device(s), not %d', len(jax.local_devices()),
+                        configured_count(config))
+    return count
+
+
+def _in_flags() -> bool:
+    """Whether XLA_FLAGS sets a CPU device count."""
+    return any(flag.partition('=')[0] == FLAG for flag in os.environ.get('XLA_FLAGS', '').split())
 
 
 def set_count(count: int) -> int | None:
     """`count` CPU devices from the start of JAX's backend, unless XLA_FLAGS already sets a count
     or the backend has started (then None)."""
-    flags = os.environ.get('XLA_FLAGS', '').split()
-    if any(flag.partition('=')[0] == FLAG for flag in flags) or \
-            xla_bridge.backends_are_initialized():
+    if _in_flags() or xla_bridge.backends_are_initialized():
         return None
-    os.environ['XLA_FLAGS'] = ' '.join(flags + [f'{FLAG}={count}'])
+    os.environ['XLA_FLAGS'] = ' '.join(os.environ.get('XLA_FLAGS', '').split() + [f'{FLAG}={count}'])
     return count

@@ -351,9 +351,21 @@ def prepare_cohort(config, workdir: pathlib.Path) -> tuple[cohort_lib.Cohort, pa
     return cohort, pathlib.Path(manifest)
 
 
+def set_backend_flags(config) -> None:
+    """XLA's flags from the config (deterministic ops, the CPU device count), set before anything
+    can start JAX's backend, which reads them once: the config's own checks do (a ViT weights
+    file is checked against the preset's parameter shapes through JAX)."""
+    if config.deterministic is True:
+        determinism.enable_deterministic_ops()
+    count = cpu_devices.expose(config)
+    if count:
+        logging.info('%d CPU device(s) per process (config.cpu_devices; used on CPU only)', count)
+
+
 def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> int:
     """Runs the pipeline; returns the process exit status (0 = completed)."""
     resolve_tile_defaults(config)
+    set_backend_flags(config)
     problems = check_config(config)
     unknown = [s for s in stages or [] if s not in stage_names()]
     if unknown:
@@ -372,11 +384,6 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
                         '--config.predict.manifest=<csv with slide_id, path[, label, case_id]>')
     if problems:
         raise UsageError('invalid configuration:\n  ' + '\n  '.join(problems))
-    if config.deterministic:  # before any device use: XLA reads its flags when the backend starts
-        determinism.enable_deterministic_ops()
-    count = cpu_devices.expose(config)  # before any device use, as above
-    if count:
-        logging.info('%d CPU device(s) per process (config.cpu_devices; used on CPU only)', count)
     config.workers = resolve_workers(config.workers)
     workdir = pathlib.Path(workdir)
     sharding.initialize_distributed(**config.distributed)

@@ -61,3 +61,38 @@ def test_a_count_that_does_not_split_the_batches_is_a_config_error():
     assert any('cpu_devices must be >= 0' in p for p in pipeline.check_config(config))
     config.cpu_devices = 4
     assert not [p for p in pipeline.check_config(config) if 'cpu_devices' in p]
+
+
+RUN_WITH_VIT_WEIGHTS = '''
+import sys
+from configs import default
+from pathjax import pipeline
+config = default.get_config()
+config.feature_net.backbone = 'vit_small_patch16_224'
+config.feature_net.weights = sys.argv[1]
+config.feature_net.learn = False
+config.cpu_devices = 2
+pipeline.set_backend_flags(config)
+problems = pipeline.check_config(config)  # checks the weights file through JAX
+import jax
+print(len(jax.devices('cpu')), any('weights' in p for p in problems))
+'''
+
+
+def test_the_device_count_is_set_before_a_weights_check_starts_jax(tmp_path):
+    """Checking a ViT weights file traces the preset's parameters, which starts JAX's backend;
+    the run sets its XLA flags first, so the CPU device count (and deterministic ops) still
+    apply (they were silently lost: extraction ran on one device, 16% slower on 2 cores)."""
+    pytest.importorskip('torch')
+    timm = pytest.importorskip('timm')
+    from safetensors.torch import save_file
+    from pathjax.models.patch import vit_presets
+    preset = vit_presets.get_preset('vit_small_patch16_224')
+    weights = tmp_path / 'vit_s.safetensors'
+    save_file(timm.create_model(preset.timm_name, pretrained=False,
+                                **vit_presets.timm_kwargs(preset)).state_dict(), weights)
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    out = subprocess.run([sys.executable, '-c', RUN_WITH_VIT_WEIGHTS, str(weights)], env=env,
+                         capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+    assert out.split() == ['2', 'False']
