@@ -365,9 +365,10 @@ def section_extraction(sizes: Sizes, _) -> list[dict]:
 
 
 def read_share(patches) -> int:
-    """(In a reading process) its share of the patches with one reader thread."""
+    """(In a reading process) its share of the patches with one reader thread, the stain's
+    lookup left to the device as the extract stage reads."""
     import patch_reading
-    return patch_reading.reader_read(patches, 1)
+    return patch_reading.reader_read(patches, 1, defer_lut=True)
 
 
 def read_in_processes(patches, count: int) -> float:
@@ -394,10 +395,10 @@ def section_reading(sizes: Sizes, _) -> list[dict]:
         path = slide_files.write_slide(pathlib.Path(folder) / 'reading.svs', *sizes.reading_slide,
                                        mpp=0.5)
         patches = patch_reading.slide_patches(path)
-        threads = {n: patch_reading.timed(lambda: patch_reading.reader_read(patches, n))
-                   for n in counts}
+        threads = {n: patch_reading.timed(  # as the extract stage reads: lookup on the device
+            lambda: patch_reading.reader_read(patches, n, defer_lut=True)) for n in counts}
         processes = {n: read_in_processes(patches, n) for n in counts}
-    what = f'{len(patches.coords)} patches of 512 px at 0.5 um/px'
+    what = f'{len(patches.coords)} patches of 512 px at 0.5 um/px, stain lookup on the device'
     return [row('reading', f'PatchReader, {n} thread(s) vs {n} process(es): {what}',
                 'patches/s', threads[n], processes[n], f'{n} forked process(es) of one reader '
                 'thread each, start-up included', True, 'JPEG decode on the cores used',
