@@ -156,6 +156,9 @@ class PatchReader:
         return buffer
 
     def batches(self, slide: SlidePatches) -> Iterator[PatchBatch]:
+        """The slide's patches in batches of `batch_size` (the last one shorter), in coordinate
+        order; each batch's runs are read into its array by the pool, `prefetch` runs ahead.
+        Raises SlideError for a slide that cannot be read."""
         count, size = len(slide.coords), slide.patch_size
         if self.defer_lut and slide.stain.method == 'histogram':
             copy, lut = plain_copy, slide.stain.arrays['stain_lut']
