@@ -17,6 +17,8 @@ import re
 import subprocess
 import sys
 
+from pathjax.host_cpu import first_cpu_fields
+
 PACKAGES = ('jax', 'jaxlib', 'flax', 'numpy', 'torch', 'timm', 'openslide-python', 'openslide-bin',
             'pillow', 'imagecodecs')
 ISA = ('sse4_2', 'fma', 'avx2', 'avx512f', 'avx512_bf16', 'avx512_fp16', 'avx_vnni', 'amx_tile',
@@ -32,21 +34,6 @@ def cpu_model() -> str:
             if line.startswith('model name'):
                 return line.split(':', 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def _first_cpu() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
-    fields = {}
-    try:
-        with open('/proc/cpuinfo') as info:
-            for line in info:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(':')
-                fields[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return fields
 
 
 def fp32_flops_per_cycle(vendor: str, family: int, model: int, isa: set[str]) -> int:
@@ -89,7 +76,7 @@ def microarchitecture(vendor: str, family: int, model: int, isa: set[str]) -> st
 def cpu_detail() -> dict:
     """Vendor, family / model / stepping, microarchitecture, ISA features, reported clock, and the
     float32 peak bound (FLOP/s on the cores this process may use)."""
-    fields = _first_cpu()
+    fields = first_cpu_fields()
     vendor = fields.get('vendor_id', platform.processor() or platform.machine())
     family, model = int(fields.get('cpu family', '0')), int(fields.get('model', '0'))
     isa = set(fields.get('flags', '').split()) & set(ISA)

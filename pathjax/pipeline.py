@@ -355,7 +355,7 @@ def set_backend_flags(config) -> None:
     """XLA's flags from the config (deterministic ops, the CPU device count), set before anything
     can start JAX's backend, which reads them once: the config's own checks do (a ViT weights
     file is checked against the preset's parameter shapes through JAX)."""
-    if config.deterministic is True:
+    if config.deterministic:
         determinism.enable_deterministic_ops()
     count = cpu_devices.expose(config)
     if count:

@@ -17,8 +17,6 @@ from PIL import Image
 
 from pathjax.slides.tiff_tiles import Copy, CorruptTileError, TiffTiles, plain_copy
 
-cv2.setNumThreads(1)  # the patch reader's threads are the parallelism (as in `stain`)
-
 # Resolutions outside this range are metadata defaults (a TIFF's 72 dpi gives 352.8 um/px), not
 # microscope resolutions; they are treated as missing.
 PLAUSIBLE_MPP = (0.05, 50.0)

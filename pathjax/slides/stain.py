@@ -11,9 +11,6 @@ import cv2
 import numpy as np
 from PIL import Image
 
-# The patch reader's threads are the parallelism; OpenCV's own pool would oversubscribe them.
-cv2.setNumThreads(1)
-
 IDENTITY_LUT = np.tile(np.arange(256, dtype=np.uint8), (3, 1))  # [3, 256]
 
 

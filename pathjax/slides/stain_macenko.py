@@ -19,7 +19,7 @@ orthogonal projection onto its stain plane, which drops the OD outside the plane
 import cv2
 import numpy as np
 
-from pathjax.slides.stain import opencv_pixels  # also sets OpenCV to one thread per reader
+from pathjax.slides.stain import opencv_pixels
 
 IO = 240.0  # transmitted light intensity
 ALPHA = 1.0  # percentile of the stain angles taken as each stain's direction

@@ -16,7 +16,7 @@ level of torchstain's for saturated colours, 0.01 for H&E ones.
 import cv2
 import numpy as np
 
-from pathjax.slides.stain import opencv_pixels  # also sets OpenCV to one thread per reader
+from pathjax.slides.stain import opencv_pixels
 
 MIN_STD = 1e-3  # Lab units; a channel with less spread cannot be rescaled
 _VALUES = np.arange(256) / 255.0

@@ -8,16 +8,17 @@ whose tile table matches its tags, and a decoded probe tile per level equals wha
 returns; otherwise (or if the probe fails in any way) `open` returns None and the caller keeps
 reading through OpenSlide. The probe's verdict is kept per file (its device, inode, size and
 modification time) for the life of the process: every reader thread opens every slide, and
-the probe costs 10 ms, a tenth of a small biopsy's reading. Regions are read at integer level-pixel positions
-(OpenSlide's sub-pixel placement on levels with a non-integer downsample is not reproduced).
+the probe costs 10 ms, a tenth of a small biopsy's reading. Regions are read at integer
+level-pixel positions (OpenSlide's sub-pixel placement on levels with a non-integer downsample
+is not reproduced).
 
 8-bit JPEG tiles are decoded by libjpeg-turbo into one reused buffer per thread and copied from
 there straight into the caller's arrays (a fresh 196 KiB array per 256-px tile costs its page
 faults: a third of the decode time). The buffer starts DECODE_MISALIGNMENT bytes past a 32-byte
 boundary: libjpeg-turbo's SIMD colour conversion writes an aligned output with non-temporal
 stores, which bypass the cache the copy then reads from (a 32-byte aligned buffer decodes 27%
-fewer tiles per second on Zen 5). Each copy can carry a pixelwise map (the stain transform), so a patch's
-pixels are written once, from a tile still in cache.
+fewer tiles per second on Zen 5). Each copy can carry a pixelwise map (the stain transform), so
+a patch's pixels are written once, from a tile still in cache.
 """
 
 import os
@@ -127,9 +128,9 @@ class TiffTiles:
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + count * width, page.imagewidth), min(y + height, page.imagelength)
         if (x0, y0, x1, y1) != (x, y, x + count * width, y + height):
-            white = np.full((1, 1, 3), WHITE, np.uint8)
-            copy(white.copy(), white)
-            out[...] = white  # the mapped white, under the tiles' pixels
+            mapped_white = np.empty((1, 1, 3), np.uint8)
+            copy(np.full((1, 1, 3), WHITE, np.uint8), mapped_white)
+            out[...] = mapped_white  # under the tiles' pixels
         for row in range(y0 // tile_h, -(-y1 // tile_h)):
             for col in range(x0 // tile_w, -(-x1 // tile_w)):
                 top, left = row * tile_h, col * tile_w
@@ -219,6 +220,7 @@ class TiffTiles:
             if difference > PROBE_TOLERANCE:
                 return False
         return True
+
 
 def misaligned_buffer(shape: tuple[int, ...]) -> np.ndarray:
     """An uninitialized uint8 array of `shape` starting DECODE_MISALIGNMENT bytes past a 32-byte

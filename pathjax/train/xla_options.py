@@ -17,6 +17,8 @@ import functools
 import jax
 from absl import logging
 
+from pathjax.host_cpu import first_cpu_fields
+
 CPU_CONVOLUTIONS_ON_EIGEN = {
     'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
 WIDE_VECTORS = {'xla_cpu_prefer_vector_width': 512}
@@ -41,12 +43,5 @@ def patch_network_options() -> dict:
 
 def _amd_with_avx512() -> bool:
     """Whether this Linux host's CPU is AMD's with AVX-512 (False where /proc/cpuinfo is not)."""
-    try:
-        with open('/proc/cpuinfo') as cpuinfo:
-            text = cpuinfo.read(1 << 16)
-    except OSError:
-        return False
-    first_cpu = text.split('\n\n')[0].splitlines()
-    fields = {key.strip(): value.strip() for key, _, value in
-              (line.partition(':') for line in first_cpu)}
+    fields = first_cpu_fields()
     return fields.get('vendor_id') == 'AuthenticAMD' and 'avx512f' in fields.get('flags', '').split()
