@@ -2,10 +2,10 @@
 
 Synthetic SVS slides (0.5 um/px) tiled by pathjax's tile stage; the feature network (VGG-16 at
 `feature_net.width`, random parameters, the config's compute dtype).
-pathjax: the extract stage's own path, `extract.extract_slide` with an `Extractor` and a
-`PatchReader` (patches read, decoded and stain-normalized by the reader's threads while the
-device computes, at most IN_FLIGHT batches on the device; each slide's features written to
-`features/<slide>.npz`). References, in the same process, alternating round by round:
+pathjax: the extract stage's own path, `extract.extract_slides` with an `Extractor` and a
+`PatchReader` (patches read and decoded by the reader's threads while the device computes, in
+batches that run on from slide to slide, the stain's lookup on the device, at most IN_FLIGHT
+batches on the device; each slide's features written to `features/<slide>.npz`). References, in the same process, alternating round by round:
 - network alone: the same compiled network on the same batches already in host memory
   (device_put, forward, copy back, the same back-pressure): the device's ceiling. pathjax / it is
   the share of time the device is fed: 1.0 = it never waits on reading. On a CPU host the
@@ -43,7 +43,7 @@ from pathjax.cohort import Cohort
 from pathjax.data.features import features_path
 from pathjax.models.patch.feature_net import create_feature_net
 from pathjax.slides import tile_stage
-from pathjax.slides.patch_stream import PatchBatch, PatchReader, SlidePatches
+from pathjax.slides.patch_stream import PatchReader, SlidePatches, StreamBatch
 from pathjax.slides.stain import IDENTITY_LUT
 from pathjax.train import extract
 from rows import print_table, row
@@ -107,7 +107,7 @@ def make_extractor(setup: Setup) -> extract.Extractor:
     params = random_params(model.init, np.zeros((1, size, size, 3), np.uint8))
     extractor = extract.Extractor(config, params, model)
     warm = np.zeros((setup.batch_size, size, size, 3), np.uint8)
-    jax.block_until_ready(extractor.dispatch(warm, IDENTITY_LUT))
+    jax.block_until_ready(extractor.dispatch(warm, identity_luts(len(warm))))
     return extractor
 
 
@@ -117,32 +117,36 @@ def pathjax_pass(extractor, cohort: Cohort, workdir, workers: int) -> int:
     """The extract stage's path: every slide of the cohort to its features file."""
     for record in cohort.slides:
         features_path(workdir, record.slide_id).unlink(missing_ok=True)
-    with PatchReader(batch_size=extractor.batch_size, workers=workers) as reader, \
+    with PatchReader(batch_size=extractor.batch_size, workers=workers, defer_lut=True) as reader, \
             tqdm(disable=True) as progress:
-        entries = [extract.extract_slide(extractor, reader, record, workdir, progress,
+        entries = extract.extract_slides(extractor, reader, cohort.slides, workdir, progress,
                                          network='random parameters (benchmark)')
-                   for record in cohort.slides]
-    if any(entry.status != 'ok' for entry in entries):
+    if any(entry.status != 'ok' for entry in entries.values()):
         raise RuntimeError(f'extraction failed: {entries}')
-    return sum(entry.patches for entry in entries)
+    return sum(entry.patches for entry in entries.values())
 
 
-def preload(extractor, patches: list[SlidePatches], workers: int) -> list[PatchBatch]:
-    """Every slide's batches in host memory, as the extract stage's reader gives them."""
+def identity_luts(count: int) -> np.ndarray:
+    """uint8 [count, 3, 256]: every row's lookup table the identity (stain applied already)."""
+    return np.broadcast_to(IDENTITY_LUT, (count, 3, 256))
+
+
+def preload(extractor, patches: list[SlidePatches], workers: int) -> list[StreamBatch]:
+    """The cohort's batches in host memory, as the extract stage's reader gives them."""
     with PatchReader(batch_size=extractor.batch_size, workers=workers, defer_lut=True) as reader:
-        return [batch for slide in patches for batch in reader.batches(slide)]
+        return list(reader.stream(patches))
 
 
-def network_pass(extractor, batches: list[PatchBatch]) -> int:
+def network_pass(extractor, batches: list[StreamBatch]) -> int:
     """The network alone on preloaded batches, with the stage's back-pressure."""
     pending = collections.deque()
     for batch in batches:
-        pending.append(extractor.dispatch(batch.images, batch.lut))
+        pending.append(extractor.dispatch(batch.images, batch.luts))
         if len(pending) > extract.IN_FLIGHT:
             np.asarray(pending.popleft())
     for result in pending:
         np.asarray(result)
-    return sum(len(batch.indices) for batch in batches)
+    return sum(len(batch.images) for batch in batches)
 
 
 def naive_pass(extractor, patches: list[SlidePatches], out) -> int:
@@ -153,7 +157,7 @@ def naive_pass(extractor, patches: list[SlidePatches], out) -> int:
         for start in range(0, len(slide.coords), extractor.batch_size):
             stop = min(start + extractor.batch_size, len(slide.coords))
             images = np.stack([read_one(handle, slide, i) for i in range(start, stop)])
-            result = extractor.dispatch(images, IDENTITY_LUT)
+            result = extractor.dispatch(images, identity_luts(len(images)))
             features.append(np.asarray(result)[:len(images)].astype(np.float32))
         handle.close()
         np.savez(pathlib.Path(out) / f'{slide.slide_id}.npz', features=np.concatenate(features))

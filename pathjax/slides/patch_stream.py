@@ -18,11 +18,11 @@ import collections
 import concurrent.futures
 import dataclasses
 import threading
-from typing import Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from pathjax.slides.reader import Slide, resize
+from pathjax.slides.reader import Slide, SlideError, resize
 from pathjax.slides.stain import IDENTITY_LUT
 from pathjax.slides.stain_transform import SlideStain
 from pathjax.slides.tiff_tiles import Copy, plain_copy
@@ -73,6 +73,29 @@ class PatchBatch:
     lut: np.ndarray
 
 
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Patches start..stop - 1 of `slide`, at rows row..row + stop - start - 1 of a batch."""
+
+    slide: SlidePatches
+    start: int
+    stop: int
+    row: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamBatch:
+    """A batch of a stream over several slides: images uint8 [B, P, P, 3] and each row's lookup
+    table luts uint8 [B, 3, 256] (as in PatchBatch), the `pieces` of slides they hold in row
+    order, and `failed`: {slide id: why} for the slides of this batch whose reading failed
+    (their rows hold nothing; a slide is named in the batch where its failure was found)."""
+
+    images: np.ndarray
+    luts: np.ndarray
+    pieces: tuple[Piece, ...]
+    failed: dict[str, str]
+
+
 def plan_runs(coords: np.ndarray, read_size: int, downsample: float,
               max_run: int = MAX_RUN) -> list[tuple[int, int]]:
     """Splits patch indices into runs [start, stop) of horizontal neighbours that one region read
@@ -88,12 +111,53 @@ def plan_runs(coords: np.ndarray, read_size: int, downsample: float,
     return runs
 
 
+class _Run(NamedTuple):
+    """Patches start..stop - 1 of `slide` (row neighbours), at rows row.. of batch `batch`."""
+
+    batch: int
+    row: int
+    slide: SlidePatches
+    start: int
+    stop: int
+
+
+class _Filling:
+    """A batch being read into: its arrays, and the pieces of slides laid out in it so far."""
+
+    def __init__(self, batch_size: int, patch_size: int):
+        self.images = np.empty((batch_size, patch_size, patch_size, 3), np.uint8)
+        self.luts = np.empty((batch_size, 3, 256), np.uint8)
+        self.pieces: list[Piece] = []
+
+    def add(self, run: _Run, lut: np.ndarray) -> np.ndarray:
+        """Lays `run` out (extending its slide's piece) -> the rows it is read into."""
+        if self.images.shape[1] != run.slide.patch_size:
+            raise ValueError(f'{run.slide.slide_id}: patches of {run.slide.patch_size} px in a '
+                             f'stream of {self.images.shape[1]} px patches')
+        rows = slice(run.row, run.row + run.stop - run.start)
+        last = self.pieces[-1] if self.pieces else None
+        if last is not None and last.slide is run.slide and last.stop == run.start:
+            self.pieces[-1] = dataclasses.replace(last, stop=run.stop)
+        else:
+            self.pieces.append(Piece(run.slide, run.start, run.stop, run.row))
+        self.luts[rows] = lut
+        return self.images[rows]
+
+    def done(self, failed: dict[str, str]) -> StreamBatch:
+        rows = self.pieces[-1].row + self.pieces[-1].stop - self.pieces[-1].start
+        slides = {p.slide.slide_id for p in self.pieces}
+        return StreamBatch(self.images[:rows], self.luts[:rows], tuple(self.pieces),
+                           {s: why for s, why in failed.items() if s in slides})
+
+
 class PatchReader:
     """Reads patches of slides with `workers` threads, `prefetch` runs of patches ahead.
 
-    Use as a context manager; `batches(slide)` yields PatchBatch in coordinate order. With
-    `defer_lut`, a histogram-normalized slide's batches come before its lookup table (the
-    batch's `lut`); other stain methods are applied by the reader either way.
+    Use as a context manager; `batches(slide)` yields one slide's PatchBatch in coordinate
+    order, `stream(slides)` batches that run on from slide to slide (StreamBatch). With
+    `defer_lut`, a histogram-normalized slide's patches come before its lookup table (the
+    batch's `lut`, or each row's in `luts`); other stain methods are applied by the reader
+    either way.
     """
 
     def __init__(self, batch_size: int, workers: int = 2, prefetch: int = 16,
@@ -157,31 +221,72 @@ class PatchReader:
 
     def batches(self, slide: SlidePatches) -> Iterator[PatchBatch]:
         """The slide's patches in batches of `batch_size` (the last one shorter), in coordinate
-        order; each batch's runs are read into its array by the pool, `prefetch` runs ahead.
-        Raises SlideError for a slide that cannot be read."""
-        count, size = len(slide.coords), slide.patch_size
+        order (`stream` over the one slide). Raises SlideError for a slide that cannot be read."""
+        for batch in self.stream([slide]):
+            if batch.failed:
+                raise SlideError(batch.failed[slide.slide_id])
+            (piece,) = batch.pieces
+            yield PatchBatch(slide.slide_id, np.arange(piece.start, piece.stop), batch.images,
+                             batch.luts[0])
+
+    def stream(self, slides: Iterable[SlidePatches]) -> Iterator[StreamBatch]:
+        """The patches of `slides` (taken one after another as the stream needs them), in
+        batches of `batch_size` that run on from one slide into the next (the last batch
+        shorter), in order. Each batch's runs are read into its array by the pool, `prefetch`
+        runs ahead. A slide whose reading fails is named in the `failed` of the batch where it
+        failed, and none of its later patches is read or laid out."""
+        failed = {}  # slide id -> why its reading failed
+        plan = self._plan(slides, failed)
+        filling, in_flight = {}, collections.deque()  # batch number -> _Filling / its runs
+        upcoming, number = next(plan, None), 0
+        while True:
+            while upcoming is not None and (len(in_flight) < self.prefetch
+                                            or upcoming.batch == number):
+                in_flight.append(self._submit(upcoming, filling))
+                upcoming = next(plan, None)
+            if number not in filling:
+                return
+            while in_flight and in_flight[0][0] == number:
+                _, slide_id, future = in_flight.popleft()
+                try:
+                    future.result()
+                except SlideError as error:
+                    failed.setdefault(slide_id, str(error))
+            batch = filling.pop(number)
+            yield batch.done(failed)
+            number += 1
+
+    def _plan(self, slides: Iterable[SlidePatches], failed: dict[str, str]) -> Iterator[_Run]:
+        """Every run of the slides' patches, laid out batch by batch; a slide stops being laid
+        out once it is in `failed`."""
+        batch, row = 0, 0
+        for slide in slides:
+            first = 0
+            while first < len(slide.coords):
+                stop = min(len(slide.coords), first + self.batch_size - row)  # to the batch's end
+                for start, end in plan_runs(slide.coords[first:stop], slide.read_size,
+                                            slide.downsample):
+                    if slide.slide_id in failed:
+                        break
+                    yield _Run(batch, row, slide, first + start, first + end)
+                    row += end - start
+                    if row == self.batch_size:
+                        batch, row = batch + 1, 0
+                else:
+                    first = stop
+                    continue
+                break
+
+    def _submit(self, run: _Run, filling: dict[int, _Filling]):
+        """Starts reading `run` into its batch's array: (batch number, slide id, future)."""
+        slide = run.slide
+        if run.batch not in filling:
+            filling[run.batch] = _Filling(self.batch_size, slide.patch_size)
+        batch = filling[run.batch]
         if self.defer_lut and slide.stain.method == 'histogram':
             copy, lut = plain_copy, slide.stain.arrays['stain_lut']
         else:
             copy, lut = slide.stain.copy_into, IDENTITY_LUT
-        runs = [(first, first + start, first + stop)  # (batch start, run start, run stop)
-                for first in range(0, count, self.batch_size)
-                for start, stop in plan_runs(slide.coords[first:first + self.batch_size],
-                                             slide.read_size, slide.downsample)]
-        images, in_flight, next_run = {}, collections.deque(), 0  # batch start -> its array
-        for first in range(0, count, self.batch_size):
-            while next_run < len(runs) and (len(in_flight) < self.prefetch
-                                            or runs[next_run][0] == first):
-                batch, start, stop = runs[next_run]
-                if batch not in images:
-                    images[batch] = np.empty((min(self.batch_size, count - batch), size, size, 3),
-                                             np.uint8)
-                out = images[batch][start - batch:stop - batch]
-                in_flight.append((batch, self._pool.submit(self._read_run, slide, start, out,
-                                                           copy)))
-                next_run += 1
-            while in_flight and in_flight[0][0] == first:
-                in_flight.popleft()[1].result()
-            batch_images = images.pop(first)
-            yield PatchBatch(slide.slide_id, np.arange(first, first + len(batch_images)),
-                             batch_images, lut)
+        out = batch.add(run, lut)
+        return run.batch, slide.slide_id, self._pool.submit(self._read_run, slide, run.start, out,
+                                                            copy)

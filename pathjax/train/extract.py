@@ -2,10 +2,13 @@
 
 Patches are streamed from the slides by coordinates (nothing is stored as images): the patch
 reader's threads decode the next batches while the device computes the current one (JAX dispatch
-is asynchronous), with at most a few batches on the device at once. A histogram-normalized
-slide's lookup table is applied on the device, fused into the network's input (`device_lut`),
-so the reader threads only decode and copy. Batches have one fixed size
-(the last one padded), so one program is compiled.
+is asynchronous), with at most a few batches on the device at once. Batches run on from one
+slide into the next (`PatchReader.stream`), so only the cohort's last batch is padded, however
+small the slides (a biopsy's few dozen patches would otherwise fill part of a batch each), and
+neither the reader nor the device waits at a slide's end. A histogram-normalized slide's lookup
+table is applied on the device, image by image, fused into the network's input (`device_lut`),
+so the reader threads only decode and copy. Batches have one fixed size, so one program is
+compiled.
 Each slide's features are written atomically to `features/<slide_id>.npz` with the identity of the
 network that made them (`network_identity`); on rerun, slides made by the current network are
 skipped and the others (made before the feature network was retrained or trained on) redone.
@@ -19,6 +22,7 @@ import hashlib
 import json
 import pathlib
 import zipfile
+from typing import Iterable, Iterator, NamedTuple
 
 import jax
 import numpy as np
@@ -33,8 +37,7 @@ from pathjax.progress import Progress
 from pathjax.interop import h5_features
 from pathjax.models.patch.feature_net import FeatureNet, create_feature_net
 from pathjax.slide_paths import slide_file
-from pathjax.slides.patch_stream import PatchReader, SlidePatches
-from pathjax.slides.reader import SlideError
+from pathjax.slides.patch_stream import PatchReader, SlidePatches, StreamBatch
 from pathjax.slides.tile_stage import tiles_path
 from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
 from pathjax.runtime import sharding
@@ -88,12 +91,47 @@ def network_identity(config, params, source: dict) -> str:
                       sort_keys=True)
 
 
+class SlideFeatures(NamedTuple):
+    """One slide's result: features float32 [N, D], or the `error` that stopped its reading."""
+
+    slide: SlidePatches
+    features: np.ndarray | None
+    error: str | None
+
+
+class _Collected:
+    """Rows of features read back batch by batch, gathered per slide until each is whole."""
+
+    def __init__(self):
+        self.parts = {}  # slide id -> float32 [n, D] pieces so far, in order
+        self.finished = set()  # slide ids already given out
+
+    def add(self, batch: StreamBatch, features: jax.Array) -> Iterator[SlideFeatures]:
+        """Takes a batch's device result [B, D]; yields the slides it finishes or fails."""
+        rows = np.asarray(features)[:len(batch.images)].astype(np.float32)
+        for piece in batch.pieces:
+            slide_id = piece.slide.slide_id
+            if slide_id in self.finished:  # failed in an earlier batch
+                continue
+            if slide_id in batch.failed:
+                self.finished.add(slide_id)
+                self.parts.pop(slide_id, None)
+                yield SlideFeatures(piece.slide, None, batch.failed[slide_id])
+                continue
+            self.parts.setdefault(slide_id, []).append(
+                rows[piece.row:piece.row + piece.stop - piece.start])
+            if piece.stop == len(piece.slide.coords):
+                self.finished.add(slide_id)
+                yield SlideFeatures(piece.slide, np.concatenate(self.parts.pop(slide_id)), None)
+
+
 class Extractor:
     """A compiled feature function over this host's devices, fed by a patch reader."""
 
     def __init__(self, config, params, model: FeatureNet):
         self.mesh = sharding.make_local_mesh()
         self.batch_size = config.extract.batch_size
+        self.patch_size = config.tile.patch_size
         # The batch must split over the devices:
         sharding.local_batch_size(self.batch_size, self.mesh, 'extract.batch_size')
         self.params = sharding.replicate(params, self.mesh)
@@ -101,75 +139,102 @@ class Extractor:
             self.batch_size, self.mesh.devices.size, config.micro_batch, 'extract.batch_size',
             image_bytes(config, training=False))
 
-        def network(params_and_lut, images):  # a micro-batch: uint8 [b, P, P, 3] -> [b, D]
-            params, lut = params_and_lut
-            return model.apply({'params': params}, lut_pixels(images, lut),
+        def network(params, images_and_luts):  # a micro-batch: uint8 [b, P, P, 3] -> [b, D]
+            images, luts = images_and_luts
+            return model.apply({'params': params}, lut_pixels(images, luts),
                                method=FeatureNet.features)
 
-        micro_batched = mapped(network, micro_batches)
-        # features(params, images uint8 [B, P, P, 3], lut uint8 [3, 256]) -> float [B, D]
-        self.features = jax.jit(lambda params, images, lut: micro_batched((params, lut), images),
+        # features(params, (images uint8 [B, P, P, 3], luts uint8 [B, 3, 256])) -> float [B, D]
+        self.features = jax.jit(mapped(network, micro_batches),
                                 in_shardings=(sharding.replicated(self.mesh),
-                                              sharding.batch_sharded(self.mesh),
-                                              sharding.replicated(self.mesh)),
+                                              sharding.batch_sharded(self.mesh)),
                                 out_shardings=sharding.batch_sharded(self.mesh),
                                 compiler_options=patch_network_options())
 
-    def dispatch(self, images: np.ndarray, lut: np.ndarray) -> jax.Array:
+    def dispatch(self, images: np.ndarray, luts: np.ndarray) -> jax.Array:
         """Starts the features of a batch, uint8 [n <= batch_size, P, P, 3] whose stain lookup
-        table is `lut` [3, 256], padded to the compiled size: float [batch_size, D] on the
+        tables are `luts` [n, 3, 256], padded to the compiled size: float [batch_size, D] on the
         devices (asynchronous)."""
         if len(images) < self.batch_size:
-            padding = np.zeros((self.batch_size - len(images),) + images.shape[1:], np.uint8)
-            images = np.concatenate([images, padding])
-        return self.features(self.params, jax.device_put(images, sharding.batch_sharded(self.mesh)),
-                             lut)
+            images, luts = (np.concatenate([a, np.zeros((self.batch_size - len(a),) + a.shape[1:],
+                                                        np.uint8)]) for a in (images, luts))
+        return self.features(self.params, jax.device_put((images, luts),
+                                                         sharding.batch_sharded(self.mesh)))
 
-    def slide_features(self, reader: PatchReader, patches: SlidePatches, progress) -> np.ndarray:
-        """float32 [N, D] for the slide's N patches, in coordinate order.
+    def cohort_features(self, reader: PatchReader, slides: Iterable[SlidePatches], progress
+                        ) -> Iterator[SlideFeatures]:
+        """Each slide's features (float32 [N, D], coordinate order) or why its reading failed,
+        as soon as its last batch is read back, in the order the slides finish.
 
         Once more than IN_FLIGHT batches are on the device, the oldest result is read back before
         the next batch is read: device memory stays at a few batches however fast the reader,
         and the device always has the next batch queued while the host waits.
         """
-        pending, done = collections.deque(), []  # (patches, device result) / float32 [n, D]
-        for batch in reader.batches(patches):
-            pending.append((len(batch.indices), self.dispatch(batch.images, batch.lut)))
+        pending, collected = collections.deque(), _Collected()  # (batch, device result)
+        for batch in reader.stream(slides):
+            pending.append((batch, self.dispatch(batch.images, batch.luts)))
             if len(pending) > IN_FLIGHT:
-                done.append(_to_host(*pending.popleft()))
-            progress.update(len(batch.indices))
-        done.extend(_to_host(*p) for p in pending)
-        return np.concatenate(done)
+                yield from collected.add(*pending.popleft())
+            progress.update(len(batch.images))
+        for batch, features in pending:
+            yield from collected.add(batch, features)
 
 
-def _to_host(count: int, features: jax.Array) -> np.ndarray:
-    """The first `count` rows of a device batch of features [B, D], as float32 numpy [count, D]."""
-    return np.asarray(features)[:count].astype(np.float32)
+def extract_slides(extractor: Extractor, reader: PatchReader, records: list[SlideRecord],
+                   workdir, progress, network: str) -> dict[str, SlideEntry]:
+    """Extracts the records' slides in one stream and writes each one's features as soon as
+    they are whole, recording the `network` identity that made them: {slide id: its entry}.
+    Never raises for a bad slide."""
+    entries, grids = {}, {}  # grids: slide id -> its patch grid, until its features are written
+    slides = streamed_slides(workdir, records, extractor.patch_size, entries, grids)
+    for result in extractor.cohort_features(reader, slides, progress):
+        entries[result.slide.slide_id] = write_features(
+            workdir, result, grids.pop(result.slide.slide_id), network)
+    return entries
 
 
-def extract_slide(extractor: Extractor, reader: PatchReader, record: SlideRecord, workdir,
-                  progress, network: str) -> SlideEntry:
-    """Extracts and writes one slide's features, recording the `network` identity that made
-    them; never raises for a bad slide."""
-    tiles_file = tiles_path(workdir, record.slide_id)
-    if not tiles_file.exists():
-        return SlideEntry(record.slide_id, ERROR, message='not tiled (see the tile report)')
-    try:
-        tiles = artifacts.load_npz(tiles_file)
-        patches = SlidePatches.from_tiles(record.slide_id, record.path, tiles)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-        return SlideEntry(record.slide_id, ERROR, message=f'cannot read its tiles file '
-                          f'{tiles_file} ({error}): run the tile stage again')
-    if not len(patches.coords):
-        return SlideEntry(record.slide_id, NO_TISSUE, message='no tissue patches')
-    try:
-        features = extractor.slide_features(reader, patches, progress)
-    except SlideError as error:
-        return SlideEntry(record.slide_id, ERROR, message=str(error))
-    artifacts.save_npz(features_path(workdir, record.slide_id), features=features,
-                       coords=patches.coords, grid=tiles['grid'], network=np.asarray(network))
-    return SlideEntry(record.slide_id, OK, patches=len(features),
-                      details={'feature_dim': int(features.shape[1])})
+def streamed_slides(workdir, records: Iterable[SlideRecord], patch_size: int,
+                    entries: dict[str, SlideEntry], grids: dict[str, np.ndarray]
+                    ) -> Iterator[SlidePatches]:
+    """The records' patches, tiles file by tiles file as the stream takes them (each slide's
+    patch grid goes to `grids`); a slide with none to read gets its entry in `entries` instead:
+    not tiled, an unreadable tiles file, tiled at another patch size, or no tissue."""
+    for record in records:
+        tiles_file = tiles_path(workdir, record.slide_id)
+        if not tiles_file.exists():
+            entries[record.slide_id] = SlideEntry(record.slide_id, ERROR,
+                                                  message='not tiled (see the tile report)')
+            continue
+        try:
+            tiles = artifacts.load_npz(tiles_file)
+            patches = SlidePatches.from_tiles(record.slide_id, record.path, tiles)
+            grids[record.slide_id] = tiles['grid']
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            entries[record.slide_id] = SlideEntry(
+                record.slide_id, ERROR, message=f'cannot read its tiles file {tiles_file} '
+                f'({error}): run the tile stage again')
+            continue
+        if patches.patch_size != patch_size:
+            entries[record.slide_id] = SlideEntry(
+                record.slide_id, ERROR, message=f'its tiles file {tiles_file} has {patches.patch_size}'
+                f'-px patches, tile.patch_size is {patch_size}: run the tile stage again')
+        elif not len(patches.coords):
+            entries[record.slide_id] = SlideEntry(record.slide_id, NO_TISSUE,
+                                                  message='no tissue patches')
+        else:
+            yield patches
+
+
+def write_features(workdir, result: SlideFeatures, grid: np.ndarray, network: str) -> SlideEntry:
+    """Writes a slide's features with its coordinates, patch grid and the `network` identity
+    that made them; the entry of a slide whose reading failed."""
+    slide_id = result.slide.slide_id
+    if result.error is not None:
+        return SlideEntry(slide_id, ERROR, message=result.error)
+    artifacts.save_npz(features_path(workdir, slide_id), features=result.features,
+                       coords=result.slide.coords, grid=grid, network=np.asarray(network))
+    return SlideEntry(slide_id, OK, patches=len(result.features),
+                      details={'feature_dim': int(result.features.shape[1])})
 
 
 def run(config, workdir, cohort: Cohort, network_workdir=None) -> list[SlideEntry]:
@@ -189,9 +254,7 @@ def run(config, workdir, cohort: Cohort, network_workdir=None) -> list[SlideEntr
         progress = Progress('extract', total, 'patches')
         with PatchReader(batch_size=extractor.batch_size, workers=config.workers,
                          defer_lut=True) as reader:
-            for record in todo:
-                entries[record.slide_id] = extract_slide(extractor, reader, record, workdir,
-                                                         progress, network)
+            entries.update(extract_slides(extractor, reader, todo, workdir, progress, network))
         progress.close()
     if config.features.export == 'h5':
         for record in mine:

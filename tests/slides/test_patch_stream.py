@@ -8,8 +8,8 @@ import pytest
 
 from pathjax.slides import slide_writer, stain, synthetic
 from pathjax.slides.stain_transform import SlideStain
-from pathjax.slides.patch_stream import PatchReader, SlidePatches, plan_runs
-from pathjax.slides.reader import Slide, rgba_to_rgb
+from pathjax.slides.patch_stream import MAX_RUN, PatchReader, SlidePatches, plan_runs
+from pathjax.slides.reader import Slide, SlideError, rgba_to_rgb
 
 
 def test_runs_merge_row_neighbours_only():
@@ -78,3 +78,46 @@ def test_stream_without_resizing_equals_openslide_across_tile_borders(slide_file
     else:
         assert all(np.array_equal(b.lut, stain.IDENTITY_LUT) for b in batches)
         np.testing.assert_array_equal(images, stain.apply_lut(expected, lut))
+
+
+def test_a_stream_runs_on_from_slide_to_slide_and_a_failed_slide_costs_only_itself(
+        slide_file, tmp_path):
+    """Batches of a stream over several slides are full up to the last one, hold each slide's
+    patches in order (equal to that slide read alone), and name a slide whose reading fails (a
+    file gone since tiling) in `failed`, lay out none of its later patches, and go on with the
+    next slide."""
+    grid = np.array([(r, c) for r in range(6) for c in range(10)])
+    coords = grid[:, ::-1] * 64
+    lut = np.stack([np.random.default_rng(2).permutation(256) for _ in range(3)]).astype(np.uint8)
+
+    def patches(slide_id, path, count):
+        return SlidePatches(slide_id, str(path), coords[:count], 0, 64, 64,
+                            SlideStain('histogram', {'stain_lut': lut}), 1.0)
+
+    slides = [patches('a', slide_file, 7), patches('gone', tmp_path / 'gone.svs', 60),
+              patches('b', slide_file, 13)]
+    with PatchReader(batch_size=4, workers=2, prefetch=3) as reader:
+        batches = list(reader.stream(slides))
+        alone = {s.slide_id: np.concatenate([b.images for b in reader.batches(s)])
+                 for s in (slides[0], slides[2])}
+        with pytest.raises(SlideError, match='gone.svs'):
+            list(reader.batches(slides[1]))
+    assert all(len(b.images) == 4 for b in batches[:-1])
+    failed = {slide: why for b in batches for slide, why in b.failed.items()}
+    assert list(failed) == ['gone'] and 'gone.svs: file not found' in failed['gone']
+    rows = {}  # slide id -> [(start, stop, images)] in stream order
+    for batch in batches:
+        for piece in batch.pieces:
+            rows.setdefault(piece.slide.slide_id, []).append(
+                (piece.start, piece.stop,
+                 batch.images[piece.row:piece.row + piece.stop - piece.start]))
+    for slide_id, count in (('a', 7), ('b', 13)):
+        assert [start for start, _, _ in rows[slide_id]] == [0] + [
+            stop for _, stop, _ in rows[slide_id][:-1]]
+        assert rows[slide_id][-1][1] == count
+        np.testing.assert_array_equal(np.concatenate([i for _, _, i in rows[slide_id]]),
+                                      alone[slide_id])
+    # Only the gone slide's patches laid out before its failure was found take rows: its first
+    # batch's, and at most `prefetch` runs of MAX_RUN patches read ahead.
+    laid_out = sum(stop - start for start, stop, _ in rows['gone'])
+    assert laid_out <= 4 + 3 * MAX_RUN < 60

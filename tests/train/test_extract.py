@@ -15,7 +15,7 @@ from pathjax.data.features import NativeFeatures
 from pathjax.errors import StageError
 from pathjax.models.patch.feature_net import FeatureNet, create_feature_net
 from pathjax.slides.stain_transform import SlideStain
-from pathjax.slides.patch_stream import PatchBatch, PatchReader, SlidePatches
+from pathjax.slides.patch_stream import PatchReader, Piece, SlidePatches, StreamBatch
 from pathjax.slides.stain import IDENTITY_LUT
 from pathjax.slides.reader import Slide
 from pathjax.train import extract
@@ -118,29 +118,47 @@ def test_extraction_uses_the_trained_network_and_survives_a_lost_slide(patch_wor
         slide_sets.check_one_network([NativeFeatures(workdir, i) for i in first], 'train_slide')
 
 
-def test_the_stain_lookup_on_the_device_equals_the_reader_applying_it(patch_workdir, tmp_path):
-    """The extract stage leaves a histogram slide's table to the device (fused into the
-    network's input): its features equal the network on patches read and looked up on the host."""
+def test_batches_span_slides_each_row_through_its_own_slides_lookup(patch_workdir, tmp_path):
+    """The extract stage's batches run on from slide to slide, and leave a histogram slide's
+    table to the device (fused into the network's input), row by row: each slide's features
+    equal the network on its patches read and looked up on the host, one by one, whether its
+    patches share a batch with other slides' (with other tables, or none) or not."""
     workdir = workdir_with_patches(patch_workdir, tmp_path)
     config = make_config(**LEARNING_COHORT, **{'feature_net.learn': False,
                                                 'extract.batch_size': 8})
     cohort, _ = pipeline.prepare_cohort(config, workdir)
-    record = cohort.slides[0]
-    tiles = dict(artifacts.load_npz(workdir / 'tiles' / f'{record.slide_id}.npz'))
     rng = np.random.default_rng(0)
-    tiles.update(stain_method=np.asarray('histogram'),
-                 stain_lut=np.stack([rng.permutation(256) for _ in range(3)]).astype(np.uint8))
-    patches = SlidePatches.from_tiles(record.slide_id, record.path, tiles)
+    slides, tiles_of = [], {}
+    for record, count, method in zip(cohort.slides, (9, 3, 7), ('histogram', 'histogram', 'none')):
+        tiles = dict(artifacts.load_npz(workdir / 'tiles' / f'{record.slide_id}.npz'))
+        assert len(tiles['coords']) >= count
+        tiles.update(coords=tiles['coords'][:count], stain_method=np.asarray(method),
+                     stain_lut=np.stack([rng.permutation(256) for _ in range(3)]).astype(np.uint8))
+        tiles_of[record.slide_id] = tiles
+        slides.append(SlidePatches.from_tiles(record.slide_id, record.path, tiles))
     model = create_feature_net(config)
     params = jax.jit(model.init)(jax.random.key(1), np.zeros((1, 64, 64, 3), np.uint8))['params']
     extractor = extract.Extractor(config, params, model)
     with PatchReader(batch_size=extractor.batch_size, workers=2, defer_lut=True) as reader:
-        batch = next(reader.batches(patches))
-        features = extractor.slide_features(reader, patches, SimpleNamespace(update=lambda n: None))
-    np.testing.assert_array_equal(batch.lut, tiles['stain_lut'])  # the reader left it
-    expected = direct_features(config, params, record.path, tiles, range(len(patches.coords)))
-    assert len(features) == len(patches.coords) > extractor.batch_size
-    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+        batches = list(reader.stream(slides))
+        results = list(extractor.cohort_features(reader, slides,
+                                                 SimpleNamespace(update=lambda n: None)))
+    # Batches of 8, 8, 3: the second holds the end of slide 0, all of slide 1 and the start
+    # of slide 2; every row carries its slide's table (the identity where the reader applied it).
+    assert [len(b.images) for b in batches] == [8, 8, 3]
+    assert [(p.slide.slide_id, p.start, p.stop, p.row) for p in batches[1].pieces] == [
+        (slides[0].slide_id, 8, 9, 0), (slides[1].slide_id, 0, 3, 1),
+        (slides[2].slide_id, 0, 4, 4)]
+    luts = np.concatenate([b.luts for b in batches])
+    expected_luts = [tiles_of[slides[0].slide_id]['stain_lut']] * 9 + [
+        tiles_of[slides[1].slide_id]['stain_lut']] * 3 + [IDENTITY_LUT] * 7
+    np.testing.assert_array_equal(luts, np.stack(expected_luts))
+    assert [r.slide.slide_id for r in results] == [s.slide_id for s in slides]
+    for slide, result in zip(slides, results):
+        assert result.error is None
+        expected = direct_features(config, params, slide.path, tiles_of[slide.slide_id],
+                                   range(len(slide.coords)))
+        np.testing.assert_allclose(result.features, expected, rtol=1e-5, atol=1e-6)
 
 
 class RecordingOutput:
@@ -154,7 +172,7 @@ class RecordingOutput:
         return self.values
 
 
-def test_slide_features_keeps_a_bounded_number_of_batches_in_flight():
+def test_extraction_keeps_a_bounded_number_of_batches_in_flight():
     """A reader faster than the network must not pile batches up on the device: at each batch
     the reader yields, at most extract.IN_FLIGHT results are dispatched and unread, yet the
     next batch is dispatched before the host waits for the oldest."""
@@ -166,18 +184,21 @@ def test_slide_features_keeps_a_bounded_number_of_batches_in_flight():
     def unread():
         return log.count('dispatch') - log.count('read')
 
-    def fake_features(params, images, lut):  # uint8 [B, P, P, 3] -> [B, 3]
+    def fake_features(params, images_and_luts):  # uint8 [B, P, P, 3] -> [B, 3]
+        images, _ = images_and_luts
         log.append('dispatch')
         return RecordingOutput(np.asarray(images)[:, 0, 0, :].astype(np.float32), log)
 
     class FastReader:
-        def batches(self, patches):
+        def stream(self, slides):
+            (slide,) = slides
             for start in range(0, count, batch):
                 indices = np.arange(start, min(start + batch, count))
                 images = np.zeros((len(indices), 4, 4, 3), np.uint8)
                 images[:, 0, 0, :] = (indices[:, None] * [1, 3, 7]) % 251
                 in_flight_at_yield.append(unread())
-                yield PatchBatch(patches.slide_id, indices, images, IDENTITY_LUT)
+                yield StreamBatch(images, np.broadcast_to(IDENTITY_LUT, (len(images), 3, 256)),
+                                  (Piece(slide, start, start + len(indices), 0),), {})
 
     class Progress:
         done = 0
@@ -187,8 +208,10 @@ def test_slide_features_keeps_a_bounded_number_of_batches_in_flight():
 
     extractor.features = fake_features
     progress = Progress()
-    patches = SimpleNamespace(slide_id='s')
-    features = extractor.slide_features(FastReader(), patches, progress)
+    patches = SimpleNamespace(slide_id='s', coords=np.zeros((count, 2)))
+    (result,) = extractor.cohort_features(FastReader(), [patches], progress)
+    assert result.slide is patches and result.error is None
+    features = result.features
     expected = ((np.arange(count)[:, None] * [1, 3, 7]) % 251).astype(np.float32)
     np.testing.assert_array_equal(features, expected)
     assert features.dtype == np.float32 and progress.done == count
@@ -221,6 +244,8 @@ def test_a_damaged_tiles_file_is_an_error_entry_naming_it(tmp_path, damage):
     artifacts.save_npz(path, **tiles)
     if damage == 'truncated':
         path.write_bytes(path.read_bytes()[:40])
-    entry = extract.extract_slide(None, None, record, tmp_path, None, network='x')
+    entries = {}
+    assert not list(extract.streamed_slides(tmp_path, [record], 64, entries, {}))
+    entry = entries['s1']
     assert entry.status == 'error'
     assert str(path) in entry.message and 'tile stage again' in entry.message
