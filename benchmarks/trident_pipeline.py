@@ -31,10 +31,13 @@ Rows (patches/s; > 1: pathjax faster):
 - `end to end tile+extract`: pathjax's tile and extract stages vs the same TRIDENT-style
   extraction, which gets pathjax's coordinates for free (TRIDENT's own tissue segmentation and
   patching are not timed): what a user of each waits for from slide files to features.
-Full size also gives both rows on the real TCGA slide of ../shared/data/slides (skipped when the
-folder is absent; no mpp metadata, so patches are read at level 0).
+Full size also gives both rows on a cohort of biopsy-sized slides (--biopsies, of --biopsy-size:
+a few dozen patches each, where per-slide costs weigh: batches that end with the slide, a
+DataLoader started per slide), and on the real TCGA slide of ../shared/data/slides (skipped when
+the folder is absent; no mpp metadata, so patches are read at level 0).
 
   python benchmarks/trident_pipeline.py [--quick] [--slides 4] [--size 8192 6144] [--batch 64]
+                                        [--biopsies 16] [--biopsy-size 2048 1536]
                                         [--workers 0 1 2] [--threads N] [--rounds 1]
                                         [--real-slide PATH]
 """
@@ -77,8 +80,9 @@ PRESET = vit_presets.get_preset('vit_small_patch16_224')
 REAL_SLIDE = REPO.parent / 'shared' / 'data' / 'slides' / 'tcga-cr-7395-01a-01-ts1.svs'
 MAX_DIFFERENCE = 1e-4
 LABEL = 'wild_type'  # configs/default.py's first class; labels play no part in these stages
-SIZES = {True: {'slides': 1, 'size': (1536, 1536), 'batch': 16},  # quick
-         False: {'slides': 4, 'size': (8192, 6144), 'batch': 64}}
+SIZES = {True: {'slides': 1, 'size': (1536, 1536), 'batch': 16, 'biopsies': 0},  # quick
+         False: {'slides': 4, 'size': (8192, 6144), 'batch': 64, 'biopsies': 16}}
+BIOPSY_SIZE = (2048, 1536)
 
 
 # ---- inputs ----
@@ -94,7 +98,9 @@ def write_weights(path: pathlib.Path) -> pathlib.Path:
 
 def synthetic_records(folder: pathlib.Path, width: int, height: int,
                       copies: int) -> list[SlideRecord]:
-    """`copies` hard links to one synthetic SVS slide (0.5 um/px), all training slides."""
+    """`copies` hard links to one synthetic SVS slide (0.5 um/px) in `folder`, all training
+    slides."""
+    folder.mkdir(exist_ok=True)
     path = slide_files.write_slide(folder / 'bench.svs', width, height, block=2048)
     return list(slide_files.cohort(path, copies, folder).slides)
 
@@ -254,16 +260,22 @@ def rows_of(result: dict, what: str, threads: int) -> list[dict]:
     ]
 
 
-def run_all(slides: int, size: tuple[int, int], batch_size: int, workers: list[int],
-            threads: int, rounds: int, real_slide: str) -> list[dict]:
-    """The rows of the synthetic cohort, then of `real_slide` where given and present."""
+def run_all(slides: int, size: tuple[int, int], batch_size: int, biopsies: int,
+            biopsy_size: tuple[int, int], workers: list[int], threads: int, rounds: int,
+            real_slide: str) -> list[dict]:
+    """The rows of the synthetic cohort, of the biopsy-sized one (if any), then of
+    `real_slide` where given and present."""
     pin_threads(threads)
     found = []
     with tempfile.TemporaryDirectory() as folder:
         folder = pathlib.Path(folder)
         weights = write_weights(folder / 'vit_small.safetensors')
         cohorts = [(f'{slides} synthetic slide(s) of {size[0]} x {size[1]} (224 px at '
-                    '0.5 um/px)', synthetic_records(folder, *size, slides))]
+                    '0.5 um/px)', synthetic_records(folder / 'slides', *size, slides))]
+        if biopsies:
+            cohorts.append((f'{biopsies} biopsy-sized synthetic slides of {biopsy_size[0]} x '
+                            f'{biopsy_size[1]}', synthetic_records(folder / 'biopsies',
+                                                                   *biopsy_size, biopsies)))
         if real_slide and pathlib.Path(real_slide).exists():
             cohorts.append(('1 real TCGA slide (JPEG 2000, no mpp: 224 px from level 0)',
                             real_records(pathlib.Path(real_slide))))
@@ -284,6 +296,10 @@ def parse(argv=None):
     parser.add_argument('--slides', type=int, help='synthetic slides (hard links to one)')
     parser.add_argument('--size', type=int, nargs=2, metavar=('WIDTH', 'HEIGHT'))
     parser.add_argument('--batch', type=int, help='both sides\' batch (default 64; quick 16)')
+    parser.add_argument('--biopsies', type=int,
+                        help='biopsy-sized synthetic slides (default 16; quick none)')
+    parser.add_argument('--biopsy-size', type=int, nargs=2, metavar=('WIDTH', 'HEIGHT'),
+                        default=BIOPSY_SIZE)
     parser.add_argument('--workers', type=int, nargs='+',
                         help='DataLoader worker counts to try (default 0, 1 and --threads)')
     parser.add_argument('--threads', type=int, default=cores)
@@ -301,14 +317,16 @@ def parse(argv=None):
 
 
 def rows_from(args) -> list[dict]:
-    return run_all(args.slides, tuple(args.size), args.batch, args.workers, args.threads,
-                   args.rounds, args.real_slide)
+    return run_all(args.slides, tuple(args.size), args.batch, args.biopsies,
+                   tuple(args.biopsy_size), args.workers, args.threads, args.rounds,
+                   args.real_slide)
 
 
 def run(quick: bool) -> list[dict]:
     """Rows: extract and tile+extract patches/s, pathjax vs TRIDENT-style. quick: 1 synthetic
-    slide of 1536 x 1536 (about 20 patches), batch 16; else 4 of 8192 x 6144, batch 64, and the
-    real slide where present. Worker counts 0, 1 and every usable core; one round."""
+    slide of 1536 x 1536 (about 20 patches), batch 16; else 4 of 8192 x 6144 and 16 of
+    2048 x 1536, batch 64, and the real slide where present. Worker counts 0, 1 and every
+    usable core; one round."""
     return rows_from(parse(['--quick'] if quick else []))
 
 
