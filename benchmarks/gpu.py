@@ -26,6 +26,10 @@ and a section that fails or hangs costs only itself), within one overall deadlin
 - extraction: slide file -> features file (extraction.py's passes) on a 16,384 x 12,288 slide
   at 0.5 um/px read as 8 slides: patches/s against the network alone on preloaded batches, the
   network against the peak, and a naive read_region loop on one slide.
+- trident: slides to features, pathjax's `--stages tile,extract` with a frozen ViT-S/16 against
+  a TRIDENT-style pipeline (trident_pipeline.py: read_region in DataLoader workers, one per core,
+  feeding timm's model on the GPU), both in bfloat16, each its own way, on 4 slides of
+  8192 x 6144 and 16 biopsy-sized ones of 2048 x 1536.
 Peaks (datasheet, dense): H100 SXM / H200 989 TFLOP/s bfloat16, 67 TFLOP/s float32 without
 tensor cores; XLA's default precision lets float32 convolutions use TF32 tensor cores (494), so a
 float32 fraction of the 67 can exceed 1. Elsewhere the peak is a matrix product measured here.
@@ -82,6 +86,7 @@ class Sizes:
     vit_depth: int  # 0: the preset's
     vit_batch: int
     reading_slide: tuple[int, int]  # level-0 pixels of the reading-scaling slide
+    trident: dict  # trident_pipeline.run_all's cohorts, with the batch and precision
     limits: dict  # seconds per section
 
 
@@ -90,16 +95,20 @@ GPU = Sizes(image=512, net_width=1.0, train_batch=64, infer_batch=128, warmup=3,
             copies=8, patch_mpp=(512, 0.5), extract_batch=64, launch_overrides=(),
             vit=('vit_base_patch16_224', 'vit_large_patch16_224'), vit_depth=0, vit_batch=256,
             reading_slide=(16384, 12288),
+            trident={'slides': 4, 'size': (8192, 6144), 'biopsies': 16,
+                     'biopsy_size': (2048, 1536), 'batch': 64, 'precision': 'bfloat16'},
             limits={'launch': 240, 'vgg': 180, 'knn': 60, 'slide': 90, 'extraction': 180,
-                    'vit': 120, 'reading': 90})
+                    'vit': 120, 'reading': 90, 'trident': 150})
 CPU = Sizes(image=64, net_width=0.125, train_batch=4, infer_batch=8, warmup=1, steps=2,
             nodes=(64,), slide_net={'slide_net.d_model': 32, 'slide_net.transformer_layers': 1,
                                     'slide_net.gcn_layers': 1},
             knn=(2000, 64), slide=(4096, 3072), copies=1, patch_mpp=(64, 2.0), extract_batch=8,
             launch_overrides=('--stages=tile', '--config.data.synthetic.num_slides=4'),
             vit=('vit_small_patch16_224',), vit_depth=1, vit_batch=2, reading_slide=(2048, 2048),
+            trident={'slides': 1, 'size': (1024, 1024), 'biopsies': 0, 'biopsy_size': (0, 0),
+                     'batch': 8, 'precision': 'float32'},
             limits={'launch': 240, 'vgg': 120, 'knn': 60, 'slide': 180, 'extraction': 120,
-                    'vit': 120, 'reading': 60})
+                    'vit': 120, 'reading': 60, 'trident': 120})
 
 
 def slide_rows(sizes: Sizes) -> list[dict]:
@@ -406,6 +415,25 @@ def section_reading(sizes: Sizes, _) -> list[dict]:
                 process_scaling=processes[n] / processes[1]) for n in counts]
 
 
+def section_trident(sizes: Sizes, _) -> list[dict]:
+    """trident_pipeline's rows on this host: every core, one round, no real slide (it is not
+    on the GPU host)."""
+    import torch
+
+    import trident_pipeline
+    cores = len(os.sched_getaffinity(0))
+    setting = sizes.trident
+    sides = trident_pipeline.Sides(setting['batch'], cores, (cores,),
+                                   device='cuda' if torch.cuda.is_available() else 'cpu',
+                                   precision=setting['precision'])
+    found = trident_pipeline.run_all(setting['slides'], setting['size'], setting['biopsies'],
+                                     setting['biopsy_size'], '', sides)
+    return [row('trident', r['name'], r['unit'], r['pathjax'], r['reference'], r['reference_name'],
+                True, r['bound'], max_abs_difference=r['max_abs_difference'],
+                trident_patches_per_s=r['trident_patches_per_s'],
+                pathjax_seconds=r['pathjax_seconds']) for r in found]
+
+
 def section_launch(sizes: Sizes, _) -> list[dict]:
     """launch.py in a subprocess; its last stage's report must be written."""
     stages = [a.split('=', 1)[1] for a in sizes.launch_overrides if a.startswith('--stages=')]
@@ -427,7 +455,7 @@ def section_launch(sizes: Sizes, _) -> list[dict]:
 
 SECTIONS = {'launch': section_launch, 'vgg': section_vgg, 'vit': section_vit,
             'knn': section_knn, 'slide': section_slide, 'reading': section_reading,
-            'extraction': section_extraction}
+            'extraction': section_extraction, 'trident': section_trident}
 
 
 # ---- the orchestrator (no JAX) ----
@@ -436,8 +464,8 @@ def plan(sizes: Sizes, cpu: bool) -> list[tuple[str, list[dict]]]:
     """(section, its slide-model rows) in order; on GPU one process per slide-model row."""
     specs = slide_rows(sizes)
     slide = [('slide', specs)] if cpu else [('slide', [spec]) for spec in specs]
-    return ([('launch', []), ('vgg', []), ('vit', []), ('knn', [])] + slide
-            + [('reading', []), ('extraction', [])])
+    return ([('launch', []), ('reading', []), ('trident', []), ('vgg', []), ('vit', []),
+             ('knn', [])] + slide + [('extraction', [])])
 
 
 def run_section(name: str, specs: list[dict], cpu: bool, limit: float) -> tuple[list, dict]:

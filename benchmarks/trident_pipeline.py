@@ -5,9 +5,12 @@ Both sides use the same ViT-S/16 weights (timm's `vit_small_patch16_224`, random
 torch.manual_seed(0), in a .safetensors file), the same patch coordinates, level and read size
 (pathjax's tiles file), the same pixels (RGBA -> RGB over white and the resize of
 `pathjax.slides.reader`, the slide's stain LUT) and normalization (the preset's mean and std:
-timm's 0.5 / 0.5), float32, the same batch size (64; quick 16), on the same cores. Their
-features (the class token after the final norm) must agree to MAX_DIFFERENCE, patch by patch in
-coordinate order, or the run stops.
+timm's 0.5 / 0.5), the same precision, the same batch size (64; quick 16), on the same cores
+and device. Their features (the class token after the final norm) must agree to
+MAX_DIFFERENCE[precision], patch by patch in coordinate order, or the run stops.
+Precision: float32 (on a GPU without TF32 on either side: JAX_DEFAULT_MATMUL_PRECISION=highest,
+torch's TF32 switches off), or bfloat16, each side's own way (pathjax `config.dtype=bfloat16`:
+bfloat16 compute, float32 parameters; torch.autocast), as each runs best on a GPU.
 
 pathjax: `python launch.py --config configs/default.py --stages tile,extract` with the preset,
 `feature_net.weights`, `feature_net.learn=False`, `workers` = --threads slide readers (its
@@ -21,7 +24,8 @@ token after the norm), load the state_dict from the file, then per slide a torch
 __getitem__ is one OpenSlide `read_region` at pathjax's coordinates, RGB, resize, stain LUT,
 torchvision ToTensor + Normalize; a DataLoader (each `--workers` count in turn) into the model
 in eval mode under `torch.inference_mode()`; features and coords written to <slide>.h5 as
-TRIDENT does. Timed from model creation to the last file written; the best worker
+TRIDENT does (on a GPU: the model on the device, pinned host memory, each batch copied over and
+its features back). Timed from model creation to the last file written; the best worker
 count is its figure ("each at its best settings"). This process (so pathjax's subprocess too)
 is pinned to --threads cores, torch.set_num_threads(--threads). With --rounds, the sides
 alternate round by round and medians are reported.
@@ -39,11 +43,13 @@ the folder is absent; no mpp metadata, so patches are read at level 0).
   python benchmarks/trident_pipeline.py [--quick] [--slides 4] [--size 8192 6144] [--batch 64]
                                         [--biopsies 16] [--biopsy-size 2048 1536]
                                         [--workers 0 1 2] [--threads N] [--rounds 1]
-                                        [--real-slide PATH]
+                                        [--real-slide PATH] [--device cpu|cuda]
+                                        [--precision float32|bfloat16]
 """
 
 import argparse
 import csv
+import dataclasses
 import os
 import pathlib
 import statistics
@@ -78,11 +84,14 @@ from vit_encoders import vit_flops
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PRESET = vit_presets.get_preset('vit_small_patch16_224')
 REAL_SLIDE = REPO.parent / 'shared' / 'data' / 'slides' / 'tcga-cr-7395-01a-01-ts1.svs'
-MAX_DIFFERENCE = 1e-4
+# Features are of unit scale (after a layer norm). bfloat16 keeps 8 bits of mantissa: the two
+# sides differed by 0.036 at most over 18 patches on the Zen 5 VM; a wrong input is off by ~1.
+MAX_DIFFERENCE = {'float32': 1e-4, 'bfloat16': 0.25}
 LABEL = 'wild_type'  # configs/default.py's first class; labels play no part in these stages
-SIZES = {True: {'slides': 1, 'size': (1536, 1536), 'batch': 16, 'biopsies': 0},  # quick
-         False: {'slides': 4, 'size': (8192, 6144), 'batch': 64, 'biopsies': 16}}
-BIOPSY_SIZE = (2048, 1536)
+SIZES = {True: {'slides': 1, 'size': (1536, 1536), 'batch': 16,  # quick
+                'biopsies': 2, 'biopsy_size': (1024, 1024)},
+         False: {'slides': 4, 'size': (8192, 6144), 'batch': 64,
+                 'biopsies': 16, 'biopsy_size': (2048, 1536)}}
 
 
 # ---- inputs ----
@@ -117,22 +126,40 @@ def write_manifest(records: list[SlideRecord], path: pathlib.Path) -> pathlib.Pa
     return path
 
 
+@dataclasses.dataclass(frozen=True)
+class Sides:
+    """How both sides run: the batch size; pathjax's reader threads, which are also the cores
+    both sides are pinned to and torch's threads; the DataLoader worker counts tried; rounds;
+    the device ('cpu', or 'cuda': pathjax on JAX's GPU backend) and the precision."""
+
+    batch_size: int
+    threads: int
+    workers: tuple[int, ...]
+    rounds: int = 1
+    device: str = 'cpu'
+    precision: str = 'float32'
+
+
 # ---- pathjax ----
 
-def pathjax_run(manifest, weights, workdir: pathlib.Path, batch_size: int,
-                threads: int) -> dict:
+def pathjax_run(manifest, weights, workdir: pathlib.Path, sides: Sides) -> dict:
     """launch.py --stages tile,extract in a subprocess; {'tile', 'extract', 'tile+extract',
     'process'} seconds (the stages' from the log)."""
     command = [sys.executable, 'launch.py', '--config', 'configs/default.py', '--verbosity=0',
                f'--workdir={workdir}', '--stages=tile,extract',  # the log's timed records
-               f'--config.data.manifest={manifest}', f'--config.workers={threads}',
+               f'--config.data.manifest={manifest}', f'--config.workers={sides.threads}',
                f'--config.feature_net.backbone={PRESET.name}',
                f'--config.feature_net.weights={weights}', '--config.feature_net.learn=False',
-               f'--config.extract.batch_size={batch_size}']
+               f'--config.extract.batch_size={sides.batch_size}',
+               f'--config.dtype={sides.precision}']
+    environment = dict(os.environ)
+    if sides.precision == 'float32':
+        environment['JAX_DEFAULT_MATMUL_PRECISION'] = 'highest'  # no TF32 on a GPU
     log = workdir.parent / f'{workdir.name}.log'
     start = time.perf_counter()
     with open(log, 'w') as out:
-        done = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        done = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                              env=environment)
     process = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f'pathjax failed ({done.returncode}):\n{log.read_text()[-3000:]}')
@@ -170,34 +197,36 @@ class RegionDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(patch)), self.slide.coords[index]
 
 
-def trident_model(weights) -> torch.nn.Module:
+def trident_model(weights, device: str) -> torch.nn.Module:
     """timm's model as TRIDENT builds an encoder: no head, the class token after the norm."""
     model = timm.create_model(PRESET.timm_name, pretrained=False, num_classes=0)
     model.load_state_dict(load_file(weights))
-    return model.eval()
+    return model.eval().to(device)
 
 
-def trident_slide(model, slide: SlidePatches, workers: int, batch_size: int, out) -> None:
+def trident_slide(model, slide: SlidePatches, workers: int, sides: Sides, out) -> None:
     """One slide's features [N, D] and coords [N, 2] to out/<slide_id>.h5."""
-    loader = torch.utils.data.DataLoader(RegionDataset(slide), batch_size=batch_size,
-                                         num_workers=workers, shuffle=False)
+    loader = torch.utils.data.DataLoader(RegionDataset(slide), batch_size=sides.batch_size,
+                                         num_workers=workers, shuffle=False,
+                                         pin_memory=sides.device == 'cuda')
     features, coords = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(sides.device, torch.bfloat16,
+                                                enabled=sides.precision == 'bfloat16'):
         for images, corners in loader:
-            features.append(model(images).numpy())
+            output = model(images.to(sides.device, non_blocking=True))
+            features.append(output.float().cpu().numpy())
             coords.append(corners.numpy())
     with h5py.File(pathlib.Path(out) / f'{slide.slide_id}.h5', 'w') as f:
         f['features'] = np.concatenate(features)
         f['coords'] = np.concatenate(coords)
 
 
-def trident_run(weights, slides: list[SlidePatches], workers: int, batch_size: int,
-                out) -> float:
+def trident_run(weights, slides: list[SlidePatches], workers: int, sides: Sides, out) -> float:
     """Seconds from loading the model to the last slide's file written."""
     start = time.perf_counter()
-    model = trident_model(weights)
+    model = trident_model(weights, sides.device)
     for slide in slides:
-        trident_slide(model, slide, workers, batch_size, out)
+        trident_slide(model, slide, workers, sides, out)
     return time.perf_counter() - start
 
 
@@ -216,38 +245,40 @@ def max_difference(workdir, slides: list[SlidePatches], out) -> float:
 
 # ---- measurement ----
 
-def measure(records, weights, folder: pathlib.Path, batch_size: int, workers: list[int],
-            threads: int, rounds: int) -> dict:
+def measure(records, weights, folder: pathlib.Path, sides: Sides) -> dict:
     """Both sides over `records`, alternating round by round: pathjax's median stage seconds,
     TRIDENT-style median seconds per worker count, patches, max abs difference."""
     manifest = write_manifest(records, folder / 'manifest.csv')
-    pathjax, trident = [], {w: [] for w in workers}
-    for i in range(rounds):
+    pathjax, trident = [], {w: [] for w in sides.workers}
+    for i in range(sides.rounds):
         workdir = folder / f'pathjax{i}'
-        pathjax.append(pathjax_run(manifest, weights, workdir, batch_size, threads))
+        pathjax.append(pathjax_run(manifest, weights, workdir, sides))
         slides = tiled_slides(workdir, records)
-        for w in workers:
-            trident[w].append(trident_run(weights, slides, w, batch_size, folder))
+        for w in sides.workers:
+            trident[w].append(trident_run(weights, slides, w, sides, folder))
     return {'pathjax': {k: statistics.median(p[k] for p in pathjax) for k in pathjax[0]},
             'trident': {w: statistics.median(s) for w, s in trident.items()},
             'patches': sum(len(s.coords) for s in slides),
             'max_abs_difference': max_difference(workdir, slides, folder)}
 
 
-def rows_of(result: dict, what: str, threads: int) -> list[dict]:
+def rows_of(result: dict, what: str, sides: Sides) -> list[dict]:
     """The extract and tile+extract rows of one measurement of the slides `what` describes."""
     patches, seconds = result['patches'], result['pathjax']
-    if result['max_abs_difference'] > MAX_DIFFERENCE:
+    tolerance = MAX_DIFFERENCE[sides.precision]
+    if result['max_abs_difference'] > tolerance:
         raise RuntimeError(f'{what}: features differ by {result["max_abs_difference"]:.3g} '
-                           f'(> {MAX_DIFFERENCE:g})')
+                           f'(> {tolerance:g})')
     rates = {w: patches / s for w, s in result['trident'].items()}
     best = max(rates, key=rates.get)
     extract = patches / seconds['extract']
     flops = extract * vit_flops(PRESET.arch, PRESET.input_size)
     reference = (f'TRIDENT-style: read_region in {best} DataLoader worker(s) (best of '
                  f'{sorted(rates)}), timm eval + inference_mode, h5 per slide')
-    bound = f'ViT-S/16 float32 forward: {flops / 1e9:.3g} GFLOP/s (pathjax), {threads} cores'
-    extra = {'max_abs_difference': result['max_abs_difference'], 'threads': threads,
+    bound = (f'ViT-S/16 {sides.precision} forward: {flops / 1e9:.3g} GFLOP/s (pathjax), '
+             f'{sides.threads} cores' + (', one GPU' if sides.device == 'cuda' else ''))
+    extra = {'max_abs_difference': result['max_abs_difference'], 'threads': sides.threads,
+             'device': sides.device, 'precision': sides.precision,
              'patches': patches, 'trident_patches_per_s': {str(w): r for w, r in rates.items()},
              'pathjax_seconds': seconds}
     return [
@@ -260,12 +291,13 @@ def rows_of(result: dict, what: str, threads: int) -> list[dict]:
     ]
 
 
-def run_all(slides: int, size: tuple[int, int], batch_size: int, biopsies: int,
-            biopsy_size: tuple[int, int], workers: list[int], threads: int, rounds: int,
-            real_slide: str) -> list[dict]:
+def run_all(slides: int, size: tuple[int, int], biopsies: int, biopsy_size: tuple[int, int],
+            real_slide: str, sides: Sides) -> list[dict]:
     """The rows of the synthetic cohort, of the biopsy-sized one (if any), then of
     `real_slide` where given and present."""
-    pin_threads(threads)
+    pin_threads(sides.threads)
+    if sides.device == 'cuda' and sides.precision == 'float32':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     found = []
     with tempfile.TemporaryDirectory() as folder:
         folder = pathlib.Path(folder)
@@ -282,9 +314,11 @@ def run_all(slides: int, size: tuple[int, int], batch_size: int, biopsies: int,
         for i, (slides_text, records) in enumerate(cohorts):
             part = folder / f'cohort{i}'
             part.mkdir()
-            result = measure(records, weights, part, batch_size, workers, threads, rounds)
-            what = f'{result["patches"]} patches from {slides_text}, ViT-S/16, batch {batch_size}'
-            found += rows_of(result, what, threads)
+            result = measure(records, weights, part, sides)
+            what = (f'{result["patches"]} patches from {slides_text}, ViT-S/16, batch '
+                    f'{sides.batch_size}' + ('' if sides.precision == 'float32'
+                                             else f', {sides.precision}'))
+            found += rows_of(result, what, sides)
     return found
 
 
@@ -292,18 +326,20 @@ def parse(argv=None):
     cores = len(os.sched_getaffinity(0))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true',
-                        help='1 slide of 1536 x 1536, batch 16, no real slide')
+                        help='1 slide of 1536 x 1536 and 2 of 1024 x 1024, batch 16, no real slide')
     parser.add_argument('--slides', type=int, help='synthetic slides (hard links to one)')
     parser.add_argument('--size', type=int, nargs=2, metavar=('WIDTH', 'HEIGHT'))
     parser.add_argument('--batch', type=int, help='both sides\' batch (default 64; quick 16)')
     parser.add_argument('--biopsies', type=int,
-                        help='biopsy-sized synthetic slides (default 16; quick none)')
+                        help='biopsy-sized synthetic slides (default 16; quick 2, sharing a batch)')
     parser.add_argument('--biopsy-size', type=int, nargs=2, metavar=('WIDTH', 'HEIGHT'),
-                        default=BIOPSY_SIZE)
+                        help='default 2048 x 1536; quick 1024 x 1024')
     parser.add_argument('--workers', type=int, nargs='+',
                         help='DataLoader worker counts to try (default 0, 1 and --threads)')
     parser.add_argument('--threads', type=int, default=cores)
     parser.add_argument('--rounds', type=int, default=1)
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    parser.add_argument('--precision', choices=tuple(MAX_DIFFERENCE), default='float32')
     parser.add_argument('--real-slide', default=str(REAL_SLIDE),
                         help='a real slide for extra rows (full size only; \'\' to skip)')
     args = parser.parse_args(argv)
@@ -317,16 +353,17 @@ def parse(argv=None):
 
 
 def rows_from(args) -> list[dict]:
-    return run_all(args.slides, tuple(args.size), args.batch, args.biopsies,
-                   tuple(args.biopsy_size), args.workers, args.threads, args.rounds,
-                   args.real_slide)
+    sides = Sides(args.batch, args.threads, tuple(args.workers), args.rounds, args.device,
+                  args.precision)
+    return run_all(args.slides, tuple(args.size), args.biopsies, tuple(args.biopsy_size),
+                   args.real_slide, sides)
 
 
 def run(quick: bool) -> list[dict]:
     """Rows: extract and tile+extract patches/s, pathjax vs TRIDENT-style. quick: 1 synthetic
-    slide of 1536 x 1536 (about 20 patches), batch 16; else 4 of 8192 x 6144 and 16 of
-    2048 x 1536, batch 64, and the real slide where present. Worker counts 0, 1 and every
-    usable core; one round."""
+    slide of 1536 x 1536 (about 20 patches) and 2 of 1024 x 1024 (a few patches each, in one
+    batch), batch 16; else 4 of 8192 x 6144 and 16 of 2048 x 1536, batch 64, and the real slide
+    where present. Worker counts 0, 1 and every usable core; one round."""
     return rows_from(parse(['--quick'] if quick else []))
 
 

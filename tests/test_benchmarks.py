@@ -79,7 +79,8 @@ EXPECTED_ROWS = {
     'feature_net': [r'^train, 128 px', r'^infer, 128 px'],
     'vit_encoders': [r'inference, .*, 1 thread$', r'inference, .*, \d+ threads?$'],
     'extraction': [r'^extract vs network alone', r'^extract vs naive loop', r'^extract: peak RSS'],
-    'trident_pipeline': [r'^end to end extract: ', r'^end to end tile\+extract: '],
+    'trident_pipeline': [r'^end to end extract: ', r'^end to end tile\+extract: ',
+                         r'^end to end extract: .* biopsy-sized'],
     'slide_model': [r'dense attention$', r'vs padded PyTorch$', r'graph attention$',
                     r'^dense attention forward \+ backward', r'^dense attention training temp',
                     r'^kNN graph'],
@@ -139,7 +140,9 @@ def test_gpu_script_runs_on_cpu(tmp_path):
     found = report['rows']
     assert not [r for r in found if r.get('failed')]
     assert {r['section'] for r in found} == {'launch', 'vgg', 'vit', 'knn', 'slide', 'reading',
-                                             'extraction'}
+                                             'extraction', 'trident'}
+    (trident,) = [r for r in found if r['section'] == 'trident' and 'tile+extract' not in r['name']]
+    assert trident['max_abs_difference'] <= 1e-4 and trident['ratio'] > 0
     assert all(math.isfinite(n) for r in found for n in numbers(r))
     slide = [r for r in found if r['section'] == 'slide' and r['unit'] == 'steps/s']
     assert {('dense' in r['name'], 'float32' in r['name']) for r in slide} == {

@@ -262,7 +262,7 @@ class PatchReader:
         batch, row = 0, 0
         for slide in slides:
             first = 0
-            while first < len(slide.coords):
+            while first < len(slide.coords) and slide.slide_id not in failed:
                 stop = min(len(slide.coords), first + self.batch_size - row)  # to the batch's end
                 for start, end in plan_runs(slide.coords[first:stop], slide.read_size,
                                             slide.downsample):
@@ -270,12 +270,9 @@ class PatchReader:
                         break
                     yield _Run(batch, row, slide, first + start, first + end)
                     row += end - start
-                    if row == self.batch_size:
-                        batch, row = batch + 1, 0
-                else:
-                    first = stop
-                    continue
-                break
+                if row == self.batch_size:
+                    batch, row = batch + 1, 0
+                first = stop
 
     def _submit(self, run: _Run, filling: dict[int, _Filling]):
         """Starts reading `run` into its batch's array: (batch number, slide id, future)."""

@@ -208,7 +208,7 @@ def streamed_slides(workdir, records: Iterable[SlideRecord], patch_size: int,
         try:
             tiles = artifacts.load_npz(tiles_file)
             patches = SlidePatches.from_tiles(record.slide_id, record.path, tiles)
-            grids[record.slide_id] = tiles['grid']
+            grid = tiles['grid']
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
             entries[record.slide_id] = SlideEntry(
                 record.slide_id, ERROR, message=f'cannot read its tiles file {tiles_file} '
@@ -216,12 +216,14 @@ def streamed_slides(workdir, records: Iterable[SlideRecord], patch_size: int,
             continue
         if patches.patch_size != patch_size:
             entries[record.slide_id] = SlideEntry(
-                record.slide_id, ERROR, message=f'its tiles file {tiles_file} has {patches.patch_size}'
-                f'-px patches, tile.patch_size is {patch_size}: run the tile stage again')
+                record.slide_id, ERROR, message=f'its tiles file {tiles_file} has '
+                f'{patches.patch_size}-px patches, tile.patch_size is {patch_size}: run the tile '
+                'stage again')
         elif not len(patches.coords):
             entries[record.slide_id] = SlideEntry(record.slide_id, NO_TISSUE,
                                                   message='no tissue patches')
         else:
+            grids[record.slide_id] = grid
             yield patches
 
 

@@ -224,11 +224,13 @@ def test_extraction_keeps_a_bounded_number_of_batches_in_flight():
     assert unread_at_reads and min(unread_at_reads) >= 2
 
 
-@pytest.mark.parametrize('damage', ['truncated', 'stain table', 'stain matrix', 'stain method'])
+@pytest.mark.parametrize('damage', ['truncated', 'stain table', 'stain matrix', 'stain method',
+                                    'patch size'])
 def test_a_damaged_tiles_file_is_an_error_entry_naming_it(tmp_path, damage):
     """A tiles file that does not load, whose stain table is not uint8 [3, 256], whose Macenko
-    matrix is not finite, or whose stain method is unknown gives the slide an error entry that
-    names the file, before any reading or network work."""
+    matrix is not finite, whose stain method is unknown, or whose patches are not the config's
+    size gives the slide an error entry that names the file, before any reading or network
+    work."""
     from pathjax.cohort import SlideRecord
     from pathjax.slides.tile_stage import tiles_path
     record = SlideRecord('s1', str(tmp_path / 's1.svs'), 'a', 'c1', 'train', line=2)
@@ -241,6 +243,9 @@ def test_a_damaged_tiles_file_is_an_error_entry_naming_it(tmp_path, damage):
         tiles.update(stain_method=np.asarray('macenko'), stain_od_matrix=np.full((3, 3), np.nan))
     if damage == 'stain method':
         tiles.update(stain_method=np.asarray('vahadane'))
+    if damage == 'patch size':
+        tiles.update(stain_lut=np.zeros((3, 256), np.uint8), grid=np.zeros((2, 2), np.int64),
+                     patch_size=np.int64(32))
     artifacts.save_npz(path, **tiles)
     if damage == 'truncated':
         path.write_bytes(path.read_bytes()[:40])
