@@ -1,4 +1,4 @@
-"""Batches of stain-normalized uint8 patches streamed from a slide by coordinates (numpy only).
+"""Batches of stain-normalized uint8 patches streamed from slides by coordinates (numpy only).
 
 Reading is the I/O floor of the method, so the stream
 - merges patches that are neighbours on a grid row into one read (each JPEG tile on a shared
@@ -8,10 +8,13 @@ Reading is the I/O floor of the method, so the stream
 - writes each run straight into its place in the batch, through the stain transform, from the
   decoded tile (no region in between, no copy on the consumer's thread);
 - keeps a bounded number of runs in flight ahead of the consumer, and yields patches in the
-  order of the coordinates.
+  order of the coordinates;
+- over several slides (`stream`), runs its batches on from one slide into the next, reading
+  ahead across the border, so only the last batch is short and a slide of a few patches does
+  not cost a batch.
 A consumer that can apply the histogram's lookup table itself (the extractor does, on the
 device, fused into the network's input normalization) asks for `defer_lut`: the reader then
-only decodes and copies, and each batch carries the table.
+only decodes and copies, and each batch carries the table (each row its own slide's).
 """
 
 import collections
