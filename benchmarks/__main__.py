@@ -30,7 +30,7 @@ import machine_info  # noqa: E402
 import rows  # noqa: E402
 
 SCRIPTS = ('patch_reading', 'tile_stage', 'feature_net', 'vit_encoders', 'extraction',
-           'trident_pipeline', 'slide_model', 'slide_input', 'slide_baselines')
+           'trident_pipeline', 'patch_input', 'slide_model', 'slide_input', 'slide_baselines')
 TIME_LIMIT = {True: 240, False: 3600}  # seconds per script, quick or full
 TAIL = 2000  # characters of a failed script's output kept in its row
 

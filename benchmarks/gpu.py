@@ -28,7 +28,7 @@ and a section that fails or hangs costs only itself), within one overall deadlin
   network against the peak, and a naive read_region loop on one slide.
 - trident: slides to features, pathjax's `--stages tile,extract` with a frozen ViT-S/16 against
   a TRIDENT-style pipeline (trident_pipeline.py: read_region in DataLoader workers, one per core,
-  feeding timm's model on the GPU), both in bfloat16, each its own way, on 4 slides of
+  feeding timm's model on the GPU), both in bfloat16, each its own way, on 2 slides of
   8192 x 6144 and 16 biopsy-sized ones of 2048 x 1536.
 Peaks (datasheet, dense): H100 SXM / H200 989 TFLOP/s bfloat16, 67 TFLOP/s float32 without
 tensor cores; XLA's default precision lets float32 convolutions use TF32 tensor cores (494), so a
@@ -95,7 +95,7 @@ GPU = Sizes(image=512, net_width=1.0, train_batch=64, infer_batch=128, warmup=3,
             copies=8, patch_mpp=(512, 0.5), extract_batch=64, launch_overrides=(),
             vit=('vit_base_patch16_224', 'vit_large_patch16_224'), vit_depth=0, vit_batch=256,
             reading_slide=(16384, 12288),
-            trident={'slides': 4, 'size': (8192, 6144), 'biopsies': 16,
+            trident={'slides': 2, 'size': (8192, 6144), 'biopsies': 16,
                      'biopsy_size': (2048, 1536), 'batch': 64, 'precision': 'bfloat16'},
             limits={'launch': 240, 'vgg': 180, 'knn': 60, 'slide': 90, 'extraction': 180,
                     'vit': 120, 'reading': 90, 'trident': 150})

@@ -167,8 +167,9 @@ class FeatureTrainer:
         self.config, self.workdir = config, pathlib.Path(workdir)
         sampling = patches.Sampling.from_config(config)
         builder = patches.load_builder(workdir, sampling)
-        self.train_source = builder.as_data_source('train')
-        self.val_source = builder.as_data_source('val') if 'val' in builder.info.splits else None
+        self.train_source = patches.encoded_source(builder, 'train')
+        self.val_source = (patches.encoded_source(builder, 'val')
+                           if 'val' in builder.info.splits else None)
         self.mesh = sharding.make_mesh(config.mesh.data)
         self.batch_size = config.learn.batch_size
         self.local_batch = sharding.local_batch_size(self.batch_size, self.mesh,

@@ -73,7 +73,7 @@ def test_rerun_skips_and_changed_settings_are_refused(built):
 
 def test_train_batches_are_seeded_per_epoch_and_split_over_processes(built):
     _, _, builder = built
-    source = builder.as_data_source('train')
+    source = patches.encoded_source(builder, 'train')
 
     def labels_and_sums(batches):
         return [(b['label'].tolist(), int(b['image'].sum())) for b in batches]
@@ -94,14 +94,20 @@ def test_train_batches_are_seeded_per_epoch_and_split_over_processes(built):
 
 
 def test_eval_batches_cover_every_example_once_with_a_mask(built):
+    """Every example once, in order, padded batches masked; each image decoded into its batch
+    equals TFDS's own decoding of it (OpenCV's) to within one grey level (both libjpeg-turbo)."""
     _, _, builder = built
-    source = builder.as_data_source('val')
+    source, decoded = patches.encoded_source(builder, 'val'), builder.as_data_source('val')
     batches = list(patches.eval_batches(source, 32))
     assert all(len(b['label']) == 32 for b in batches)
     mask = np.concatenate([b['mask'] for b in batches])
     assert mask.sum() == len(source) and mask[:len(source)].all()
     labels = np.concatenate([b['label'] for b in batches])[:len(source)]
-    np.testing.assert_array_equal(labels, [source[i]['label'] for i in range(len(source))])
+    np.testing.assert_array_equal(labels, [decoded[i]['label'] for i in range(len(source))])
+    images = np.concatenate([b['image'] for b in batches])[:len(source)]
+    expected = np.stack([decoded[i]['image'] for i in range(len(source))])
+    assert images.dtype == np.uint8 and images.shape == expected.shape
+    assert np.abs(images.astype(int) - expected).max() <= 1
 
 
 def test_a_killed_build_resumes_at_the_first_slide_not_staged(built, tmp_path, monkeypatch):
