@@ -23,6 +23,10 @@ and a section that fails or hangs costs only itself), within one overall deadlin
   (up to the cores), on a 16,384 x 12,288 slide at 0.5 um/px (768 patches of 512 px): whether
   the cohort-time model's near-linear scaling holds, and whether threads or processes should
   read.
+- input: the learn_features input (patch_input.py: `train_batches` over the patches stage's
+  TFDS dataset of 512-px JPEG patches) on 1, 2, 4, 8 and 16 threads (up to the cores) against
+  linear scaling of its one-thread rate: whether the cohort-time model's decoding on 16 threads
+  holds.
 - extraction: slide file -> features file (extraction.py's passes) on a 16,384 x 12,288 slide
   at 0.5 um/px read as 8 slides: patches/s against the network alone on preloaded batches, the
   network against the peak, and a naive read_region loop on one slide.
@@ -87,6 +91,7 @@ class Sizes:
     vit_batch: int
     reading_slide: tuple[int, int]  # level-0 pixels of the reading-scaling slide
     trident: dict  # trident_pipeline.run_all's cohorts, with the batch and precision
+    input_patches: tuple[int, int]  # the learn_features input's dataset: patches, pixels
     limits: dict  # seconds per section
 
 
@@ -97,8 +102,9 @@ GPU = Sizes(image=512, net_width=1.0, train_batch=64, infer_batch=128, warmup=3,
             reading_slide=(16384, 12288),
             trident={'slides': 2, 'size': (8192, 6144), 'biopsies': 16,
                      'biopsy_size': (2048, 1536), 'batch': 64, 'precision': 'bfloat16'},
+            input_patches=(2048, 512),
             limits={'launch': 240, 'vgg': 180, 'knn': 60, 'slide': 90, 'extraction': 180,
-                    'vit': 120, 'reading': 90, 'trident': 150})
+                    'vit': 120, 'reading': 90, 'trident': 150, 'input': 60})
 CPU = Sizes(image=64, net_width=0.125, train_batch=4, infer_batch=8, warmup=1, steps=2,
             nodes=(64,), slide_net={'slide_net.d_model': 32, 'slide_net.transformer_layers': 1,
                                     'slide_net.gcn_layers': 1},
@@ -107,8 +113,9 @@ CPU = Sizes(image=64, net_width=0.125, train_batch=4, infer_batch=8, warmup=1, s
             vit=('vit_small_patch16_224',), vit_depth=1, vit_batch=2, reading_slide=(2048, 2048),
             trident={'slides': 1, 'size': (1024, 1024), 'biopsies': 0, 'biopsy_size': (0, 0),
                      'batch': 8, 'precision': 'float32'},
+            input_patches=(64, 128),
             limits={'launch': 240, 'vgg': 120, 'knn': 60, 'slide': 180, 'extraction': 120,
-                    'vit': 120, 'reading': 60, 'trident': 120})
+                    'vit': 120, 'reading': 60, 'trident': 120, 'input': 60})
 
 
 def slide_rows(sizes: Sizes) -> list[dict]:
@@ -415,6 +422,25 @@ def section_reading(sizes: Sizes, _) -> list[dict]:
                 process_scaling=processes[n] / processes[1]) for n in counts]
 
 
+def section_input(sizes: Sizes, _) -> list[dict]:
+    import patch_input
+    from pathjax.data import patches as patch_data
+    counts = [n for n in (1, 2, 4, 8, 16) if n <= (os.cpu_count() or 1)]
+    count, size = sizes.input_patches
+    with tempfile.TemporaryDirectory() as folder:
+        builder = patch_input.write_dataset(pathlib.Path(folder),
+                                            patch_input.patch_images(count, size))
+        source = patch_data.encoded_source(builder, 'train')
+        patch_input.pathjax_pass(source, 1, 0)  # the page cache and the first allocations
+        rates = {n: statistics.median(patch_input.timed(
+            lambda: patch_input.pathjax_pass(source, n, epoch)) for epoch in range(2))
+            for n in counts}
+    what = f'{count} patches of {size} px, JPEG quality {patch_data.JPEG_QUALITY}'
+    return [row('input', f'learn_features input, {n} thread(s) vs linear scaling: {what}',
+                'patches/s', rates[n], n * rates[1], f'{n} x its 1-thread rate', True,
+                'JPEG decode on the cores used') for n in counts]
+
+
 def section_trident(sizes: Sizes, _) -> list[dict]:
     """trident_pipeline's rows on this host: every core, one round, no real slide (it is not
     on the GPU host)."""
@@ -455,7 +481,8 @@ def section_launch(sizes: Sizes, _) -> list[dict]:
 
 SECTIONS = {'launch': section_launch, 'vgg': section_vgg, 'vit': section_vit,
             'knn': section_knn, 'slide': section_slide, 'reading': section_reading,
-            'extraction': section_extraction, 'trident': section_trident}
+            'extraction': section_extraction, 'trident': section_trident,
+            'input': section_input}
 
 
 # ---- the orchestrator (no JAX) ----
@@ -464,8 +491,8 @@ def plan(sizes: Sizes, cpu: bool) -> list[tuple[str, list[dict]]]:
     """(section, its slide-model rows) in order; on GPU one process per slide-model row."""
     specs = slide_rows(sizes)
     slide = [('slide', specs)] if cpu else [('slide', [spec]) for spec in specs]
-    return ([('launch', []), ('reading', []), ('trident', []), ('vgg', []), ('vit', []),
-             ('knn', [])] + slide + [('extraction', [])])
+    return ([('launch', []), ('reading', []), ('input', []), ('trident', []), ('vgg', []),
+             ('vit', []), ('knn', [])] + slide + [('extraction', [])])
 
 
 def run_section(name: str, specs: list[dict], cpu: bool, limit: float) -> tuple[list, dict]:

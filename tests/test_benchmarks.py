@@ -143,7 +143,7 @@ def test_gpu_script_runs_on_cpu(tmp_path):
     found = report['rows']
     assert not [r for r in found if r.get('failed')]
     assert {r['section'] for r in found} == {'launch', 'vgg', 'vit', 'knn', 'slide', 'reading',
-                                             'extraction', 'trident'}
+                                             'extraction', 'trident', 'input'}
     (trident,) = [r for r in found if r['section'] == 'trident' and 'tile+extract' not in r['name']]
     assert trident['max_abs_difference'] <= 1e-4 and trident['ratio'] > 0
     assert all(math.isfinite(n) for r in found for n in numbers(r))
