@@ -31,6 +31,8 @@ from pathjax.slides.stain_transform import SlideStain
 from pathjax.slides.tiff_tiles import Copy, plain_copy
 
 MAX_RUN = 4  # patches merged into one region read
+MAX_PATCH_SIZE = 4096  # px: a larger patch in a tiles file is damage, not a plan
+MAX_READ_RATIO = 32  # read_size / patch_size: 0.125 um/px level 0 read for 4 um/px patches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +59,22 @@ class SlidePatches:
 
     @classmethod
     def from_tiles(cls, slide_id: str, path: str, tiles: dict[str, np.ndarray]) -> 'SlidePatches':
-        """From the arrays of the slide's tiles file (a damaged stain transform: ValueError)."""
-        read_size = int(tiles['read_size'])
-        return cls(slide_id, path, tiles['coords'], int(tiles['level']), read_size,
-                   int(tiles['patch_size']), SlideStain.from_tiles(tiles),
-                   float(tiles['extent']) / read_size)
+        """From the arrays of the slide's tiles file. ValueError for a damaged one: a stain
+        transform that is not one, coordinates that are not [N, 2] integers, or a read plan
+        whose sizes are out of bounds (checked before any memory is allocated for them)."""
+        coords = np.asarray(tiles['coords'])
+        level, read_size, patch_size = (int(tiles[k]) for k in ('level', 'read_size',
+                                                                 'patch_size'))
+        extent = float(tiles['extent'])
+        if coords.ndim != 2 or coords.shape[1] != 2 or coords.dtype.kind not in 'iu':
+            raise ValueError(f'coords must be integers [N, 2], not {coords.dtype} '
+                             f'{list(coords.shape)}')
+        if not (0 <= level and 0 < patch_size <= MAX_PATCH_SIZE
+                and 0 < read_size <= MAX_READ_RATIO * patch_size and 0 < extent < np.inf):
+            raise ValueError(f'a read plan out of bounds: level {level}, read_size {read_size}, '
+                             f'patch_size {patch_size}, extent {extent:g}')
+        return cls(slide_id, path, coords, level, read_size, patch_size,
+                   SlideStain.from_tiles(tiles), extent / read_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,6 +135,9 @@ class Slide:
         `copy(pixels, out pixels)` (a pixelwise map, e.g. the stain's); transparent (unscanned)
         pixels become white."""
         count, height, width = out.shape[:3]
+        if not 0 <= level < len(self.level_downsamples):
+            raise SlideError(f'{self.path}: no level {level} (the slide has '
+                             f'{len(self.level_downsamples)})')
         if self._tiles is not None:
             downsample = self.level_downsamples[level]
             try:

@@ -225,12 +225,12 @@ def test_extraction_keeps_a_bounded_number_of_batches_in_flight():
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'stain table', 'stain matrix', 'stain method',
-                                    'patch size'])
+                                    'patch size', 'read size', 'coords'])
 def test_a_damaged_tiles_file_is_an_error_entry_naming_it(tmp_path, damage):
     """A tiles file that does not load, whose stain table is not uint8 [3, 256], whose Macenko
-    matrix is not finite, whose stain method is unknown, or whose patches are not the config's
-    size gives the slide an error entry that names the file, before any reading or network
-    work."""
+    matrix is not finite, whose stain method is unknown, whose patches are not the config's
+    size, whose read size is out of bounds or whose coordinates are not [N, 2] integers gives
+    the slide an error entry that names the file, before any reading or network work."""
     from pathjax.cohort import SlideRecord
     from pathjax.slides.tile_stage import tiles_path
     record = SlideRecord('s1', str(tmp_path / 's1.svs'), 'a', 'c1', 'train', line=2)
@@ -243,9 +243,14 @@ def test_a_damaged_tiles_file_is_an_error_entry_naming_it(tmp_path, damage):
         tiles.update(stain_method=np.asarray('macenko'), stain_od_matrix=np.full((3, 3), np.nan))
     if damage == 'stain method':
         tiles.update(stain_method=np.asarray('vahadane'))
+    if damage in ('patch size', 'read size', 'coords'):
+        tiles.update(stain_lut=np.zeros((3, 256), np.uint8), grid=np.zeros((2, 2), np.int64))
     if damage == 'patch size':
-        tiles.update(stain_lut=np.zeros((3, 256), np.uint8), grid=np.zeros((2, 2), np.int64),
-                     patch_size=np.int64(32))
+        tiles.update(patch_size=np.int64(32))
+    if damage == 'read size':  # 3 TB per patch, were it allocated
+        tiles.update(read_size=np.int64(10 ** 6))
+    if damage == 'coords':
+        tiles.update(coords=np.zeros((2, 3), np.float64))
     artifacts.save_npz(path, **tiles)
     if damage == 'truncated':
         path.write_bytes(path.read_bytes()[:40])
