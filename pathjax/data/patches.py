@@ -254,10 +254,9 @@ def train_batches(source, batch_size: int, *, seed: int, epoch: int, process_ind
                   process_count: int = 1, workers: int = 2) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of this process's shares of shuffled global batches of `source`
     (`encoded_source`): 'image' uint8 [b, P, P, 3], 'label' int32 [b], b = batch_size per
-    process. The shuffled order depends only on
-    (seed, epoch), and process p holds rows p*b..(p+1)*b-1 of every global batch, so a global
-    batch is the same, in the same order, whatever the number of processes. Incomplete global
-    batches are dropped."""
+    process. The shuffled order depends only on (seed, epoch), and process p holds rows
+    p*b..(p+1)*b-1 of every global batch, so a global batch is the same, in the same order,
+    whatever the number of processes. Incomplete global batches are dropped."""
     dataset = grain.MapDataset.source(source).shuffle(seed=epoch_seed(seed, epoch))
     dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=decode_batch)
     dataset = dataset[:len(dataset) - len(dataset) % process_count][process_index::process_count]
