@@ -259,3 +259,24 @@ def test_a_damaged_tiles_file_is_an_error_entry_naming_it(tmp_path, damage):
     entry = entries['s1']
     assert entry.status == 'error'
     assert str(path) in entry.message and 'tile stage again' in entry.message
+
+
+def test_a_slide_without_tissue_patches_is_its_own_entry_and_not_streamed(tmp_path):
+    """A tiles file with no kept patches gives a no-tissue entry and nothing to read; a slide
+    never tiled gives an error entry; the slides after them are still streamed."""
+    from pathjax.cohort import SlideRecord
+    from pathjax.slides.tile_stage import tiles_path
+    records = [SlideRecord(s, str(tmp_path / f'{s}.svs'), 'a', s, 'train', line=2 + i)
+               for i, s in enumerate(('empty', 'untiled', 'kept'))]
+    for slide_id, count in (('empty', 0), ('kept', 3)):
+        path = tiles_path(tmp_path, slide_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        artifacts.save_npz(path, coords=np.zeros((count, 2), np.int64), level=np.int64(0),
+                           read_size=np.int64(64), patch_size=np.int64(64),
+                           extent=np.float64(64), stain_method=np.asarray('none'),
+                           grid=np.zeros((count, 2), np.int64))
+    entries, grids = {}, {}
+    streamed = list(extract.streamed_slides(tmp_path, records, 64, entries, grids))
+    assert [s.slide_id for s in streamed] == ['kept'] and list(grids) == ['kept']
+    assert entries['empty'].status == 'no_tissue' and 'no tissue' in entries['empty'].message
+    assert entries['untiled'].status == 'error' and 'not tiled' in entries['untiled'].message
