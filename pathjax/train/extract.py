@@ -135,7 +135,7 @@ class Extractor:
         # The batch must split over the devices:
         sharding.local_batch_size(self.batch_size, self.mesh, 'extract.batch_size')
         self.params = sharding.replicate(params, self.mesh)
-        micro_batches = micro_batch_count(
+        self.micro_batches = micro_batch_count(
             self.batch_size, self.mesh.devices.size, config.micro_batch, 'extract.batch_size',
             image_bytes(config, training=False))
 
@@ -145,7 +145,7 @@ class Extractor:
                                method=FeatureNet.features)
 
         # features(params, (images uint8 [B, P, P, 3], luts uint8 [B, 3, 256])) -> float [B, D]
-        self.features = jax.jit(mapped(network, micro_batches),
+        self.features = jax.jit(mapped(network, self.micro_batches),
                                 in_shardings=(sharding.replicated(self.mesh),
                                               sharding.batch_sharded(self.mesh)),
                                 out_shardings=sharding.batch_sharded(self.mesh),

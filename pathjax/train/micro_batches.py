@@ -85,17 +85,18 @@ def merge(tree):
 
 
 def mapped(function, count: int):
-    """function(params, images [B, ...]) -> outputs [B, ...], computed `count` micro-batches at
-    a time, one after another in one program: unrolled, each micro-batch waiting for the previous
+    """function(params, inputs) -> outputs [B, ...], where `inputs` is an array [B, ...] or a
+    tree of them (images with their lookup tables), computed `count` micro-batches at a time,
+    one after another in one program: unrolled, each micro-batch waiting for the previous
     one's output through an optimization barrier, so XLA runs them in order (not a `lax.map`:
     see the module's docstring)."""
     if count == 1:
         return function
 
-    def run(params, images):
-        chunks, outputs = split(images, count), []
+    def run(params, inputs):
+        chunks, outputs = split(inputs, count), []
         for i in range(count):
-            chunk = chunks[i]
+            chunk = jax.tree.map(lambda x: x[i], chunks)  # noqa: B023 (used at once)
             if outputs:
                 _, chunk = jax.lax.optimization_barrier((outputs[-1], chunk))
             outputs.append(function(params, chunk))

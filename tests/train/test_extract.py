@@ -161,6 +161,29 @@ def test_batches_span_slides_each_row_through_its_own_slides_lookup(patch_workdi
         np.testing.assert_allclose(result.features, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_micro_batched_extraction_keeps_each_rows_image_with_its_table():
+    """On CPU the default VGG-16 extraction runs each device batch as several micro-batches
+    (8 images of 512 px per pass at batch 64): every row's image must stay with its lookup
+    table through the split, and the padded batch's rows equal the network on each image
+    looked up on the host."""
+    config = make_config(**{'feature_net.learn': False, 'extract.batch_size': 16,
+                            'micro_batch': 1})
+    model = create_feature_net(config)
+    size = config.tile.patch_size
+    params = jax.jit(model.init)(jax.random.key(2), np.zeros((1, size, size, 3), np.uint8))
+    extractor = extract.Extractor(config, params['params'], model)
+    assert extractor.micro_batches == 2  # 16 rows over the tests' 8 devices, 1 per pass
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (13, size, size, 3), np.uint8)  # 3 rows of padding
+    luts = np.stack([[rng.permutation(256) for _ in range(3)] for _ in images]).astype(np.uint8)
+    features = np.asarray(extractor.dispatch(images, luts))
+    looked_up = np.stack([np.stack([lut[c][image[..., c]] for c in range(3)], axis=-1)
+                          for image, lut in zip(images, luts)])
+    expected = model.apply(params, looked_up, method=FeatureNet.features)
+    assert features.shape == (16, expected.shape[1])
+    np.testing.assert_allclose(features[:13], expected, rtol=1e-5, atol=1e-5)
+
+
 class RecordingOutput:
     """A fake device result: records when the host reads it (its conversion to numpy)."""
 
