@@ -17,7 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
     # batch on GPU/TPU, on CPU as many as keep Eigen's convolution buffers under 4.5 GiB
     config.cpu_devices = 0  # XLA devices per process on CPU (batches are split between them and
     # run side by side); 0 = auto: one per core, as many as split every batch evenly
-    config.compilation_cache = True  # persistent XLA compilation cache under <workdir>/jax_cache
+    config.compilation_cache = True  # persistent XLA compilation cache in <workdir>/jax_cache/,
+    # a folder per host instruction set (runtime/compilation_cache.py)
 
     config.data = ml_collections.ConfigDict()
     config.data.manifest = ''  # CSV: slide_id, path, label[, case_id, split]

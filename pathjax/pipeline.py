@@ -32,7 +32,7 @@ from pathjax.slides import stain, stain_transform, synthetic_artifacts, syntheti
 from pathjax.slides.tissue import TissueRule
 from pathjax.evaluate import evaluate_stage, predict_stage, report_page
 from pathjax.train import extract, feature_learning, slide_training
-from pathjax.runtime import cluster, sharding, shared_workdir
+from pathjax.runtime import cluster, compilation_cache, sharding, shared_workdir
 
 
 class Stage(NamedTuple):
@@ -403,7 +403,7 @@ def run(config, workdir: str | os.PathLike, stages: list[str] | None = None) -> 
         sharding.raise_together(failure)
         shared_workdir.check(workdir)  # every process sees process 0's workdir
         if config.compilation_cache:
-            enable_compilation_cache(workdir / 'jax_cache')
+            compilation_cache.enable(workdir)
         summary = RunSummary()
         try:
             run_locked(config, workdir, stages, summary)
@@ -540,9 +540,3 @@ def _attempt(stage: str, function: Callable, *args
         logging.exception('%s: unexpected error (traceback below)', stage)
         return None, StageError(f'{stage}: unexpected {type(error).__name__} on process '
                                 f'{jax.process_index()}: {error}')
-
-
-def enable_compilation_cache(folder: pathlib.Path) -> None:
-    """JAX's persistent compilation cache: a rerun skips recompiling (minutes for VGG-16 on CPU)."""
-    jax.config.update('jax_compilation_cache_dir', str(folder))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)

@@ -161,27 +161,38 @@ def test_batches_span_slides_each_row_through_its_own_slides_lookup(patch_workdi
         np.testing.assert_allclose(result.features, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_rows_of_a_short_batch():
+    # CPU: VGG-16 at batch 64 on 2 devices in 8 passes, ViT-S/16 in one, a batch of 48.
+    assert [extract.tail_step(64, whole, 'cpu') for whole in (16, 2)] == [16, 8]
+    assert extract.tail_step(48, 2, 'cpu') == 6
+    assert extract.tail_step(64, 2, 'gpu') == extract.tail_step(64, 8, 'tpu') == 64
+    assert [extract.compiled_rows(n, 64, 8) for n in (1, 8, 9, 35, 63, 64)] == [
+        8, 8, 16, 40, 64, 64]
+    assert extract.compiled_rows(43, 48, 6) == 48 and extract.compiled_rows(1, 64, 64) == 64
+
+
 def test_micro_batched_extraction_keeps_each_rows_image_with_its_table():
     """On CPU the default VGG-16 extraction runs each device batch as several micro-batches
     (8 images of 512 px per pass at batch 64): every row's image must stay with its lookup
-    table through the split, and the padded batch's rows equal the network on each image
-    looked up on the host."""
-    config = make_config(**{'feature_net.learn': False, 'extract.batch_size': 16,
-                            'micro_batch': 1})
+    table through the split. A short batch runs at a multiple of 16 rows (the 8 devices x 2
+    passes), and its rows equal the network on each image looked up on the host."""
+    config = make_config(**{'feature_net.learn': False, 'extract.batch_size': 64,
+                            'micro_batch': 4})
     model = create_feature_net(config)
     size = config.tile.patch_size
     params = jax.jit(model.init)(jax.random.key(2), np.zeros((1, size, size, 3), np.uint8))
     extractor = extract.Extractor(config, params['params'], model)
-    assert extractor.micro_batches == 2  # 16 rows over the tests' 8 devices, 1 per pass
+    assert (extractor.micro_batches, extractor.tail_step) == (2, 16)  # 8 rows a device, 4 a pass
     rng = np.random.default_rng(3)
-    images = rng.integers(0, 256, (13, size, size, 3), np.uint8)  # 3 rows of padding
+    images = rng.integers(0, 256, (19, size, size, 3), np.uint8)
     luts = np.stack([[rng.permutation(256) for _ in range(3)] for _ in images]).astype(np.uint8)
-    features = np.asarray(extractor.dispatch(images, luts))
     looked_up = np.stack([np.stack([lut[c][image[..., c]] for c in range(3)], axis=-1)
                           for image, lut in zip(images, luts)])
     expected = model.apply(params, looked_up, method=FeatureNet.features)
-    assert features.shape == (16, expected.shape[1])
-    np.testing.assert_allclose(features[:13], expected, rtol=1e-5, atol=1e-5)
+    for rows, compiled in ((13, 16), (19, 32)):
+        features = np.asarray(extractor.dispatch(images[:rows], luts[:rows]))
+        assert features.shape == (compiled, expected.shape[1])
+        np.testing.assert_allclose(features[:rows], expected[:rows], rtol=1e-5, atol=1e-5)
 
 
 class RecordingOutput:
