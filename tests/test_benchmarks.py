@@ -80,6 +80,7 @@ EXPECTED_ROWS = {
     'vit_encoders': [r'inference, .*, 1 thread$', r'inference, .*, \d+ threads?$'],
     'extraction': [r'^extract vs network alone', r'^extract vs naive loop', r'^extract: peak RSS'],
     'trident_pipeline': [r'^end to end extract: ', r'^end to end tile\+extract: ',
+                         r'^end to end extract, rerun: ',
                          r'^end to end extract: .* biopsy-sized'],
     'patch_input': [r'^learn_features input, 1 thread, share of decode-only',
                     r'^learn_features input, 1 thread vs TFDS',
