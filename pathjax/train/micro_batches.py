@@ -96,7 +96,7 @@ def mapped(function, count: int):
     def run(params, inputs):
         chunks, outputs = split(inputs, count), []
         for i in range(count):
-            chunk = jax.tree.map(lambda x: x[i], chunks)  # noqa: B023 (used at once)
+            chunk = jax.tree.map(lambda x: x[i], chunks)
             if outputs:
                 _, chunk = jax.lax.optimization_barrier((outputs[-1], chunk))
             outputs.append(function(params, chunk))
