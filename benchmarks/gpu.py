@@ -443,7 +443,7 @@ def section_input(sizes: Sizes, _) -> list[dict]:
 
 def section_trident(sizes: Sizes, _) -> list[dict]:
     """trident_pipeline's rows on this host: every core, one round, no real slide (it is not
-    on the GPU host)."""
+    on the GPU host), no rerun row (the device time is short)."""
     import torch
 
     import trident_pipeline
@@ -451,7 +451,7 @@ def section_trident(sizes: Sizes, _) -> list[dict]:
     setting = sizes.trident
     sides = trident_pipeline.Sides(setting['batch'], cores, (cores,),
                                    device='cuda' if torch.cuda.is_available() else 'cpu',
-                                   precision=setting['precision'])
+                                   precision=setting['precision'], rerun=False)
     found = trident_pipeline.run_all(setting['slides'], setting['size'], setting['biopsies'],
                                      setting['biopsy_size'], '', sides)
     return [row('trident', r['name'], r['unit'], r['pathjax'], r['reference'], r['reference_name'],

@@ -134,7 +134,8 @@ def write_manifest(records: list[SlideRecord], path: pathlib.Path) -> pathlib.Pa
 class Sides:
     """How both sides run: the batch size; pathjax's reader threads, which are also the cores
     both sides are pinned to and torch's threads; the DataLoader worker counts tried; rounds;
-    the device ('cpu', or 'cuda': pathjax on JAX's GPU backend) and the precision."""
+    the device ('cpu', or 'cuda': pathjax on JAX's GPU backend) and the precision; whether
+    pathjax's extract stage is also rerun in its workdir (the `extract, rerun` row)."""
 
     batch_size: int
     threads: int
@@ -142,6 +143,7 @@ class Sides:
     rounds: int = 1
     device: str = 'cpu'
     precision: str = 'float32'
+    rerun: bool = True
 
 
 # ---- pathjax ----
@@ -259,13 +261,15 @@ def measure(records, weights, folder: pathlib.Path, sides: Sides) -> dict:
     for i in range(sides.rounds):
         workdir = folder / f'pathjax{i}'
         pathjax.append(pathjax_run(manifest, weights, workdir, sides))
-        shutil.rmtree(workdir / 'features')
-        reruns.append(pathjax_run(manifest, weights, workdir, sides, f'{workdir.name}.rerun.log'))
+        if sides.rerun:
+            shutil.rmtree(workdir / 'features')
+            reruns.append(pathjax_run(manifest, weights, workdir, sides,
+                                      f'{workdir.name}.rerun.log'))
         slides = tiled_slides(workdir, records)
         for w in sides.workers:
             trident[w].append(trident_run(weights, slides, w, sides, folder))
     return {'pathjax': {k: statistics.median(p[k] for p in pathjax) for k in pathjax[0]},
-            'rerun_extract': statistics.median(r['extract'] for r in reruns),
+            'rerun_extract': statistics.median(r['extract'] for r in reruns) if reruns else None,
             'trident': {w: statistics.median(s) for w, s in trident.items()},
             'patches': sum(len(s.coords) for s in slides),
             'max_abs_difference': max_difference(workdir, slides, folder)}
@@ -290,13 +294,15 @@ def rows_of(result: dict, what: str, sides: Sides) -> list[dict]:
              'device': sides.device, 'precision': sides.precision,
              'patches': patches, 'trident_patches_per_s': {str(w): r for w, r in rates.items()},
              'pathjax_seconds': seconds, 'pathjax_rerun_extract_seconds': result['rerun_extract']}
+    rerun = [] if result['rerun_extract'] is None else [
+        row(f'end to end extract, rerun: {what}', 'patches/s', patches / result['rerun_extract'],
+            rates[best], reference + '; pathjax\'s extract rerun in its workdir (compiled '
+            'programs from its cache)', True, bound, **extra)]
     return [
         row(f'end to end extract: {what}', 'patches/s', extract, rates[best],
             reference + ' (model load to files written)', True, bound, flops_per_s=flops,
             **extra),
-        row(f'end to end extract, rerun: {what}', 'patches/s', patches / result['rerun_extract'],
-            rates[best], reference + '; pathjax\'s extract rerun in its workdir (compiled '
-            'programs from its cache)', True, bound, **extra),
+        *rerun,
         row(f'end to end tile+extract: {what}', 'patches/s', patches / seconds['tile+extract'],
             rates[best], reference + '; its tissue segmentation and patching not timed (given '
             'pathjax\'s coordinates)', True, bound, **extra),

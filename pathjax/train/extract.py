@@ -8,7 +8,7 @@ small the slides (a biopsy's few dozen patches would otherwise fill part of a ba
 neither the reader nor the device waits at a slide's end. A histogram-normalized slide's lookup
 table is applied on the device, image by image, fused into the network's input (`device_lut`),
 so the reader threads only decode and copy. Batches have one size, and one program is compiled
-for it; on CPU the cohort's last, short batch runs at a size of its own (`compiled_rows`).
+for it; on CPU the cohort's last, short batch may run at a size of its own (`short_batches`).
 Each slide's features are written atomically to `features/<slide_id>.npz` with the identity of the
 network that made them (`network_identity`); on rerun, slides made by the current network are
 skipped and the others (made before the feature network was retrained or trained on) redone.
@@ -21,6 +21,7 @@ import collections
 import hashlib
 import json
 import pathlib
+import time
 import zipfile
 from typing import Iterable, Iterator, NamedTuple
 
@@ -42,33 +43,13 @@ from pathjax.slides.tile_stage import tiles_path
 from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
 from pathjax.runtime import sharding
 from pathjax.train.micro_batches import image_bytes, mapped, micro_batch_count
+from pathjax.train.short_batches import CPU_DEVICE_FLOPS, own_size_step, run_size
 from pathjax.runtime.checkpoint import Checkpoints
 from pathjax.train.xla_options import patch_network_options
 from pathjax.train.feature_learning import (abstract_state, create_optimizer, initial_params,
                                              run_dir)
 
 IN_FLIGHT = 2  # batches dispatched to the device and not yet read back
-TAIL_SIZES = 8  # on CPU a short batch runs at a multiple of about batch_size / TAIL_SIZES
-
-
-def compiled_rows(rows: int, batch_size: int, step: int) -> int:
-    """The batch size `rows` <= batch_size images run at: the smallest multiple of `step` that
-    holds them, at most `batch_size`."""
-    return min(-(-rows // step) * step, batch_size)
-
-
-def tail_step(batch_size: int, whole: int, platform: str) -> int:
-    """The multiple a short batch is padded to. On CPU the smallest multiple of `whole` (what a
-    batch must split into: devices x micro-batches) of at least batch_size / TAIL_SIZES: one
-    more size to trace and compile, against rows that cost as much there (on 2 cores, VGG-16 at
-    512 px: 0.45 s a row, a last batch of 35 took 28.5 s padded to 64 and 22.8 s at 48, compile
-    included; ViT-S/16: 29 ms a row against 1.1 s to trace and compile, about even), and the
-    persistent compilation cache keeps each size for later runs. On a GPU or TPU, where a row
-    costs a fraction of a millisecond and a compile seconds, the whole batch: every batch runs
-    at the one compiled size."""
-    if platform != 'cpu':
-        return batch_size
-    return whole * max(1, -(-batch_size // (TAIL_SIZES * whole)))
 
 
 def extractor_params(config, workdir, model: FeatureNet) -> tuple[dict, str]:
@@ -166,8 +147,10 @@ class Extractor:
                                method=FeatureNet.features)
 
         # features(params, (images uint8 [B, P, P, 3], luts uint8 [B, 3, 256])) -> float [B, D]
-        self.tail_step = tail_step(self.batch_size, self.mesh.devices.size * self.micro_batches,
-                                   self.mesh.devices.flat[0].platform)
+        self.own_size_step = own_size_step(self.batch_size,
+                                           self.mesh.devices.size * self.micro_batches,
+                                           self.mesh.devices.flat[0].platform)
+        self.compiled = {}  # batch size -> seconds its first call took (trace and compile)
         self.features = jax.jit(mapped(network, self.micro_batches),
                                 in_shardings=(sharding.replicated(self.mesh),
                                               sharding.batch_sharded(self.mesh)),
@@ -176,14 +159,31 @@ class Extractor:
 
     def dispatch(self, images: np.ndarray, luts: np.ndarray) -> jax.Array:
         """Starts the features of a batch, uint8 [n <= batch_size, P, P, 3] whose stain lookup
-        tables are `luts` [n, 3, 256], padded to its compiled size m = `compiled_rows(n, ...)`:
+        tables are `luts` [n, 3, 256], padded to the size it runs at, m (`short_batches`):
         float [m, D] on the devices (asynchronous)."""
-        size = compiled_rows(len(images), self.batch_size, self.tail_step)
+        size = run_size(len(images), self.batch_size, self.own_size_step, set(self.compiled),
+                        self.padding_costs_more)
         if len(images) < size:
             images, luts = (np.concatenate([a, np.zeros((size - len(a),) + a.shape[1:],
                                                         np.uint8)]) for a in (images, luts))
-        return self.features(self.params, jax.device_put((images, luts),
-                                                         sharding.batch_sharded(self.mesh)))
+        start = time.perf_counter()
+        result = self.features(self.params, jax.device_put((images, luts),
+                                                           sharding.batch_sharded(self.mesh)))
+        self.compiled.setdefault(size, time.perf_counter() - start)
+        return result
+
+    def padding_costs_more(self, own: int) -> bool:
+        """Whether the batch_size - `own` rows of padding a short batch saves at its own size
+        would take longer than compiling that size: than the first size's first call took
+        (trace and compile). Rows are costed from the full-size program's FLOPs (XLA's cost
+        analysis of its cached lowering) at CPU_DEVICE_FLOPS per device."""
+        inputs = [jax.ShapeDtypeStruct((self.batch_size,) + shape, np.uint8,
+                                       sharding=sharding.batch_sharded(self.mesh))
+                  for shape in ((self.patch_size, self.patch_size, 3), (3, 256))]
+        cost = self.features.lower(self.params, tuple(inputs)).cost_analysis() or {}
+        row_seconds = cost.get('flops', 0) / self.batch_size / (
+            CPU_DEVICE_FLOPS * self.mesh.devices.size)
+        return (self.batch_size - own) * row_seconds > max(self.compiled.values())
 
     def cohort_features(self, reader: PatchReader, slides: Iterable[SlidePatches], progress
                         ) -> Iterator[SlideFeatures]:

@@ -18,7 +18,7 @@ from pathjax.slides.stain_transform import SlideStain
 from pathjax.slides.patch_stream import PatchReader, Piece, SlidePatches, StreamBatch
 from pathjax.slides.stain import IDENTITY_LUT
 from pathjax.slides.reader import Slide
-from pathjax.train import extract
+from pathjax.train import extract, short_batches
 from pathjax.train.feature_learning import FeatureTrainer
 from tests.conftest import LEARNING_COHORT, make_config, workdir_with_patches
 
@@ -161,38 +161,60 @@ def test_batches_span_slides_each_row_through_its_own_slides_lookup(patch_workdi
         np.testing.assert_allclose(result.features, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_rows_of_a_short_batch():
-    # CPU: VGG-16 at batch 64 on 2 devices in 8 passes, ViT-S/16 in one, a batch of 48.
-    assert [extract.tail_step(64, whole, 'cpu') for whole in (16, 2)] == [16, 8]
-    assert extract.tail_step(48, 2, 'cpu') == 6
-    assert extract.tail_step(64, 2, 'gpu') == extract.tail_step(64, 8, 'tpu') == 64
-    assert [extract.compiled_rows(n, 64, 8) for n in (1, 8, 9, 35, 63, 64)] == [
-        8, 8, 16, 40, 64, 64]
-    assert extract.compiled_rows(43, 48, 6) == 48 and extract.compiled_rows(1, 64, 64) == 64
+def test_the_size_a_short_batch_runs_at():
+    # Steps on CPU: VGG-16 at batch 64 on 2 devices in 8 passes, ViT-S/16 in one, a batch of 48.
+    assert [short_batches.own_size_step(64, whole, 'cpu') for whole in (16, 2)] == [16, 8]
+    assert short_batches.own_size_step(48, 2, 'cpu') == 6
+    assert (short_batches.own_size_step(64, 2, 'gpu') == short_batches.own_size_step(64, 8, 'tpu')
+            == 64)
+    asked = []
+
+    def size(rows, compiled, pays, step=8):
+        return short_batches.run_size(rows, 64, step, compiled, lambda own: asked.append(own)
+                                      or pays)
+
+    # Its own size, the smallest multiple of the step that holds it, when that costs no compile
+    # beyond the first: nothing compiled yet (a cohort in one batch), or that size compiled.
+    assert [size(n, set(), False) for n in (1, 8, 9, 35, 63, 64)] == [8, 8, 16, 40, 64, 64]
+    assert size(35, {64, 40}, False) == 40 and asked == []
+    # Otherwise its own size only where the padding it saves costs more than a compile.
+    assert size(35, {64}, True) == 40 and size(35, {64}, False) == 64 and asked == [40, 40]
+    assert size(35, {64}, True, step=64) == 64 and size(43, {48}, True, step=6) == 48
 
 
 def test_micro_batched_extraction_keeps_each_rows_image_with_its_table():
     """On CPU the default VGG-16 extraction runs each device batch as several micro-batches
     (8 images of 512 px per pass at batch 64): every row's image must stay with its lookup
-    table through the split. A short batch runs at a multiple of 16 rows (the 8 devices x 2
-    passes), and its rows equal the network on each image looked up on the host."""
+    table through the split, and a short batch's rows equal the network on each image looked
+    up on the host at every size it runs at: its own (a multiple of 16 rows: the 8 devices x 2
+    passes) or padded to the full batch, which a network this small always is once the full
+    size is compiled (its rows cost less than compiling a size)."""
     config = make_config(**{'feature_net.learn': False, 'extract.batch_size': 64,
                             'micro_batch': 4})
     model = create_feature_net(config)
     size = config.tile.patch_size
     params = jax.jit(model.init)(jax.random.key(2), np.zeros((1, size, size, 3), np.uint8))
     extractor = extract.Extractor(config, params['params'], model)
-    assert (extractor.micro_batches, extractor.tail_step) == (2, 16)  # 8 rows a device, 4 a pass
+    assert (extractor.micro_batches, extractor.own_size_step) == (2, 16)  # 8 a device, 4 a pass
     rng = np.random.default_rng(3)
-    images = rng.integers(0, 256, (19, size, size, 3), np.uint8)
+    images = rng.integers(0, 256, (64, size, size, 3), np.uint8)
     luts = np.stack([[rng.permutation(256) for _ in range(3)] for _ in images]).astype(np.uint8)
     looked_up = np.stack([np.stack([lut[c][image[..., c]] for c in range(3)], axis=-1)
                           for image, lut in zip(images, luts)])
     expected = model.apply(params, looked_up, method=FeatureNet.features)
-    for rows, compiled in ((13, 16), (19, 32)):
+
+    def check(rows, runs_at):
         features = np.asarray(extractor.dispatch(images[:rows], luts[:rows]))
-        assert features.shape == (compiled, expected.shape[1])
+        assert features.shape == (runs_at, expected.shape[1])
         np.testing.assert_allclose(features[:rows], expected[:rows], rtol=1e-5, atol=1e-5)
+
+    check(13, 16)  # the first size compiled: its own
+    check(64, 64)
+    check(19, 64)  # padded: its 32 rows would cost far less than the compile
+    assert not extractor.padding_costs_more(32)
+    extractor.compiled = {64: 1e-9}  # were compiling that cheap, its own size would pay
+    assert extractor.padding_costs_more(32)
+    check(19, 32)
 
 
 class RecordingOutput:
