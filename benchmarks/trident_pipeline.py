@@ -353,7 +353,8 @@ def parse(argv=None):
     parser.add_argument('--biopsy-size', type=int, nargs=2, metavar=('WIDTH', 'HEIGHT'),
                         help='default 2048 x 1536; quick 1024 x 1024')
     parser.add_argument('--workers', type=int, nargs='+',
-                        help='DataLoader worker counts to try (default 0, 1 and --threads)')
+                        help='DataLoader worker counts to try (default 0, 1 and --threads; '
+                        'quick: --threads)')
     parser.add_argument('--threads', type=int, default=cores)
     parser.add_argument('--rounds', type=int, default=1)
     parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
@@ -361,7 +362,8 @@ def parse(argv=None):
     parser.add_argument('--real-slide', default=str(REAL_SLIDE),
                         help='a real slide for extra rows (full size only; \'\' to skip)')
     args = parser.parse_args(argv)
-    defaults = SIZES[args.quick] | {'workers': sorted({0, 1, args.threads})}
+    defaults = SIZES[args.quick] | {'workers': [args.threads] if args.quick
+                                    else sorted({0, 1, args.threads})}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -378,10 +380,11 @@ def rows_from(args) -> list[dict]:
 
 
 def run(quick: bool) -> list[dict]:
-    """Rows: extract and tile+extract patches/s, pathjax vs TRIDENT-style. quick: 1 synthetic
-    slide of 1536 x 1536 (about 20 patches) and 2 of 1024 x 1024 (a few patches each, in one
-    batch), batch 16; else 4 of 8192 x 6144 and 16 of 2048 x 1536, batch 64, and the real slide
-    where present. Worker counts 0, 1 and every usable core; one round."""
+    """Rows: extract (first run and rerun) and tile+extract patches/s, pathjax vs TRIDENT-style.
+    quick: 1 synthetic slide of 1536 x 1536 (about 20 patches) and 2 of 1024 x 1024 (a few
+    patches each, in one batch), batch 16, DataLoader workers on every usable core; else 4 of
+    8192 x 6144 and 16 of 2048 x 1536, batch 64, and the real slide where present, worker
+    counts 0, 1 and every usable core. One round."""
     return rows_from(parse(['--quick'] if quick else []))
 
 
