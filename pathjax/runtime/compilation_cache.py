@@ -29,8 +29,10 @@ def host_key(cpu_fields: dict[str, str] | None = None) -> str:
     description where Linux gives none. `cpu_fields` stands in for /proc/cpuinfo's (tests)."""
     fields = first_cpu_fields() if cpu_fields is None else cpu_fields
     flags = fields.get('flags') or fields.get('Features')
-    text = ' '.join(sorted(set(flags.split()))) if flags else f'{platform.platform()} ' \
-        f'{platform.processor()}'
+    if flags:
+        text = ' '.join(sorted(set(flags.split())))
+    else:
+        text = f'{platform.platform()} {platform.processor()}'
     return f'{platform.machine() or "unknown"}-{hashlib.sha256(text.encode()).hexdigest()[:12]}'
 
 

@@ -43,7 +43,7 @@ from pathjax.slides.tile_stage import tiles_path
 from pathjax.stage_report import ERROR, NO_TISSUE, OK, SlideEntry
 from pathjax.runtime import sharding
 from pathjax.train.micro_batches import image_bytes, mapped, micro_batch_count
-from pathjax.train.short_batches import CPU_DEVICE_FLOPS, own_size_step, run_size
+from pathjax.train.short_batches import own_size_step, padding_seconds, run_size
 from pathjax.runtime.checkpoint import Checkpoints
 from pathjax.train.xla_options import patch_network_options
 from pathjax.train.feature_learning import (abstract_state, create_optimizer, initial_params,
@@ -176,14 +176,14 @@ class Extractor:
         """Whether the batch_size - `own` rows of padding a short batch saves at its own size
         would take longer than compiling that size: than the first size's first call took
         (trace and compile). Rows are costed from the full-size program's FLOPs (XLA's cost
-        analysis of its cached lowering) at CPU_DEVICE_FLOPS per device."""
+        analysis of its cached lowering)."""
         inputs = [jax.ShapeDtypeStruct((self.batch_size,) + shape, np.uint8,
                                        sharding=sharding.batch_sharded(self.mesh))
                   for shape in ((self.patch_size, self.patch_size, 3), (3, 256))]
         cost = self.features.lower(self.params, tuple(inputs)).cost_analysis() or {}
-        row_seconds = cost.get('flops', 0) / self.batch_size / (
-            CPU_DEVICE_FLOPS * self.mesh.devices.size)
-        return (self.batch_size - own) * row_seconds > max(self.compiled.values())
+        padding = padding_seconds(self.batch_size - own, cost.get('flops', 0), self.batch_size,
+                                  self.mesh.devices.size)
+        return padding > max(self.compiled.values())
 
     def cohort_features(self, reader: PatchReader, slides: Iterable[SlidePatches], progress
                         ) -> Iterator[SlideFeatures]:

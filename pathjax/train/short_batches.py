@@ -8,7 +8,7 @@ the network (2 Zen 5 cores): VGG-16 at 512 px costs 0.45 s a row (a last batch o
 padded to 64 and 22.8 s at 48, compile included), ViT-S/16 29 ms a row against 1.1 s to trace
 and compile, a test's tiny network microseconds. So there a short batch runs at its own size
 when the rows it saves would take longer than the first size's trace and compile took
-(`Extractor.padding_costs_more`: rows costed from the program's FLOPs at CPU_DEVICE_FLOPS).
+(`Extractor.padding_costs_more`, rows costed by `padding_seconds`).
 """
 
 from typing import Callable
@@ -27,6 +27,12 @@ def own_size_step(batch_size: int, whole: int, platform: str) -> int:
     if platform != 'cpu':
         return batch_size
     return whole * max(1, -(-batch_size // (OWN_SIZES * whole)))
+
+
+def padding_seconds(rows: int, batch_flops: float, batch_size: int, devices: int) -> float:
+    """Seconds `rows` rows of padding take on `devices` CPU devices: a full batch's FLOPs
+    (`batch_flops`, XLA's count) per row, at CPU_DEVICE_FLOPS per device."""
+    return rows * batch_flops / batch_size / (CPU_DEVICE_FLOPS * devices)
 
 
 def run_size(rows: int, batch_size: int, step: int, compiled: set[int],
